@@ -1,0 +1,39 @@
+"""Bit packing of quantization codes: one little-endian bitstream per row, padded to whole bytes.
+
+Code i of a row occupies bits [i*b, (i+1)*b) counting from bit 0 of the row's first byte. This is the layout the
+checkpoint stores and the native kernels read directly (for b=4: low nibble first; b=8: one byte per code).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def row_bytes(ncodes: int, bits: int) -> int:
+    return (ncodes * bits + 7) // 8
+
+
+def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack an integer tensor [rows, ncodes] with values in [0, 2**bits) into uint8 [rows, row_bytes]."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    c = codes.detach().cpu().numpy().astype(np.uint8, copy=False)
+    if c.size and int(c.max()) >= (1 << bits):
+        raise ValueError(f"code {int(c.max())} does not fit in {bits} bits")
+    rows, n = c.shape
+    # Expand each code into its bits (LSB first), then regroup the row's bitstream into bytes.
+    bitplanes = np.unpackbits(c[:, :, None], axis=2, bitorder="little")[:, :, :bits].reshape(rows, n * bits)
+    packed = np.packbits(bitplanes, axis=1, bitorder="little")
+    return torch.from_numpy(np.ascontiguousarray(packed))
+
+
+def unpack_rows(packed: torch.Tensor, bits: int, ncodes: int) -> torch.Tensor:
+    """Inverse of pack_rows: uint8 [rows, row_bytes] -> int64 [rows, ncodes]."""
+    p = packed.detach().cpu().numpy()
+    rows = p.shape[0]
+    if p.shape[1] != row_bytes(ncodes, bits):
+        raise ValueError(f"packed rows have {p.shape[1]} bytes, expected {row_bytes(ncodes, bits)}")
+    bitstream = np.unpackbits(p, axis=1, bitorder="little")[:, : ncodes * bits].reshape(rows, ncodes, bits)
+    weights = (1 << np.arange(bits, dtype=np.int64))
+    return torch.from_numpy((bitstream.astype(np.int64) * weights).sum(axis=2))

@@ -1,0 +1,98 @@
+"""The quantized-weight interface shared by every format, its registry, and the QuantLinear module that runs it.
+
+A format (integer groups, VQ codebooks, ...) subclasses QuantizedWeight: it knows how to dequantize itself, which
+tensors it stores and how to rebuild and validate itself from them. The checkpoint code only talks to this interface,
+so a new method adds a format here without touching the pipeline or the file layout.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import FormatError
+
+_FORMATS: dict[str, type["QuantizedWeight"]] = {}
+
+
+def register_format(cls: type["QuantizedWeight"]) -> type["QuantizedWeight"]:
+    _FORMATS[cls.kind] = cls
+    return cls
+
+
+def weight_from_stored(kind: str, spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "QuantizedWeight":
+    if kind not in _FORMATS:
+        raise FormatError(f"unknown quantized weight kind '{kind}' (known: {', '.join(sorted(_FORMATS))})")
+    return _FORMATS[kind].from_stored(spec, tensors)
+
+
+class QuantizedWeight(ABC):
+    kind: ClassVar[str]
+
+    @property
+    @abstractmethod
+    def shape(self) -> tuple[int, int]:
+        """(out_features, in_features) of the original weight."""
+
+    @abstractmethod
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight [out_features, in_features] this format represents."""
+
+    @abstractmethod
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Everything the checkpoint stores for this weight, in its stored dtypes."""
+
+    @abstractmethod
+    def spec(self) -> dict[str, Any]:
+        """JSON-serializable configuration needed to interpret tensors()."""
+
+    @classmethod
+    @abstractmethod
+    def from_stored(cls, spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "QuantizedWeight":
+        """Rebuild from a checkpoint, validating every shape, dtype and code range (files are untrusted)."""
+
+    def stored_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def bits_per_weight(self) -> float:
+        n, k = self.shape
+        return 8 * self.stored_bytes() / (n * k)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Reference forward: dequantize, then a dense matmul. Formats with native kernels override this."""
+        return F.linear(x, self.dequantize().to(x.dtype), bias)
+
+
+def expect_tensor(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """Fetch a stored tensor and check it has exactly the dtype and shape the spec implies."""
+    if name not in tensors:
+        raise FormatError(f"quantized weight is missing its '{name}' tensor")
+    t = tensors[name]
+    if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+        raise FormatError(
+            f"tensor '{name}' is {t.dtype} {tuple(t.shape)}, the manifest implies {dtype} {tuple(shape)}"
+        )
+    return t
+
+
+class QuantLinear(nn.Module):
+    """Drop-in replacement for nn.Linear whose weight lives in a QuantizedWeight."""
+
+    def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.qweight = qweight
+        self.out_features, self.in_features = qweight.shape
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.qweight.linear(x, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, kind={self.qweight.kind}, "
+            f"bpw={self.qweight.bits_per_weight():.3f}"
+        )
