@@ -1,0 +1,387 @@
+"""GPTVQ (van Baalen et al., 2024): vector quantization of d consecutive weights of a row, with GPTQ's column pass.
+
+Columns are quantized in order, d at a time; each row's d-vector is replaced by its nearest centroid (Hessian-weighted
+distance) in the codebook of its block, and the quantization error is pushed onto the not-yet-quantized columns through
+the upper Cholesky factor U of H^-1 (lazy blocks of 128 columns). A block's codebook is fitted (Mahalanobis-seeded EM)
+when the pass enters its columns, from the already error-updated weights. After all indices of a layer are fixed, the
+codebooks are refitted to minimize tr((W - Q) H (W - Q)^T) (exact least squares), then rounded to int8.
+
+Size accounting (paper): bits per value = log2(k)/d + k*d*b_c/l, with l = R*C weights sharing a codebook of k entries
+of b_c bits. The stored size (what `VQWeight.bits_per_weight` reports) also counts the fp16 codebook scales and the
+row padding of the index bitstreams.
+
+Decisions where the paper is silent:
+- Within a d-vector the GPTQ recursion is applied exactly: the error of column p changes the target of columns p+1..
+  of the same vector before their errors are computed (err = (w_J - q_J) U_JJ^-1), instead of the public code's
+  approximation that ignores the intra-vector coupling.
+- The Hessian weight of a column is 1/U_pp^2 = 1/[H_F^-1]_pp (F = the columns not yet quantized), the quantity GPTQ
+  divides its loss by.
+- Layers narrower than C use C' = the layer width (rounded up to d) and R' = R * 2^floor(log2(C/C')) (capped at the row
+  count), so l and the codebook overhead stay near the nominal configuration.
+- The least-squares update uses the same dampened H as the pass and is kept only if it lowers the objective (after
+  rounding the codebooks to int8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+from typing import Any
+
+import torch
+
+from . import codebook as cbk
+from .config import QuantConfig
+from .errors import UserError
+from .hessian import inverse_cholesky
+from .pack import pack_rows
+from .vqweight import CODEBOOK_KINDS, MAX_INDEX_BITS, VQGeometry, VQWeight
+
+MAX_COLS_PER_BLOCK = 256  # groups span at most 256 columns (paper)
+VQ_DIMS = (1, 2, 3, 4, 5, 6, 7, 8)
+CODEBOOK_BITS = {"int8": 8, "int4": 4, "fp16": 16}
+PRESETS = {
+    "mobile": (3.125, 2),  # 2D, k=64 (6-bit index), codebook per 32 rows x 256 columns (l=8192)
+    "2.25": (2.25, None),
+    "2.125": (2.125, None),
+}
+_DIM_PREFERENCE = (2, 4, 1, 8)  # which vector dimension a bare --bpv target picks first
+
+
+def nominal_bpv(d: int, k: int, l: int, codebook_bits: int = 8, svd_rank: int | None = None) -> float:
+    """The paper's bits per value: index bits / d + codebook bits / l (SVD: r int8 factor entries per codebook)."""
+    index_bits = max(1, math.ceil(math.log2(k)))
+    if svd_rank is not None:
+        return index_bits / d + svd_rank * 8 / l
+    return index_bits / d + k * d * codebook_bits / l
+
+
+def _describe(d: int, k: int, r: int, c: int, kind: str = "int8", svd_rank: int | None = None) -> str:
+    bpv = nominal_bpv(d, k, r * c, CODEBOOK_BITS[kind], svd_rank)
+    extra = "" if svd_rank is None else f" svd-rank {svd_rank}"
+    return f"{bpv:g} bpv = {d}D k={k} rows {r} x cols {c}{extra}"
+
+
+def _candidates(dims, kind: str, svd_rank: int | None, k_fixed: int | None = None):
+    """Every canonical configuration: k = 2^b, C = min(256, l), R = l / C, l a power of two."""
+    for d in dims:
+        for b in range(MAX_INDEX_BITS, 0, -1):
+            k = 1 << b
+            if k_fixed is not None and k != k_fixed:
+                continue
+            if svd_rank is not None and (d != 1 or svd_rank > k):
+                continue
+            for e in range(3, 25):
+                l = 1 << e
+                c = min(MAX_COLS_PER_BLOCK, l)
+                if c % d or c < d or l // d < k:
+                    continue
+                yield d, k, l // c, c, nominal_bpv(d, k, l, CODEBOOK_BITS[kind], svd_rank)
+
+
+@dataclasses.dataclass
+class GPTVQConfig(QuantConfig):
+    method = "gptvq"
+    needs_hessian = True
+
+    vq_dim: int = 2  # d: weights per vector
+    k: int = 64  # centroids per codebook; indices take ceil(log2 k) bits
+    rows_per_block: int = 32  # R: rows sharing a codebook
+    cols_per_block: int = 256  # C: columns sharing a codebook (multiple of d, at most 256)
+    codebook: str = "int8"  # int8 | int4 | fp16
+    codebook_update: bool = True  # least-squares refit of the centroids once the indices are fixed
+    svd_rank: int | None = None  # 1D only: store the layer's codebooks as a rank-r product
+    norm_block: int | None = None  # blockwise normalization: one scale per this many columns of a row
+    norm_bits: int = 4  # bits of a normalization scale (log domain)
+    em_iters: int = 100  # EM iterations for a codebook's initialization (stops early once converged)
+    em_tol: float = 1e-3  # EM stops when at most this fraction of assignments changed in an iteration
+    damp: float = 0.01  # dampening, as a fraction of the mean Hessian diagonal
+    block_size: int = 128  # lazy-batch width of the column pass
+    seed: int = 0  # the method draws no random numbers; seeds torch's generator for reproducibility anyway
+
+    # ----------------------------------------------------------------------------------------- construction
+    @classmethod
+    def from_target(cls, bpv: float | None = None, vq_dim: int | None = None, preset: str | None = None,
+                    **overrides: Any) -> "GPTVQConfig":
+        """Pick the configuration that stores `bpv` bits per value (paper accounting) for `vq_dim` (default: 2D if
+        it reaches the target, else 4D, 1D, 8D), or a named preset; `overrides` set any other field (k, rows/cols
+        fixing the geometry restrict the search). With no target and no preset: the mobile preset."""
+        if preset is not None:
+            if preset not in PRESETS:
+                raise UserError(f"unknown GPTVQ preset '{preset}': use one of {', '.join(PRESETS)}")
+            p_bpv, p_dim = PRESETS[preset]
+            if bpv is not None and abs(bpv - p_bpv) > 1e-9:
+                raise UserError(f"--preset {preset} stores {p_bpv:g} bpv but --bpv {bpv:g} was given: drop one")
+            if p_dim is not None and vq_dim is not None and vq_dim != p_dim:
+                raise UserError(f"--preset {preset} is {p_dim}D but --vq-dim {vq_dim} was given: drop one")
+            bpv, vq_dim = p_bpv, vq_dim or p_dim
+        geometry = {f: overrides[f] for f in ("k", "rows_per_block", "cols_per_block") if f in overrides}
+        if bpv is None:
+            if not geometry and vq_dim is None:
+                return cls.from_target(preset="mobile", **overrides)
+            return cls(**({} if vq_dim is None else {"vq_dim": vq_dim}), **overrides)
+        if not (bpv > 0 and math.isfinite(bpv)):
+            raise UserError(f"--bpv {bpv} must be a positive number of bits per value")
+        kind = overrides.get("codebook", "int8")
+        if kind not in CODEBOOK_BITS:
+            raise UserError(f"--codebook {kind} is not supported: use one of {', '.join(CODEBOOK_KINDS)}")
+        svd_rank = overrides.get("svd_rank")
+        if vq_dim is not None and vq_dim not in VQ_DIMS:
+            raise UserError(f"--vq-dim {vq_dim} is out of range: use one of {', '.join(map(str, VQ_DIMS))}")
+        dims = (vq_dim,) if vq_dim is not None else _DIM_PREFERENCE
+        cands = [c for c in _candidates(dims, kind, svd_rank, geometry.get("k"))
+                 if all(c[{"rows_per_block": 2, "cols_per_block": 3}[f]] == v for f, v in geometry.items() if f != "k")]
+        for d in dims:
+            hits = [c for c in cands if c[0] == d and abs(c[4] - bpv) < 1e-6]
+            if hits:
+                d, k, r, c, _ = max(hits, key=lambda h: (h[1], -h[2] * h[3]))  # most index bits, then smallest l
+                fields = {"vq_dim": d, "k": k, "rows_per_block": r, "cols_per_block": c}
+                fields.update(overrides)
+                return cls(**fields)
+        # Nothing stores exactly that many bits: name the nearest configurations on either side.
+        pool = cands or list(_candidates(dims, kind, svd_rank))
+        below = sorted((c for c in pool if c[4] < bpv), key=lambda c: (-c[4], -c[1]))[:1]
+        above = sorted((c for c in pool if c[4] > bpv), key=lambda c: (c[4], -c[1]))[:1]
+        near = "; ".join(_describe(d, k, r, c, kind, svd_rank) for d, k, r, c, _ in below + above)
+        where = f" with --vq-dim {vq_dim}" if vq_dim is not None else ""
+        raise UserError(f"no GPTVQ configuration{where} stores {bpv:g} bits per value; nearest: {near}")
+
+    # ------------------------------------------------------------------------------------------- validation
+    @property
+    def group_size(self) -> int:
+        return self.rows_per_block * self.cols_per_block
+
+    def nominal_bpv(self) -> float:
+        return nominal_bpv(self.vq_dim, self.k, self.group_size, CODEBOOK_BITS.get(self.codebook, 8), self.svd_rank)
+
+    def describe(self) -> str:
+        return _describe(self.vq_dim, self.k, self.rows_per_block, self.cols_per_block, self.codebook, self.svd_rank)
+
+    def check(self) -> None:
+        d, k, r, c = self.vq_dim, self.k, self.rows_per_block, self.cols_per_block
+        if d not in VQ_DIMS:
+            raise UserError(f"--vq-dim {d} is out of range: use one of {', '.join(map(str, VQ_DIMS))}")
+        if not 2 <= k <= (1 << MAX_INDEX_BITS):
+            raise UserError(f"--vq-k {k} is out of range: use 2..{1 << MAX_INDEX_BITS} centroids "
+                            f"(indices are at most {MAX_INDEX_BITS} bits)")
+        if self.codebook not in CODEBOOK_KINDS:
+            raise UserError(f"--codebook {self.codebook} is not supported: use one of {', '.join(CODEBOOK_KINDS)}")
+        if r < 1 or not 1 <= c <= MAX_COLS_PER_BLOCK:
+            raise UserError(f"codebook block {r} rows x {c} cols is out of range: rows >= 1, "
+                            f"cols 1..{MAX_COLS_PER_BLOCK}")
+        if c % d:
+            lo, hi = (c // d) * d, (c // d + 1) * d
+            valid = [str(v) for v in (lo, hi) if d <= v <= MAX_COLS_PER_BLOCK]
+            dims = [str(v) for v in VQ_DIMS if c % v == 0 and v != 1][-3:]
+            raise UserError(f"--vq-dim {d} does not divide the codebook block width {c}: use --vq-cols "
+                            f"{' or '.join(valid)}, or --vq-dim {' or '.join(dims or ['1'])}")
+        if k > r * c // d:
+            need_r = -(-k * d // c)
+            need_r = 1 << (need_r - 1).bit_length()
+            max_k = 1 << ((r * c // d).bit_length() - 1)
+            raise UserError(f"k={k} centroids exceed the {r * c // d} {d}D vectors of a {r} x {c} codebook block: use "
+                            f"--vq-rows {need_r} ({_describe(d, k, need_r, c, self.codebook)}) or --vq-k {max_k} "
+                            f"({_describe(d, max_k, r, c, self.codebook)})")
+        if self.svd_rank is not None:
+            if d != 1:
+                raise UserError(f"--svd-rank needs 1D vectors (--vq-dim 1), got --vq-dim {d}")
+            if self.codebook != "int8":
+                raise UserError(f"--svd-rank stores int8 factors; it cannot be combined with --codebook {self.codebook}")
+            if not 1 <= self.svd_rank <= k:
+                raise UserError(f"--svd-rank {self.svd_rank} is out of range: use 1..{k} (the codebook size)")
+        if self.norm_block is not None:
+            if self.norm_block < d or self.norm_block % d or c % self.norm_block:
+                divs = [str(v) for v in range(d, c + 1, d) if c % v == 0][-4:]
+                raise UserError(f"--norm-block {self.norm_block} must be a multiple of --vq-dim {d} dividing the "
+                                f"block width {c}: use one of {', '.join(divs)}")
+            if not 2 <= self.norm_bits <= 8:
+                raise UserError(f"--norm-bits {self.norm_bits} is out of range: use 2..8")
+        if self.em_iters < 1:
+            raise UserError(f"--em-iters {self.em_iters} must be at least 1")
+        if not self.damp > 0:
+            raise UserError(f"--damp {self.damp} must be positive")
+        if self.block_size < d:
+            raise UserError(f"--vq-block-size {self.block_size} must be at least --vq-dim {d}")
+
+    def check_layer(self, name: str, out_features: int, in_features: int) -> None:
+        # Every layer shape is accepted: narrow layers get a narrower, taller codebook block (layer_geometry), and a
+        # width that d does not divide ends each row with a partial vector.
+        if out_features < 1 or in_features < 1:
+            raise UserError(f"layer {name} has an empty weight ({out_features} x {in_features})")
+
+    def layer_geometry(self, n: int, cols: int) -> VQGeometry:
+        d = self.vq_dim
+        c = min(self.cols_per_block, -(-cols // d) * d)
+        r = self.rows_per_block
+        if c < self.cols_per_block:
+            r *= 1 << int(math.floor(math.log2(self.cols_per_block / c)))
+        return VQGeometry(n, cols, d, self.k, min(r, n), c)
+
+    # ------------------------------------------------------------------------------------------ quantization
+    def quantize_weight(self, weight: torch.Tensor, hessian: torch.Tensor | None) -> VQWeight:
+        return gptvq_quantize(weight, hessian, self)[0]
+
+
+# ------------------------------------------------------------------------------------------------ column pass
+def gptvq_quantize(weight: torch.Tensor, hessian: torch.Tensor | None, cfg: GPTVQConfig
+                   ) -> tuple[VQWeight, dict[str, Any]]:
+    """Quantize one layer; returns the weight and statistics (losses, EM/CG iterations, timings)."""
+    if hessian is None:
+        raise ValueError("GPTVQ needs the layer's Hessian")
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    n, cols = weight.shape
+    geom = cfg.layer_geometry(n, cols)
+    d, k, R, C = geom.d, geom.k, geom.rows_per_block, geom.cols_per_block
+    V, nbr, nbc = geom.vectors, geom.row_blocks, geom.col_blocks
+    kp, npad = V * d, nbr * R
+
+    w0, u = inverse_cholesky(weight, hessian, cfg.damp)  # w0: dead columns zeroed
+    # Pad to whole vectors (missing components: zero weight, identity Hessian, never coupled) and whole row blocks
+    # (padding rows are excluded from EM and dropped at the end).
+    w = torch.zeros(npad, kp)
+    w[:n, :cols] = w0
+    up = torch.eye(kp)
+    up[:cols, :cols] = u
+    u = up
+    hw = 1.0 / u.diagonal() ** 2  # Hessian weight of each column
+    hw[cols:] = 0.0
+    row_valid = torch.zeros(npad, dtype=torch.bool)
+    row_valid[:n] = True
+
+    idx = torch.zeros(npad, V, dtype=torch.int64)
+    cbooks = torch.zeros(nbr, nbc, k, d)
+    stats: dict[str, Any] = {"em_iters": [], "pass_loss": 0.0}
+    bs = max(d, (cfg.block_size // d) * d)
+    t_em = 0.0
+    for g0 in range(0, kp, C):
+        g1 = min(g0 + C, kp)
+        # Codebooks of this column group, one per row block, from the error-updated weights.
+        te = time.perf_counter()
+        vg = (g1 - g0) // d
+        x = w[:, g0:g1].reshape(nbr, R * vg, d)
+        wt = hw[g0:g1].reshape(1, 1, vg, d).expand(nbr, R, vg, d) * row_valid.reshape(nbr, R, 1, 1)
+        wt = wt.reshape(nbr, R * vg, d)
+        valid = row_valid.reshape(nbr, R, 1).expand(nbr, R, vg).reshape(nbr, R * vg)
+        seed = cbk.mahalanobis_seed(x, valid, k)
+        cb, _, iters = cbk.kmeans(x, wt, seed, cfg.em_iters, cfg.em_tol)
+        stats["em_iters"].append(iters)
+        if cfg.svd_rank is None:
+            cb = cbk.quantize_codebooks(cb, cfg.codebook)[0]
+        cbooks[:, g0 // C] = cb
+        t_em += time.perf_counter() - te
+        for b0 in range(g0, g1, bs):
+            b1 = min(b0 + bs, g1)
+            w1 = w[:, b0:b1].clone()
+            err1 = torch.zeros_like(w1)
+            u1 = u[b0:b1, b0:b1]
+            for j in range(0, b1 - b0, d):
+                xv = w1[:, j:j + d]
+                a = cbk.nearest(xv.reshape(nbr, R, d), hw[b0 + j:b0 + j + d].reshape(1, 1, d), cb)
+                q = torch.gather(cb, 1, a[..., None].expand(-1, -1, d)).reshape(npad, d)
+                idx[:, (b0 + j) // d] = a.reshape(npad)
+                # Exact GPTQ recursion inside the vector: err = (w_J - q_J) U_JJ^-1.
+                ujj = u1[j:j + d, j:j + d]
+                e = (xv - q) / ujj[0, 0] if d == 1 else torch.linalg.solve_triangular(ujj, xv - q, upper=True,
+                                                                                       left=False)
+                err1[:, j:j + d] = e
+                if j + d < b1 - b0:
+                    w1[:, j + d:] -= e @ u1[j:j + d, j + d:]
+            w[:, b1:] -= err1 @ u[b0:b1, b1:]
+            stats["pass_loss"] += float((err1[:n, : max(0, min(b1, cols) - b0)] ** 2).sum())
+    t_pass = time.perf_counter() - t0
+    idx = idx[:n]
+
+    # Codebook update with the indices fixed, then the stored precision.
+    h = hessian.float().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    h += cfg.damp * h.diagonal().mean() * torch.eye(cols)
+    obj = cbk.Objective(w0, h, idx, geom)
+    loss_pass = obj.loss(cbooks)
+    stats.update(loss_pass=loss_pass, cg_iters=0)
+    t1 = time.perf_counter()
+    if cfg.svd_rank is not None:
+        weight_q = _finish_svd(obj, cbooks, idx, geom, cfg, stats)
+    else:
+        final = cbooks
+        if cfg.codebook_update:
+            upd, stats["cg_iters"] = cbk.update_lstsq(obj, cbooks)
+            stats["loss_update_float"] = obj.loss(upd)
+            upd_q = cbk.quantize_codebooks(upd, cfg.codebook)[0]
+            if obj.loss(upd_q) < loss_pass:
+                final = upd
+        vals, ints, scale = cbk.quantize_codebooks(final, cfg.codebook)
+        stats["loss_final"] = obj.loss(vals)
+        weight_q = VQWeight.from_parts(geom, idx, codebook_kind=cfg.codebook, codebook_ints=ints,
+                                       codebook_scale=scale, codebook_float=vals)
+    stats.update(time_em=t_em, time_pass=t_pass, time_update=time.perf_counter() - t1,
+                 time_total=time.perf_counter() - t0, geometry=geom)
+    return weight_q, stats
+
+
+def _finish_svd(obj: cbk.Objective, cbooks: torch.Tensor, idx: torch.Tensor, geom: VQGeometry, cfg: GPTVQConfig,
+                stats: dict[str, Any]) -> VQWeight:
+    """1D SVD codebooks: (optionally refit the full codebooks,) sort them, truncate the G x k matrix to rank r, round
+    the right factor to int8, refit the left factor by least squares against the layer objective, round it to int8."""
+    if cfg.codebook_update:
+        cbooks, stats["cg_iters"] = cbk.update_lstsq(obj, cbooks)
+    cbooks, idx = cbk.sort_codebooks(cbooks, idx, geom)
+    a, b = cbk.svd_factors(cbooks, cfg.svd_rank)
+    b_int, b_scale = cbk.quantize_symmetric_rows(b, dim=0)
+    basis = b_int * b_scale[:, None]
+    a = cbooks.reshape(geom.groups, geom.k) @ torch.linalg.pinv(basis)
+    sobj = cbk.Objective(obj.w, obj.h, idx, geom, basis=basis)
+    if cfg.codebook_update:
+        a, it = cbk.update_lstsq(sobj, a)
+        stats["cg_iters"] += it
+    a_int, a_scale = cbk.quantize_symmetric_rows(a, dim=1)
+    stats["loss_final"] = sobj.loss(a_int * a_scale[None, :])
+    r = b_int.shape[0]
+    svd = {
+        "svd_u": a_int.to(torch.int8).contiguous(),
+        "svd_u_scale": a_scale.to(torch.float16),
+        "svd_v": b_int.to(torch.int8).contiguous(),
+        "svd_v_scale": b_scale.to(torch.float16),
+    }
+    assert svd["svd_u"].shape == (geom.groups, r)
+    return VQWeight.from_parts(geom, idx, codebook_kind="int8", svd=svd)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI glue
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """GPTVQ options for `vqmobile quantize --method gptvq` (none collides with the CLI's own options)."""
+    g = parser.add_argument_group("GPTVQ (--method gptvq)")
+    g.add_argument("--bpv", type=float, default=None,
+                   help="target bits per value, e.g. 3.125, 2.25, 2.125 (paper accounting: log2(k)/d + k*d*b_c/l)")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="named configuration: mobile = 2D k=64, 32x256 blocks (3.125 bpv); 2.25; 2.125")
+    g.add_argument("--vq-dim", type=int, default=None, help="vector dimension d (default: 2D when it reaches --bpv)")
+    g.add_argument("--vq-k", type=int, default=None, help="centroids per codebook (overrides the target's choice)")
+    g.add_argument("--vq-rows", type=int, default=None, help="rows per codebook block R")
+    g.add_argument("--vq-cols", type=int, default=None, help=f"columns per codebook block C (<= {MAX_COLS_PER_BLOCK})")
+    g.add_argument("--codebook", choices=CODEBOOK_KINDS, default="int8", help="codebook storage (default int8)")
+    g.add_argument("--svd-rank", type=int, default=None, help="1D only: store codebooks as a rank-r SVD product")
+    g.add_argument("--no-codebook-update", action="store_true",
+                   help="skip the least-squares codebook refit after the column pass")
+    g.add_argument("--norm-block", type=int, default=None,
+                   help="blockwise normalization: one log-domain scale per this many columns of a row")
+    g.add_argument("--norm-bits", type=int, default=4, help="bits per normalization scale (default 4)")
+    g.add_argument("--em-iters", type=int, default=100, help="max EM iterations per codebook (default 100)")
+    g.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of the mean diagonal")
+    g.add_argument("--vq-block-size", type=int, default=128, help="lazy-batch width of the column pass")
+    g.add_argument("--seed", type=int, default=0, help="seed recorded with the run (the method is deterministic)")
+
+
+def config_from_args(args: argparse.Namespace) -> GPTVQConfig:
+    overrides: dict[str, Any] = {
+        "codebook": args.codebook, "codebook_update": not args.no_codebook_update, "svd_rank": args.svd_rank,
+        "norm_block": args.norm_block, "norm_bits": args.norm_bits, "em_iters": args.em_iters, "damp": args.damp,
+        "block_size": args.vq_block_size, "seed": args.seed,
+    }
+    for arg, field in (("vq_k", "k"), ("vq_rows", "rows_per_block"), ("vq_cols", "cols_per_block")):
+        if getattr(args, arg) is not None:
+            overrides[field] = getattr(args, arg)
+    return GPTVQConfig.from_target(bpv=args.bpv, vq_dim=args.vq_dim, preset=args.preset, **overrides)
