@@ -1,0 +1,127 @@
+"""The sequential layer-wise post-training quantization pipeline (the GPTQ procedure), shared by every method.
+
+Calibration sequences run up to the first decoder layer; then, layer by layer: collect each linear's Hessian
+H = 2 X^T X / n from its real inputs, quantize the layer's linears with the configured method, and run the calibration
+batch through the *quantized* layer to produce the next layer's inputs. Memory stays bounded by one layer's
+activations and Hessians. Methods plug in through QuantConfig; there is no other pipeline.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .config import QuantConfig
+from .hessian import HessianAccumulator
+from .model import decoder_layers
+from .qweight import QuantLinear
+
+
+@dataclass
+class QuantizeReport:
+    method: str
+    layers: int
+    linears: int
+    seconds: float
+    peak_rss_mb: float
+    per_layer_seconds: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("method", "layers", "linears", "seconds", "peak_rss_mb")}
+
+
+class _StopForward(Exception):
+    pass
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def linear_layers(layer: nn.Module) -> dict[str, nn.Linear]:
+    return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def _capture_layer_inputs(model: nn.Module, calibration: torch.Tensor, batch_size: int):
+    """Run each calibration batch up to the first decoder layer and keep its inputs (hidden states and kwargs)."""
+    captured = []
+
+    def hook(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+        captured.append((hidden.detach(), kwargs))
+        raise _StopForward
+
+    handle = decoder_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in calibration.split(batch_size):
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_layer(layer: nn.Module, inputs) -> list:
+    outputs = []
+    for hidden, kwargs in inputs:
+        out = layer(hidden, **kwargs)
+        outputs.append(((out[0] if isinstance(out, tuple) else out).detach(), kwargs))
+    return outputs
+
+
+def check_model(model: nn.Module, config: QuantConfig) -> None:
+    """Validate the config against every layer before any work starts."""
+    for i, layer in enumerate(decoder_layers(model)):
+        for name, lin in linear_layers(layer).items():
+            config.check_layer(f"model.layers.{i}.{name}", lin.out_features, lin.in_features)
+
+
+@torch.no_grad()
+def quantize_(model: nn.Module, config: QuantConfig, calibration: torch.Tensor | None = None, *,
+              batch_size: int = 8, progress: bool = True) -> QuantizeReport:
+    """Quantize every linear layer of every decoder layer of `model` in place (embeddings and the head stay float)."""
+    check_model(model, config)
+    if config.needs_hessian and calibration is None:
+        raise ValueError(f"method {config.method} needs calibration data")
+    start = time.perf_counter()
+    layers = decoder_layers(model)
+    inputs = _capture_layer_inputs(model, calibration, batch_size) if config.needs_hessian else None
+    per_layer, nlinears = [], 0
+    bar = tqdm(layers, desc=f"{config.method}", unit="layer", disable=not progress)
+    for i, layer in enumerate(bar):
+        t0 = time.perf_counter()
+        linears = linear_layers(layer)
+        hessians: dict[str, torch.Tensor] = {}
+        if inputs is not None:
+            accs = {name: HessianAccumulator(lin.in_features) for name, lin in linears.items()}
+            handles = [lin.register_forward_hook(lambda _m, args, _o, acc=accs[name]: acc.add(args[0]))
+                       for name, lin in linears.items()]
+            try:
+                _run_layer(layer, inputs)
+            finally:
+                for h in handles:
+                    h.remove()
+            hessians = {name: acc.value() for name, acc in accs.items()}
+        for name, lin in linears.items():
+            bar.set_postfix_str(f"layer {i} {name}")
+            qweight = config.quantize_weight(lin.weight.detach().float(), hessians.get(name))
+            _set_module(layer, name, QuantLinear(qweight, lin.bias))
+            nlinears += 1
+        hessians.clear()
+        if inputs is not None:
+            inputs = _run_layer(layer, inputs)
+        per_layer.append(time.perf_counter() - t0)
+    return QuantizeReport(config.method, len(layers), nlinears, time.perf_counter() - start, peak_rss_mb(), per_layer)
