@@ -63,8 +63,12 @@ class QuantizedWeight(ABC):
         return 8 * self.stored_bytes() / (n * k)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """Reference forward: dequantize, then a dense matmul. Formats with native kernels override this."""
-        return F.linear(x, self.dequantize().to(x.dtype), bias)
+        """Reference forward: a dense matmul with the dequantized weight. The dense copy is made once and kept, which
+        trades memory for evaluation speed; the native kernels (vqmobile.kernels) run from the packed bytes."""
+        dense = self.__dict__.get("_dense")
+        if dense is None:
+            dense = self.__dict__["_dense"] = self.dequantize()
+        return F.linear(x, dense.to(x.dtype), bias)
 
 
 def expect_tensor(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

@@ -1,0 +1,218 @@
+"""The packed checkpoint: a directory holding the quantized layers' packed tensors, the float tensors, the config,
+the tokenizer and a JSON manifest. Written atomically (a temporary sibling renamed into place), validated on load.
+
+Layout:
+  vqmobile.json          manifest: format version, method and config, per-layer kind/spec/bits, totals, source
+                         fingerprint, calibration settings, sha256 of both tensor files
+  quantized.safetensors  packed tensors of every quantized linear, keyed "<module path>.<tensor name>"
+  model.safetensors      every other tensor (embeddings, norms, biases), tied weights stored once
+  config.json, tokenizer files
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import FormatError, UserError
+from .qweight import QuantLinear, weight_from_stored
+
+FORMAT_VERSION = 1
+MANIFEST = "vqmobile.json"
+QUANTIZED_FILE = "quantized.safetensors"
+FLOAT_FILE = "model.safetensors"
+
+
+@dataclass
+class Checkpoint:
+    model: torch.nn.Module
+    tokenizer: Any
+    manifest: dict[str, Any]
+    path: Path
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def quantized_modules(model: torch.nn.Module) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _float_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with tied tensors kept once (safetensors refuses shared storage)."""
+    out, seen = {}, set()
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().contiguous()
+    return out
+
+
+def prepare_output_dir(out: str | Path, overwrite: bool) -> Path:
+    """Check where a result will go before any long work starts, so a bad --out fails in the first second."""
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not overwrite:
+        raise UserError(f"output {out} already exists: choose another --out or pass --overwrite")
+    if not out.parent.is_dir():
+        raise UserError(f"the parent folder of {out} does not exist: create it first")
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"cannot write to {out.parent}: choose another --out")
+    return out
+
+
+def atomic_directory(out: Path, write) -> None:
+    """Call write(tmp_dir) on a temporary sibling of `out`, then move it into place; nothing is left on failure."""
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        write(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save(model: torch.nn.Module, tokenizer, out: str | Path, *, config: dict[str, Any], source: dict[str, Any],
+         calibration: dict[str, Any] | None, report: dict[str, Any] | None = None, overwrite: bool = False) -> dict:
+    """Write the checkpoint of an already-quantized model; returns the manifest."""
+    out = prepare_output_dir(out, overwrite)
+    qmods = quantized_modules(model)
+    if not qmods:
+        raise ValueError("the model has no quantized layers")
+    packed: dict[str, torch.Tensor] = {}
+    layers: dict[str, Any] = {}
+    qbytes = qweights = 0
+    for name, mod in qmods.items():
+        qw = mod.qweight
+        for tname, t in qw.tensors().items():
+            packed[f"{name}.{tname}"] = t.contiguous()
+        n, k = qw.shape
+        layers[name] = {"kind": qw.kind, "spec": qw.spec(), "bytes": qw.stored_bytes(),
+                        "bits_per_weight": qw.bits_per_weight()}
+        qbytes += qw.stored_bytes()
+        qweights += n * k
+    floats = _float_tensors(model)
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "method": config["method"],
+        "config": config,
+        "source": source,
+        "calibration": calibration,
+        "layers": layers,
+        "quantized_weights": qweights,
+        "quantized_bytes": qbytes,
+        "bits_per_weight": 8 * qbytes / qweights,
+        "float_bytes": sum(t.numel() * t.element_size() for t in floats.values()),
+        "report": report,
+    }
+
+    def write(tmp: Path) -> None:
+        save_file(packed, str(tmp / QUANTIZED_FILE), metadata={"format": "vqmobile"})
+        save_file(floats, str(tmp / FLOAT_FILE), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        manifest["sha256"] = {f: _sha256(tmp / f) for f in (QUANTIZED_FILE, FLOAT_FILE)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+    atomic_directory(out, write)
+    return manifest
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise FormatError(f"cannot read {path / MANIFEST}: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        raise FormatError(f"{path} has checkpoint format version {manifest.get('format_version') if isinstance(manifest, dict) else '?'}, "
+                          f"this vqmobile reads version {FORMAT_VERSION}")
+    for f in (QUANTIZED_FILE, FLOAT_FILE):
+        if not (path / f).is_file():
+            raise FormatError(f"checkpoint {path} is incomplete: {f} is missing")
+        expected = manifest.get("sha256", {}).get(f)
+        if expected != _sha256(path / f):
+            raise FormatError(f"checkpoint file {path / f} does not match the manifest's sha256: it is corrupt or was modified")
+    return manifest
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise FormatError(f"corrupt safetensors file {path}: {e}") from None
+
+
+def load(path: str | Path) -> Checkpoint:
+    """Load a checkpoint as a working torch model whose quantized linears run from the packed representation."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .model import _check_architecture
+
+    path = Path(path)
+    if not is_checkpoint(path):
+        raise UserError(f"{path} is not a vqmobile checkpoint: it has no {MANIFEST}")
+    manifest = _read_manifest(path)
+    hf_config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    _check_architecture(getattr(hf_config, "model_type", None), path)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    model.eval()
+
+    packed = _read_safetensors(path / QUANTIZED_FILE)
+    layers = manifest.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise FormatError(f"{path / MANIFEST} lists no quantized layers")
+    for name, entry in layers.items():
+        try:
+            target = model.get_submodule(name)
+        except AttributeError:
+            raise FormatError(f"the manifest names layer {name}, which this model does not have") from None
+        if not isinstance(target, torch.nn.Linear):
+            raise FormatError(f"the manifest names {name}, which is not a linear layer")
+        prefix = f"{name}."
+        tensors = {k[len(prefix):]: v for k, v in packed.items() if k.startswith(prefix)}
+        qw = weight_from_stored(entry.get("kind"), entry.get("spec", {}), tensors)
+        if qw.shape != (target.out_features, target.in_features):
+            raise FormatError(f"layer {name} is stored as {qw.shape}, the model config implies "
+                              f"{(target.out_features, target.in_features)}")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, QuantLinear(qw, target.bias))
+
+    floats = _read_safetensors(path / FLOAT_FILE)
+    missing, unexpected = model.load_state_dict(floats, strict=False)
+    tied = {"lm_head.weight"} if getattr(hf_config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise FormatError(f"{path / FLOAT_FILE} does not match the model: missing {sorted(set(missing) - tied)[:3]}, "
+                          f"unexpected {sorted(unexpected)[:3]}")
+    if tied:
+        model.tie_weights()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    return Checkpoint(model, tokenizer, manifest, path)

@@ -1,0 +1,132 @@
+"""The `vqmobile` command line: a thin layer over vqmobile.api. User mistakes print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _add_calibration_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calib", help="calibration text file (default: WikiText-2 validation tokens from shared/)")
+    g.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default 128)")
+    g.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    g.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows and any method randomness")
+
+
+def _add_int_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("integer methods (rtn, gptq)")
+    g.add_argument("--bits", type=int, default=4, help="bits per weight code: 2..8 (default 4)")
+    g.add_argument("--group", type=int, default=128, help="group size along the input: 16..1024, 0 = per-channel (default 128)")
+    g.add_argument("--symmetric", action="store_true", help="symmetric grid (no zero points)")
+    g.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in decreasing Hessian-diagonal order")
+
+
+def build_config(args: argparse.Namespace):
+    from .gptq import GPTQConfig
+    from .intweight import RTNConfig
+
+    if args.method == "rtn":
+        return RTNConfig(bits=args.bits, group=args.group, symmetric=args.symmetric)
+    if args.method == "gptq":
+        return GPTQConfig(bits=args.bits, group=args.group, symmetric=args.symmetric, act_order=args.act_order)
+    raise UserError(f"unknown method {args.method}")
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .model import prepare_default_model
+
+    path = prepare_default_model()
+    print(f"default model SmolLM2-135M-Instruct is in {path}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .api import CalibrationSpec, evaluate, quantize
+    from .checkpoint import load
+
+    config = build_config(args)
+    calib = CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed)
+    res = quantize(args.model, config, args.out, calib, overwrite=args.overwrite, progress=not args.quiet)
+    m = res.manifest
+    print(f"wrote {res.out}: {m['method']} checkpoint, {len(m['layers'])} quantized linears, "
+          f"{m['bits_per_weight']:.4f} bits per weight (every overhead included), "
+          f"{m['quantized_bytes'] / 1e6:.2f} MB packed + {m['float_bytes'] / 1e6:.2f} MB float; "
+          f"quantized in {res.report.seconds:.1f} s, peak RSS {res.report.peak_rss_mb:.0f} MB")
+    if args.eval_windows:
+        ck = load(res.out)
+        print(evaluate(ck.model, ck.tokenizer, windows=args.eval_windows, progress=not args.quiet))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .api import evaluate, open_model
+
+    opened = open_model(args.model)
+    result = evaluate(opened.model, opened.tokenizer, ctx=args.ctx, windows=args.windows, data=args.data,
+                      progress=not args.quiet)
+    bpw = f", {opened.bits_per_weight:.4f} bits per weight" if opened.bits_per_weight else ", float weights"
+    print(f"{args.model}: {result}{bpw}; {result.seconds:.1f} s")
+    if args.json:
+        record = {"model": args.model, "kind": opened.kind, "bits_per_weight": opened.bits_per_weight,
+                  **result.to_dict()}
+        _write_json(args.json, record)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _write_json(path: str, record) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, p)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vqmobile", description=__doc__)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="fetch the default model (SmolLM2-135M-Instruct) into the cache, once")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("quantize", help="quantize a model into a packed checkpoint")
+    p.add_argument("model", help="Hugging Face model directory, .gguf file, or 'smollm2'")
+    p.add_argument("--method", choices=["rtn", "gptq"], required=True)
+    p.add_argument("--out", required=True, help="checkpoint directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the new one is complete)")
+    p.add_argument("--eval-windows", type=int, default=0, help="afterwards, WikiText-2 perplexity over this many windows")
+    _add_int_args(p)
+    _add_calibration_args(p)
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("eval", help="WikiText-2 test perplexity of a model or checkpoint")
+    p.add_argument("model", help="checkpoint directory, Hugging Face model directory, .gguf file, or 'smollm2'")
+    p.add_argument("--ctx", type=int, help="context length (default: min(2048, the model's maximum))")
+    p.add_argument("--windows", type=int, help="evaluate only the first N windows (default: all)")
+    p.add_argument("--data", help="raw text file to evaluate (default: WikiText-2 test from shared/)")
+    p.add_argument("--json", help="also write the result as JSON to this file")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"vqmobile: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vqmobile: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
