@@ -1,0 +1,143 @@
+"""Quality benchmark: WikiText-2 perplexity, bits per weight, quantize time and peak memory for a list of methods on
+one model, all in one run. Each row runs in its own process so its peak RSS is its own.
+
+    python -m vqmobile.bench.quality --model smollm2 --rows fp gptq:bits=4,group=128 --json bench_results/quality.json
+
+A row is `fp` or `METHOD:key=value,...` with METHOD in rtn, gptq, gptvq and keys of that method's config
+(gptvq takes GPTVQConfig.from_target's keywords, e.g. gptvq:preset=mobile or gptvq:bpv=2.25,vq_dim=4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _parse_value(v: str):
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return None if v.lower() == "none" else v
+
+
+def make_config(row: str):
+    from ..gptq import GPTQConfig
+    from ..intweight import RTNConfig
+
+    method, _, rest = row.partition(":")
+    kwargs = {k: _parse_value(v) for k, v in (kv.split("=", 1) for kv in rest.split(",") if kv)}
+    if method == "rtn":
+        return RTNConfig(**kwargs)
+    if method == "gptq":
+        return GPTQConfig(**kwargs)
+    if method == "gptvq":
+        from ..gptvq import GPTVQConfig
+
+        return GPTVQConfig.from_target(**kwargs)
+    raise SystemExit(f"unknown row {row!r}: use fp or rtn:/gptq:/gptvq: with key=value options")
+
+
+def run_row(args: argparse.Namespace) -> dict:
+    """One row, in this process: load, quantize (unless fp), evaluate."""
+    import torch
+
+    from ..data import calibration_data
+    from ..evaluate import perplexity
+    from ..data import wikitext_test_ids
+    from ..model import load_model
+    from ..pipeline import peak_rss_mb, quantize_
+    from ..checkpoint import quantized_modules
+
+    torch.manual_seed(0)
+    loaded = load_model(args.model)
+    record: dict = {"row": args.row, "model": args.model}
+    if args.row != "fp":
+        config = make_config(args.row)
+        calib = calibration_data(loaded.tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
+        rep = quantize_(loaded.model, config, calib, progress=False)
+        mods = quantized_modules(loaded.model).values()
+        nbytes = sum(m.qweight.stored_bytes() for m in mods)
+        nweights = sum(m.qweight.shape[0] * m.qweight.shape[1] for m in mods)
+        record.update(config=config.to_dict(), bpw=8 * nbytes / nweights, quantize_s=rep.seconds,
+                      calibration=f"{args.nsamples}x{args.seqlen}")
+    else:
+        record.update(bpw=32.0, quantize_s=0.0)
+    ids = wikitext_test_ids(loaded.tokenizer)
+    ppl = perplexity(loaded.model, ids, args.ctx, args.windows, progress=False)
+    record.update(ppl=ppl.ppl, ctx=ppl.ctx, windows=ppl.windows, total_windows=ppl.total_windows,
+                  eval_s=ppl.seconds, peak_rss_mb=peak_rss_mb())
+    return record
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--rows", nargs="+", default=["fp", "rtn:bits=4,group=128", "gptq:bits=4,group=128"])
+    p.add_argument("--ctx", type=int, default=2048)
+    p.add_argument("--windows", type=int, default=None, help="first N windows only (default: all)")
+    p.add_argument("--calib", default=None)
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default="bench_results/quality.json")
+
+
+def _print_table(records: list[dict]) -> None:
+    fp = next((r["ppl"] for r in records if r["row"] == "fp"), None)
+    print(f"{'row':42s} {'bpw':>7s} {'ppl':>9s} {'vs fp':>7s} {'windows':>9s} {'quant s':>8s} {'peak MB':>8s}")
+    for r in records:
+        rel = f"{r['ppl'] / fp:6.3f}x" if fp else "      -"
+        print(f"{r['row']:42s} {r['bpw']:7.3f} {r['ppl']:9.3f} {rel:>7s} {r['windows']:>4d}/{r['total_windows']:<4d} "
+              f"{r['quantize_s']:8.1f} {r['peak_rss_mb']:8.0f}")
+
+
+def run(args: argparse.Namespace) -> int:
+    records = []
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for row in args.rows:
+        cmd = [sys.executable, "-m", "vqmobile.bench.quality", "--one-row", row, "--model", args.model,
+               "--ctx", str(args.ctx), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+               "--seed", str(args.seed)]
+        if args.windows:
+            cmd += ["--windows", str(args.windows)]
+        if args.calib:
+            cmd += ["--calib", args.calib]
+        t0 = time.time()
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            print(f"row {row} failed:\n{res.stderr[-2000:]}", file=sys.stderr)
+            continue
+        record = json.loads(res.stdout.strip().splitlines()[-1])
+        records.append(record)
+        print(f"[{time.strftime('%H:%M:%S')}] {row}: ppl {record['ppl']:.3f}, bpw {record['bpw']:.3f} "
+              f"({time.time() - t0:.0f} s)", flush=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": records}, indent=1))
+        os.replace(tmp, out)
+    _print_table(records)
+    print(f"wrote {out}")
+    return 0 if len(records) == len(args.rows) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.add_argument("--one-row", dest="row", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.row:
+        print(json.dumps(run_row(args)))
+        return 0
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
