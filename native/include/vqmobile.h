@@ -1,0 +1,131 @@
+/*
+ * vqmobile native kernels: y = W x + b for vector-quantized (GPTVQ) and
+ * group-wise integer weights, batch 1..N (optimised for <= 8).
+ *
+ * Formats are documented in native/README.md. All arrays are C-contiguous;
+ * scales are IEEE fp16 stored as uint16_t bits.
+ *
+ * Thread safety: the linear functions may be called concurrently from
+ * several threads only when threads == 1 (they then run on the caller).
+ * Calls that use the internal pool serialise on it.
+ */
+#ifndef VQMOBILE_H
+#define VQMOBILE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- error codes ------------------------------------------------------ */
+#define VQM_OK 0
+#define VQM_EINVAL -1     /* bad argument (null pointer, bad shape, unsupported parameter) */
+#define VQM_EINDEX -2     /* an index is >= k (validation only) */
+#define VQM_ENOMEM -3     /* allocation failed */
+#define VQM_EPATH -4      /* requested path not available on this CPU */
+
+/* ---- implementation paths --------------------------------------------- */
+#define VQM_PATH_AUTO -1
+#define VQM_PATH_REF 0        /* portable C reference */
+#define VQM_PATH_AVX2 1       /* x86-64 AVX2 + FMA + F16C */
+#define VQM_PATH_AVX512 2     /* reserved: not implemented (see README) */
+#define VQM_PATH_NEON 3       /* aarch64 NEON without dotprod */
+#define VQM_PATH_NEON_DOT 4   /* aarch64 NEON with SDOT (ARMv8.2 dotprod) */
+#define VQM_NPATHS 5
+
+/* flags for the linear functions */
+#define VQM_ACT_INT8 1        /* quantize activations to int8 per block, integer dot products */
+
+/* Vector-quantized weight, W is n x k.
+ *  d: vector dimension, ncent: number of centroids (2..256),
+ *  bits = ceil(log2(ncent)) bits per index,
+ *  indices : uint8 [n, ceil(ceil(k/d) * bits / 8)]   little-endian bitstream per row
+ *  codebook: int8  [ceil(n/rows_per_block), ceil(k/cols_per_block), ncent, d]
+ *  scale   : fp16  [ceil(n/rows_per_block), ceil(k/cols_per_block)]
+ *  W[r, j*d+t] = codebook[r/R, (j*d)/C, idx[r, j], t] * scale[r/R, (j*d)/C]
+ */
+typedef struct vqm_vq_weight {
+    int32_t n, k;
+    int32_t d, ncent;
+    int32_t rows_per_block, cols_per_block;
+    const uint8_t *indices;
+    const int8_t *codebook;
+    const uint16_t *scale;
+} vqm_vq_weight;
+
+/* Group-wise integer weight, W is n x k.
+ *  codes : uint8 [n, ceil(k * bits / 8)]  little-endian bitstream per row
+ *  scales: fp16  [n, ceil(k / group)]
+ *  zeros : uint8 [n, ceil(k / group)] or NULL (symmetric: zero = 2^(bits-1))
+ *  W[r, c] = (q[r, c] - zero[r, c/group]) * scale[r, c/group]
+ */
+typedef struct vqm_int_weight {
+    int32_t n, k;
+    int32_t bits, group;
+    const uint8_t *codes;
+    const uint16_t *scales;
+    const uint8_t *zeros;
+} vqm_int_weight;
+
+/* Bits per index for ncent centroids (ceil(log2(ncent))), or -1 if invalid. */
+int vqm_vq_index_bits(int ncent);
+/* Bytes per row of the indices / codes arrays. */
+int64_t vqm_vq_row_bytes(const vqm_vq_weight *w);
+int64_t vqm_int_row_bytes(const vqm_int_weight *w);
+
+/* Validation (run once when a checkpoint is loaded): parameters and, for the VQ
+ * format, that every index is < ncent. Returns VQM_OK, VQM_EINVAL or VQM_EINDEX;
+ * on VQM_EINDEX *bad_row / *bad_pos (if non-null) receive the first offending
+ * row and vector position. */
+int vqm_vq_validate(const vqm_vq_weight *w, int64_t *bad_row, int64_t *bad_pos);
+int vqm_int_validate(const vqm_int_weight *w);
+
+/* y[b, :] = W x[b, :] + bias, for b in [0, batch).
+ *  x: float32 [batch, k], y: float32 [batch, n], bias: float32 [n] or NULL.
+ *  flags: 0 (float activations) or VQM_ACT_INT8.
+ *  threads: <= 0 uses the global setting (vqm_set_num_threads), 1 runs on the caller.
+ * Checks parameters (cheap) but not index values: validate once beforehand. */
+int vqm_vq_linear(const vqm_vq_weight *w, const float *x, int64_t batch,
+                  const float *bias, float *y, int flags, int threads);
+int vqm_int_linear(const vqm_int_weight *w, const float *x, int64_t batch,
+                   const float *bias, float *y, int flags, int threads);
+
+/* Same, forcing an implementation path (VQM_PATH_*; AUTO = current selection).
+ * Returns VQM_EPATH if that path is not available on this CPU. A path that has
+ * no specialised kernel for a configuration falls back to the reference. */
+int vqm_vq_linear_path(int path, const vqm_vq_weight *w, const float *x, int64_t batch,
+                       const float *bias, float *y, int flags, int threads);
+int vqm_int_linear_path(int path, const vqm_int_weight *w, const float *x, int64_t batch,
+                        const float *bias, float *y, int flags, int threads);
+
+/* Whether the path's SIMD kernel handles this configuration (else reference). */
+int vqm_vq_path_has_kernel(int path, const vqm_vq_weight *w);
+int vqm_int_path_has_kernel(int path, const vqm_int_weight *w);
+
+/* ---- dispatch ----------------------------------------------------------- */
+int vqm_path_available(int path);
+int vqm_get_path(void);                 /* currently selected path */
+int vqm_set_path(int path);             /* VQM_PATH_AUTO restores the best available */
+const char *vqm_path_name(int path);    /* "ref", "avx2", "avx512", "neon", "neon_dot" */
+
+/* ---- threads ------------------------------------------------------------ */
+void vqm_set_num_threads(int n);        /* <= 0: number of online CPUs */
+int vqm_get_num_threads(void);
+
+/* ---- utilities ------------------------------------------------------------ */
+/* Streaming read of a buffer split over threads; returns a checksum (so the
+ * read cannot be optimised away). Used to measure memory bandwidth. */
+uint64_t vqm_stream_read(const void *buf, size_t bytes, int threads);
+/* Activation quantization used by VQM_ACT_INT8 (exposed for tests):
+ * for each block [c0, c0+blk) of x[0..k): amax = max|x|, xs = amax/127,
+ * q = round_half_even(x * (127/amax)) clamped to [-127, 127] (all 0 if amax == 0). */
+void vqm_quantize_act(const float *x, int64_t k, int64_t blk, int8_t *q, float *xs);
+/* fp16 bits -> float (reference conversion) */
+float vqm_fp16_to_float(uint16_t h);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,453 @@
+/* Public API: parameter checks, validation, runtime ISA dispatch, activation
+ * preparation (int8 quantization / permutation into the path's layout),
+ * batch tiling and the multi-threaded row split. */
+#include "internal.h"
+#include <stdlib.h>
+#include <math.h>
+#include <float.h>
+#include <stdatomic.h>
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+#endif
+
+/* ---------------------------------------------------------------- features */
+#if defined(__x86_64__)
+static int x86_has_avx2(void)
+{
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    int osxsave = (c >> 27) & 1, fma = (c >> 12) & 1, f16c = (c >> 29) & 1, avx = (c >> 28) & 1;
+    if (!(osxsave && fma && f16c && avx)) return 0;
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & 6u) != 6u) return 0; /* XMM and YMM state enabled by the OS */
+    if (__get_cpuid_max(0, NULL) < 7) return 0;
+    __cpuid_count(7, 0, a, b, c, d);
+    return (b >> 5) & 1;
+}
+#endif
+
+static int detect(int path)
+{
+    switch (path) {
+    case VQM_PATH_REF: return 1;
+#if defined(__x86_64__)
+    case VQM_PATH_AVX2: return x86_has_avx2();
+#endif
+#if defined(__aarch64__)
+    case VQM_PATH_NEON: return 1;
+    case VQM_PATH_NEON_DOT:
+#if defined(__linux__)
+        return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#else
+        return 0;
+#endif
+#endif
+    default: return 0;
+    }
+}
+
+static const vqm_path_ops *ops_of(int path)
+{
+    switch (path) {
+#if defined(__x86_64__)
+    case VQM_PATH_AVX2: return &vqm_ops_avx2;
+#endif
+#if defined(__aarch64__)
+    case VQM_PATH_NEON: return &vqm_ops_neon;
+    case VQM_PATH_NEON_DOT: return &vqm_ops_neon_dot;
+#endif
+    default: return &vqm_ops_ref;
+    }
+}
+
+static int best_path(void)
+{
+    static const int order[] = { VQM_PATH_NEON_DOT, VQM_PATH_NEON, VQM_PATH_AVX2, VQM_PATH_REF };
+    for (size_t i = 0; i < sizeof order / sizeof order[0]; i++)
+        if (detect(order[i])) return order[i];
+    return VQM_PATH_REF;
+}
+
+static int path_from_env(void)
+{
+    const char *e = getenv("VQMOBILE_PATH");
+    if (!e || !*e || !strcmp(e, "auto")) return VQM_PATH_AUTO;
+    for (int p = 0; p < VQM_NPATHS; p++)
+        if (!strcmp(e, vqm_path_name(p))) return detect(p) ? p : VQM_PATH_AUTO;
+    return VQM_PATH_AUTO;
+}
+
+static atomic_int g_path = -2;     /* -2: not initialised */
+static atomic_int g_threads = 0;   /* 0: not initialised */
+
+const char *vqm_path_name(int path)
+{
+    switch (path) {
+    case VQM_PATH_REF: return "ref";
+    case VQM_PATH_AVX2: return "avx2";
+    case VQM_PATH_AVX512: return "avx512";
+    case VQM_PATH_NEON: return "neon";
+    case VQM_PATH_NEON_DOT: return "neon_dot";
+    default: return "unknown";
+    }
+}
+
+int vqm_path_available(int path) { return path >= 0 && path < VQM_NPATHS && detect(path); }
+
+int vqm_get_path(void)
+{
+    int p = atomic_load(&g_path);
+    if (p == -2) {
+        p = path_from_env();
+        if (p == VQM_PATH_AUTO) p = best_path();
+        atomic_store(&g_path, p);
+    }
+    return p;
+}
+
+int vqm_set_path(int path)
+{
+    if (path == VQM_PATH_AUTO) { atomic_store(&g_path, best_path()); return VQM_OK; }
+    if (!vqm_path_available(path)) return VQM_EPATH;
+    atomic_store(&g_path, path);
+    return VQM_OK;
+}
+
+void vqm_set_num_threads(int n)
+{
+    if (n <= 0) n = vqm_online_cpus();
+    if (n > 64) n = 64;
+    atomic_store(&g_threads, n);
+}
+
+int vqm_get_num_threads(void)
+{
+    int n = atomic_load(&g_threads);
+    if (n <= 0) {
+        const char *e = getenv("VQMOBILE_NUM_THREADS");
+        n = e ? atoi(e) : 0;
+        if (n <= 0) n = vqm_online_cpus();
+        if (n > 64) n = 64;
+        atomic_store(&g_threads, n);
+    }
+    return n;
+}
+
+/* ---------------------------------------------------------------- shapes */
+int vqm_vq_index_bits(int ncent)
+{
+    if (ncent < 2 || ncent > 256) return -1;
+    int b = 1;
+    while ((1 << b) < ncent) b++;
+    return b;
+}
+
+int64_t vqm_vq_row_bytes(const vqm_vq_weight *w)
+{
+    int b = vqm_vq_index_bits(w->ncent);
+    if (b < 0 || w->d < 1 || w->k < 1) return -1;
+    int64_t v = vqm_cdiv(w->k, w->d);
+    return vqm_cdiv(v * b, 8);
+}
+
+int64_t vqm_int_row_bytes(const vqm_int_weight *w)
+{
+    if (w->bits < 1 || w->bits > 8 || w->k < 1) return -1;
+    return vqm_cdiv((int64_t)w->k * w->bits, 8);
+}
+
+static int check_vq(const vqm_vq_weight *w)
+{
+    if (!w || !w->indices || !w->codebook || !w->scale) return VQM_EINVAL;
+    if (w->n < 1 || w->k < 1) return VQM_EINVAL;
+    if (w->d < 1 || w->d > 8) return VQM_EINVAL;
+    if (vqm_vq_index_bits(w->ncent) < 0) return VQM_EINVAL;
+    if (w->rows_per_block < 1 || w->cols_per_block < 1 || w->cols_per_block > 65536) return VQM_EINVAL;
+    if (w->cols_per_block % w->d) return VQM_EINVAL;
+    return VQM_OK;
+}
+
+static int check_int(const vqm_int_weight *w)
+{
+    if (!w || !w->codes || !w->scales) return VQM_EINVAL;
+    if (w->n < 1 || w->k < 1) return VQM_EINVAL;
+    if (w->bits < 1 || w->bits > 8) return VQM_EINVAL;
+    if (w->group < 1 || w->group > 65536) return VQM_EINVAL;
+    return VQM_OK;
+}
+
+int vqm_vq_validate(const vqm_vq_weight *w, int64_t *bad_row, int64_t *bad_pos)
+{
+    int rc = check_vq(w);
+    if (rc) return rc;
+    const int b = vqm_vq_index_bits(w->ncent);
+    if ((1 << b) == w->ncent) return VQM_OK; /* every b-bit code is < 2^b = ncent */
+    const int64_t v = vqm_cdiv(w->k, w->d), rowbytes = vqm_vq_row_bytes(w);
+    for (int64_t r = 0; r < w->n; r++) {
+        const uint8_t *row = w->indices + r * rowbytes;
+        for (int64_t j = 0; j < v; j++) {
+            if ((int)vqm_get_code(row, j, b) >= w->ncent) {
+                if (bad_row) *bad_row = r;
+                if (bad_pos) *bad_pos = j;
+                return VQM_EINDEX;
+            }
+        }
+    }
+    return VQM_OK;
+}
+
+int vqm_int_validate(const vqm_int_weight *w) { return check_int(w); }
+
+/* ---------------------------------------------------------------- activations */
+static inline int8_t quant1(float x, float inv)
+{
+    float v = x * inv;
+    if (!(v == v)) v = 0.0f;
+    if (v > 127.0f) v = 127.0f;
+    if (v < -127.0f) v = -127.0f;
+    return (int8_t)lrintf(v); /* round half to even (default rounding mode) */
+}
+
+void vqm_quantize_act(const float *x, int64_t k, int64_t blk, int8_t *q, float *xs)
+{
+    for (int64_t c0 = 0, bi = 0; c0 < k; c0 += blk, bi++) {
+        int64_t c1 = c0 + blk < k ? c0 + blk : k;
+        float amax = 0.0f;
+        for (int64_t c = c0; c < c1; c++) {
+            float a = fabsf(x[c]);
+            amax = a > amax ? a : amax;
+        }
+        if (amax == 0.0f) {
+            xs[bi] = 0.0f;
+            for (int64_t c = c0; c < c1; c++) q[c] = 0;
+            continue;
+        }
+        const float inv = 127.0f / amax;
+        xs[bi] = amax / 127.0f;
+        for (int64_t c = c0; c < c1; c++) q[c] = quant1(x[c], inv);
+    }
+}
+
+/* Per-thread scratch reused across calls. */
+static __thread void *t_buf;
+static __thread size_t t_cap;
+
+static void *scratch(size_t bytes)
+{
+    if (bytes > t_cap) {
+        free(t_buf);
+        t_buf = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+        t_cap = t_buf ? bytes : 0;
+    }
+    return t_buf;
+}
+
+static size_t align64(size_t v) { return (v + 63) & ~(size_t)63; }
+
+static int prep_x(const vqm_layout *lay, const float *x, int64_t batch, int64_t k, int64_t blk,
+                  int flags, vqm_xprep *xp)
+{
+    const int64_t cc = lay->chunk_cols;
+    xp->batch = batch;
+    xp->k = k;
+    xp->blk = blk;
+    xp->nblk = vqm_cdiv(k, blk);
+    xp->blk_pad = vqm_cdiv(blk, cc) * cc;
+    xp->stride = xp->nblk * xp->blk_pad;
+    const int int8 = (flags & VQM_ACT_INT8) != 0;
+    size_t nq = int8 ? align64((size_t)(batch * xp->stride)) : 0;
+    size_t nxs = int8 ? align64(sizeof(float) * (size_t)(batch * xp->nblk)) : 0;
+    size_t nsum = int8 ? align64(sizeof(int32_t) * (size_t)(batch * xp->nblk)) : 0;
+    size_t nf = int8 ? 0 : align64(sizeof(float) * (size_t)(batch * xp->stride));
+    size_t ntmp = int8 ? align64((size_t)blk) : 0;
+    uint8_t *base = scratch(nq + nxs + nsum + nf + ntmp);
+    if (!base) return VQM_ENOMEM;
+    xp->xq = int8 ? (int8_t *)base : NULL;
+    xp->xs = int8 ? (float *)(base + nq) : NULL;
+    xp->xsum = int8 ? (int32_t *)(base + nq + nxs) : NULL;
+    xp->xf = int8 ? NULL : (float *)(base + nq + nxs + nsum);
+    int8_t *tmp = int8 ? (int8_t *)(base + nq + nxs + nsum + nf) : NULL;
+
+    for (int64_t bi = 0; bi < batch; bi++) {
+        const float *xr = x + bi * k;
+        for (int64_t g = 0; g < xp->nblk; g++) {
+            const int64_t c0 = g * blk;
+            const int64_t len = (c0 + blk < k ? c0 + blk : k) - c0;
+            if (int8) {
+                int8_t *dst = xp->xq + bi * xp->stride + g * xp->blk_pad;
+                vqm_quantize_act(xr + c0, len, len, tmp, &xp->xs[bi * xp->nblk + g]);
+                int32_t s = 0;
+                for (int64_t c = 0; c < len; c++) s += tmp[c];
+                xp->xsum[bi * xp->nblk + g] = s;
+                if (lay->identity) {
+                    memcpy(dst, tmp, (size_t)len);
+                    memset(dst + len, 0, (size_t)(xp->blk_pad - len));
+                } else {
+                    for (int64_t h = 0; h < xp->blk_pad; h += cc)
+                        for (int64_t q = 0; q < cc; q++) {
+                            int64_t col = h + lay->perm[q];
+                            dst[h + q] = col < len ? tmp[col] : 0;
+                        }
+                }
+            } else {
+                float *dst = xp->xf + bi * xp->stride + g * xp->blk_pad;
+                if (lay->identity) {
+                    memcpy(dst, xr + c0, sizeof(float) * (size_t)len);
+                    for (int64_t c = len; c < xp->blk_pad; c++) dst[c] = 0.0f;
+                } else {
+                    for (int64_t h = 0; h < xp->blk_pad; h += cc)
+                        for (int64_t q = 0; q < cc; q++) {
+                            int64_t col = h + lay->perm[q];
+                            dst[h + q] = col < len ? xr[c0 + col] : 0.0f;
+                        }
+                }
+            }
+        }
+    }
+    return VQM_OK;
+}
+
+/* ---------------------------------------------------------------- row split */
+typedef struct {
+    const vqm_path_ops *ops;
+    const vqm_vq_weight *vw;
+    const vqm_int_weight *iw;
+    const vqm_layout *lay;
+    const vqm_xprep *xp;
+    const float *bias;
+    float *y;
+    int flags;
+    int64_t n, gran;
+    int ntasks;
+} split_ctx;
+
+static void split_task(void *vctx, int i)
+{
+    const split_ctx *c = vctx;
+    int64_t nunits = vqm_cdiv(c->n, c->gran);
+    int64_t u0 = nunits * i / c->ntasks, u1 = nunits * (i + 1) / c->ntasks;
+    int64_t r0 = u0 * c->gran, r1 = u1 * c->gran;
+    if (r1 > c->n) r1 = c->n;
+    if (r0 >= r1) return;
+    if (c->vw) c->ops->vq_rows(c->vw, c->lay, c->xp, r0, r1, c->bias, c->y, c->flags);
+    else c->ops->int_rows(c->iw, c->lay, c->xp, r0, r1, c->bias, c->y, c->flags);
+}
+
+static int run_linear(int path, const vqm_vq_weight *vw, const vqm_int_weight *iw,
+                      const float *x, int64_t batch, const float *bias, float *y, int flags, int threads)
+{
+    if (!x || !y || batch < 0) return VQM_EINVAL;
+    if (flags & ~VQM_ACT_INT8) return VQM_EINVAL;
+    if (path == VQM_PATH_AUTO) path = vqm_get_path();
+    if (!vqm_path_available(path)) return VQM_EPATH;
+    if (batch == 0) return VQM_OK;
+    const vqm_path_ops *ops = ops_of(path);
+    vqm_layout lay;
+    memset(&lay, 0, sizeof lay);
+    int ok = vw ? ops->vq_plan(vw, flags, &lay) : ops->int_plan(iw, flags, &lay);
+    if (!ok) {
+        ops = &vqm_ops_ref;
+        if (vw) ops->vq_plan(vw, flags, &lay); else ops->int_plan(iw, flags, &lay);
+    }
+    const int64_t n = vw ? vw->n : iw->n, k = vw ? vw->k : iw->k;
+    const int64_t blk = vw ? vw->cols_per_block : iw->group;
+    if (threads <= 0) threads = vqm_get_num_threads();
+    if (threads > 64) threads = 64;
+    /* rows are split in units of whole codebook row blocks when there are enough
+     * of them, else in units of 4 rows */
+    int64_t gran = 4;
+    if (vw && vw->rows_per_block > 1 && vqm_cdiv(n, vw->rows_per_block) >= 2 * threads)
+        gran = vw->rows_per_block;
+    if (vqm_cdiv(n, gran) < threads) threads = (int)vqm_cdiv(n, gran);
+    for (int64_t b0 = 0; b0 < batch; b0 += VQM_BATCH_TILE) {
+        int64_t nb = batch - b0 < VQM_BATCH_TILE ? batch - b0 : VQM_BATCH_TILE;
+        vqm_xprep xp;
+        int rc = prep_x(&lay, x + b0 * k, nb, k, blk, flags, &xp);
+        if (rc) return rc;
+        split_ctx c = { ops, vw, iw, &lay, &xp, bias, y + b0 * n, flags, n, gran, threads };
+        vqm_pool_run(threads, threads, split_task, &c);
+    }
+    return VQM_OK;
+}
+
+int vqm_vq_linear_path(int path, const vqm_vq_weight *w, const float *x, int64_t batch,
+                       const float *bias, float *y, int flags, int threads)
+{
+    int rc = check_vq(w);
+    if (rc) return rc;
+    return run_linear(path, w, NULL, x, batch, bias, y, flags, threads);
+}
+
+int vqm_int_linear_path(int path, const vqm_int_weight *w, const float *x, int64_t batch,
+                        const float *bias, float *y, int flags, int threads)
+{
+    int rc = check_int(w);
+    if (rc) return rc;
+    return run_linear(path, NULL, w, x, batch, bias, y, flags, threads);
+}
+
+int vqm_vq_linear(const vqm_vq_weight *w, const float *x, int64_t batch,
+                  const float *bias, float *y, int flags, int threads)
+{
+    return vqm_vq_linear_path(VQM_PATH_AUTO, w, x, batch, bias, y, flags, threads);
+}
+
+int vqm_int_linear(const vqm_int_weight *w, const float *x, int64_t batch,
+                   const float *bias, float *y, int flags, int threads)
+{
+    return vqm_int_linear_path(VQM_PATH_AUTO, w, x, batch, bias, y, flags, threads);
+}
+
+int vqm_vq_path_has_kernel(int path, const vqm_vq_weight *w)
+{
+    if (check_vq(w) || !vqm_path_available(path)) return 0;
+    vqm_layout lay;
+    return path != VQM_PATH_REF && ops_of(path)->vq_plan(w, 0, &lay) && ops_of(path)->vq_plan(w, VQM_ACT_INT8, &lay);
+}
+
+int vqm_int_path_has_kernel(int path, const vqm_int_weight *w)
+{
+    if (check_int(w) || !vqm_path_available(path)) return 0;
+    vqm_layout lay;
+    return path != VQM_PATH_REF && ops_of(path)->int_plan(w, 0, &lay) && ops_of(path)->int_plan(w, VQM_ACT_INT8, &lay);
+}
+
+/* ---------------------------------------------------------------- bandwidth */
+typedef struct { const uint8_t *p; size_t bytes; int parts; uint64_t sums[64]; } stream_ctx;
+
+static void stream_task(void *vctx, int i)
+{
+    stream_ctx *c = vctx;
+    size_t words = c->bytes / 8;
+    size_t w0 = words * (size_t)i / (size_t)c->parts, w1 = words * (size_t)(i + 1) / (size_t)c->parts;
+    const uint64_t *p = (const uint64_t *)(const void *)c->p;
+    uint64_t a = 0, b = 0, cc = 0, d = 0;
+    size_t j = w0;
+    for (; j + 4 <= w1; j += 4) { a += p[j]; b += p[j + 1]; cc += p[j + 2]; d += p[j + 3]; }
+    for (; j < w1; j++) a += p[j];
+    c->sums[i] = a + b + cc + d;
+}
+
+uint64_t vqm_stream_read(const void *buf, size_t bytes, int threads)
+{
+    if (!buf) return 0;
+    if (threads <= 0) threads = vqm_get_num_threads();
+    if (threads > 64) threads = 64;
+    stream_ctx c;
+    memset(&c, 0, sizeof c);
+    c.p = buf;
+    c.bytes = bytes;
+    c.parts = threads;
+    vqm_pool_run(threads, threads, stream_task, &c);
+    uint64_t s = 0;
+    for (int i = 0; i < threads; i++) s += c.sums[i];
+    return s;
+}

@@ -1,0 +1,80 @@
+/* Internal interfaces shared by the dispatcher and the per-ISA kernel files. */
+#ifndef VQM_INTERNAL_H
+#define VQM_INTERNAL_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <string.h>
+#include "vqmobile.h"
+
+#define VQM_MAX_CHUNK_COLS 128   /* 32 codes x d=4 */
+#define VQM_BATCH_TILE 8         /* kernels process at most 8 activations at once */
+
+/* How a path lays out one "chunk" of an activation block: chunk_cols
+ * consecutive columns, permuted so that position q of the prepared buffer holds
+ * column perm[q] of the chunk (perm == NULL: identity). Positions whose column
+ * lies beyond the block (or beyond k) hold 0. */
+typedef struct vqm_layout {
+    int chunk_cols;
+    int16_t perm[VQM_MAX_CHUNK_COLS];
+    int identity;
+} vqm_layout;
+
+/* Activations prepared once per call (shared read-only by all threads). */
+typedef struct vqm_xprep {
+    int64_t batch;        /* <= VQM_BATCH_TILE */
+    int64_t k;
+    int64_t blk;          /* activation block (columns): C for VQ, group for int */
+    int64_t nblk;         /* ceil(k / blk) */
+    int64_t blk_pad;      /* blk rounded up to chunk_cols */
+    int64_t stride;       /* nblk * blk_pad: per batch row */
+    int8_t *xq;           /* [batch][stride]   (int8 mode) */
+    float *xs;            /* [batch][nblk]     (int8 mode) */
+    int32_t *xsum;        /* [batch][nblk]     (int8 mode) sum of xq over the block */
+    float *xf;            /* [batch][stride]   (float mode) */
+} vqm_xprep;
+
+/* A path's kernels. plan() returns 1 if the path handles the configuration (and
+ * fills the layout), 0 otherwise (the dispatcher then uses the reference).
+ * rows() computes y[b][r] for r in [r0, r1), all b < xp->batch; y has row stride n. */
+typedef struct vqm_path_ops {
+    int (*vq_plan)(const vqm_vq_weight *w, int flags, vqm_layout *lay);
+    void (*vq_rows)(const vqm_vq_weight *w, const vqm_layout *lay, const vqm_xprep *xp,
+                    int64_t r0, int64_t r1, const float *bias, float *y, int flags);
+    int (*int_plan)(const vqm_int_weight *w, int flags, vqm_layout *lay);
+    void (*int_rows)(const vqm_int_weight *w, const vqm_layout *lay, const vqm_xprep *xp,
+                     int64_t r0, int64_t r1, const float *bias, float *y, int flags);
+} vqm_path_ops;
+
+extern const vqm_path_ops vqm_ops_ref;
+#if defined(__x86_64__) || defined(_M_X64)
+extern const vqm_path_ops vqm_ops_avx2;
+#endif
+#if defined(__aarch64__)
+extern const vqm_path_ops vqm_ops_neon;
+extern const vqm_path_ops vqm_ops_neon_dot;
+#endif
+
+/* ---- helpers -------------------------------------------------------------- */
+static inline int64_t vqm_cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/* code j (b bits) of a little-endian bitstream; never reads past the byte that
+ * holds the code's last bit. */
+static inline unsigned vqm_get_code(const uint8_t *row, int64_t j, int b)
+{
+    int64_t bit = j * b;
+    int64_t byte = bit >> 3;
+    int sh = (int)(bit & 7);
+    unsigned v = row[byte] >> sh;
+    if (sh + b > 8) v |= (unsigned)row[byte + 1] << (8 - sh);
+    return v & ((1u << b) - 1u);
+}
+
+float vqm_fp16_to_float_ref(uint16_t h);
+
+/* thread pool: runs fn(ctx, i) for i in [0, ntasks) using up to nthreads
+ * threads (the caller included). */
+void vqm_pool_run(int nthreads, int ntasks, void (*fn)(void *ctx, int i), void *ctx);
+int vqm_online_cpus(void);
+
+#endif

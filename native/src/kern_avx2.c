@@ -1,0 +1,504 @@
+/* x86-64 AVX2 kernels (compiled with -mavx2 -mfma -mf16c in this translation
+ * unit only; selected at run time when CPUID reports AVX2+FMA+F16C).
+ *
+ * VQ decode works on chunks of 32 codes:
+ *  unpack : b=4 -> codes [even 0..30 | odd 1..31] (low nibbles / high nibbles),
+ *           b=6 -> natural order (pshufb spreads 3 bytes to a dword, shifts),
+ *           b=8 -> natural order.
+ *  lookup : k=16 -> one pshufb per vector dimension (16-byte table per dim),
+ *           k=64 -> 4 pshufb + 3 pblendvb per dimension,
+ *           k=256 -> vpgatherdd from a 256 x int32 table, compacted to bytes.
+ *  The decoded int8 weights come out in a permuted order; the activations are
+ *  permuted identically once per call (see vqm_layout), so no interleaving is
+ *  needed in the hot loop. 1-D k=4 (b=2) is run as a 2-D k=16 codebook on
+ *  nibbles (each nibble = two 2-bit codes).
+ *  int8 activations: pmaddubsw(|w|, sign(x, w)) + pmaddwd -> int32 per block;
+ *  float activations: int8 -> f32 converts + FMA.
+ */
+#include "internal.h"
+#include <stdlib.h>
+
+#if defined(__x86_64__)
+/* Target flags are set here, not on the command line, so that every build
+ * (Makefile, cffi/setuptools) compiles all sources with the same flags and only
+ * this file's functions use AVX2. */
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+#include <immintrin.h>
+
+typedef struct {
+    int be, de, ke;     /* effective bits / dim / centroids */
+    int virt;           /* 1-D k=4 run as 2-D k=16 */
+} vcfg;
+
+static int vq_cfg(const vqm_vq_weight *w, vcfg *c)
+{
+    int b = vqm_vq_index_bits(w->ncent);
+    if (w->d == 1 && w->ncent == 4) {
+        if (w->cols_per_block % 2) return 0;
+        c->be = 4; c->de = 2; c->ke = 16; c->virt = 1;
+        return 1;
+    }
+    if ((w->ncent != 16 && w->ncent != 64 && w->ncent != 256) || (1 << b) != w->ncent) return 0;
+    if (w->d != 1 && w->d != 2 && w->d != 4) return 0;
+    c->be = b; c->de = w->d; c->ke = w->ncent; c->virt = 0;
+    return 1;
+}
+
+static inline int ord_code(int be, int p) { return be == 4 ? (p < 16 ? 2 * p : 2 * (p - 16) + 1) : p; }
+
+static int avx2_vq_plan(const vqm_vq_weight *w, int flags, vqm_layout *lay)
+{
+    (void)flags;
+    vcfg c;
+    if (!vq_cfg(w, &c)) return 0;
+    lay->chunk_cols = 32 * c.de;
+    if (c.be == 8) {
+        lay->identity = 1;
+        for (int q = 0; q < lay->chunk_cols; q++) lay->perm[q] = (int16_t)q;
+    } else {
+        lay->identity = 0;
+        for (int t = 0; t < c.de; t++)
+            for (int p = 0; p < 32; p++) lay->perm[t * 32 + p] = (int16_t)(ord_code(c.be, p) * c.de + t);
+    }
+    return 1;
+}
+
+static size_t tab_size(const vcfg *c)
+{
+    if (c->ke == 16) return 32u * (size_t)c->de;
+    if (c->ke == 64) return 128u * (size_t)c->de;
+    return 1024u;
+}
+
+/* Decoding tables for codebook block (rb, cb). */
+static void prep_tab(const vcfg *c, const int8_t *cbk, int d, uint8_t *tab)
+{
+    if (c->virt) {
+        for (int i = 0; i < 16; i++) {
+            tab[i] = tab[16 + i] = (uint8_t)cbk[i & 3];
+            tab[32 + i] = tab[48 + i] = (uint8_t)cbk[i >> 2];
+        }
+    } else if (c->ke == 16) {
+        for (int t = 0; t < d; t++)
+            for (int i = 0; i < 16; i++) tab[t * 32 + i] = tab[t * 32 + 16 + i] = (uint8_t)cbk[i * d + t];
+    } else if (c->ke == 64) {
+        for (int t = 0; t < d; t++)
+            for (int m = 0; m < 4; m++)
+                for (int i = 0; i < 16; i++)
+                    tab[(t * 4 + m) * 32 + i] = tab[(t * 4 + m) * 32 + 16 + i] = (uint8_t)cbk[(16 * m + i) * d + t];
+    } else {
+        int32_t *t32 = (int32_t *)(void *)tab;
+        for (int i = 0; i < 256; i++) {
+            if (d == 1) t32[i] = cbk[i];
+            else if (d == 2) t32[i] = (int32_t)((uint32_t)(uint8_t)cbk[2 * i] | ((uint32_t)(uint8_t)cbk[2 * i + 1] << 8));
+            else {
+                uint32_t v;
+                memcpy(&v, cbk + 4 * i, 4);
+                t32[i] = (int32_t)v;
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- unpack */
+static inline __m256i unpack4(const uint8_t *p)
+{
+    __m128i v = _mm_loadu_si128((const __m128i *)(const void *)p);
+    __m256i t = _mm256_inserti128_si256(_mm256_castsi128_si256(v), _mm_srli_epi16(v, 4), 1);
+    return _mm256_and_si256(t, _mm256_set1_epi8(0x0f));
+}
+
+static inline __m256i unpack6(const uint8_t *p)
+{
+    __m128i a = _mm_loadu_si128((const __m128i *)(const void *)p);
+    __m128i b = _mm_loadu_si128((const __m128i *)(const void *)(p + 8));
+    __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(a), b, 1);
+    const __m256i spread = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,
+                                            4, 5, 6, -1, 7, 8, 9, -1, 10, 11, 12, -1, 13, 14, 15, -1);
+    v = _mm256_shuffle_epi8(v, spread);
+    __m256i t = _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(0xfff)),
+                                _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0xfff000)), 4));
+    return _mm256_or_si256(_mm256_and_si256(t, _mm256_set1_epi32(0x003f003f)),
+                           _mm256_and_si256(_mm256_slli_epi32(t, 2), _mm256_set1_epi32(0x3f003f00)));
+}
+
+static inline __m256i unpack8(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)(const void *)p); }
+
+/* generic (unaligned start / partial chunk): codes in the same order, missing ones = 0 */
+static inline __m256i unpack_slow(const uint8_t *row, int64_t cs, int nvalid, int be)
+{
+    uint8_t tmp[32];
+    for (int p = 0; p < 32; p++) {
+        int j = ord_code(be, p);
+        tmp[p] = j < nvalid ? (uint8_t)vqm_get_code(row, cs + j, be) : 0;
+    }
+    return _mm256_loadu_si256((const __m256i *)(const void *)tmp);
+}
+
+/* ---------------------------------------------------------------- lookup */
+static inline __m256i lut64(const uint8_t *t, __m256i c, __m256i m4, __m256i m5)
+{
+    const __m256i *T = (const __m256i *)(const void *)t;
+    __m256i r01 = _mm256_blendv_epi8(_mm256_shuffle_epi8(_mm256_load_si256(T), c),
+                                     _mm256_shuffle_epi8(_mm256_load_si256(T + 1), c), m4);
+    __m256i r23 = _mm256_blendv_epi8(_mm256_shuffle_epi8(_mm256_load_si256(T + 2), c),
+                                     _mm256_shuffle_epi8(_mm256_load_si256(T + 3), c), m4);
+    return _mm256_blendv_epi8(r01, r23, m5);
+}
+
+static inline void lookup(__m256i c, const uint8_t *tab, const int DE, const int KE, __m256i *W)
+{
+    if (KE == 16) {
+        for (int t = 0; t < DE; t++)
+            W[t] = _mm256_shuffle_epi8(_mm256_load_si256((const __m256i *)(const void *)(tab + 32 * t)), c);
+    } else if (KE == 64) {
+        __m256i m4 = _mm256_slli_epi16(c, 3), m5 = _mm256_slli_epi16(c, 2);
+        for (int t = 0; t < DE; t++) W[t] = lut64(tab + 128 * t, c, m4, m5);
+    } else {
+        const int *t32 = (const int *)(const void *)tab;
+        __m128i lo = _mm256_castsi256_si128(c), hi = _mm256_extracti128_si256(c, 1);
+        __m256i g0 = _mm256_i32gather_epi32(t32, _mm256_cvtepu8_epi32(lo), 4);
+        __m256i g1 = _mm256_i32gather_epi32(t32, _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)), 4);
+        __m256i g2 = _mm256_i32gather_epi32(t32, _mm256_cvtepu8_epi32(hi), 4);
+        __m256i g3 = _mm256_i32gather_epi32(t32, _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)), 4);
+        if (DE == 4) {
+            W[0] = g0; W[1] = g1; W[2] = g2; W[3] = g3;
+        } else if (DE == 2) {
+            const __m256i sh = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1);
+            __m256i a = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(g0, sh), 0x08);
+            __m256i b = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(g1, sh), 0x08);
+            __m256i e = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(g2, sh), 0x08);
+            __m256i f = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(g3, sh), 0x08);
+            W[0] = _mm256_inserti128_si256(a, _mm256_castsi256_si128(b), 1);
+            W[1] = _mm256_inserti128_si256(e, _mm256_castsi256_si128(f), 1);
+        } else {
+            __m256i a = _mm256_packs_epi32(g0, g1), b = _mm256_packs_epi32(g2, g3);
+            __m256i v = _mm256_packs_epi16(a, b);
+            W[0] = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- dot helpers */
+static inline __m256i dot_i8(__m256i acc, __m256i w, __m256i x)
+{
+    __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+
+static inline int32_t hsum_i32(__m256i v)
+{
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+static inline float hsum_f32(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* float dot of 32 int8 weights with 32 floats */
+static inline __m256 dot_f32(__m256 acc, __m256i w, const float *x)
+{
+    __m128i lo = _mm256_castsi256_si128(w), hi = _mm256_extracti128_si256(w, 1);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), _mm256_loadu_ps(x), acc);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(x + 8), acc);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), _mm256_loadu_ps(x + 16), acc);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(x + 24), acc);
+    return acc;
+}
+
+/* ---------------------------------------------------------------- VQ rows */
+static __thread uint8_t *t_tab;
+static __thread size_t t_tabcap;
+
+static uint8_t *tab_scratch(size_t bytes)
+{
+    if (bytes > t_tabcap) {
+        free(t_tab);
+        t_tab = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+        t_tabcap = t_tab ? bytes : 0;
+    }
+    return t_tab;
+}
+
+static inline __attribute__((always_inline)) void
+vq_rows_impl(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1,
+             const float *bias, float *y, const vcfg *cfg,
+             const int BE, const int DE, const int KE, const int NB, const int INT8)
+{
+    const int64_t n = w->n, k = w->k, d = w->d, R = w->rows_per_block, C = w->cols_per_block;
+    const int64_t ncb = vqm_cdiv(k, C);
+    const int64_t rowbytes = vqm_vq_row_bytes(w);
+    const int nb = NB ? NB : (int)xp->batch;
+    const int64_t ccols = 32 * DE;
+    const int64_t nchunk = xp->blk_pad / ccols;
+    const int64_t ncode_total = vqm_cdiv(k, DE); /* effective codes per row */
+    const size_t tsz = tab_size(cfg);
+    uint8_t *tabs = tab_scratch(tsz * (size_t)ncb);
+    if (!tabs) abort();
+    int64_t cur_rb = -1;
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t rb = r / R;
+        if (rb != cur_rb) {
+            for (int64_t cb = 0; cb < ncb; cb++)
+                prep_tab(cfg, w->codebook + (rb * ncb + cb) * (int64_t)w->ncent * d, (int)d, tabs + cb * tsz);
+            cur_rb = rb;
+        }
+        const uint8_t *row = w->indices + r * rowbytes;
+        float acc[VQM_BATCH_TILE];
+        for (int bi = 0; bi < nb; bi++) acc[bi] = 0.0f;
+        if (r + 1 < r1) _mm_prefetch((const char *)(row + rowbytes), _MM_HINT_T0);
+        for (int64_t cb = 0; cb < ncb; cb++) {
+            const uint8_t *tab = tabs + cb * tsz;
+            const float s = _cvtsh_ss(w->scale[rb * ncb + cb]);
+            const int64_t c0 = cb * C;
+            const int64_t c1 = c0 + C < k ? c0 + C : k;
+            const int64_t code0 = c0 / DE, code1 = vqm_cdiv(c1, DE);
+            __m256i iacc[VQM_BATCH_TILE];
+            __m256 facc[VQM_BATCH_TILE];
+            for (int bi = 0; bi < nb; bi++) {
+                if (INT8) iacc[bi] = _mm256_setzero_si256();
+                else facc[bi] = _mm256_setzero_ps();
+            }
+            for (int64_t h = 0; h < nchunk; h++) {
+                const int64_t cs = code0 + 32 * h;
+                const int64_t nvalid = code1 - cs;
+                if (nvalid <= 0) break;
+                __m256i c;
+                if (nvalid >= 32 && ((cs * BE) & 7) == 0) {
+                    const uint8_t *p = row + ((cs * BE) >> 3);
+                    _mm_prefetch((const char *)(p + 512), _MM_HINT_T0);
+                    c = BE == 4 ? unpack4(p) : BE == 6 ? unpack6(p) : unpack8(p);
+                } else {
+                    c = unpack_slow(row, cs, nvalid < 32 ? (int)nvalid : 32, BE);
+                }
+                (void)ncode_total;
+                __m256i W[4];
+                lookup(c, tab, DE, KE, W);
+                for (int bi = 0; bi < nb; bi++) {
+                    if (INT8) {
+                        const int8_t *xq = xp->xq + bi * xp->stride + cb * xp->blk_pad + h * ccols;
+                        for (int t = 0; t < DE; t++)
+                            iacc[bi] = dot_i8(iacc[bi], W[t], _mm256_loadu_si256((const __m256i *)(const void *)(xq + 32 * t)));
+                    } else {
+                        const float *xf = xp->xf + bi * xp->stride + cb * xp->blk_pad + h * ccols;
+                        for (int t = 0; t < DE; t++) facc[bi] = dot_f32(facc[bi], W[t], xf + 32 * t);
+                    }
+                }
+            }
+            for (int bi = 0; bi < nb; bi++) {
+                if (INT8) {
+                    float v = (float)hsum_i32(iacc[bi]) * xp->xs[bi * xp->nblk + cb];
+                    v = v * s;
+                    acc[bi] = acc[bi] + v;
+                } else {
+                    acc[bi] = acc[bi] + hsum_f32(facc[bi]) * s;
+                }
+            }
+        }
+        for (int bi = 0; bi < nb; bi++) y[bi * n + r] = bias ? acc[bi] + bias[r] : acc[bi];
+    }
+}
+
+#define VQ_INST(BE, DE, KE)                                                                         \
+    static void vq_##BE##_##DE##_##KE(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0,     \
+                                      int64_t r1, const float *bias, float *y, const vcfg *cfg,    \
+                                      int int8)                                                     \
+    {                                                                                               \
+        if (int8) {                                                                                 \
+            if (xp->batch == 1) vq_rows_impl(w, xp, r0, r1, bias, y, cfg, BE, DE, KE, 1, 1);        \
+            else vq_rows_impl(w, xp, r0, r1, bias, y, cfg, BE, DE, KE, 0, 1);                       \
+        } else {                                                                                    \
+            if (xp->batch == 1) vq_rows_impl(w, xp, r0, r1, bias, y, cfg, BE, DE, KE, 1, 0);        \
+            else vq_rows_impl(w, xp, r0, r1, bias, y, cfg, BE, DE, KE, 0, 0);                       \
+        }                                                                                           \
+    }
+VQ_INST(4, 1, 16)
+VQ_INST(4, 2, 16)
+VQ_INST(4, 4, 16)
+VQ_INST(6, 1, 64)
+VQ_INST(6, 2, 64)
+VQ_INST(6, 4, 64)
+VQ_INST(8, 1, 256)
+VQ_INST(8, 2, 256)
+VQ_INST(8, 4, 256)
+
+static void avx2_vq_rows(const vqm_vq_weight *w, const vqm_layout *lay, const vqm_xprep *xp,
+                         int64_t r0, int64_t r1, const float *bias, float *y, int flags)
+{
+    (void)lay;
+    vcfg c;
+    if (!vq_cfg(w, &c)) abort();
+    int i8 = (flags & VQM_ACT_INT8) != 0;
+#define CASE(BE, DE, KE) if (c.be == BE && c.de == DE) { vq_##BE##_##DE##_##KE(w, xp, r0, r1, bias, y, &c, i8); return; }
+    CASE(4, 1, 16) CASE(4, 2, 16) CASE(4, 4, 16)
+    CASE(6, 1, 64) CASE(6, 2, 64) CASE(6, 4, 64)
+    CASE(8, 1, 256) CASE(8, 2, 256) CASE(8, 4, 256)
+#undef CASE
+    abort();
+}
+
+/* ---------------------------------------------------------------- int4 */
+static int avx2_int_plan(const vqm_int_weight *w, int flags, vqm_layout *lay)
+{
+    (void)flags;
+    if (w->bits != 4) return 0;
+    lay->chunk_cols = 32;
+    lay->identity = 0;
+    for (int p = 0; p < 32; p++) lay->perm[p] = (int16_t)ord_code(4, p);
+    return 1;
+}
+
+static inline __m256i int4_codes(const uint8_t *row, int64_t cs, int64_t nvalid)
+{
+    if (nvalid >= 32 && (cs & 1) == 0) return unpack4(row + (cs >> 1));
+    return unpack_slow(row, cs, nvalid < 32 ? (int)nvalid : 32, 4);
+}
+
+static inline __m128i hsum4_i32(__m256i a, __m256i b, __m256i c, __m256i d)
+{
+    __m256i ab = _mm256_hadd_epi32(a, b), cd = _mm256_hadd_epi32(c, d);
+    __m256i s = _mm256_hadd_epi32(ab, cd);
+    return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+}
+
+/* int8 activations: 4 rows at a time, one activation vector (bi) at a time */
+static void int4_rows_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1,
+                         const float *bias, float *y)
+{
+    const int64_t n = w->n, k = w->k, G = w->group;
+    const int64_t ng = vqm_cdiv(k, G);
+    const int64_t rowbytes = vqm_int_row_bytes(w);
+    const int64_t nchunk = xp->blk_pad / 32;
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t r = r0; r < r1; r += 4) {
+        int64_t rr[4];
+        const uint8_t *rows[4];
+        for (int i = 0; i < 4; i++) {
+            rr[i] = r + i < r1 ? r + i : r1 - 1;
+            rows[i] = w->codes + rr[i] * rowbytes;
+        }
+        for (int64_t bi = 0; bi < xp->batch; bi++) {
+            __m128 acc = _mm_setzero_ps();
+            const int8_t *xqb = xp->xq + bi * xp->stride;
+            for (int64_t g = 0; g < ng; g++) {
+                const int64_t c0 = g * G;
+                const int64_t c1 = c0 + G < k ? c0 + G : k;
+                __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+                for (int64_t h = 0; h < nchunk; h++) {
+                    const int64_t cs = c0 + 32 * h, nvalid = c1 - cs;
+                    if (nvalid <= 0) break;
+                    __m256i x = _mm256_loadu_si256((const __m256i *)(const void *)(xqb + g * xp->blk_pad + 32 * h));
+                    if (nvalid >= 32 && (cs & 1) == 0) {
+                        const int64_t off = cs >> 1;
+                        _mm_prefetch((const char *)(rows[0] + off + 384), _MM_HINT_T0);
+                        _mm_prefetch((const char *)(rows[1] + off + 384), _MM_HINT_T0);
+                        _mm_prefetch((const char *)(rows[2] + off + 384), _MM_HINT_T0);
+                        _mm_prefetch((const char *)(rows[3] + off + 384), _MM_HINT_T0);
+                        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_maddubs_epi16(unpack4(rows[0] + off), x), ones));
+                        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_maddubs_epi16(unpack4(rows[1] + off), x), ones));
+                        a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(_mm256_maddubs_epi16(unpack4(rows[2] + off), x), ones));
+                        a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(_mm256_maddubs_epi16(unpack4(rows[3] + off), x), ones));
+                    } else {
+                        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_maddubs_epi16(int4_codes(rows[0], cs, nvalid), x), ones));
+                        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_maddubs_epi16(int4_codes(rows[1], cs, nvalid), x), ones));
+                        a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(_mm256_maddubs_epi16(int4_codes(rows[2], cs, nvalid), x), ones));
+                        a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(_mm256_maddubs_epi16(int4_codes(rows[3], cs, nvalid), x), ones));
+                    }
+                }
+                __m128i isum = hsum4_i32(a0, a1, a2, a3);
+                __m128i z;
+                if (w->zeros)
+                    z = _mm_setr_epi32(w->zeros[rr[0] * ng + g], w->zeros[rr[1] * ng + g],
+                                       w->zeros[rr[2] * ng + g], w->zeros[rr[3] * ng + g]);
+                else
+                    z = _mm_set1_epi32(8);
+                isum = _mm_sub_epi32(isum, _mm_mullo_epi32(z, _mm_set1_epi32(xp->xsum[bi * xp->nblk + g])));
+                __m128 s = _mm_cvtph_ps(_mm_setr_epi16((short)w->scales[rr[0] * ng + g], (short)w->scales[rr[1] * ng + g],
+                                                       (short)w->scales[rr[2] * ng + g], (short)w->scales[rr[3] * ng + g],
+                                                       0, 0, 0, 0));
+                __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(isum), _mm_set1_ps(xp->xs[bi * xp->nblk + g]));
+                v = _mm_mul_ps(v, s);
+                acc = _mm_add_ps(acc, v);
+            }
+            float out[4];
+            _mm_storeu_ps(out, acc);
+            for (int i = 0; i < 4 && r + i < r1; i++) y[bi * n + r + i] = bias ? out[i] + bias[r + i] : out[i];
+        }
+    }
+}
+
+/* float activations: one row at a time, all activation vectors */
+static void int4_rows_f32(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1,
+                          const float *bias, float *y)
+{
+    const int64_t n = w->n, k = w->k, G = w->group;
+    const int64_t ng = vqm_cdiv(k, G);
+    const int64_t rowbytes = vqm_int_row_bytes(w);
+    const int64_t nchunk = xp->blk_pad / 32;
+    const int nb = (int)xp->batch;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = w->codes + r * rowbytes;
+        float acc[VQM_BATCH_TILE];
+        for (int bi = 0; bi < nb; bi++) acc[bi] = 0.0f;
+        for (int64_t g = 0; g < ng; g++) {
+            const int64_t c0 = g * G;
+            const int64_t c1 = c0 + G < k ? c0 + G : k;
+            const int z = w->zeros ? w->zeros[r * ng + g] : 8;
+            const float s = _cvtsh_ss(w->scales[r * ng + g]);
+            __m256 facc[VQM_BATCH_TILE];
+            for (int bi = 0; bi < nb; bi++) facc[bi] = _mm256_setzero_ps();
+            for (int64_t h = 0; h < nchunk; h++) {
+                const int64_t cs = c0 + 32 * h, nvalid = c1 - cs;
+                if (nvalid <= 0) break;
+                __m256i q = int4_codes(row, cs, nvalid);
+                __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+                __m256i zz = _mm256_set1_epi32(z);
+                __m256 f0 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(lo), zz));
+                __m256 f1 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)), zz));
+                __m256 f2 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(hi), zz));
+                __m256 f3 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)), zz));
+                for (int bi = 0; bi < nb; bi++) {
+                    const float *xf = xp->xf + bi * xp->stride + g * xp->blk_pad + 32 * h;
+                    __m256 a = facc[bi];
+                    a = _mm256_fmadd_ps(f0, _mm256_loadu_ps(xf), a);
+                    a = _mm256_fmadd_ps(f1, _mm256_loadu_ps(xf + 8), a);
+                    a = _mm256_fmadd_ps(f2, _mm256_loadu_ps(xf + 16), a);
+                    a = _mm256_fmadd_ps(f3, _mm256_loadu_ps(xf + 24), a);
+                    facc[bi] = a;
+                }
+            }
+            for (int bi = 0; bi < nb; bi++) acc[bi] = acc[bi] + hsum_f32(facc[bi]) * s;
+        }
+        for (int bi = 0; bi < nb; bi++) y[bi * n + r] = bias ? acc[bi] + bias[r] : acc[bi];
+    }
+}
+
+static void avx2_int_rows(const vqm_int_weight *w, const vqm_layout *lay, const vqm_xprep *xp,
+                          int64_t r0, int64_t r1, const float *bias, float *y, int flags)
+{
+    (void)lay;
+    if (flags & VQM_ACT_INT8) int4_rows_i8(w, xp, r0, r1, bias, y);
+    else int4_rows_f32(w, xp, r0, r1, bias, y);
+}
+
+const vqm_path_ops vqm_ops_avx2 = { avx2_vq_plan, avx2_vq_rows, avx2_int_plan, avx2_int_rows };
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif /* __x86_64__ */

@@ -1,0 +1,4 @@
+/* The NEON kernels again, compiled for ARMv8.2-A dotprod (SDOT). Selected at
+ * run time when getauxval(AT_HWCAP) has HWCAP_ASIMDDP. */
+#define VQM_NEON_DOT 1
+#include "kern_neon.c"

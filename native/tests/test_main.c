@@ -1,0 +1,297 @@
+/* C unit tests: every available SIMD path against the reference on random
+ * shapes (exact equality in int8-activation mode, relative tolerance in float
+ * mode), the reference against an independent double-precision dequantized
+ * product, validation, and the thread pool. Exit status 0 = all passed. */
+#include "vqmobile.h"
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
+static uint32_t rnd(void)
+{
+    g_rng ^= g_rng << 13; g_rng ^= g_rng >> 7; g_rng ^= g_rng << 17;
+    return (uint32_t)(g_rng >> 16);
+}
+static float rndf(void) { return ((float)(rnd() & 0xffffff) / 16777216.0f) * 2.0f - 1.0f; }
+
+static uint16_t f2h(float f) /* simple float -> fp16 (normal range, truncating) */
+{
+    uint32_t b; memcpy(&b, &f, 4);
+    uint32_t s = (b >> 16) & 0x8000u; int e = (int)((b >> 23) & 0xff) - 127 + 15; uint32_t m = (b >> 13) & 0x3ffu;
+    if (e <= 0) return (uint16_t)s;
+    if (e >= 31) return (uint16_t)(s | 0x7bffu);
+    return (uint16_t)(s | ((uint32_t)e << 10) | m);
+}
+
+static int g_fail, g_checks;
+#define FLOAT_TOL 2e-5   /* documented float-mode tolerance, relative to sum|w*x| + |bias| */
+
+static unsigned code_at(const uint8_t *row, long j, int b)
+{
+    unsigned v = 0;
+    for (int i = 0; i < b; i++) {
+        long bit = j * b + i;
+        v |= (unsigned)((row[bit / 8] >> (bit % 8)) & 1) << i;
+    }
+    return v;
+}
+
+static void fill_codes(uint8_t *codes, long nbytes_row, long n, long ncodes, int b, int maxcode)
+{
+    memset(codes, 0, (size_t)(nbytes_row * n));
+    for (long r = 0; r < n; r++)
+        for (long j = 0; j < ncodes; j++) {
+            unsigned c = rnd() % (unsigned)maxcode;
+            for (int i = 0; i < b; i++) {
+                long bit = j * b + i;
+                if ((c >> i) & 1) codes[r * nbytes_row + bit / 8] |= (uint8_t)(1u << (bit % 8));
+            }
+        }
+    /* random padding bits in the last byte of each row must be ignored */
+    long used = ncodes * b;
+    if (used % 8)
+        for (long r = 0; r < n; r++) codes[r * nbytes_row + nbytes_row - 1] |= (uint8_t)(0xffu << (used % 8));
+}
+
+/* y = W x + bias in double, W dequantized independently */
+static void vq_dense(const vqm_vq_weight *w, const float *x, long batch, const float *bias, double *out, double *mag)
+{
+    int b = vqm_vq_index_bits(w->ncent);
+    long rowbytes = (long)vqm_vq_row_bytes(w), ncb = (w->k + w->cols_per_block - 1) / w->cols_per_block;
+    for (long bi = 0; bi < batch; bi++)
+        for (long r = 0; r < w->n; r++) {
+            double acc = 0, m = 0;
+            for (long c = 0; c < w->k; c++) {
+                long j = c / w->d, t = c % w->d, cb = c / w->cols_per_block, rb = r / w->rows_per_block;
+                unsigned idx = code_at(w->indices + r * rowbytes, j, b);
+                double wv = (double)w->codebook[((rb * ncb + cb) * w->ncent + idx) * w->d + t] *
+                            (double)vqm_fp16_to_float(w->scale[rb * ncb + cb]);
+                acc += wv * x[bi * w->k + c];
+                m += fabs(wv * x[bi * w->k + c]);
+            }
+            out[bi * w->n + r] = acc + (bias ? bias[r] : 0);
+            mag[bi * w->n + r] = m + (bias ? fabs(bias[r]) : 0);
+        }
+}
+
+static void int_dense(const vqm_int_weight *w, const float *x, long batch, const float *bias, double *out, double *mag)
+{
+    long rowbytes = (long)vqm_int_row_bytes(w), ng = (w->k + w->group - 1) / w->group;
+    for (long bi = 0; bi < batch; bi++)
+        for (long r = 0; r < w->n; r++) {
+            double acc = 0, m = 0;
+            for (long c = 0; c < w->k; c++) {
+                long g = c / w->group;
+                int z = w->zeros ? w->zeros[r * ng + g] : 1 << (w->bits - 1);
+                double wv = ((double)code_at(w->codes + r * rowbytes, c, w->bits) - z) * (double)vqm_fp16_to_float(w->scales[r * ng + g]);
+                acc += wv * x[bi * w->k + c];
+                m += fabs(wv * x[bi * w->k + c]);
+            }
+            out[bi * w->n + r] = acc + (bias ? bias[r] : 0);
+            mag[bi * w->n + r] = m + (bias ? fabs(bias[r]) : 0);
+        }
+}
+
+static void check_close(const char *what, const float *y, const double *ref, const double *mag, long cnt, double tol)
+{
+    g_checks++;
+    for (long i = 0; i < cnt; i++) {
+        double e = fabs((double)y[i] - ref[i]);
+        if (!(e <= tol * mag[i] + 1e-6)) {
+            printf("FAIL %s: elem %ld got %.8g want %.8g (err %.3g, mag %.3g)\n", what, i, y[i], ref[i], e, mag[i]);
+            g_fail++;
+            return;
+        }
+    }
+}
+
+static void check_equal(const char *what, const float *y, const float *ref, long cnt)
+{
+    g_checks++;
+    for (long i = 0; i < cnt; i++)
+        if (memcmp(&y[i], &ref[i], 4)) {
+            printf("FAIL %s: elem %ld got %.9g want %.9g (must be bit-identical)\n", what, i, y[i], ref[i]);
+            g_fail++;
+            return;
+        }
+}
+
+/* exact int8-activation expectation computed here from the quantized activations */
+static void vq_int8_expect(const vqm_vq_weight *w, const float *x, long batch, const float *bias, double *out, double *mag)
+{
+    long C = w->cols_per_block, ncb = (w->k + C - 1) / C;
+    int8_t *q = malloc((size_t)w->k);
+    float *xs = malloc(sizeof(float) * (size_t)ncb);
+    float *xd = malloc(sizeof(float) * (size_t)w->k);
+    for (long bi = 0; bi < batch; bi++) {
+        vqm_quantize_act(x + bi * w->k, w->k, C, q, xs);
+        for (long c = 0; c < w->k; c++) xd[c] = (float)q[c] * xs[c / C];
+        vq_dense(w, xd, 1, bias, out + bi * w->n, mag + bi * w->n);
+    }
+    free(q); free(xs); free(xd);
+}
+
+static void int_int8_expect(const vqm_int_weight *w, const float *x, long batch, const float *bias, double *out, double *mag)
+{
+    long G = w->group, ng = (w->k + G - 1) / G;
+    int8_t *q = malloc((size_t)w->k);
+    float *xs = malloc(sizeof(float) * (size_t)ng);
+    float *xd = malloc(sizeof(float) * (size_t)w->k);
+    for (long bi = 0; bi < batch; bi++) {
+        vqm_quantize_act(x + bi * w->k, w->k, G, q, xs);
+        for (long c = 0; c < w->k; c++) xd[c] = (float)q[c] * xs[c / G];
+        int_dense(w, xd, 1, bias, out + bi * w->n, mag + bi * w->n);
+    }
+    free(q); free(xs); free(xd);
+}
+
+static int g_simd_kernels;
+
+static void test_vq(int d, int ncent, int R, int C, int n, int k, int batch, int use_bias)
+{
+    vqm_vq_weight w = { n, k, d, ncent, R, C, NULL, NULL, NULL };
+    int b = vqm_vq_index_bits(ncent);
+    long rowbytes = (long)vqm_vq_row_bytes(&w);
+    long nrb = (n + R - 1) / R, ncb = (k + C - 1) / C, v = (k + d - 1) / d;
+    uint8_t *idx = malloc((size_t)(rowbytes * n));
+    int8_t *cb = malloc((size_t)(nrb * ncb * ncent * d));
+    uint16_t *sc = malloc(sizeof(uint16_t) * (size_t)(nrb * ncb));
+    float *x = malloc(sizeof(float) * (size_t)(batch * k)), *bias = malloc(sizeof(float) * (size_t)n);
+    float *y0 = malloc(sizeof(float) * (size_t)(batch * n)), *y1 = malloc(sizeof(float) * (size_t)(batch * n));
+    double *dref = malloc(sizeof(double) * (size_t)(batch * n)), *mag = malloc(sizeof(double) * (size_t)(batch * n));
+    fill_codes(idx, rowbytes, n, v, b, ncent);
+    for (long i = 0; i < nrb * ncb * ncent * d; i++) cb[i] = (int8_t)(rnd() & 0xff); /* includes -128 */
+    for (long i = 0; i < nrb * ncb; i++) sc[i] = f2h(0.001f + 0.01f * (float)(rnd() % 100) / 100.0f);
+    for (long i = 0; i < (long)batch * k; i++) x[i] = rndf() * ((i % 7) == 0 ? 8.0f : 1.0f);
+    for (long i = 0; i < n; i++) bias[i] = rndf();
+    w.indices = idx; w.codebook = cb; w.scale = sc;
+    const float *bp = use_bias ? bias : NULL;
+    char what[256];
+    if (vqm_vq_validate(&w, NULL, NULL) != VQM_OK) { printf("FAIL validate rejected valid weights\n"); g_fail++; }
+
+    for (int int8 = 0; int8 <= 1; int8++) {
+        int flags = int8 ? VQM_ACT_INT8 : 0;
+        snprintf(what, sizeof what, "vq d=%d k=%d R=%d C=%d n=%d K=%d batch=%d int8=%d ref-vs-dense", d, ncent, R, C, n, k, batch, int8);
+        if (vqm_vq_linear_path(VQM_PATH_REF, &w, x, batch, bp, y0, flags, 1)) { printf("FAIL %s: rc\n", what); g_fail++; continue; }
+        if (int8) vq_int8_expect(&w, x, batch, bp, dref, mag); else vq_dense(&w, x, batch, bp, dref, mag);
+        check_close(what, y0, dref, mag, (long)batch * n, FLOAT_TOL);
+        for (int p = 1; p < VQM_NPATHS; p++) {
+            if (!vqm_path_available(p)) continue;
+            g_simd_kernels += vqm_vq_path_has_kernel(p, &w);
+            for (int th = 1; th <= 3; th += 2) {
+                memset(y1, 0xff, sizeof(float) * (size_t)(batch * n));
+                snprintf(what, sizeof what, "vq d=%d k=%d R=%d C=%d n=%d K=%d batch=%d int8=%d path=%s threads=%d",
+                         d, ncent, R, C, n, k, batch, int8, vqm_path_name(p), th);
+                if (vqm_vq_linear_path(p, &w, x, batch, bp, y1, flags, th)) { printf("FAIL %s: rc\n", what); g_fail++; continue; }
+                if (int8) check_equal(what, y1, y0, (long)batch * n);
+                else check_close(what, y1, dref, mag, (long)batch * n, FLOAT_TOL);
+            }
+        }
+    }
+    free(idx); free(cb); free(sc); free(x); free(bias); free(y0); free(y1); free(dref); free(mag);
+}
+
+static void test_int(int bits, int G, int asym, int n, int k, int batch, int use_bias)
+{
+    vqm_int_weight w = { n, k, bits, G, NULL, NULL, NULL };
+    long rowbytes = (long)vqm_int_row_bytes(&w), ng = (k + G - 1) / G;
+    uint8_t *codes = malloc((size_t)(rowbytes * n)), *zeros = malloc((size_t)(n * ng));
+    uint16_t *sc = malloc(sizeof(uint16_t) * (size_t)(n * ng));
+    float *x = malloc(sizeof(float) * (size_t)(batch * k)), *bias = malloc(sizeof(float) * (size_t)n);
+    float *y0 = malloc(sizeof(float) * (size_t)(batch * n)), *y1 = malloc(sizeof(float) * (size_t)(batch * n));
+    double *dref = malloc(sizeof(double) * (size_t)(batch * n)), *mag = malloc(sizeof(double) * (size_t)(batch * n));
+    fill_codes(codes, rowbytes, n, k, bits, 1 << bits);
+    for (long i = 0; i < n * ng; i++) { zeros[i] = (uint8_t)(rnd() % (1u << bits)); sc[i] = f2h(0.001f + 0.01f * (float)(rnd() % 100) / 100.0f); }
+    for (long i = 0; i < (long)batch * k; i++) x[i] = rndf() * ((i % 5) == 0 ? 4.0f : 1.0f);
+    for (long i = 0; i < n; i++) bias[i] = rndf();
+    w.codes = codes; w.scales = sc; w.zeros = asym ? zeros : NULL;
+    const float *bp = use_bias ? bias : NULL;
+    char what[256];
+    for (int int8 = 0; int8 <= 1; int8++) {
+        int flags = int8 ? VQM_ACT_INT8 : 0;
+        snprintf(what, sizeof what, "int b=%d G=%d asym=%d n=%d K=%d batch=%d int8=%d ref-vs-dense", bits, G, asym, n, k, batch, int8);
+        if (vqm_int_linear_path(VQM_PATH_REF, &w, x, batch, bp, y0, flags, 1)) { printf("FAIL %s: rc\n", what); g_fail++; continue; }
+        if (int8) int_int8_expect(&w, x, batch, bp, dref, mag); else int_dense(&w, x, batch, bp, dref, mag);
+        check_close(what, y0, dref, mag, (long)batch * n, FLOAT_TOL);
+        for (int p = 1; p < VQM_NPATHS; p++) {
+            if (!vqm_path_available(p)) continue;
+            g_simd_kernels += vqm_int_path_has_kernel(p, &w);
+            for (int th = 1; th <= 3; th += 2) {
+                memset(y1, 0xff, sizeof(float) * (size_t)(batch * n));
+                snprintf(what, sizeof what, "int b=%d G=%d asym=%d n=%d K=%d batch=%d int8=%d path=%s threads=%d",
+                         bits, G, asym, n, k, batch, int8, vqm_path_name(p), th);
+                if (vqm_int_linear_path(p, &w, x, batch, bp, y1, flags, th)) { printf("FAIL %s: rc\n", what); g_fail++; continue; }
+                if (int8) check_equal(what, y1, y0, (long)batch * n);
+                else check_close(what, y1, dref, mag, (long)batch * n, FLOAT_TOL);
+            }
+        }
+    }
+    free(codes); free(zeros); free(sc); free(x); free(bias); free(y0); free(y1); free(dref); free(mag);
+}
+
+static void test_validation(void)
+{
+    /* k=5 (3-bit codes): a code of 7 must be rejected */
+    uint8_t idx[2 * 2] = { 0 };
+    int8_t cb[5 * 2] = { 0 };
+    uint16_t sc[1] = { 0x3c00 };
+    vqm_vq_weight w = { 2, 10, 2, 5, 2, 10, idx, cb, sc };
+    g_checks++;
+    if (vqm_vq_validate(&w, NULL, NULL) != VQM_OK) { printf("FAIL validate zero indices\n"); g_fail++; }
+    idx[2] = 7 << 3; /* row 1, code 1 */
+    int64_t br = -1, bp = -1;
+    g_checks++;
+    if (vqm_vq_validate(&w, &br, &bp) != VQM_EINDEX || br != 1 || bp != 1) { printf("FAIL validate bad index (%ld,%ld)\n", (long)br, (long)bp); g_fail++; }
+    /* the hot path clamps instead of reading outside the codebook */
+    float x[10] = { 1 }, y[2];
+    g_checks++;
+    if (vqm_vq_linear(&w, x, 1, NULL, y, 0, 1) != VQM_OK) { printf("FAIL linear on unvalidated data\n"); g_fail++; }
+    vqm_vq_weight bad = w;
+    bad.cols_per_block = 3; /* not a multiple of d */
+    g_checks++;
+    if (vqm_vq_linear(&bad, x, 1, NULL, y, 0, 1) != VQM_EINVAL) { printf("FAIL bad C accepted\n"); g_fail++; }
+    bad = w; bad.ncent = 300;
+    g_checks++;
+    if (vqm_vq_validate(&bad, NULL, NULL) != VQM_EINVAL) { printf("FAIL bad ncent accepted\n"); g_fail++; }
+}
+
+int main(int argc, char **argv)
+{
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    int quick = argc > 1 && !strcmp(argv[1], "--quick");
+    printf("paths:");
+    for (int p = 0; p < VQM_NPATHS; p++)
+        if (vqm_path_available(p)) printf(" %s", vqm_path_name(p));
+    printf(" (selected %s)\n", vqm_path_name(vqm_get_path()));
+    test_validation();
+    static const int cfg[][4] = { /* d, ncent, R, C */
+        { 1, 4, 1, 256 }, { 2, 16, 8, 256 }, { 4, 256, 16, 256 }, { 2, 16, 4, 256 }, { 2, 64, 32, 256 },
+        { 1, 16, 2, 64 }, { 1, 64, 3, 96 }, { 1, 256, 1, 128 }, { 2, 256, 2, 64 }, { 4, 16, 5, 128 },
+        { 4, 64, 4, 256 }, { 2, 16, 3, 6 }, { 1, 4, 2, 14 }, { 2, 5, 2, 10 }, { 1, 8, 1, 32 }, { 8, 16, 2, 256 },
+        { 2, 64, 7, 1000 }, { 4, 256, 300, 4096 },
+    };
+    static const int shapes[][2] = { { 7, 172 }, { 33, 256 }, { 5, 517 }, { 16, 1024 }, { 3, 33 }, { 9, 2 } };
+    int ns = quick ? 3 : (int)(sizeof shapes / sizeof shapes[0]);
+    for (size_t c = 0; c < sizeof cfg / sizeof cfg[0]; c++)
+        for (int s = 0; s < ns; s++) {
+            int batch = 1 + (int)(rnd() % 8);
+            if (s == 0) batch = 1;
+            test_vq(cfg[c][0], cfg[c][1], cfg[c][2], cfg[c][3], shapes[s][0], shapes[s][1], batch, s & 1);
+        }
+    static const int icfg[][3] = { { 4, 32, 0 }, { 4, 32, 1 }, { 4, 128, 0 }, { 4, 128, 1 }, { 4, 64, 1 },
+                                   { 4, 17, 1 }, { 3, 32, 1 }, { 8, 16, 1 }, { 2, 128, 0 } };
+    for (size_t c = 0; c < sizeof icfg / sizeof icfg[0]; c++)
+        for (int s = 0; s < ns; s++) {
+            int batch = 1 + (int)(rnd() % 8);
+            if (s == 0) batch = 1;
+            test_int(icfg[c][0], icfg[c][1], icfg[c][2], shapes[s][0], shapes[s][1], batch, !(s & 1));
+        }
+    /* batch > 8 (tiled) */
+    test_vq(2, 16, 4, 256, 10, 300, 11, 1);
+    test_int(4, 32, 1, 10, 300, 13, 1);
+    printf("%s: %d checks, %d failures, %d SIMD kernel configurations exercised\n",
+           g_fail ? "FAILED" : "OK", g_checks, g_fail, g_simd_kernels);
+    return g_fail ? 1 : 0;
+}
