@@ -1,1 +1,422 @@
-/* placeholder */
+/* aarch64 NEON kernels. This file is compiled twice: as is (baseline ARMv8-A,
+ * int8 products with SMULL/SMLAL2 + SADALP) -> vqm_ops_neon, and from
+ * kern_neon_dot.c with VQM_NEON_DOT (SDOT, ARMv8.2-A dotprod) -> vqm_ops_neon_dot.
+ *
+ * VQ decode works on chunks of 32 codes held as two 16-byte vectors:
+ *  unpack : b=4 -> [low nibbles = even codes | high nibbles = odd codes],
+ *           b=6 -> LD3 de-interleave, codes [4i | 4i+1 | 4i+2 | 4i+3] (8 each),
+ *           b=8 -> natural order.
+ *  lookup : codebook held in registers, one table lookup per dimension:
+ *           k=16 TBL (vqtbl1q_u8), k=64 vqtbl4q_u8, k=256 vqtbl4q + 3 vqtbx4q.
+ *  Decoded weights stay in that permuted order; activations are permuted the
+ *  same way once per call. 1-D k=4 runs as 2-D k=16 over nibbles.
+ */
+#if defined(__aarch64__)
+#include "internal.h"
+#include <stdlib.h>
+
+#ifdef VQM_NEON_DOT
+#pragma GCC push_options
+#pragma GCC target("arch=armv8.2-a+dotprod")
+#define OPS_NAME vqm_ops_neon_dot
+#else
+#define OPS_NAME vqm_ops_neon
+#endif
+#include <arm_neon.h>
+
+typedef struct {
+    int be, de, ke, virt;
+} vcfg;
+
+static int vq_cfg(const vqm_vq_weight *w, vcfg *c)
+{
+    int b = vqm_vq_index_bits(w->ncent);
+    if (w->d == 1 && w->ncent == 4) {
+        if (w->cols_per_block % 2) return 0;
+        c->be = 4; c->de = 2; c->ke = 16; c->virt = 1;
+        return 1;
+    }
+    if ((w->ncent != 16 && w->ncent != 64 && w->ncent != 256) || (1 << b) != w->ncent) return 0;
+    if (w->d != 1 && w->d != 2 && w->d != 4) return 0;
+    c->be = b; c->de = w->d; c->ke = w->ncent; c->virt = 0;
+    return 1;
+}
+
+static inline int ord_code(int be, int p)
+{
+    if (be == 4) return p < 16 ? 2 * p : 2 * (p - 16) + 1;
+    if (be == 6) return 4 * (p & 7) + (p >> 3);
+    return p;
+}
+
+static int neon_vq_plan(const vqm_vq_weight *w, int flags, vqm_layout *lay)
+{
+    (void)flags;
+    vcfg c;
+    if (!vq_cfg(w, &c)) return 0;
+    lay->chunk_cols = 32 * c.de;
+    lay->identity = 0;
+    for (int t = 0; t < c.de; t++)
+        for (int p = 0; p < 32; p++) lay->perm[t * 32 + p] = (int16_t)(ord_code(c.be, p) * c.de + t);
+    if (c.de == 1 && c.be == 8) lay->identity = 1;
+    return 1;
+}
+
+/* tables: per dimension ke bytes (k=16: 16, k=64: 64, k=256: 256) */
+static size_t tab_size(const vcfg *c) { return (size_t)c->ke * (size_t)c->de; }
+
+static void prep_tab(const vcfg *c, const int8_t *cbk, int d, uint8_t *tab)
+{
+    if (c->virt) {
+        for (int i = 0; i < 16; i++) {
+            tab[i] = (uint8_t)cbk[i & 3];
+            tab[16 + i] = (uint8_t)cbk[i >> 2];
+        }
+        return;
+    }
+    for (int t = 0; t < d; t++)
+        for (int i = 0; i < c->ke; i++) tab[t * c->ke + i] = (uint8_t)cbk[i * d + t];
+}
+
+/* ---------------------------------------------------------------- unpack */
+static inline void unpack4(const uint8_t *p, uint8x16_t *c)
+{
+    uint8x16_t v = vld1q_u8(p);
+    c[0] = vandq_u8(v, vdupq_n_u8(0x0f));
+    c[1] = vshrq_n_u8(v, 4);
+}
+
+static inline void unpack6(const uint8_t *p, uint8x16_t *c)
+{
+    uint8x8x3_t v = vld3_u8(p);
+    const uint8x8_t m = vdup_n_u8(0x3f);
+    uint8x8_t c0 = vand_u8(v.val[0], m);
+    uint8x8_t c1 = vand_u8(vsli_n_u8(vshr_n_u8(v.val[0], 6), v.val[1], 2), m);
+    uint8x8_t c2 = vand_u8(vsli_n_u8(vshr_n_u8(v.val[1], 4), v.val[2], 4), m);
+    uint8x8_t c3 = vshr_n_u8(v.val[2], 2);
+    c[0] = vcombine_u8(c0, c1);
+    c[1] = vcombine_u8(c2, c3);
+}
+
+static inline void unpack8(const uint8_t *p, uint8x16_t *c)
+{
+    c[0] = vld1q_u8(p);
+    c[1] = vld1q_u8(p + 16);
+}
+
+static inline void unpack_slow(const uint8_t *row, int64_t cs, int nvalid, int be, uint8x16_t *c)
+{
+    uint8_t tmp[32];
+    for (int p = 0; p < 32; p++) {
+        int j = ord_code(be, p);
+        tmp[p] = j < nvalid ? (uint8_t)vqm_get_code(row, cs + j, be) : 0;
+    }
+    c[0] = vld1q_u8(tmp);
+    c[1] = vld1q_u8(tmp + 16);
+}
+
+/* ---------------------------------------------------------------- lookup */
+static inline int8x16_t lut(const uint8_t *t, uint8x16_t c, const int KE)
+{
+    if (KE == 16) return vreinterpretq_s8_u8(vqtbl1q_u8(vld1q_u8(t), c));
+    if (KE == 64) return vreinterpretq_s8_u8(vqtbl4q_u8(vld1q_u8_x4(t), c));
+    uint8x16_t r = vqtbl4q_u8(vld1q_u8_x4(t), c);
+    r = vqtbx4q_u8(r, vld1q_u8_x4(t + 64), vsubq_u8(c, vdupq_n_u8(64)));
+    r = vqtbx4q_u8(r, vld1q_u8_x4(t + 128), vsubq_u8(c, vdupq_n_u8(128)));
+    r = vqtbx4q_u8(r, vld1q_u8_x4(t + 192), vsubq_u8(c, vdupq_n_u8(192)));
+    return vreinterpretq_s8_u8(r);
+}
+
+/* ---------------------------------------------------------------- dots */
+static inline int32x4_t dot_i8(int32x4_t acc, int8x16_t w, int8x16_t x)
+{
+#ifdef VQM_NEON_DOT
+    return vdotq_s32(acc, w, x);
+#else
+    /* |w| <= 128, |x| <= 127: a pair of products fits int16 */
+    int16x8_t p = vmull_s8(vget_low_s8(w), vget_low_s8(x));
+    p = vmlal_high_s8(p, w, x);
+    return vpadalq_s16(acc, p);
+#endif
+}
+
+static inline float32x4_t dot_f32(float32x4_t acc, int8x16_t w, const float *x)
+{
+    int16x8_t lo = vmovl_s8(vget_low_s8(w)), hi = vmovl_high_s8(w);
+    acc = vfmaq_f32(acc, vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo))), vld1q_f32(x));
+    acc = vfmaq_f32(acc, vcvtq_f32_s32(vmovl_high_s16(lo)), vld1q_f32(x + 4));
+    acc = vfmaq_f32(acc, vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi))), vld1q_f32(x + 8));
+    acc = vfmaq_f32(acc, vcvtq_f32_s32(vmovl_high_s16(hi)), vld1q_f32(x + 12));
+    return acc;
+}
+
+static inline float h2f(uint16_t h)
+{
+    return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0);
+}
+
+/* ---------------------------------------------------------------- VQ rows */
+static __thread uint8_t *t_tab;
+static __thread size_t t_tabcap;
+
+static uint8_t *tab_scratch(size_t bytes)
+{
+    if (bytes > t_tabcap) {
+        free(t_tab);
+        t_tab = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+        t_tabcap = t_tab ? bytes : 0;
+    }
+    return t_tab;
+}
+
+static inline __attribute__((always_inline)) void
+vq_rows_impl(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1,
+             const float *bias, float *y, const vcfg *cfg,
+             const int BE, const int DE, const int KE, const int NB, const int INT8)
+{
+    const int64_t n = w->n, k = w->k, d = w->d, R = w->rows_per_block, C = w->cols_per_block;
+    const int64_t ncb = vqm_cdiv(k, C);
+    const int64_t rowbytes = vqm_vq_row_bytes(w);
+    const int nb = NB ? NB : (int)xp->batch;
+    const int64_t ccols = 32 * DE;
+    const int64_t nchunk = xp->blk_pad / ccols;
+    const size_t tsz = tab_size(cfg);
+    uint8_t *tabs = tab_scratch(tsz * (size_t)ncb);
+    if (!tabs) abort();
+    int64_t cur_rb = -1;
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t rb = r / R;
+        if (rb != cur_rb) {
+            for (int64_t cb = 0; cb < ncb; cb++)
+                prep_tab(cfg, w->codebook + (rb * ncb + cb) * (int64_t)w->ncent * d, (int)d, tabs + cb * tsz);
+            cur_rb = rb;
+        }
+        const uint8_t *row = w->indices + r * rowbytes;
+        float acc[VQM_BATCH_TILE];
+        for (int bi = 0; bi < nb; bi++) acc[bi] = 0.0f;
+        for (int64_t cb = 0; cb < ncb; cb++) {
+            const uint8_t *tab = tabs + cb * tsz;
+            const float s = h2f(w->scale[rb * ncb + cb]);
+            const int64_t c0 = cb * C;
+            const int64_t c1 = c0 + C < k ? c0 + C : k;
+            const int64_t code0 = c0 / DE, code1 = vqm_cdiv(c1, DE);
+            int32x4_t iacc[VQM_BATCH_TILE];
+            float32x4_t facc[VQM_BATCH_TILE];
+            for (int bi = 0; bi < nb; bi++) {
+                if (INT8) iacc[bi] = vdupq_n_s32(0);
+                else facc[bi] = vdupq_n_f32(0.0f);
+            }
+            for (int64_t h = 0; h < nchunk; h++) {
+                const int64_t cs = code0 + 32 * h;
+                const int64_t nvalid = code1 - cs;
+                if (nvalid <= 0) break;
+                uint8x16_t c[2];
+                if (nvalid >= 32 && ((cs * BE) & 7) == 0) {
+                    const uint8_t *p = row + ((cs * BE) >> 3);
+                    __builtin_prefetch(p + 384);
+                    if (BE == 4) unpack4(p, c); else if (BE == 6) unpack6(p, c); else unpack8(p, c);
+                } else {
+                    unpack_slow(row, cs, nvalid < 32 ? (int)nvalid : 32, BE, c);
+                }
+                for (int t = 0; t < DE; t++) {
+                    int8x16_t w0 = lut(tab + t * KE, c[0], KE), w1 = lut(tab + t * KE, c[1], KE);
+                    for (int bi = 0; bi < nb; bi++) {
+                        if (INT8) {
+                            const int8_t *xq = xp->xq + bi * xp->stride + cb * xp->blk_pad + h * ccols + 32 * t;
+                            iacc[bi] = dot_i8(dot_i8(iacc[bi], w0, vld1q_s8(xq)), w1, vld1q_s8(xq + 16));
+                        } else {
+                            const float *xf = xp->xf + bi * xp->stride + cb * xp->blk_pad + h * ccols + 32 * t;
+                            facc[bi] = dot_f32(dot_f32(facc[bi], w0, xf), w1, xf + 16);
+                        }
+                    }
+                }
+            }
+            for (int bi = 0; bi < nb; bi++) {
+                if (INT8) {
+                    float v = (float)vaddvq_s32(iacc[bi]) * xp->xs[bi * xp->nblk + cb];
+                    v = v * s;
+                    acc[bi] = acc[bi] + v;
+                } else {
+                    acc[bi] = acc[bi] + vaddvq_f32(facc[bi]) * s;
+                }
+            }
+        }
+        for (int bi = 0; bi < nb; bi++) y[bi * n + r] = bias ? acc[bi] + bias[r] : acc[bi];
+    }
+}
+
+#define VQ_INST(BE, DE, KE)                                                                         \
+    static void vq_##BE##_##DE##_##KE(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0,     \
+                                      int64_t r1, const float *bias, float *y, const vcfg *cfg,    \
+                                      int int8)                                                     \
+    {                                                                                               \
+        if (int8) {                                                                                 \
+            if (xp->batch == 1) vq_rows_impl(w, xp, r0, r1, bias, y, cfg, BE, DE, KE, 1, 1);        \
+            else vq_rows_impl(w, xp, r0, r1, bias, y, cfg, BE, DE, KE, 0, 1);                       \
+        } else {                                                                                    \
+            if (xp->batch == 1) vq_rows_impl(w, xp, r0, r1, bias, y, cfg, BE, DE, KE, 1, 0);        \
+            else vq_rows_impl(w, xp, r0, r1, bias, y, cfg, BE, DE, KE, 0, 0);                       \
+        }                                                                                           \
+    }
+VQ_INST(4, 1, 16)
+VQ_INST(4, 2, 16)
+VQ_INST(4, 4, 16)
+VQ_INST(6, 1, 64)
+VQ_INST(6, 2, 64)
+VQ_INST(6, 4, 64)
+VQ_INST(8, 1, 256)
+VQ_INST(8, 2, 256)
+VQ_INST(8, 4, 256)
+
+static void neon_vq_rows(const vqm_vq_weight *w, const vqm_layout *lay, const vqm_xprep *xp,
+                         int64_t r0, int64_t r1, const float *bias, float *y, int flags)
+{
+    (void)lay;
+    vcfg c;
+    if (!vq_cfg(w, &c)) abort();
+    int i8 = (flags & VQM_ACT_INT8) != 0;
+#define CASE(BE, DE, KE) if (c.be == BE && c.de == DE) { vq_##BE##_##DE##_##KE(w, xp, r0, r1, bias, y, &c, i8); return; }
+    CASE(4, 1, 16) CASE(4, 2, 16) CASE(4, 4, 16)
+    CASE(6, 1, 64) CASE(6, 2, 64) CASE(6, 4, 64)
+    CASE(8, 1, 256) CASE(8, 2, 256) CASE(8, 4, 256)
+#undef CASE
+    abort();
+}
+
+/* ---------------------------------------------------------------- int4 */
+static int neon_int_plan(const vqm_int_weight *w, int flags, vqm_layout *lay)
+{
+    (void)flags;
+    if (w->bits != 4) return 0;
+    lay->chunk_cols = 32;
+    lay->identity = 0;
+    for (int p = 0; p < 32; p++) lay->perm[p] = (int16_t)ord_code(4, p);
+    return 1;
+}
+
+static inline void int4_codes(const uint8_t *row, int64_t cs, int64_t nvalid, uint8x16_t *c)
+{
+    if (nvalid >= 32 && (cs & 1) == 0) unpack4(row + (cs >> 1), c);
+    else unpack_slow(row, cs, nvalid < 32 ? (int)nvalid : 32, 4, c);
+}
+
+static void int4_rows_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1,
+                         const float *bias, float *y)
+{
+    const int64_t n = w->n, k = w->k, G = w->group;
+    const int64_t ng = vqm_cdiv(k, G);
+    const int64_t rowbytes = vqm_int_row_bytes(w);
+    const int64_t nchunk = xp->blk_pad / 32;
+    for (int64_t r = r0; r < r1; r += 4) {
+        int64_t rr[4];
+        const uint8_t *rows[4];
+        for (int i = 0; i < 4; i++) {
+            rr[i] = r + i < r1 ? r + i : r1 - 1;
+            rows[i] = w->codes + rr[i] * rowbytes;
+        }
+        for (int64_t bi = 0; bi < xp->batch; bi++) {
+            float32x4_t acc = vdupq_n_f32(0.0f);
+            const int8_t *xqb = xp->xq + bi * xp->stride;
+            for (int64_t g = 0; g < ng; g++) {
+                const int64_t c0 = g * G;
+                const int64_t c1 = c0 + G < k ? c0 + G : k;
+                int32x4_t a[4] = { vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0) };
+                for (int64_t h = 0; h < nchunk; h++) {
+                    const int64_t cs = c0 + 32 * h, nvalid = c1 - cs;
+                    if (nvalid <= 0) break;
+                    const int8_t *xq = xqb + g * xp->blk_pad + 32 * h;
+                    int8x16_t x0 = vld1q_s8(xq), x1 = vld1q_s8(xq + 16);
+                    for (int i = 0; i < 4; i++) {
+                        uint8x16_t c[2];
+                        int4_codes(rows[i], cs, nvalid, c);
+                        __builtin_prefetch(rows[i] + (cs >> 1) + 384);
+                        a[i] = dot_i8(dot_i8(a[i], vreinterpretq_s8_u8(c[0]), x0), vreinterpretq_s8_u8(c[1]), x1);
+                    }
+                }
+                int32x4_t isum = vpaddq_s32(vpaddq_s32(a[0], a[1]), vpaddq_s32(a[2], a[3]));
+                int32x4_t z;
+                if (w->zeros) {
+                    int32_t zz[4] = { w->zeros[rr[0] * ng + g], w->zeros[rr[1] * ng + g],
+                                      w->zeros[rr[2] * ng + g], w->zeros[rr[3] * ng + g] };
+                    z = vld1q_s32(zz);
+                } else {
+                    z = vdupq_n_s32(8);
+                }
+                isum = vsubq_s32(isum, vmulq_n_s32(z, xp->xsum[bi * xp->nblk + g]));
+                uint16_t hs[4] = { w->scales[rr[0] * ng + g], w->scales[rr[1] * ng + g],
+                                   w->scales[rr[2] * ng + g], w->scales[rr[3] * ng + g] };
+                float32x4_t s = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(hs)));
+                float32x4_t v = vmulq_n_f32(vcvtq_f32_s32(isum), xp->xs[bi * xp->nblk + g]);
+                v = vmulq_f32(v, s);
+                acc = vaddq_f32(acc, v);
+            }
+            float out[4];
+            vst1q_f32(out, acc);
+            for (int i = 0; i < 4 && r + i < r1; i++) y[bi * n + r + i] = bias ? out[i] + bias[r + i] : out[i];
+        }
+    }
+}
+
+static void int4_rows_f32(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1,
+                          const float *bias, float *y)
+{
+    const int64_t n = w->n, k = w->k, G = w->group;
+    const int64_t ng = vqm_cdiv(k, G);
+    const int64_t rowbytes = vqm_int_row_bytes(w);
+    const int64_t nchunk = xp->blk_pad / 32;
+    const int nb = (int)xp->batch;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = w->codes + r * rowbytes;
+        float acc[VQM_BATCH_TILE];
+        for (int bi = 0; bi < nb; bi++) acc[bi] = 0.0f;
+        for (int64_t g = 0; g < ng; g++) {
+            const int64_t c0 = g * G;
+            const int64_t c1 = c0 + G < k ? c0 + G : k;
+            const int8x16_t z = vdupq_n_s8((int8_t)(w->zeros ? w->zeros[r * ng + g] : 8));
+            const int zz = w->zeros ? w->zeros[r * ng + g] : 8;
+            const float s = h2f(w->scales[r * ng + g]);
+            float32x4_t facc[VQM_BATCH_TILE];
+            for (int bi = 0; bi < nb; bi++) facc[bi] = vdupq_n_f32(0.0f);
+            for (int64_t h = 0; h < nchunk; h++) {
+                const int64_t cs = c0 + 32 * h, nvalid = c1 - cs;
+                if (nvalid <= 0) break;
+                uint8x16_t c[2];
+                int4_codes(row, cs, nvalid, c);
+                for (int half = 0; half < 2; half++) {
+                    /* q - z in int16 (z may exceed 15 for asymmetric formats) */
+                    int16x8_t lo = vsubq_s16(vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(c[half]))), vdupq_n_s16((int16_t)zz));
+                    int16x8_t hi = vsubq_s16(vreinterpretq_s16_u16(vmovl_high_u8(c[half])), vdupq_n_s16((int16_t)zz));
+                    float32x4_t f0 = vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo))), f1 = vcvtq_f32_s32(vmovl_high_s16(lo));
+                    float32x4_t f2 = vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi))), f3 = vcvtq_f32_s32(vmovl_high_s16(hi));
+                    for (int bi = 0; bi < nb; bi++) {
+                        const float *xf = xp->xf + bi * xp->stride + g * xp->blk_pad + 32 * h + 16 * half;
+                        float32x4_t a = facc[bi];
+                        a = vfmaq_f32(a, f0, vld1q_f32(xf));
+                        a = vfmaq_f32(a, f1, vld1q_f32(xf + 4));
+                        a = vfmaq_f32(a, f2, vld1q_f32(xf + 8));
+                        a = vfmaq_f32(a, f3, vld1q_f32(xf + 12));
+                        facc[bi] = a;
+                    }
+                }
+            }
+            (void)z;
+            for (int bi = 0; bi < nb; bi++) acc[bi] = acc[bi] + vaddvq_f32(facc[bi]) * s;
+        }
+        for (int bi = 0; bi < nb; bi++) y[bi * n + r] = bias ? acc[bi] + bias[r] : acc[bi];
+    }
+}
+
+static void neon_int_rows(const vqm_int_weight *w, const vqm_layout *lay, const vqm_xprep *xp,
+                          int64_t r0, int64_t r1, const float *bias, float *y, int flags)
+{
+    (void)lay;
+    if (flags & VQM_ACT_INT8) int4_rows_i8(w, xp, r0, r1, bias, y);
+    else int4_rows_f32(w, xp, r0, r1, bias, y);
+}
+
+const vqm_path_ops OPS_NAME = { neon_vq_plan, neon_vq_rows, neon_int_plan, neon_int_rows };
+
+#ifdef VQM_NEON_DOT
+#pragma GCC pop_options
+#endif
+#endif /* __aarch64__ */
