@@ -144,7 +144,7 @@ int vqm_get_num_threads(void)
 /* ---------------------------------------------------------------- shapes */
 int vqm_vq_index_bits(int ncent)
 {
-    if (ncent < 2 || ncent > 256) return -1;
+    if (ncent < 1 || ncent > 256) return -1;
     int b = 1;
     while ((1 << b) < ncent) b++;
     return b;

@@ -1,0 +1,394 @@
+"""Python boundary of the native kernels (``vqmobile._native``, built by cffi from native/).
+
+This module owns: the calls into the C kernels for ``y = W x + b`` with vector-quantized (GPTVQ) weights
+(:func:`vq_linear`) and group-wise integer weights (:func:`int_linear`), their one-time validation
+(:func:`validate_vq`, :func:`validate_int`), the thread and implementation-path controls
+(:func:`set_num_threads`, :func:`available_paths`, :func:`active_path`, :func:`set_path`, :func:`force_path`), and
+plain numpy reference decoders (:func:`dequantize_vq`, :func:`dequantize_int`) used by tests and benchmarks.
+
+Formats (read directly, no conversion; see native/README.md):
+
+- VQ: ``indices`` uint8 [n, ceil(ceil(k/d)*b/8)] (per-row little-endian bitstream of b = ceil(log2(ncent))-bit
+  indices), ``codebook`` int8 [ceil(n/R), ceil(k/C), ncent, d], ``codebook_scale`` fp16 [ceil(n/R), ceil(k/C)];
+  ``W[r, j*d+t] = codebook[r//R, (j*d)//C, idx[r, j], t] * codebook_scale[r//R, (j*d)//C]``.
+- int: ``codes`` uint8 [n, ceil(k*bits/8)] (same bitstream, unsigned q), ``scales`` fp16 [n, ceil(k/group)],
+  ``zeros`` uint8 [n, ceil(k/group)] or None (symmetric, zero = 2**(bits-1));
+  ``W[r, c] = (q[r, c] - zero[r, c//group]) * scales[r, c//group]``.
+
+Here ``n``/``k`` are the weight's rows (out features) and columns (in features); the number of centroids is
+``codebook.shape[2]``. Arrays may be torch CPU tensors or numpy arrays (C-contiguous); fp16 arrays may be
+float16 or their raw bits as int16/uint16. ``x`` is float32 [..., k]; the result is float32 [..., n] of the same
+kind (torch in -> torch out, numpy in -> numpy out).
+
+``act_int8=True`` quantizes each row of x per activation block (the codebook column block C for VQ, the group for
+int weights) to int8 (scale = max|x|/127, round half to even) and uses integer dot products; it is the fast mode.
+``act_int8=False`` keeps float activations.
+
+Batch: any number of rows; the kernels process up to 8 activation rows per pass over the weights (decode is shared
+across them), larger batches are processed in passes of 8 (weights are re-read per pass).
+
+Cost per call: only cheap checks (dtype, shape, contiguity). Index range checks happen in :func:`validate_vq`,
+which the checkpoint loader must run once; for power-of-two ``ncent`` every b-bit index is in range by
+construction, and the kernels clamp out-of-range indices otherwise, so they never read outside a codebook.
+
+Threads: ``threads=None`` uses the global setting (:func:`set_num_threads`, default: environment variable
+``VQMOBILE_NUM_THREADS`` or all online CPUs); rows are split over a persistent thread pool.
+Paths: "ref" (portable C), "avx2", "neon", "neon_dot" (as available); the environment variable ``VQMOBILE_PATH``
+selects one at start-up, :func:`set_path` / :func:`force_path` at run time. A path without a specialised kernel
+for a configuration runs the reference for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import numpy as np
+
+try:
+    import torch
+except ImportError:  # pragma: no cover - torch is a dependency, but keep numpy-only use possible
+    torch = None
+
+from . import _native
+
+ffi = _native.ffi
+lib = _native.lib
+
+__all__ = [
+    "vq_linear", "int_linear", "validate_vq", "validate_int", "set_num_threads", "get_num_threads",
+    "available_paths", "active_path", "set_path", "force_path", "has_kernel", "vq_index_bits",
+    "vq_row_bytes", "int_row_bytes", "dequantize_vq", "dequantize_int", "quantize_act", "stream_read",
+    "MAX_KERNEL_BATCH",
+]
+
+MAX_KERNEL_BATCH = 8
+_PATHS = {"ref": 0, "avx2": 1, "avx512": 2, "neon": 3, "neon_dot": 4}
+_ERRORS = {-1: "invalid argument", -2: "index out of range", -3: "out of memory", -4: "path not available"}
+
+
+# ---------------------------------------------------------------------------------------------- paths, threads
+def available_paths() -> list[str]:
+    """Implementation paths usable on this CPU, reference first (e.g. ``["ref", "avx2"]``)."""
+    return [name for name, p in _PATHS.items() if lib.vqm_path_available(p)]
+
+
+def active_path() -> str:
+    """The path the kernels currently use ("ref", "avx2", "neon", "neon_dot")."""
+    return ffi.string(lib.vqm_path_name(lib.vqm_get_path())).decode()
+
+
+def set_path(name: str | None) -> None:
+    """Select the implementation path for all later calls; None or "auto" restores the best available."""
+    if name is None or name == "auto":
+        lib.vqm_set_path(-1)
+        return
+    if name not in _PATHS:
+        raise ValueError(f"unknown kernel path {name!r}; known: {sorted(_PATHS)}")
+    if lib.vqm_set_path(_PATHS[name]) != 0:
+        raise ValueError(f"kernel path {name!r} is not available on this CPU (available: {available_paths()})")
+
+
+@contextlib.contextmanager
+def force_path(name: str) -> Iterator[None]:
+    """Context manager: run the enclosed calls on path ``name``, then restore the previous path."""
+    prev = active_path()
+    set_path(name)
+    try:
+        yield
+    finally:
+        set_path(prev)
+
+
+def set_num_threads(n: int | None) -> None:
+    """Threads used by calls with ``threads=None``; None or <= 0 means all online CPUs."""
+    lib.vqm_set_num_threads(0 if n is None else int(n))
+
+
+def get_num_threads() -> int:
+    return int(lib.vqm_get_num_threads())
+
+
+# ---------------------------------------------------------------------------------------------- array helpers
+_NP = {"uint8": np.uint8, "int8": np.int8, "float16": np.float16, "int16": np.int16, "uint16": np.uint16,
+       "float32": np.float32}
+
+
+def _info(a: Any, name: str) -> tuple[str, tuple[int, ...], bool, int]:
+    """(dtype name, shape, c-contiguous, data address) of a torch CPU tensor or numpy array."""
+    if torch is not None and isinstance(a, torch.Tensor):
+        if a.device.type != "cpu":
+            raise ValueError(f"{name} must be a CPU tensor, got device {a.device}")
+        return str(a.dtype).replace("torch.", ""), tuple(a.shape), a.is_contiguous(), a.data_ptr()
+    if isinstance(a, np.ndarray):
+        return a.dtype.name, a.shape, bool(a.flags.c_contiguous), a.ctypes.data
+    raise ValueError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(a).__name__}")
+
+
+def _check(a: Any, name: str, dtypes: tuple[str, ...], shape: tuple[int, ...] | None) -> int:
+    dt, sh, contig, ptr = _info(a, name)
+    if dt not in dtypes:
+        raise ValueError(f"{name} must have dtype {' or '.join(dtypes)}, got {dt}")
+    if shape is not None and tuple(sh) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(sh)}")
+    if not contig:
+        raise ValueError(f"{name} must be C-contiguous (call .contiguous() / np.ascontiguousarray first)")
+    return ptr
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def vq_index_bits(ncent: int) -> int:
+    """Bits per VQ index for ``ncent`` centroids: ceil(log2(ncent)), at least 1."""
+    if not 1 <= ncent <= 256:
+        raise ValueError(f"number of centroids must be in [1, 256], got {ncent}")
+    return max(1, (ncent - 1).bit_length())
+
+
+def vq_row_bytes(k: int, d: int, ncent: int) -> int:
+    """Bytes per row of the VQ indices array."""
+    return _cdiv(_cdiv(k, d) * vq_index_bits(ncent), 8)
+
+
+def int_row_bytes(k: int, bits: int) -> int:
+    """Bytes per row of the int codes array."""
+    return _cdiv(k * bits, 8)
+
+
+def _vq_struct(indices, codebook, codebook_scale, n, k, d, rows_per_block, cols_per_block):
+    for nm, v in (("n", n), ("k", k), ("d", d), ("rows_per_block", rows_per_block),
+                  ("cols_per_block", cols_per_block)):
+        if not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{nm} must be a positive int, got {v!r}")
+    if d > 8:
+        raise ValueError(f"vector dimension d must be <= 8, got {d}")
+    if cols_per_block % d:
+        raise ValueError(f"cols_per_block ({cols_per_block}) must be a multiple of d ({d})")
+    if cols_per_block > 65536 or n >= 2**31 or k >= 2**31:
+        raise ValueError("cols_per_block must be <= 65536 and n, k < 2**31")
+    _, cbs, _, _ = _info(codebook, "codebook")
+    if len(cbs) != 4:
+        raise ValueError(f"codebook must be 4-D [row_blocks, col_blocks, ncent, d], got shape {tuple(cbs)}")
+    ncent = int(cbs[2])
+    nrb, ncb = _cdiv(n, rows_per_block), _cdiv(k, cols_per_block)
+    p_idx = _check(indices, "indices", ("uint8",), (n, vq_row_bytes(k, d, ncent)))
+    p_cb = _check(codebook, "codebook", ("int8",), (nrb, ncb, ncent, d))
+    p_sc = _check(codebook_scale, "codebook_scale", ("float16", "int16", "uint16"), (nrb, ncb))
+    w = ffi.new("vqm_vq_weight *")
+    w.n, w.k, w.d, w.ncent = int(n), int(k), int(d), ncent
+    w.rows_per_block, w.cols_per_block = int(rows_per_block), int(cols_per_block)
+    w.indices = ffi.cast("const uint8_t *", p_idx)
+    w.codebook = ffi.cast("const int8_t *", p_cb)
+    w.scale = ffi.cast("const uint16_t *", p_sc)
+    return w
+
+
+def _int_struct(codes, scales, zeros, n, k, bits, group):
+    for nm, v in (("n", n), ("k", k), ("bits", bits), ("group", group)):
+        if not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{nm} must be a positive int, got {v!r}")
+    if bits > 8:
+        raise ValueError(f"bits must be in [1, 8], got {bits}")
+    if group > 65536 or n >= 2**31 or k >= 2**31:
+        raise ValueError("group must be <= 65536 and n, k < 2**31")
+    ng = _cdiv(k, group)
+    p_c = _check(codes, "codes", ("uint8",), (n, int_row_bytes(k, bits)))
+    p_s = _check(scales, "scales", ("float16", "int16", "uint16"), (n, ng))
+    p_z = _check(zeros, "zeros", ("uint8",), (n, ng)) if zeros is not None else 0
+    w = ffi.new("vqm_int_weight *")
+    w.n, w.k, w.bits, w.group = int(n), int(k), int(bits), int(group)
+    w.codes = ffi.cast("const uint8_t *", p_c)
+    w.scales = ffi.cast("const uint16_t *", p_s)
+    w.zeros = ffi.cast("const uint8_t *", p_z) if zeros is not None else ffi.NULL
+    return w
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def validate_vq(indices: Any, codebook: Any, codebook_scale: Any, *, n: int, k: int, d: int,
+                rows_per_block: int, cols_per_block: int) -> None:
+    """Check a VQ weight once (at load): dtypes, shapes, contiguity, parameters and every index < ncent.
+
+    Raises ValueError with a one-line message on the first problem."""
+    w = _vq_struct(indices, codebook, codebook_scale, n, k, d, rows_per_block, cols_per_block)
+    bad_row, bad_pos = ffi.new("int64_t *", -1), ffi.new("int64_t *", -1)
+    rc = lib.vqm_vq_validate(w, bad_row, bad_pos)
+    if rc == -2:
+        raise ValueError(f"VQ index out of range: row {bad_row[0]}, vector {bad_pos[0]} has an index >= "
+                         f"{w.ncent} (number of centroids)")
+    if rc != 0:
+        raise ValueError(f"invalid VQ weight parameters ({_ERRORS.get(rc, rc)}): n={n} k={k} d={d} "
+                         f"ncent={w.ncent} R={rows_per_block} C={cols_per_block}")
+
+
+def validate_int(codes: Any, scales: Any, zeros: Any, *, n: int, k: int, bits: int, group: int) -> None:
+    """Check a group-wise integer weight once: dtypes, shapes, contiguity, parameters. Raises ValueError."""
+    w = _int_struct(codes, scales, zeros, n, k, bits, group)
+    rc = lib.vqm_int_validate(w)
+    if rc != 0:
+        raise ValueError(f"invalid int weight parameters ({_ERRORS.get(rc, rc)}): n={n} k={k} bits={bits} "
+                         f"group={group}")
+
+
+# ---------------------------------------------------------------------------------------------- products
+def _prep_x(x: Any, k: int, n: int, bias: Any):
+    dt, sh, contig, ptr = _info(x, "x")
+    if dt != "float32":
+        raise ValueError(f"x must be float32, got {dt}")
+    if len(sh) < 1 or sh[-1] != k:
+        raise ValueError(f"x must have shape [..., {k}], got {tuple(sh)}")
+    if not contig:
+        raise ValueError("x must be C-contiguous")
+    batch = int(np.prod(sh[:-1], dtype=np.int64)) if len(sh) > 1 else 1
+    out_shape = tuple(sh[:-1]) + (n,)
+    if torch is not None and isinstance(x, torch.Tensor):
+        y = torch.empty(out_shape, dtype=torch.float32)
+        yptr = y.data_ptr()
+    else:
+        y = np.empty(out_shape, dtype=np.float32)
+        yptr = y.ctypes.data
+    bptr = ffi.NULL
+    if bias is not None:
+        bptr = ffi.cast("const float *", _check(bias, "bias", ("float32",), (n,)))
+    return batch, ffi.cast("const float *", ptr), bptr, y, ffi.cast("float *", yptr)
+
+
+def _threads(threads: int | None) -> int:
+    if threads is None:
+        return 0
+    if not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    return int(threads)
+
+
+def vq_linear(x: Any, indices: Any, codebook: Any, codebook_scale: Any, *, n: int, k: int, d: int,
+              rows_per_block: int, cols_per_block: int, bias: Any = None, act_int8: bool = False,
+              threads: int | None = None, path: str | None = None) -> Any:
+    """y = x @ W.T + bias for a VQ weight W [n, k] (format in the module docstring).
+
+    x: float32 [..., k]; returns float32 [..., n] (torch if x is a tensor, else numpy). bias: float32 [n] or None.
+    act_int8: int8 activations per codebook column block + integer dot products (fast mode).
+    threads: None = global setting. path: force an implementation path for this call (None = active path).
+    Only cheap checks here; run :func:`validate_vq` once when the weight is loaded."""
+    w = _vq_struct(indices, codebook, codebook_scale, n, k, d, rows_per_block, cols_per_block)
+    batch, xp, bp, y, yp = _prep_x(x, k, n, bias)
+    p = -1 if path is None else _path_id(path)
+    rc = lib.vqm_vq_linear_path(p, w, xp, batch, bp, yp, 1 if act_int8 else 0, _threads(threads))
+    if rc != 0:
+        raise ValueError(f"vq_linear failed: {_ERRORS.get(rc, rc)}")
+    return y
+
+
+def int_linear(x: Any, codes: Any, scales: Any, zeros: Any, *, n: int, k: int, bits: int, group: int,
+               bias: Any = None, act_int8: bool = False, threads: int | None = None,
+               path: str | None = None) -> Any:
+    """y = x @ W.T + bias for a group-wise integer weight W [n, k] (zeros=None: symmetric, zero 2**(bits-1)).
+
+    Same conventions as :func:`vq_linear`; act_int8 quantizes x per group. SIMD kernels cover bits=4; other
+    widths run the reference."""
+    w = _int_struct(codes, scales, zeros, n, k, bits, group)
+    batch, xp, bp, y, yp = _prep_x(x, k, n, bias)
+    p = -1 if path is None else _path_id(path)
+    rc = lib.vqm_int_linear_path(p, w, xp, batch, bp, yp, 1 if act_int8 else 0, _threads(threads))
+    if rc != 0:
+        raise ValueError(f"int_linear failed: {_ERRORS.get(rc, rc)}")
+    return y
+
+
+def _path_id(name: str) -> int:
+    if name not in _PATHS:
+        raise ValueError(f"unknown kernel path {name!r}; known: {sorted(_PATHS)}")
+    if not lib.vqm_path_available(_PATHS[name]):
+        raise ValueError(f"kernel path {name!r} is not available on this CPU (available: {available_paths()})")
+    return _PATHS[name]
+
+
+def has_kernel(path: str, *, vq: dict | None = None, int_: dict | None = None) -> bool:
+    """Whether ``path`` has a specialised kernel for a configuration (else it runs the reference).
+
+    vq: dict(d=, ncent=, rows_per_block=, cols_per_block=); int_: dict(bits=, group=)."""
+    pid = _path_id(path)
+    if vq is not None:
+        w = ffi.new("vqm_vq_weight *")
+        w.n, w.k, w.d, w.ncent = 1, vq["cols_per_block"], vq["d"], vq["ncent"]
+        w.rows_per_block, w.cols_per_block = vq["rows_per_block"], vq["cols_per_block"]
+        dummy = ffi.new("uint8_t[1]")
+        w.indices, w.codebook, w.scale = dummy, ffi.cast("int8_t *", dummy), ffi.cast("uint16_t *", dummy)
+        return bool(lib.vqm_vq_path_has_kernel(pid, w))
+    if int_ is not None:
+        w = ffi.new("vqm_int_weight *")
+        w.n, w.k, w.bits, w.group = 1, int_["group"], int_["bits"], int_["group"]
+        dummy = ffi.new("uint8_t[1]")
+        w.codes, w.scales, w.zeros = dummy, ffi.cast("uint16_t *", dummy), ffi.NULL
+        return bool(lib.vqm_int_path_has_kernel(pid, w))
+    raise ValueError("pass vq=... or int_=...")
+
+
+# ---------------------------------------------------------------------------------------------- references
+def _np(a: Any) -> np.ndarray:
+    if torch is not None and isinstance(a, torch.Tensor):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
+def _f16(a: Any) -> np.ndarray:
+    a = _np(a)
+    if a.dtype != np.float16:
+        a = a.view(np.float16)
+    return a.astype(np.float32)
+
+
+def unpack_codes(packed: Any, count: int, bits: int) -> np.ndarray:
+    """Unpack a [rows, bytes] little-endian bitstream into [rows, count] int codes (numpy)."""
+    p = _np(packed).astype(np.uint8)
+    bitsarr = np.unpackbits(p, axis=1, bitorder="little")[:, : count * bits]
+    bitsarr = bitsarr.reshape(p.shape[0], count, bits).astype(np.int64)
+    return (bitsarr << np.arange(bits, dtype=np.int64)).sum(axis=2)
+
+
+def dequantize_vq(indices: Any, codebook: Any, codebook_scale: Any, *, n: int, k: int, d: int,
+                  rows_per_block: int, cols_per_block: int) -> np.ndarray:
+    """Reference decode of a VQ weight to float64 [n, k] (numpy; independent of the C code)."""
+    cb = _np(codebook).astype(np.float64)
+    ncent = cb.shape[2]
+    v = _cdiv(k, d)
+    idx = unpack_codes(indices, v, vq_index_bits(ncent))
+    if idx.max(initial=0) >= ncent:
+        raise ValueError("VQ index out of range")
+    sc = _f16(codebook_scale).astype(np.float64)
+    cols = np.arange(k)
+    rows = np.arange(n)
+    rb = (rows // rows_per_block)[:, None]
+    cbi = (cols // cols_per_block)[None, :]
+    j = cols // d
+    t = (cols % d)[None, :]
+    return cb[rb, cbi, idx[:, j], t] * sc[rb, cbi]
+
+
+def dequantize_int(codes: Any, scales: Any, zeros: Any, *, n: int, k: int, bits: int, group: int) -> np.ndarray:
+    """Reference decode of a group-wise integer weight to float64 [n, k] (numpy)."""
+    q = unpack_codes(codes, k, bits).astype(np.float64)
+    g = np.arange(k) // group
+    s = _f16(scales).astype(np.float64)[:, g]
+    z = (_np(zeros).astype(np.float64)[:, g] if zeros is not None else float(1 << (bits - 1)))
+    return (q - z) * s
+
+
+def quantize_act(x: Any, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """The int8 activation quantization of ``act_int8`` for one row x [k] (numpy float32):
+    returns (q int8 [k], scales float32 [ceil(k/block)]) computed by the C library."""
+    xa = np.ascontiguousarray(_np(x), dtype=np.float32).reshape(-1)
+    q = np.empty(xa.shape[0], dtype=np.int8)
+    s = np.empty(_cdiv(xa.shape[0], block), dtype=np.float32)
+    lib.vqm_quantize_act(ffi.cast("const float *", xa.ctypes.data), xa.shape[0], block,
+                         ffi.cast("int8_t *", q.ctypes.data), ffi.cast("float *", s.ctypes.data))
+    return q, s
+
+
+def stream_read(buf: np.ndarray, threads: int = 1) -> int:
+    """Read a whole (8-byte aligned) buffer as fast as possible, split over threads; returns a checksum.
+    Used to measure streaming memory bandwidth."""
+    if not isinstance(buf, np.ndarray) or not buf.flags.c_contiguous or buf.ctypes.data % 8:
+        raise ValueError("buf must be a C-contiguous, 8-byte aligned numpy array")
+    return int(lib.vqm_stream_read(ffi.cast("const void *", buf.ctypes.data), buf.nbytes, int(threads)))
