@@ -175,14 +175,15 @@ def load(path: str | Path) -> Checkpoint:
     """Load a checkpoint as a working torch model whose quantized linears run from the packed representation."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .model import _check_architecture
+    from .model import check_architecture, quiet_transformers
 
+    quiet_transformers()
     path = Path(path)
     if not is_checkpoint(path):
         raise UserError(f"{path} is not a vqmobile checkpoint: it has no {MANIFEST}")
     manifest = _read_manifest(path)
     hf_config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    _check_architecture(getattr(hf_config, "model_type", None), path)
+    check_architecture(getattr(hf_config, "model_type", None), path)
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     model.eval()
 

@@ -49,7 +49,15 @@ def _sha256_files(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _check_architecture(model_type: str | None, where: Path) -> None:
+def quiet_transformers() -> None:
+    """Our own progress bars report the work; transformers' per-file bars and advisories would clutter stderr."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def check_architecture(model_type: str | None, where: Path) -> None:
     if model_type not in SUPPORTED_ARCHITECTURES:
         raise UserError(
             f"unsupported architecture: {model_type or 'unknown'} in {where} "
@@ -76,13 +84,14 @@ def _check_safetensors(files: list[Path]) -> None:
 def _load_hf_dir(path: Path) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     if not (path / "config.json").is_file():
         raise UserError(f"{path} is not a causal LM directory: it has no config.json")
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:
         raise UserError(f"cannot read {path / 'config.json'}: {e}") from None
-    _check_architecture(getattr(config, "model_type", None), path)
+    check_architecture(getattr(config, "model_type", None), path)
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
         pickles = sorted(path.glob("*.bin")) + sorted(path.glob("*.pt"))
@@ -104,13 +113,14 @@ def _load_gguf(path: Path) -> LoadedModel:
     from gguf import GGUFReader
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     try:
         reader = GGUFReader(str(path))
         field = reader.fields["general.architecture"]
         arch = bytes(field.parts[field.data[0]]).decode()
     except Exception as e:
         raise UserError(f"{path} is not a readable GGUF file: {e}") from None
-    _check_architecture(arch, path)
+    check_architecture(arch, path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
                                                      local_files_only=True)

@@ -1,0 +1,97 @@
+"""End to end on the real stories260k model: layer-wise quantization, checkpoint round trip, perplexity."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from vqmobile import checkpoint
+from vqmobile.evaluate import perplexity
+from vqmobile.gptq import GPTQConfig
+from vqmobile.intweight import RTNConfig
+from vqmobile.pipeline import quantize_
+from vqmobile.qweight import QuantLinear
+
+WINDOWS = 40
+
+
+@pytest.fixture(scope="module")
+def fp_ppl(stories, stories_test_ids):
+    return perplexity(stories.model, stories_test_ids, 512, WINDOWS, progress=False).ppl
+
+
+@pytest.fixture(scope="module")
+def quantized(stories, stories_calib):
+    """stories260k quantized at 3 bits, group 32, by RTN and by GPTQ."""
+    import copy
+
+    out = {}
+    for cfg in (RTNConfig(bits=3, group=32), GPTQConfig(bits=3, group=32)):
+        model = copy.deepcopy(stories.model)
+        quantize_(model, cfg, stories_calib, progress=False)
+        out[cfg.method] = (model, cfg)
+    return out
+
+
+def test_every_decoder_linear_is_quantized(quantized):
+    model, _ = quantized["gptq"]
+    qlin = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(qlin) == 5 * 7
+    assert isinstance(model.lm_head, torch.nn.Linear)  # tied to the embedding, kept float
+
+
+def test_gptq_beats_rtn_at_3_bits(quantized, stories_test_ids, fp_ppl):
+    ppl = {m: perplexity(model, stories_test_ids, 512, WINDOWS, progress=False).ppl
+           for m, (model, _) in quantized.items()}
+    assert all(math.isfinite(p) for p in ppl.values())
+    assert fp_ppl < ppl["gptq"] < ppl["rtn"]
+    assert ppl["gptq"] < 1.5 * fp_ppl  # sane: 3-bit GPTQ stays near the float model
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_checkpoint_round_trip_and_bpw(quantized, stories, tmp_path, method):
+    model, cfg = quantized[method]
+    out = tmp_path / "ck"
+    manifest = checkpoint.save(model, stories.tokenizer, out, config=cfg.to_dict(), source={"model": "stories260k"},
+                               calibration=None)
+    ck = checkpoint.load(out)
+    x = torch.arange(1, 200).remainder(500).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ck.model(x).logits)
+    # bits per weight from the bytes actually stored in quantized.safetensors: file size minus its header.
+    path = out / checkpoint.QUANTIZED_FILE
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    data_bytes = os.path.getsize(path) - 8 - header_len
+    nweights = sum(m.qweight.shape[0] * m.qweight.shape[1] for m in checkpoint.quantized_modules(ck.model).values())
+    assert manifest["bits_per_weight"] == pytest.approx(8 * data_bytes / nweights, rel=1e-12)
+    assert json.loads((out / checkpoint.MANIFEST).read_text())["bits_per_weight"] == manifest["bits_per_weight"]
+    assert 3.0 < manifest["bits_per_weight"] < 4.0
+
+
+def test_tampered_checkpoint_is_rejected(quantized, stories, tmp_path):
+    model, cfg = quantized["rtn"]
+    out = tmp_path / "ck"
+    checkpoint.save(model, stories.tokenizer, out, config=cfg.to_dict(), source={}, calibration=None)
+    data = bytearray((out / checkpoint.QUANTIZED_FILE).read_bytes())
+    data[-1] ^= 0xFF
+    (out / checkpoint.QUANTIZED_FILE).write_bytes(bytes(data))
+    with pytest.raises(checkpoint.FormatError, match="sha256"):
+        checkpoint.load(out)
+
+
+def test_interrupted_save_leaves_nothing(quantized, stories, tmp_path, monkeypatch):
+    model, cfg = quantized["rtn"]
+    out = tmp_path / "ck"
+    calls = []
+
+    def interrupted_save_file(tensors, filename, metadata=None):
+        calls.append(filename)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_file", interrupted_save_file)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(model, stories.tokenizer, out, config=cfg.to_dict(), source={}, calibration=None)
+    assert calls and not out.exists() and list(tmp_path.iterdir()) == []
