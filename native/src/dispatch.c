@@ -268,13 +268,14 @@ static int prep_x(const vqm_layout *lay, const float *x, int64_t batch, int64_t 
     size_t nsum = int8 ? align64(sizeof(int32_t) * (size_t)(batch * xp->nblk)) : 0;
     size_t nf = int8 ? 0 : align64(sizeof(float) * (size_t)(batch * xp->stride));
     size_t ntmp = int8 ? align64((size_t)blk) : 0;
-    uint8_t *base = scratch(nq + nxs + nsum + nf + ntmp);
+    uint8_t *base = scratch(nq + nxs + nsum + nf + ntmp + nq);
     if (!base) return VQM_ENOMEM;
     xp->xq = int8 ? (int8_t *)base : NULL;
     xp->xs = int8 ? (float *)(base + nq) : NULL;
     xp->xsum = int8 ? (int32_t *)(base + nq + nxs) : NULL;
     xp->xf = int8 ? NULL : (float *)(base + nq + nxs + nsum);
     int8_t *tmp = int8 ? (int8_t *)(base + nq + nxs + nsum + nf) : NULL;
+    xp->xa = int8 ? base + nq + nxs + nsum + nf + ntmp : NULL;
 
     for (int64_t bi = 0; bi < batch; bi++) {
         const float *xr = x + bi * k;
@@ -297,6 +298,8 @@ static int prep_x(const vqm_layout *lay, const float *x, int64_t batch, int64_t 
                             dst[h + q] = col < len ? tmp[col] : 0;
                         }
                 }
+                uint8_t *adst = xp->xa + bi * xp->stride + g * xp->blk_pad;
+                for (int64_t c = 0; c < xp->blk_pad; c++) adst[c] = (uint8_t)(dst[c] < 0 ? -dst[c] : dst[c]);
             } else {
                 float *dst = xp->xf + bi * xp->stride + g * xp->blk_pad;
                 if (lay->identity) {
@@ -372,8 +375,12 @@ static int run_linear(int path, const vqm_vq_weight *vw, const vqm_int_weight *i
         vqm_xprep xp;
         int rc = prep_x(&lay, x + b0 * k, nb, k, blk, flags, &xp);
         if (rc) return rc;
-        split_ctx c = { ops, vw, iw, &lay, &xp, bias, y + b0 * n, flags, n, gran, threads };
-        vqm_pool_run(threads, threads, split_task, &c);
+        /* a few tasks per thread: the caller runs whatever the workers have not
+         * claimed, so a worker that is slow to wake up costs little */
+        int64_t units = vqm_cdiv(n, gran);
+        int ntasks = threads == 1 ? 1 : (int)(units < 4 * threads ? units : 4 * threads);
+        split_ctx c = { ops, vw, iw, &lay, &xp, bias, y + b0 * n, flags, n, gran, ntasks };
+        vqm_pool_run(threads, ntasks, split_task, &c);
     }
     return VQM_OK;
 }

@@ -31,6 +31,7 @@ typedef struct vqm_xprep {
     int8_t *xq;           /* [batch][stride]   (int8 mode) */
     float *xs;            /* [batch][nblk]     (int8 mode) */
     int32_t *xsum;        /* [batch][nblk]     (int8 mode) sum of xq over the block */
+    uint8_t *xa;          /* [batch][stride]   (int8 mode) |xq| */
     float *xf;            /* [batch][stride]   (float mode) */
 } vqm_xprep;
 

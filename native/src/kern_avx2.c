@@ -83,6 +83,14 @@ static void prep_tab(const vcfg *c, const int8_t *cbk, int d, uint8_t *tab)
             tab[i] = tab[16 + i] = (uint8_t)cbk[i & 3];
             tab[32 + i] = tab[48 + i] = (uint8_t)cbk[i >> 2];
         }
+    } else if (c->ke == 16 && d == 2) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(const void *)cbk); /* 16 x (d0, d1) */
+        v = _mm256_shuffle_epi8(v, _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                                    0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+        v = _mm256_permute4x64_epi64(v, 0xd8); /* [d0 0-7, d0 8-15, d1 0-7, d1 8-15] */
+        __m256i t0 = _mm256_permute2x128_si256(v, v, 0x00), t1 = _mm256_permute2x128_si256(v, v, 0x11);
+        _mm256_store_si256((__m256i *)(void *)tab, t0);
+        _mm256_store_si256((__m256i *)(void *)(tab + 32), t1);
     } else if (c->ke == 16) {
         for (int t = 0; t < d; t++)
             for (int i = 0; i < 16; i++) tab[t * 32 + i] = tab[t * 32 + 16 + i] = (uint8_t)cbk[i * d + t];
@@ -312,13 +320,213 @@ vq_rows_impl(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1
     }
 }
 
+static inline __m128i hsum4_i32(__m256i a, __m256i b, __m256i c, __m256i d)
+{
+    __m256i ab = _mm256_hadd_epi32(a, b), cd = _mm256_hadd_epi32(c, d);
+    __m256i s = _mm256_hadd_epi32(ab, cd);
+    return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+}
+
+/* ---------------------------------------------------------------- VQ, batch 1, int8: 4-row tiles
+ * Four rows are decoded together (independent dependency chains, shared
+ * activation loads) and their per-block results are finished in one vector
+ * (lane = row), in the reference's operation order. Products use
+ * pmaddubsw(|x|, sign(w, x)) with |x| precomputed per call; that needs
+ * w != -128, so blocks whose codebook contains -128 (not produced by the
+ * symmetric max|c|/127 scaling, but possible in a foreign file) use
+ * pmaddubsw(|w|, sign(x, w)) instead. */
+typedef struct {
+    int64_t rb;
+    uint8_t *tab;      /* ncb * tsz */
+    uint8_t *m128;     /* ncb flags: table contains -128 */
+} tslot;
+
+static __thread uint8_t *t_tile;
+static __thread size_t t_tilecap;
+
+static int tab_has_m128(const int8_t *cbk, int n)
+{
+    int i = 0;
+    const __m256i m = _mm256_set1_epi8(-128);
+    for (; i + 32 <= n; i += 32)
+        if (_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_loadu_si256((const __m256i *)(const void *)(cbk + i)), m))) return 1;
+    for (; i < n; i++)
+        if (cbk[i] == -128) return 1;
+    return 0;
+}
+
+static inline __m256i unpack4_fast(const uint8_t *p)
+{
+    __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(const void *)p));
+    v = _mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x0f));
+}
+
+static inline __m256i dot_ax(__m256i acc, __m256i w, __m256i x, __m256i xa, const __m256i ones)
+{
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(xa, _mm256_sign_epi8(w, x)), ones));
+}
+
+static inline __m256i dot_wx(__m256i acc, __m256i w, __m256i x, const __m256i ones)
+{
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)), ones));
+}
+
+
+/* full, aligned chunks of one codebook block for a 4-row tile */
+static inline __attribute__((always_inline)) void
+tile_chunks(const uint8_t *const rows[4], int64_t off0, int64_t nfull, const uint8_t *tab0, const uint8_t *const tab[4],
+            const int8_t *xq, const uint8_t *xa, __m256i a[4], const int SAME, const int SAFE,
+            const int BE, const int DE, const int KE)
+{
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+    for (int64_t h = 0; h < nfull; h++) {
+        const int64_t off = off0 + h * 4 * BE;
+        __m256i X[4], XA[4];
+        for (int t = 0; t < DE; t++) {
+            X[t] = _mm256_loadu_si256((const __m256i *)(const void *)(xq + h * 32 * DE + 32 * t));
+            if (SAFE) XA[t] = _mm256_loadu_si256((const __m256i *)(const void *)(xa + h * 32 * DE + 32 * t));
+        }
+#define VQ_TILE_ROW(I, ACC)                                                                                  \
+        {                                                                                                    \
+            const uint8_t *p = rows[I] + off;                                                                \
+            __m256i c = BE == 4 ? unpack4_fast(p) : BE == 6 ? unpack6(p) : unpack8(p);                       \
+            __m256i W[4];                                                                                    \
+            lookup(c, SAME ? tab0 : tab[I], DE, KE, W);                                                      \
+            for (int t = 0; t < DE; t++)                                                                     \
+                ACC = SAFE ? dot_ax(ACC, W[t], X[t], XA[t], ones) : dot_wx(ACC, W[t], X[t], ones);           \
+        }
+        VQ_TILE_ROW(0, a0)
+        VQ_TILE_ROW(1, a1)
+        VQ_TILE_ROW(2, a2)
+        VQ_TILE_ROW(3, a3)
+#undef VQ_TILE_ROW
+    }
+    a[0] = a0; a[1] = a1; a[2] = a2; a[3] = a3;
+}
+
+static inline __attribute__((always_inline)) void
+vq_tile_impl(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1,
+             const float *bias, float *y, const vcfg *cfg, const int BE, const int DE, const int KE)
+{
+    const int64_t k = w->k, d = w->d, R = w->rows_per_block, C = w->cols_per_block;
+    const int64_t ncb = vqm_cdiv(k, C);
+    const int64_t rowbytes = vqm_vq_row_bytes(w);
+    const int64_t ccols = 32 * DE;
+    const int64_t nchunk = xp->blk_pad / ccols;
+    const size_t tsz = tab_size(cfg);
+    const size_t slotsz = ((tsz * (size_t)ncb + 63) & ~(size_t)63) + (((size_t)ncb + 63) & ~(size_t)63);
+    if (4 * slotsz > t_tilecap) {
+        free(t_tile);
+        t_tile = aligned_alloc(64, 4 * slotsz);
+        t_tilecap = t_tile ? 4 * slotsz : 0;
+        if (!t_tile) abort();
+    }
+    tslot slots[4];
+    for (int i = 0; i < 4; i++) {
+        slots[i].rb = -1;
+        slots[i].tab = t_tile + (size_t)i * slotsz;
+        slots[i].m128 = slots[i].tab + ((tsz * (size_t)ncb + 63) & ~(size_t)63);
+    }
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int8_t *xq = xp->xq;
+    const uint8_t *xa = xp->xa;
+    for (int64_t r = r0; r < r1; r += 4) {
+        const uint8_t *rows[4];
+        const tslot *ts[4];
+        int64_t rr[4];
+        for (int i = 0; i < 4; i++) {
+            rr[i] = r + i < r1 ? r + i : r1 - 1;
+            rows[i] = w->indices + rr[i] * rowbytes;
+            const int64_t rb = rr[i] / R;
+            int found = -1;
+            for (int j = 0; j < 4; j++)
+                if (slots[j].rb == rb) found = j;
+            if (found < 0) { /* take a slot not used by rows 0..i-1 of this tile */
+                for (int j = 0; j < 4 && found < 0; j++) {
+                    int used = 0;
+                    for (int q = 0; q < i; q++) used |= ts[q] == &slots[j];
+                    if (!used) found = j;
+                }
+                tslot *sl = &slots[found];
+                sl->rb = rb;
+                for (int64_t cb = 0; cb < ncb; cb++) {
+                    const int8_t *cbk = w->codebook + (rb * ncb + cb) * (int64_t)w->ncent * d;
+                    prep_tab(cfg, cbk, (int)d, sl->tab + cb * tsz);
+                    sl->m128[cb] = (uint8_t)tab_has_m128(cbk, w->ncent * (int)d);
+                }
+            }
+            ts[i] = &slots[found];
+        }
+        const int same = ts[0] == ts[1] && ts[1] == ts[2] && ts[2] == ts[3];
+        __m128 acc = _mm_setzero_ps();
+        for (int64_t cb = 0; cb < ncb; cb++) {
+            const int64_t c0 = cb * C;
+            const int64_t c1 = c0 + C < k ? c0 + C : k;
+            const int64_t code0 = c0 / DE, code1 = vqm_cdiv(c1, DE);
+            const int safe = !(ts[0]->m128[cb] | ts[1]->m128[cb] | ts[2]->m128[cb] | ts[3]->m128[cb]);
+            const uint8_t *tab[4] = { ts[0]->tab + cb * tsz, ts[1]->tab + cb * tsz, ts[2]->tab + cb * tsz, ts[3]->tab + cb * tsz };
+            __m256i a[4] = { _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256() };
+            {
+                const int64_t pf = ((code1 * BE) >> 3) + 256;
+                for (int i = 0; i < 4; i++) {
+                    _mm_prefetch((const char *)(rows[i] + pf), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(rows[i] + pf + 64), _MM_HINT_T0);
+                }
+            }
+            const int aligned = ((code0 * BE) & 7) == 0;
+            const int64_t nfull = aligned ? (code1 - code0) / 32 : 0;
+            const int8_t *xqb = xq + cb * xp->blk_pad;
+            const uint8_t *xab = xa + cb * xp->blk_pad;
+            const int64_t off0 = (code0 * BE) >> 3;
+            if (same && safe) tile_chunks(rows, off0, nfull, tab[0], tab, xqb, xab, a, 1, 1, BE, DE, KE);
+            else if (same) tile_chunks(rows, off0, nfull, tab[0], tab, xqb, xab, a, 1, 0, BE, DE, KE);
+            else if (safe) tile_chunks(rows, off0, nfull, tab[0], tab, xqb, xab, a, 0, 1, BE, DE, KE);
+            else tile_chunks(rows, off0, nfull, tab[0], tab, xqb, xab, a, 0, 0, BE, DE, KE);
+            for (int64_t h = nfull; h < nchunk; h++) { /* partial / unaligned chunks */
+                const int64_t cs = code0 + 32 * h;
+                const int64_t nvalid = code1 - cs;
+                if (nvalid <= 0) break;
+                const int8_t *xqc = xqb + h * ccols;
+                const uint8_t *xac = xab + h * ccols;
+                for (int i = 0; i < 4; i++) {
+                    __m256i c = unpack_slow(rows[i], cs, nvalid < 32 ? (int)nvalid : 32, BE);
+                    __m256i W[4];
+                    lookup(c, tab[i], DE, KE, W);
+                    for (int t = 0; t < DE; t++) {
+                        __m256i X = _mm256_loadu_si256((const __m256i *)(const void *)(xqc + 32 * t));
+                        __m256i XA = _mm256_loadu_si256((const __m256i *)(const void *)(xac + 32 * t));
+                        a[i] = safe ? dot_ax(a[i], W[t], X, XA, ones) : dot_wx(a[i], W[t], X, ones);
+                    }
+                }
+            }
+            __m128i isum = hsum4_i32(a[0], a[1], a[2], a[3]);
+            __m128 s;
+            if (same) {
+                s = _mm_set1_ps(_cvtsh_ss(w->scale[ts[0]->rb * ncb + cb]));
+            } else {
+                s = _mm_cvtph_ps(_mm_setr_epi16((short)w->scale[ts[0]->rb * ncb + cb], (short)w->scale[ts[1]->rb * ncb + cb],
+                                                (short)w->scale[ts[2]->rb * ncb + cb], (short)w->scale[ts[3]->rb * ncb + cb],
+                                                0, 0, 0, 0));
+            }
+            __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(isum), _mm_set1_ps(xp->xs[cb]));
+            v = _mm_mul_ps(v, s);
+            acc = _mm_add_ps(acc, v);
+        }
+        float out[4];
+        _mm_storeu_ps(out, acc);
+        for (int i = 0; i < 4 && r + i < r1; i++) y[r + i] = bias ? out[i] + bias[r + i] : out[i];
+    }
+}
+
 #define VQ_INST(BE, DE, KE)                                                                         \
     static void vq_##BE##_##DE##_##KE(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0,     \
                                       int64_t r1, const float *bias, float *y, const vcfg *cfg,    \
                                       int int8)                                                     \
     {                                                                                               \
         if (int8) {                                                                                 \
-            if (xp->batch == 1) vq_rows_impl(w, xp, r0, r1, bias, y, cfg, BE, DE, KE, 1, 1);        \
+            if (xp->batch == 1) vq_tile_impl(w, xp, r0, r1, bias, y, cfg, BE, DE, KE);              \
             else vq_rows_impl(w, xp, r0, r1, bias, y, cfg, BE, DE, KE, 0, 1);                       \
         } else {                                                                                    \
             if (xp->batch == 1) vq_rows_impl(w, xp, r0, r1, bias, y, cfg, BE, DE, KE, 1, 0);        \
@@ -367,12 +575,6 @@ static inline __m256i int4_codes(const uint8_t *row, int64_t cs, int64_t nvalid)
     return unpack_slow(row, cs, nvalid < 32 ? (int)nvalid : 32, 4);
 }
 
-static inline __m128i hsum4_i32(__m256i a, __m256i b, __m256i c, __m256i d)
-{
-    __m256i ab = _mm256_hadd_epi32(a, b), cd = _mm256_hadd_epi32(c, d);
-    __m256i s = _mm256_hadd_epi32(ab, cd);
-    return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-}
 
 /* int8 activations: 4 rows at a time, one activation vector (bi) at a time */
 static void int4_rows_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1,

@@ -1,0 +1,1 @@
+"""Benchmarks: kernel speed (kernels.py) and quantization quality (quality.py)."""

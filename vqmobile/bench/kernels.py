@@ -1,0 +1,375 @@
+"""`vqmobile bench kernels`: decode-time matrix-vector products, VQ vs int4, against onnxruntime and torch.
+
+For each Llama-2-7B layer shape (N x K = out x in features) and thread count, every kernel runs y = W x over a stack
+of distinct random (valid-format) matrices larger than --stack-mb (default 1050 MB), so the weights stream from
+DRAM as on a phone instead of sitting in this CPU's large L3. Passes over the stacks are interleaved between the
+kernels (round-robin) so that a change of machine load hits all of them alike; the best pass is reported (the
+median is kept in the JSON). Rows:
+
+- ``vq2.125`` / ``vq2.25`` / ``vq3.125``: our VQ kernels (int8 activations) for the GPTVQ configs
+  d=2 k=16 R=8 C=256, d=2 k=16 R=4 C=256, d=2 k=64 R=32 C=256; ``--extra`` adds d=4 k=256, 1-D k=4 and
+  float-activation rows;
+- ``int4-g32`` / ``int4-g128``: our group-wise int4 kernels (symmetric fp16 scales, int8 activations);
+- ``ort-int4-b32``: onnxruntime ``MatMulNBits`` (com.microsoft, bits 4, block_size 32, accuracy_level 4);
+- ``torch-int4-g32``: ``aten._weight_int4pack_mm_for_cpu`` (float32 activations, group 32).
+
+bpv counts the actual bytes of a matrix (indices/codes + codebooks + scales + zero points) / (N*K) * 8; GB/s is
+weight bytes per second; ``ratio_vs_ort`` is time / onnxruntime's time for the same shape and threads; the
+streaming-read bandwidth (a C loop summing a 1.5 GB buffer) is the physical limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+DEFAULT_SHAPES = "4096x4096,11008x4096,4096x11008"
+
+VQ_ROWS = {
+    "vq2.125": dict(d=2, ncent=16, R=8, C=256),
+    "vq2.25": dict(d=2, ncent=16, R=4, C=256),
+    "vq3.125": dict(d=2, ncent=64, R=32, C=256),
+}
+VQ_EXTRA = {
+    "vq2.125-d4k256": dict(d=4, ncent=256, R=256, C=256),
+    "vq2.25-d4k256": dict(d=4, ncent=256, R=128, C=256),
+    "vq2.19-d1k4": dict(d=1, ncent=4, R=1, C=256),
+    "vq2.25-f32act": dict(d=2, ncent=16, R=4, C=256, float_act=True),
+}
+INT_ROWS = {"int4-g32": 32, "int4-g128": 128}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES,
+                        help="comma-separated NxK weight shapes (out x in features), default: Llama-2-7B layers")
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed passes over each stack (default 5)")
+    parser.add_argument("--stack-mb", type=float, default=1050.0,
+                        help="minimum weight bytes per stack in MB, > 1000 so weights stream from DRAM (default 1050)")
+    parser.add_argument("--kernels", default=None, help="comma-separated subset of rows to run (default: all)")
+    parser.add_argument("--extra", action="store_true", help="also run d=4 k=256, 1-D k=4 and float-activation rows")
+    parser.add_argument("--no-peers", action="store_true", help="skip onnxruntime and torch")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 1024x1024, 32 MB stacks, 2 passes (numbers are not meaningful)")
+    parser.add_argument("--json", default="bench_results/kernels.json", help="output JSON path")
+
+
+# ------------------------------------------------------------------------------------------------------ impls
+@dataclass
+class Impl:
+    name: str
+    bpv: float
+    bytes_per_matrix: int
+    matrices: int
+    run_pass: Callable[[int], None]  # threads -> one pass over the stack
+    keep: list = field(default_factory=list)
+    prepare: Callable[[int], None] | None = None  # threads -> per-thread-count setup (onnxruntime sessions)
+    release: Callable[[], None] | None = None
+
+
+def _count(stack_bytes: float, per: int) -> int:
+    return max(1, int(stack_bytes // per) + 1)
+
+
+def _ours_vq(name, cfg, n, k, stack_bytes, rng, x):
+    from vqmobile import kernels as K
+
+    d, ncent, R, C = cfg["d"], cfg["ncent"], cfg["R"], cfg["C"]
+    nrb, ncb = -(-n // R), -(-k // C)
+    rb = K.vq_row_bytes(k, d, ncent)
+    per = n * rb + nrb * ncb * ncent * d + nrb * ncb * 2
+    m = _count(stack_bytes, per)
+    keep, structs = [], []
+    for _ in range(m):
+        idx = np.frombuffer(rng.bytes(n * rb), np.uint8).reshape(n, rb)  # any bytes are valid for k = 2^b
+        cb = np.frombuffer(rng.bytes(nrb * ncb * ncent * d), np.int8).reshape(nrb, ncb, ncent, d)
+        sc = rng.uniform(1e-3, 1e-2, (nrb, ncb)).astype(np.float16)
+        K.validate_vq(idx, cb, sc, n=n, k=k, d=d, rows_per_block=R, cols_per_block=C)
+        structs.append(K._vq_struct(idx, cb, sc, n, k, d, R, C))
+        keep.append((idx, cb, sc))
+    y = np.empty((1, n), np.float32)
+    xp, yp = K.ffi.cast("const float *", x.ctypes.data), K.ffi.cast("float *", y.ctypes.data)
+    flags = 0 if cfg.get("float_act") else 1
+    lib, null = K.lib, K.ffi.NULL
+
+    def run_pass(threads: int) -> None:
+        for w in structs:
+            rc = lib.vqm_vq_linear(w, xp, 1, null, yp, flags, threads)
+            if rc:
+                raise RuntimeError(f"vqm_vq_linear failed: {rc}")
+
+    return Impl(name, per * 8 / (n * k), per, m, run_pass, keep=[keep, structs, y])
+
+
+def _ours_int(name, group, n, k, stack_bytes, rng, x):
+    from vqmobile import kernels as K
+
+    ng = -(-k // group)
+    rb = K.int_row_bytes(k, 4)
+    per = n * rb + n * ng * 2
+    m = _count(stack_bytes, per)
+    keep, structs = [], []
+    for _ in range(m):
+        codes = np.frombuffer(rng.bytes(n * rb), np.uint8).reshape(n, rb)
+        sc = rng.uniform(1e-3, 1e-2, (n, ng)).astype(np.float16)
+        K.validate_int(codes, sc, None, n=n, k=k, bits=4, group=group)
+        structs.append(K._int_struct(codes, sc, None, n, k, 4, group))
+        keep.append((codes, sc))
+    y = np.empty((1, n), np.float32)
+    xp, yp = K.ffi.cast("const float *", x.ctypes.data), K.ffi.cast("float *", y.ctypes.data)
+    lib, null = K.lib, K.ffi.NULL
+
+    def run_pass(threads: int) -> None:
+        for w in structs:
+            rc = lib.vqm_int_linear(w, xp, 1, null, yp, 1, threads)
+            if rc:
+                raise RuntimeError(f"vqm_int_linear failed: {rc}")
+
+    return Impl(name, per * 8 / (n * k), per, m, run_pass, keep=[keep, structs, y])
+
+
+def _ort(name, n, k, stack_bytes, rng, x):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    bs = 32
+    nb = -(-k // bs)
+    per = n * nb * 16 + n * nb * 4  # packed 4-bit blocks + float32 scales (symmetric: no zero points)
+    m = _count(stack_bytes, per)
+    nodes, inits, outs = [], [], []
+    for i in range(m):
+        b = rng.bytes(n * nb * 16)
+        s = rng.uniform(1e-3, 1e-2, n * nb).astype(np.float32)
+        inits.append(helper.make_tensor(f"B{i}", TensorProto.UINT8, [n, nb, 16], b, raw=True))
+        inits.append(helper.make_tensor(f"S{i}", TensorProto.FLOAT, [n * nb], s.tobytes(), raw=True))
+        nodes.append(helper.make_node("MatMulNBits", ["A", f"B{i}", f"S{i}"], [f"Y{i}"], domain="com.microsoft",
+                                      K=k, N=n, bits=4, block_size=bs, accuracy_level=4))
+        outs.append(helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, [1, n]))
+    graph = helper.make_graph(nodes, "stack", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, k])],
+                              outs, inits)
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17),
+                                                                    helper.make_opsetid("com.microsoft", 1)])
+    blob = model.SerializeToString()
+    del model, graph, inits
+    state: dict[str, Any] = {}
+    feed = {"A": x}
+
+    def prepare(threads: int) -> None:
+        state.pop("sess", None)
+        gc.collect()
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        state["sess"] = ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
+
+    def run_pass(threads: int) -> None:
+        state["sess"].run(None, feed)
+
+    def release() -> None:
+        state.clear()
+
+    return Impl(name, per * 8 / (n * k), per, m, run_pass, keep=[blob], prepare=prepare, release=release)
+
+
+def _torch(name, n, k, stack_bytes, rng, x):
+    import torch
+
+    g = 32
+    per = n * k // 2 + (k // g) * n * 2 * 4  # packed nibbles + float32 (scale, zero) per group
+    m = _count(stack_bytes, per)
+    stack = []
+    for _ in range(m):
+        q = torch.from_numpy(np.frombuffer(rng.bytes(n * k // 2), np.uint8).reshape(n, k // 2).copy())
+        q32 = torch.stack([q & 15, q >> 4], dim=2).reshape(n, k).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q32, 1)
+        sz = torch.from_numpy(rng.uniform(1e-3, 1e-2, (k // g, n, 2)).astype(np.float32))
+        stack.append((packed, sz))
+    xt = torch.from_numpy(x)
+    op = torch.ops.aten._weight_int4pack_mm_for_cpu
+
+    def run_pass(threads: int) -> None:
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            for packed, sz in stack:
+                op(xt, packed, g, sz)
+
+    return Impl(name, per * 8 / (n * k), per, m, run_pass, keep=[stack])
+
+
+# ------------------------------------------------------------------------------------------------------ run
+def _stream_gbps(threads: int, nbytes: int, reps: int = 3) -> float:
+    from vqmobile import kernels as K
+
+    buf = np.ones(nbytes // 8, np.uint64)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        K.stream_read(buf, threads)
+        best = min(best, time.perf_counter() - t0)
+    del buf
+    return nbytes / best / 1e9
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run(args: argparse.Namespace) -> int:
+    from vqmobile import kernels as K
+
+    if args.quick:
+        shapes = [(1024, 1024)]
+        stack_bytes, repeats, stream_bytes = 32e6, 2, 256 << 20
+    else:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",") if s]
+        stack_bytes, repeats, stream_bytes = args.stack_mb * 1e6, max(1, args.repeats), 1536 << 20
+    threads_list = [int(t) for t in str(args.threads).split(",") if t]
+    rows = list(VQ_ROWS) + (list(VQ_EXTRA) if args.extra else []) + list(INT_ROWS)
+    if not args.no_peers:
+        rows += ["ort-int4-b32", "torch-int4-g32"]
+    if args.kernels:
+        want = set(args.kernels.split(","))
+        unknown = want - set(rows) - set(VQ_EXTRA)
+        if unknown:
+            print(f"unknown kernels: {sorted(unknown)}; known: {rows + list(VQ_EXTRA)}", file=sys.stderr)
+            return 2
+        rows = [r for r in list(VQ_ROWS) + list(VQ_EXTRA) + list(INT_ROWS) + ["ort-int4-b32", "torch-int4-g32"]
+                if r in want]
+
+    started = _dt.datetime.now(_dt.timezone.utc)
+    info = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "cpu": _cpu_model(), "cpus": os.cpu_count(),
+            "path": K.active_path(), "loadavg_start": _loadavg(), "stack_mb": stack_bytes / 1e6,
+            "repeats": repeats, "command": " ".join(["vqmobile bench kernels"] + sys.argv[1:])}
+    print(f"# vqmobile bench kernels  {info['date']}  cpu: {info['cpu']} x{info['cpus']}  path: {info['path']}  "
+          f"load: {info['loadavg_start']}", flush=True)
+    stream = {t: round(_stream_gbps(t, stream_bytes), 2) for t in threads_list}
+    print("# streaming read bandwidth (GB/s): " + ", ".join(f"{t} thread(s): {v}" for t, v in stream.items()),
+          flush=True)
+
+    records: list[dict[str, Any]] = []
+    rng = np.random.default_rng(0)
+    header = f"{'shape':>11} {'thr':>3} {'kernel':<16} {'bpv':>6} {'us':>9} {'GB/s':>6} {'%stream':>7} {'vs ort':>6}"
+    print(header)
+    print("-" * len(header), flush=True)
+    for n, k in shapes:
+        x = rng.standard_normal((1, k)).astype(np.float32)
+        impls: list[Impl] = []
+        for r in rows:
+            if r in VQ_ROWS or r in VQ_EXTRA:
+                impls.append(_ours_vq(r, {**VQ_ROWS, **VQ_EXTRA}[r], n, k, stack_bytes, rng, x))
+            elif r in INT_ROWS:
+                impls.append(_ours_int(r, INT_ROWS[r], n, k, stack_bytes, rng, x))
+            elif r == "ort-int4-b32":
+                impls.append(_ort(r, n, k, stack_bytes, rng, x))
+            elif r == "torch-int4-g32":
+                impls.append(_torch(r, n, k, stack_bytes, rng, x))
+        for threads in threads_list:
+            for im in impls:
+                if im.prepare:
+                    im.prepare(threads)
+                im.run_pass(threads)  # warm-up (page faults, prepacking, thread pools)
+            times: dict[str, list[float]] = {im.name: [] for im in impls}
+            for _ in range(repeats):  # round-robin passes
+                for im in impls:
+                    t0 = time.perf_counter()
+                    im.run_pass(threads)
+                    times[im.name].append((time.perf_counter() - t0) / im.matrices)
+            ort_us = min(times["ort-int4-b32"]) * 1e6 if "ort-int4-b32" in times else None
+            for im in impls:
+                us = min(times[im.name]) * 1e6
+                gbps = im.bytes_per_matrix / us / 1e3
+                rec = {"kernel": im.name, "bpv": round(im.bpv, 4), "shape": [n, k], "threads": threads,
+                       "us": round(us, 1), "us_median": round(statistics.median(times[im.name]) * 1e6, 1),
+                       "gbps": round(gbps, 2), "pct_stream": round(100 * gbps / stream[threads], 1),
+                       "ratio_vs_ort": round(us / ort_us, 3) if ort_us else None,
+                       "matrices": im.matrices, "stack_mb": round(im.bytes_per_matrix * im.matrices / 1e6, 1)}
+                records.append(rec)
+                ratio = f"{rec['ratio_vs_ort']:.2f}" if ort_us else "-"
+                print(f"{n:>5}x{k:<5} {threads:>3} {im.name:<16} {im.bpv:>6.3f} {us:>9.1f} {gbps:>6.2f} "
+                      f"{rec['pct_stream']:>6.1f}% {ratio:>6}", flush=True)
+            for im in impls:
+                if im.release:
+                    im.release()
+        del impls
+        gc.collect()
+
+    targets = _targets(records, stream) if not args.quick else {}
+    info["loadavg_end"] = _loadavg()
+    info["seconds"] = round((_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(), 1)
+    for line in targets.get("lines", []):
+        print(line)
+    out = {"info": info, "stream_gbps": {str(t): v for t, v in stream.items()}, "records": records,
+           "targets": {k: v for k, v in targets.items() if k != "lines"}}
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+        print(f"# wrote {args.json} ({info['seconds']} s, load {info['loadavg_start']} -> {info['loadavg_end']})")
+    return 0
+
+
+def _targets(records: list[dict[str, Any]], stream: dict[int, float]) -> dict[str, Any]:
+    """The issue's targets, evaluated on this run's records."""
+    res: dict[str, Any] = {"lines": ["# targets (same run):"]}
+    by = {(r["kernel"], tuple(r["shape"]), r["threads"]): r for r in records}
+
+    def check(kernel: str, limit: float, key: str) -> None:
+        rs = [r for r in records if r["kernel"] == kernel and r["ratio_vs_ort"] is not None]
+        if not rs:
+            return
+        worst = max(r["ratio_vs_ort"] for r in rs)
+        ok = worst <= limit
+        res[key] = {"limit": limit, "worst_ratio": worst, "met": ok,
+                    "ratios": {f"{r['shape'][0]}x{r['shape'][1]}/t{r['threads']}": r["ratio_vs_ort"] for r in rs}}
+        res["lines"].append(f"#   {kernel} <= {limit}x onnxruntime: worst {worst:.2f} -> {'MET' if ok else 'MISSED'}")
+
+    check("vq2.25", 0.55, "vq2.25_le_0.55x_ort")
+    check("vq3.125", 0.75, "vq3.125_le_0.75x_ort")
+    check("int4-g32", 1.0, "int4_g32_no_slower_than_ort")
+    vq = [r for r in records if r["kernel"].startswith("vq")]
+    if vq:
+        best = max(vq, key=lambda r: r["pct_stream"])
+        ok = best["pct_stream"] >= 85.0
+        res["best_vq_pct_stream"] = {"kernel": best["kernel"], "shape": best["shape"], "threads": best["threads"],
+                                     "pct": best["pct_stream"], "met": ok}
+        res["lines"].append(f"#   best VQ kernel >= 85% of streaming bandwidth: {best['kernel']} "
+                            f"{best['shape'][0]}x{best['shape'][1]} t{best['threads']} {best['pct_stream']}% -> "
+                            f"{'MET' if ok else 'MISSED'}")
+    del by
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vqmobile bench kernels", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
