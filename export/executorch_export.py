@@ -1,0 +1,86 @@
+"""ExecuTorch export: torch.export of the static-KV-cache decoder, lowering with the XNNPACK partitioner, .pte.
+
+The program has one method, ``forward(tokens int64 [1, T], input_pos int64 [1]) -> logits [1, T, vocab]`` with
+T dynamic in [1, max_seq] (prefill: the prompt at input_pos 0; decode: one token at its position); the KV cache is a
+set of mutable buffers inside the program. Every op that is not ours goes to XNNPACK where it can; the
+``vqmobile::vq_linear`` / ``vqmobile::int_linear`` nodes stay custom ops (their ``.out`` variants) whose packed
+weights are constants of the program, run by the adapter library in export/runtime/ (load it before the program).
+
+``decompose=True`` traces the standard-op decompositions instead: a .pte any ExecuTorch runtime can run, slow and
+with the weights still packed in the file but dequantized at every call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from pathlib import Path
+
+import torch
+
+from vqmobile import ops
+
+from .model import StaticLlama
+
+
+def _quiet():
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from executorch.exir._warnings import ExperimentalWarning
+
+        warnings.filterwarnings("ignore", category=ExperimentalWarning)
+    except Exception:  # pragma: no cover
+        pass
+
+
+def export_program(hf_model: torch.nn.Module, max_seq: int, *, decompose: bool = False,
+                   wrapper: torch.nn.Module | None = None) -> torch.export.ExportedProgram:
+    """torch.export of the static-cache decoder with a dynamic sequence length in [1, max_seq]."""
+    module = wrapper if wrapper is not None else StaticLlama(hf_model, max_seq, cache=True)
+    module.eval()
+    seq = torch.export.Dim("seq", min=1, max=max_seq)
+    example = (torch.zeros(1, 2, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
+    ctx = ops.decomposed() if decompose else contextlib.nullcontext()
+    with ctx, torch.no_grad():
+        return torch.export.export(module, example, dynamic_shapes=({1: seq}, None), strict=False)
+
+
+def lower_to_executorch(ep: torch.export.ExportedProgram):
+    """to_edge_transform_and_lower with XNNPACK, then to_executorch with bounded dynamic-shape memory planning."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+
+    _quiet()
+    edge = to_edge_transform_and_lower(
+        ep, partitioner=[XnnpackPartitioner()],
+        compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
+    )
+    return edge.to_executorch(ExecutorchBackendConfig(
+        extract_delegate_segments=True, sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+    ))
+
+
+def export_pte(hf_model: torch.nn.Module, path: str | Path, max_seq: int, *, decompose: bool = False) -> dict:
+    """Write the .pte; returns facts about it (size, custom-op count, delegated partitions)."""
+    ep = export_program(hf_model, max_seq, decompose=decompose)
+    prog = lower_to_executorch(ep)
+    data = prog.buffer
+    Path(path).write_bytes(data)
+    return {"bytes": len(data), **program_summary(prog)}
+
+
+def program_summary(prog) -> dict:
+    """Which operators the lowered program runs outside delegates, and how many XNNPACK partitions it has."""
+    counts: dict[str, int] = {}
+    delegates = 0
+    for node in prog.exported_program().graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = str(node.target)
+        if "executorch_call_delegate" in name:
+            delegates += 1
+        elif "vqmobile" in name:
+            counts[name] = counts.get(name, 0) + 1
+    return {"custom_ops": counts, "xnnpack_partitions": delegates}

@@ -1,0 +1,158 @@
+// ExecuTorch kernels for the vqmobile custom operators (out variants):
+//   vqmobile::vq_linear.out(Tensor x, Tensor indices, Tensor codebook, Tensor codebook_scale, Tensor? bias,
+//                           int n, int k, int d, int rows_per_block, int cols_per_block, *, Tensor(a!) out)
+//   vqmobile::int_linear.out(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor? bias,
+//                            int n, int k, int bits, int group, *, Tensor(a!) out)
+// Both call the native C kernels (native/include/vqmobile.h) with float activations, the same calls the Python
+// operators make (vqmobile/ops.py), so the runtime computes exactly what eager PyTorch computes.
+//
+// Registration: the same boxing as EXECUTORCH_LIBRARY (make_boxed_kernel + register_kernel), done once at load
+// and skipped for an op the registry already has, because registering an op twice aborts the process (two copies
+// of this library, or a runtime that links the kernels in statically, must not crash).
+#include <cstdint>
+#include <cstring>
+#include <optional>
+
+#include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
+#include <executorch/runtime/core/exec_aten/util/tensor_util.h>
+#include <executorch/runtime/kernel/kernel_includes.h>
+#include <executorch/runtime/kernel/operator_registry.h>
+
+#include "vqmobile.h"
+
+namespace vqmobile_et {
+
+using executorch::aten::ScalarType;
+using executorch::aten::SizesType;
+using executorch::aten::Tensor;
+using executorch::runtime::Error;
+using executorch::runtime::KernelRuntimeContext;
+
+namespace {
+
+// Resize `out` to x.sizes()[:-1] + [n]; returns the batch (rows of x) or -1 on failure.
+int64_t prepare(KernelRuntimeContext& ctx, const Tensor& x, int64_t n, int64_t k, Tensor& out) {
+  if (x.scalar_type() != ScalarType::Float || out.scalar_type() != ScalarType::Float || x.dim() < 1 ||
+      x.size(x.dim() - 1) != k) {
+    ET_LOG(Error, "vqmobile: x must be float32 [..., %lld]", (long long)k);
+    ctx.fail(Error::InvalidArgument);
+    return -1;
+  }
+  SizesType sizes[executorch::runtime::kTensorDimensionLimit];
+  const int64_t nd = x.dim();
+  int64_t batch = 1;
+  for (int64_t i = 0; i + 1 < nd; ++i) {
+    sizes[i] = static_cast<SizesType>(x.size(i));
+    batch *= x.size(i);
+  }
+  sizes[nd - 1] = static_cast<SizesType>(n);
+  if (executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(nd)}) != Error::Ok) {
+    ET_LOG(Error, "vqmobile: cannot resize the output");
+    ctx.fail(Error::InvalidArgument);
+    return -1;
+  }
+  return batch;
+}
+
+const float* bias_ptr(KernelRuntimeContext& ctx, const std::optional<Tensor>& bias, int64_t n, bool* ok) {
+  *ok = true;
+  if (!bias.has_value()) return nullptr;
+  if (bias->scalar_type() != ScalarType::Float || bias->numel() != n) {
+    ET_LOG(Error, "vqmobile: bias must be float32 [%lld]", (long long)n);
+    ctx.fail(Error::InvalidArgument);
+    *ok = false;
+    return nullptr;
+  }
+  return bias->const_data_ptr<float>();
+}
+
+}  // namespace
+
+Tensor& vq_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& indices, const Tensor& codebook,
+                      const Tensor& codebook_scale, const std::optional<Tensor>& bias, int64_t n, int64_t k,
+                      int64_t d, int64_t rows_per_block, int64_t cols_per_block, Tensor& out) {
+  const int64_t batch = prepare(ctx, x, n, k, out);
+  if (batch < 0) return out;
+  bool ok;
+  const float* b = bias_ptr(ctx, bias, n, &ok);
+  if (!ok) return out;
+  if (indices.scalar_type() != ScalarType::Byte || codebook.scalar_type() != ScalarType::Char ||
+      codebook_scale.scalar_type() != ScalarType::Half || codebook.dim() != 4) {
+    ET_LOG(Error, "vqmobile::vq_linear: expected uint8 indices, int8 codebook [R,C,k,d], fp16 scales");
+    ctx.fail(Error::InvalidArgument);
+    return out;
+  }
+  vqm_vq_weight w;
+  w.n = (int32_t)n;
+  w.k = (int32_t)k;
+  w.d = (int32_t)d;
+  w.ncent = (int32_t)codebook.size(2);
+  w.rows_per_block = (int32_t)rows_per_block;
+  w.cols_per_block = (int32_t)cols_per_block;
+  w.indices = indices.const_data_ptr<uint8_t>();
+  w.codebook = codebook.const_data_ptr<int8_t>();
+  w.scale = static_cast<const uint16_t*>(codebook_scale.const_data_ptr());
+  if (batch == 0) return out;
+  int rc = vqm_vq_linear(&w, x.const_data_ptr<float>(), batch, b, out.mutable_data_ptr<float>(), 0, 0);
+  if (rc != VQM_OK) {
+    ET_LOG(Error, "vqmobile::vq_linear: native kernel failed (%d)", rc);
+    ctx.fail(Error::InvalidArgument);
+  }
+  return out;
+}
+
+Tensor& int_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& codes, const Tensor& scales,
+                       const std::optional<Tensor>& zeros, const std::optional<Tensor>& bias, int64_t n, int64_t k,
+                       int64_t bits, int64_t group, Tensor& out) {
+  const int64_t batch = prepare(ctx, x, n, k, out);
+  if (batch < 0) return out;
+  bool ok;
+  const float* b = bias_ptr(ctx, bias, n, &ok);
+  if (!ok) return out;
+  if (codes.scalar_type() != ScalarType::Byte || scales.scalar_type() != ScalarType::Half ||
+      (zeros.has_value() && zeros->scalar_type() != ScalarType::Byte)) {
+    ET_LOG(Error, "vqmobile::int_linear: expected uint8 codes, fp16 scales, uint8 zeros");
+    ctx.fail(Error::InvalidArgument);
+    return out;
+  }
+  vqm_int_weight w;
+  w.n = (int32_t)n;
+  w.k = (int32_t)k;
+  w.bits = (int32_t)bits;
+  w.group = (int32_t)group;
+  w.codes = codes.const_data_ptr<uint8_t>();
+  w.scales = static_cast<const uint16_t*>(scales.const_data_ptr());
+  w.zeros = zeros.has_value() ? zeros->const_data_ptr<uint8_t>() : nullptr;
+  if (batch == 0) return out;
+  int rc = vqm_int_linear(&w, x.const_data_ptr<float>(), batch, b, out.mutable_data_ptr<float>(), 0, 0);
+  if (rc != VQM_OK) {
+    ET_LOG(Error, "vqmobile::int_linear: native kernel failed (%d)", rc);
+    ctx.fail(Error::InvalidArgument);
+  }
+  return out;
+}
+
+namespace {
+
+constexpr char kVqName[] = "vqmobile::vq_linear.out";
+constexpr char kIntName[] = "vqmobile::int_linear.out";
+
+int register_once() {
+  using executorch::extension::make_boxed_kernel;
+  if (!executorch::runtime::registry_has_op_function(kVqName)) {
+    (void)executorch::runtime::register_kernel(make_boxed_kernel(kVqName, EXECUTORCH_FN(vq_linear_out, kVqName)));
+  }
+  if (!executorch::runtime::registry_has_op_function(kIntName)) {
+    (void)executorch::runtime::register_kernel(make_boxed_kernel(kIntName, EXECUTORCH_FN(int_linear_out, kIntName)));
+  }
+  return 0;
+}
+
+static const int registered = register_once();
+
+}  // namespace
+}  // namespace vqmobile_et
+
+// C entry points: lets a host program (or ctypes) force registration and query the library.
+extern "C" __attribute__((visibility("default"))) int vqmobile_et_register(void) { return vqmobile_et::register_once(); }
+extern "C" __attribute__((visibility("default"))) const char* vqmobile_et_version(void) { return "vqmobile-executorch-adapter 1"; }
