@@ -1,0 +1,226 @@
+"""ONNX export: the decoder (stateless: ``input_ids int64 [1, T] -> logits float32 [1, T, vocab]``, T dynamic) with
+every quantized linear as one node of the custom domain ``vqmobile``:
+
+    vqmobile.VQLinear(x, indices uint8, codebook int8, codebook_scale fp16, bias float) -> y
+        attributes n, k, d, rows_per_block, cols_per_block, bits (index bits)
+    vqmobile.IntLinear(x, codes uint8, scales fp16, zeros uint8, bias float) -> y
+        attributes n, k, bits, group  (symmetric weights get zeros = 2^(bits-1) as a [1, groups] constant)
+
+The packed tensors are the node's initializers, so the file keeps the weights compressed. The semantics of both ops
+are given by ONNX model-local functions (BitShift / Gather / Reshape / MatMul ...), so stock onnxruntime runs the
+file unmodified and a runtime with a native kernel can take the node instead. Layers without a bias get a zero bias.
+
+Notes: the torch exporter (TorchScript-based, ``dynamo=False``, no onnxscript needed) emits the custom nodes through
+registered symbolics; the functions are attached after export (the exporter would inline them). The file uses IR
+version 13 (onnxruntime 1.31 reads <= 13) and passes ``onnx.checker.check_model(full_check=True)``. onnxruntime may
+constant-fold the function bodies into dense float weights at session creation: the file stays compressed, the
+session's memory does not (fine for accuracy checks; use a native kernel for deployment).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from vqmobile import ops  # noqa: F401  (registers the operators)
+
+from .model import StaticLlama
+
+DOMAIN = "vqmobile"
+DOMAIN_VERSION = 1
+OPSET = 18
+IR_VERSION = 13
+
+_registered = False
+
+
+def _register_symbolics() -> None:
+    global _registered
+    if _registered:
+        return
+    from torch.onnx import register_custom_op_symbolic
+    from torch.onnx import symbolic_helper as sh
+
+    def _bias(g, bias, n):
+        if sh._is_none(bias):
+            return g.op("Constant", value_t=torch.zeros(n, dtype=torch.float32))
+        return bias
+
+    @sh.parse_args("v", "v", "v", "v", "v", "i", "i", "i", "i", "i")
+    def vq_linear(g, x, indices, codebook, scale, bias, n, k, d, rpb, cpb):
+        ncent = sh._get_tensor_sizes(codebook)[2]
+        bits = max(1, (int(ncent) - 1).bit_length())
+        return g.op(f"{DOMAIN}::VQLinear", x, indices, codebook, scale, _bias(g, bias, n), n_i=n, k_i=k, d_i=d,
+                    rows_per_block_i=rpb, cols_per_block_i=cpb, bits_i=bits)
+
+    @sh.parse_args("v", "v", "v", "v", "v", "i", "i", "i", "i")
+    def int_linear(g, x, codes, scales, zeros, bias, n, k, bits, group):
+        if sh._is_none(zeros):
+            ng = -(-k // group)
+            zeros = g.op("Constant", value_t=torch.full((1, ng), 1 << (bits - 1), dtype=torch.uint8))
+        return g.op(f"{DOMAIN}::IntLinear", x, codes, scales, zeros, _bias(g, bias, n), n_i=n, k_i=k, bits_i=bits,
+                    group_i=group)
+
+    register_custom_op_symbolic(f"{DOMAIN}::vq_linear", vq_linear, OPSET)
+    register_custom_op_symbolic(f"{DOMAIN}::int_linear", int_linear, OPSET)
+    _registered = True
+
+
+# --------------------------------------------------------------------------------------------- function bodies
+class _Body:
+    """Small builder for a FunctionProto body."""
+
+    def __init__(self, prefix: str):
+        self.nodes = []
+        self.prefix = prefix
+        self.count = 0
+
+    def name(self, hint: str) -> str:
+        self.count += 1
+        return f"{hint}_{self.count}"
+
+    def op(self, op_type: str, *inputs: str, hint: str | None = None, **attrs) -> str:
+        from onnx import helper
+
+        out = self.name(hint or op_type.lower())
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
+        return out
+
+    def attr_int(self, attr: str) -> str:
+        """A 0-D int64 tensor holding the function attribute `attr`."""
+        from onnx import AttributeProto, helper
+
+        out = self.name(attr)
+        node = helper.make_node("Constant", [], [out])
+        a = AttributeProto(name="value_int", type=AttributeProto.INT, ref_attr_name=attr)
+        node.attribute.append(a)
+        self.nodes.append(node)
+        return out
+
+    def const(self, value, dtype=None, hint: str = "c") -> str:
+        import numpy as np
+        from onnx import numpy_helper
+
+        arr = np.array(value, dtype=dtype)
+        return self.op("Constant", hint=hint, value=numpy_helper.from_array(arr))
+
+    def unsqueeze0(self, x: str) -> str:
+        return self.op("Unsqueeze", x, self.const([0], "int64"))
+
+    def unpack(self, packed: str, count: str, bits: str) -> str:
+        """uint8 [N, B] little-endian per-row bitstream -> float [N, count] codes."""
+        u = self.op("Unsqueeze", packed, self.const([-1], "int64"))
+        sh = self.op("BitShift", u, self.const(list(range(8)), "uint8"), direction="RIGHT")
+        bit = self.op("BitwiseAnd", sh, self.const(1, "uint8"))
+        flat = self.op("Reshape", bit, self.const([0, -1], "int64"))
+        nbits = self.op("Mul", count, bits)
+        take = self.op("Slice", flat, self.const([0], "int64"), self.unsqueeze0(nbits), self.const([1], "int64"))
+        shape = self.op("Concat", self.const([0, -1], "int64"), self.unsqueeze0(bits), axis=0)
+        grouped = self.op("Cast", self.op("Reshape", take, shape), to=1)
+        powers = self.op("Pow", self.const(2.0, "float32"),
+                         self.op("Cast", self.op("Range", self.const(0, "int64"), bits, self.const(1, "int64")), to=1))
+        return self.op("ReduceSum", self.op("Mul", grouped, powers), self.const([-1], "int64"), keepdims=0)
+
+
+def _linear_tail(b: _Body, x: str, w: str, bias: str) -> None:
+    wt = b.op("Transpose", w, perm=[1, 0])
+    y = b.op("MatMul", x, wt)
+    b.nodes.append(__import__("onnx").helper.make_node("Add", [y, bias], ["y"]))
+
+
+def vq_function():
+    from onnx import helper
+
+    b = _Body("vq")
+    n, k, d = b.attr_int("n"), b.attr_int("k"), b.attr_int("d")
+    rpb, cpb, bits = b.attr_int("rows_per_block"), b.attr_int("cols_per_block"), b.attr_int("bits")
+    one, zero = b.const(1, "int64"), b.const(0, "int64")
+    nvec = b.op("Div", b.op("Sub", b.op("Add", k, d), one), d)  # ceil(k / d)
+    idx = b.op("Cast", b.unpack("indices", nvec, bits), to=7)  # int64 [N, V]
+    cb_shape = b.op("Shape", "codebook")
+    ncb = b.op("Gather", cb_shape, b.const(1, "int64"))
+    ncent = b.op("Gather", cb_shape, b.const(2, "int64"))
+    rb = b.op("Div", b.op("Range", zero, n, one), rpb)  # [N]
+    cb = b.op("Div", b.op("Mul", b.op("Range", zero, nvec, one), d), cpb)  # [V]
+    base = b.op("Add", b.op("Mul", b.op("Unsqueeze", rb, b.const([1], "int64")), ncb),
+                b.op("Unsqueeze", cb, b.const([0], "int64")))
+    flat = b.op("Add", b.op("Mul", base, ncent), idx)  # [N, V]
+    table = b.op("Reshape", b.op("Cast", "codebook", to=1),
+                 b.op("Concat", b.const([-1], "int64"), b.unsqueeze0(d), axis=0))  # [G*ncent, d]
+    vals = b.op("Reshape", b.op("Gather", table, flat, axis=0), b.const([0, -1], "int64"))  # [N, V*d]
+    vals = b.op("Slice", vals, b.const([0], "int64"), b.unsqueeze0(k), b.const([1], "int64"))  # [N, K]
+    colb = b.op("Div", b.op("Range", zero, k, one), cpb)
+    scale = b.op("Gather", b.op("Gather", b.op("Cast", "codebook_scale", to=1), rb, axis=0), colb, axis=1)
+    w = b.op("Mul", vals, scale)
+    _linear_tail(b, "x", w, "bias")
+    return helper.make_function(
+        DOMAIN, "VQLinear", ["x", "indices", "codebook", "codebook_scale", "bias"], ["y"], b.nodes,
+        [helper.make_opsetid("", OPSET)], attributes=["n", "k", "d", "rows_per_block", "cols_per_block", "bits"])
+
+
+def int_function():
+    from onnx import helper
+
+    b = _Body("int")
+    k, bits, group = b.attr_int("k"), b.attr_int("bits"), b.attr_int("group")
+    one, zero = b.const(1, "int64"), b.const(0, "int64")
+    q = b.unpack("codes", k, bits)  # float [N, K]
+    g = b.op("Div", b.op("Range", zero, k, one), group)
+    s = b.op("Gather", b.op("Cast", "scales", to=1), g, axis=1)
+    z = b.op("Gather", b.op("Cast", "zeros", to=1), g, axis=1)
+    w = b.op("Mul", b.op("Sub", q, z), s)
+    _linear_tail(b, "x", w, "bias")
+    return helper.make_function(
+        DOMAIN, "IntLinear", ["x", "codes", "scales", "zeros", "bias"], ["y"], b.nodes,
+        [helper.make_opsetid("", OPSET)], attributes=["n", "k", "bits", "group"])
+
+
+def attach_functions(model) -> None:
+    """Add the model-local functions for the vqmobile nodes the graph uses, the domain import and IR version."""
+    from onnx import helper
+
+    used = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
+    have = {(f.domain, f.name) for f in model.functions}
+    for fn in (vq_function(), int_function()):
+        if fn.name in used and (fn.domain, fn.name) not in have:
+            model.functions.append(fn)
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    model.ir_version = min(model.ir_version, IR_VERSION)
+
+
+def export_onnx(hf_model: torch.nn.Module, path: str | Path, max_seq: int) -> dict:
+    """Export, attach the functions, check (full), save. Returns facts about the file."""
+    import onnx
+
+    _register_symbolics()
+    module = StaticLlama(hf_model, max_seq, cache=False).eval()
+    example = torch.zeros(1, 8, dtype=torch.int64)
+    path = Path(path)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=OPSET,
+                          input_names=["input_ids"], output_names=["logits"],
+                          dynamic_axes={"input_ids": {1: "seq"}, "logits": {1: "seq"}},
+                          custom_opsets={DOMAIN: DOMAIN_VERSION}, do_constant_folding=False)
+    model = onnx.load(str(path))
+    attach_functions(model)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.domain == DOMAIN:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return {"bytes": path.stat().st_size, "custom_nodes": counts, "ir_version": model.ir_version, "opset": OPSET}
+
+
+def ort_session(path: str | Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
