@@ -430,6 +430,7 @@ vq_tile_impl(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1
         slots[i].m128 = slots[i].tab + ((tsz * (size_t)ncb + 63) & ~(size_t)63);
     }
     const __m256i ones = _mm256_set1_epi16(1);
+    const int64_t pf_blk = ((vqm_cdiv(4 * rowbytes, ncb) + 63) / 64) * 64;
     const int8_t *xq = xp->xq;
     const uint8_t *xa = xp->xa;
     for (int64_t r = r0; r < r1; r += 4) {
@@ -468,12 +469,9 @@ vq_tile_impl(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1
             const int safe = !(ts[0]->m128[cb] | ts[1]->m128[cb] | ts[2]->m128[cb] | ts[3]->m128[cb]);
             const uint8_t *tab[4] = { ts[0]->tab + cb * tsz, ts[1]->tab + cb * tsz, ts[2]->tab + cb * tsz, ts[3]->tab + cb * tsz };
             __m256i a[4] = { _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256() };
-            {
-                const int64_t pf = ((code1 * BE) >> 3) + 256;
-                for (int i = 0; i < 4; i++) {
-                    _mm_prefetch((const char *)(rows[i] + pf), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(rows[i] + pf + 64), _MM_HINT_T0);
-                }
+            if (r + 8 < w->n) { /* stream in the tile after next: its 4 rows are contiguous */
+                const uint8_t *pf = w->indices + (r + 8) * rowbytes + cb * pf_blk;
+                for (int64_t o = 0; o < pf_blk; o += 64) _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
             }
             const int aligned = ((code0 * BE) & 7) == 0;
             const int64_t nfull = aligned ? (code1 - code0) / 32 : 0;
@@ -585,6 +583,7 @@ static void int4_rows_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r
     const int64_t rowbytes = vqm_int_row_bytes(w);
     const int64_t nchunk = xp->blk_pad / 32;
     const __m256i ones = _mm256_set1_epi16(1);
+    const int64_t pf_grp = ((vqm_cdiv(4 * rowbytes, ng) + 63) / 64) * 64;
     for (int64_t r = r0; r < r1; r += 4) {
         int64_t rr[4];
         const uint8_t *rows[4];
@@ -599,16 +598,19 @@ static void int4_rows_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r
                 const int64_t c0 = g * G;
                 const int64_t c1 = c0 + G < k ? c0 + G : k;
                 __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+                if (bi == 0 && r + 8 < n) { /* stream in the tile after next (codes and scales) */
+                    const uint8_t *pf = w->codes + (r + 8) * rowbytes + g * pf_grp;
+                    for (int64_t o = 0; o < pf_grp; o += 64) _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
+                    if ((g & 31) == 0)
+                        for (int i = 0; i < 4 && r + 8 + i < n; i++)
+                            _mm_prefetch((const char *)(w->scales + (r + 8 + i) * ng + g), _MM_HINT_T0);
+                }
                 for (int64_t h = 0; h < nchunk; h++) {
                     const int64_t cs = c0 + 32 * h, nvalid = c1 - cs;
                     if (nvalid <= 0) break;
                     __m256i x = _mm256_loadu_si256((const __m256i *)(const void *)(xqb + g * xp->blk_pad + 32 * h));
                     if (nvalid >= 32 && (cs & 1) == 0) {
                         const int64_t off = cs >> 1;
-                        _mm_prefetch((const char *)(rows[0] + off + 384), _MM_HINT_T0);
-                        _mm_prefetch((const char *)(rows[1] + off + 384), _MM_HINT_T0);
-                        _mm_prefetch((const char *)(rows[2] + off + 384), _MM_HINT_T0);
-                        _mm_prefetch((const char *)(rows[3] + off + 384), _MM_HINT_T0);
                         a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_maddubs_epi16(unpack4(rows[0] + off), x), ones));
                         a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_maddubs_epi16(unpack4(rows[1] + off), x), ones));
                         a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(_mm256_maddubs_epi16(unpack4(rows[2] + off), x), ones));
