@@ -1,0 +1,245 @@
+"""The deployable bundle: what `vqmobile export` writes, and its validation on open.
+
+Layout (written atomically: a temporary sibling renamed into place, never half-written):
+
+    bundle.json                         manifest: target, formats, bpv, sizes, model config, sha256 of every file
+    model.pte                           ExecuTorch program (vqmobile custom ops + XNNPACK delegates)
+    model.onnx                          ONNX model (vqmobile-domain nodes with model-local functions)
+    lib/libvqmobile_executorch.so       the ExecuTorch adapter + native kernels, built for the target
+    tokenizer/                          the tokenizer files
+    checkpoint/                         the vqmobile checkpoint the graphs were exported from: the PyTorch
+                                        reference for `vqmobile check` (not needed on the device)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from vqmobile.errors import FormatError, UserError
+
+MANIFEST = "bundle.json"
+FORMAT = "vqmobile-bundle"
+FORMAT_VERSION = 1
+PTE = "model.pte"
+ONNX = "model.onnx"
+LIB_DIR = "lib"
+TOKENIZER_DIR = "tokenizer"
+CHECKPOINT_DIR = "checkpoint"
+FORMATS = ("executorch", "onnx")
+DEFAULT_MAX_SEQ = 512
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def pte(self) -> Path | None:
+        return self.path / PTE if "executorch" in self.manifest["formats"] else None
+
+    @property
+    def onnx(self) -> Path | None:
+        return self.path / ONNX if "onnx" in self.manifest["formats"] else None
+
+    @property
+    def library(self) -> Path | None:
+        lib = self.manifest.get("library")
+        return self.path / lib["path"] if lib else None
+
+    @property
+    def target(self) -> str:
+        return self.manifest["target"]
+
+    @property
+    def max_seq(self) -> int:
+        return int(self.manifest["max_seq"])
+
+    def host_library(self, progress=None) -> Path | None:
+        """The adapter library this machine can load: the bundle's when it was built for this machine, else one
+        built here (cached). None for a decomposed program (no custom ops)."""
+        if self.library is None:
+            return None
+        from .runtime.build import build_adapter, host_target
+
+        if self.target == host_target():
+            return self.library
+        return build_adapter(host_target(), progress=progress)
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.path / TOKENIZER_DIR, local_files_only=True)
+
+
+def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
+    """Open and validate a bundle: manifest readable and of this format, every listed file present with its
+    sha256, the kernel library present when the program needs it. Raises a one-line FormatError / UserError."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise UserError(f"bundle {p} does not exist or is not a directory")
+    mf = p / MANIFEST
+    if not mf.is_file():
+        raise FormatError(f"{p} is not a vqmobile bundle: it has no {MANIFEST} (incomplete export?)")
+    try:
+        manifest = json.loads(mf.read_text())
+    except (OSError, ValueError) as e:
+        raise FormatError(f"cannot read {mf}: {str(e).splitlines()[0]}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise FormatError(f"{mf} is not a vqmobile bundle manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise FormatError(f"{p} has bundle format version {manifest.get('format_version')}, "
+                          f"this vqmobile reads version {FORMAT_VERSION}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise FormatError(f"{mf} lists no files")
+    for key in ("target", "formats", "max_seq"):
+        if key not in manifest:
+            raise FormatError(f"{mf} has no '{key}' entry")
+    lib = manifest.get("library")
+    if lib and not (p / lib["path"]).is_file():
+        raise FormatError(f"bundle {p} is missing its kernel library {lib['path']}: re-export the bundle")
+    for rel, entry in files.items():
+        f = p / rel
+        if not f.is_file():
+            raise FormatError(f"bundle {p} is incomplete: {rel} is missing")
+        if verify and (f.stat().st_size != entry.get("bytes") or sha256_file(f) != entry.get("sha256")):
+            raise FormatError(f"bundle file {f} does not match the manifest's sha256: it is corrupt or was modified")
+    return Bundle(p, manifest)
+
+
+def _resolve_checkpoint(model_spec: str, tmp: Path, calibration, progress) -> tuple[Path, bool]:
+    """A checkpoint directory for model_spec: the checkpoint itself, or the float model quantized with the default
+    mobile recipe (GPTVQ 2D, 3.125 bpv) into tmp/checkpoint."""
+    from vqmobile import checkpoint
+    from vqmobile.model import resolve
+
+    path = resolve(model_spec)
+    if path.is_dir() and checkpoint.is_checkpoint(path):
+        return path, False
+    try:
+        from vqmobile.gptvq import GPTVQConfig
+
+        config = GPTVQConfig.from_target(preset="mobile")
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"{model_spec} is a float model and the default mobile recipe (GPTVQ) is not available "
+                        f"({e}): quantize it first with `vqmobile quantize` and export the checkpoint") from None
+    from vqmobile.api import CalibrationSpec, quantize
+
+    if progress:
+        progress(f"{model_spec} is a float model: quantizing it with the mobile recipe ({config.describe()}) ...")
+    out = tmp / CHECKPOINT_DIR
+    quantize(model_spec, config, out, calibration or CalibrationSpec(), progress=progress is not None)
+    return out, True
+
+
+def export_bundle(model_spec: str, out: str, *, target: str, formats: list[str], overwrite: bool = False,
+                  decompose: bool = False, max_seq: int | None = None, calibration=None,
+                  progress: Callable[[str], None] | None = print) -> dict:
+    """Export `model_spec` (a vqmobile checkpoint, or a HF directory / GGUF file / 'smollm2' that is first quantized
+    with the mobile recipe) to a bundle at `out`. Returns the manifest plus 'out' and 'warnings'.
+
+    decompose=True exports the quantized layers as standard ops (portable .pte, no kernel library needed)."""
+    from vqmobile import checkpoint as ckpt
+
+    from .runtime.build import _compilers, build_adapter, host_target
+
+    formats = list(dict.fromkeys(f.strip().lower() for f in formats if f.strip()))
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise UserError(f"unknown format {', '.join(bad) or '(none)'}: use executorch, onnx or both")
+    target = {"aarch64": "arm64", "amd64": "x86_64", "x86-64": "x86_64"}.get(target, target)
+    needs_lib = "executorch" in formats and not decompose
+    if needs_lib:
+        _compilers(target)  # a missing cross compiler fails now, not after the export
+    if max_seq is not None and max_seq < 2:
+        raise UserError(f"--max-seq {max_seq} must be at least 2")
+    out_path = ckpt.prepare_output_dir(out, overwrite)
+    say = progress or (lambda _msg: None)
+    warnings_out: list[str] = []
+    result: dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
+        src, quantized_here = _resolve_checkpoint(model_spec, tmp, calibration, progress)
+        if not quantized_here:
+            shutil.copytree(src, tmp / CHECKPOINT_DIR)
+        ck = ckpt.load(tmp / CHECKPOINT_DIR)
+        model = ck.model
+        from .model import unsupported_layers
+
+        fallback = unsupported_layers(model)
+        for name, why in fallback.items():
+            msg = f"layer {name} is exported with standard ops (dequantized weight): {why}"
+            warnings_out.append(msg)
+            print(f"vqmobile: warning: {msg}", file=sys.stderr)
+        limit = int(getattr(model.config, "max_position_embeddings", DEFAULT_MAX_SEQ))
+        seq = min(max_seq or DEFAULT_MAX_SEQ, limit)
+        info: dict[str, Any] = {}
+        if "executorch" in formats:
+            from .executorch_export import export_pte
+
+            say(f"exporting the ExecuTorch program (max_seq {seq}{', decomposed' if decompose else ''}) ...")
+            info["pte"] = export_pte(model, tmp / PTE, seq, decompose=decompose)
+        if "onnx" in formats:
+            from .onnx_export import export_onnx
+
+            say("exporting the ONNX model ...")
+            info["onnx"] = export_onnx(model, tmp / ONNX, seq)
+        library = None
+        if needs_lib:
+            say(f"building the kernel library for {target} ...")
+            lib = build_adapter(target, progress=say)
+            (tmp / LIB_DIR).mkdir()
+            shutil.copy2(lib, tmp / LIB_DIR / lib.name)
+            library = {"path": f"{LIB_DIR}/{lib.name}", "target": target,
+                       "registers": ["vqmobile::vq_linear.out", "vqmobile::int_linear.out"],
+                       "links": "libexecutorch.so (executorch 1.5.1)"}
+        ck.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+        files = {}
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                rel = f.relative_to(tmp).as_posix()
+                files[rel] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+        cm = ck.manifest
+        packed = int(cm["quantized_bytes"]) + int(cm["float_bytes"])
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": model_spec, "quantized_during_export": quantized_here,
+            "target": target, "host_built_on": host_target(), "formats": formats, "decomposed": decompose,
+            "max_seq": seq,
+            "method": cm.get("method"), "quant_config": cm.get("config"),
+            "bits_per_weight": cm.get("bits_per_weight"),
+            "checkpoint_bytes": {"quantized": int(cm["quantized_bytes"]), "float": int(cm["float_bytes"]),
+                                 "total": packed},
+            "model_config": json.loads(model.config.to_json_string()),
+            "program": {"inputs": "tokens int64 [1, T], input_pos int64 [1]", "outputs": "logits float32 [1, T, V]",
+                        "T": f"1..{seq}", "kv_cache": "static, in the program's mutable buffers"},
+            **info,
+            "pte_to_checkpoint_ratio": (info["pte"]["bytes"] / packed) if "pte" in info else None,
+            "library": library,
+            "standard_op_layers": fallback,
+            "files": files,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        result.update(manifest)
+
+    ckpt.atomic_directory(out_path, write)
+    result["out"] = str(out_path)
+    result["warnings"] = warnings_out
+    return result

@@ -1,0 +1,99 @@
+"""Running a .pte in the ExecuTorch runtime from Python (the executorch wheel's pybindings), with our kernels.
+
+The adapter library registers the vqmobile kernels with the runtime's operator registry when it is loaded, so it
+must be loaded (once; loading it again is harmless) before a program that uses them is loaded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+_LOADED: dict[str, ctypes.CDLL] = {}
+
+
+def portable_lib():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from executorch.extension.pybindings import portable_lib as pl
+    return pl
+
+
+def load_adapter(path: str | Path) -> None:
+    """dlopen the adapter library (RTLD_GLOBAL) after the runtime itself; idempotent per file."""
+    key = os.path.realpath(path)
+    if key in _LOADED:
+        return
+    portable_lib()  # the runtime (libexecutorch.so) first, so the adapter registers into its registry
+    lib = ctypes.CDLL(key, mode=ctypes.RTLD_GLOBAL)
+    lib.vqmobile_et_register()
+    _LOADED[key] = lib
+
+
+class ETDecoder:
+    """The exported decoder: __call__(tokens [1, T] int64, start_pos int) -> logits float32 [1, T, vocab]."""
+
+    def __init__(self, pte: str | Path, library: str | Path | None):
+        if library is not None:
+            load_adapter(library)
+        self.module = portable_lib()._load_for_executorch(str(pte))
+        self.path = Path(pte)
+
+    def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        tokens = tokens.to(torch.int64).contiguous()
+        if tokens.dim() == 1:
+            tokens = tokens[None]
+        out = self.module.forward((tokens, torch.tensor([int(start_pos)], dtype=torch.int64)))
+        return out[0].clone()
+
+
+def greedy(step, prompt_ids: torch.Tensor, max_new_tokens: int, max_seq: int, eos: int | None = None) -> dict:
+    """Greedy decoding with a KV-cache step function step(tokens [1, T], start_pos) -> logits [1, T, V]:
+    prefill the prompt, then one token per call. Returns tokens and timings (decode tokens/s excludes prefill)."""
+    ids = prompt_ids.reshape(1, -1).to(torch.int64)
+    n_prompt = ids.shape[1]
+    budget = max(0, min(max_new_tokens, max_seq - n_prompt))
+    t0 = time.perf_counter()
+    logits = step(ids, 0)
+    t1 = time.perf_counter()
+    new: list[int] = []
+    pos = n_prompt
+    nxt = int(logits[0, -1].argmax())
+    decode_time = 0.0
+    while len(new) < budget:
+        new.append(nxt)
+        if eos is not None and nxt == eos:
+            break
+        if len(new) == budget:
+            break
+        ts = time.perf_counter()
+        logits = step(torch.tensor([[nxt]], dtype=torch.int64), pos)
+        decode_time += time.perf_counter() - ts
+        pos += 1
+        nxt = int(logits[0, -1].argmax())
+    steps = max(0, len(new) - 1)
+    return {
+        "prompt_tokens": n_prompt, "new_tokens": new, "prefill_s": t1 - t0, "decode_s": decode_time,
+        "decode_steps": steps, "tokens_per_s": steps / decode_time if decode_time > 0 else float("nan"),
+    }
+
+
+@torch.no_grad()
+def greedy_torch(model: torch.nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, max_seq: int,
+                 eos: int | None = None) -> list[int]:
+    """Reference greedy decoding with the PyTorch model (full recomputation, no cache)."""
+    ids = prompt_ids.reshape(1, -1).to(torch.int64)
+    budget = max(0, min(max_new_tokens, max_seq - ids.shape[1]))
+    new: list[int] = []
+    while len(new) < budget:
+        nxt = int(model(input_ids=ids, use_cache=False).logits[0, -1].argmax())
+        new.append(nxt)
+        if eos is not None and nxt == eos:
+            break
+        ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return new
