@@ -283,3 +283,20 @@ def test_paths_and_threads_controls():
 def test_stream_read_checksum():
     buf = np.arange(1 << 16, dtype=np.uint64)
     assert K.stream_read(buf, threads=2) == int(buf.sum())
+
+
+def test_bench_kernels_quick_smoke(tmp_path):
+    import json
+
+    from vqmobile.bench import kernels as bench
+
+    out = tmp_path / "k.json"
+    assert bench.main(["--quick", "--threads", "1", "--kernels", "vq2.25,int4-g32,ort-int4-b32",
+                       "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    recs = data["records"]
+    assert {r["kernel"] for r in recs} == {"vq2.25", "int4-g32", "ort-int4-b32"}
+    for r in recs:
+        assert {"kernel", "bpv", "shape", "threads", "us", "gbps", "ratio_vs_ort"} <= set(r)
+        assert r["us"] > 0 and r["shape"] == [1024, 1024] and r["threads"] == 1
+    assert abs(next(r for r in recs if r["kernel"] == "vq2.25")["bpv"] - 2.2656) < 1e-3
