@@ -14,8 +14,8 @@ import torch
 
 from .vqweight import INT_MAX, VQGeometry, expand, expand_adjoint
 
-# Bound on the [B, M, k] distance tensor an EM step materializes at once (elements).
-_DIST_CHUNK = 1 << 23
+# Bound on the [B, M, k] distance tensor materialized at once (elements): small enough to stay in cache.
+_DIST_CHUNK = 1 << 20
 
 
 # ------------------------------------------------------------------------------------------------ initialization
@@ -45,6 +45,10 @@ def nearest(x: torch.Tensor, w: torch.Tensor, centroids: torch.Tensor) -> torch.
     b, m, d = x.shape
     k = centroids.shape[1]
     w = w.expand(b, m, d)
+    if m * k * d <= 4096:
+        # Small problems (one vector per row in the column pass): direct differences beat the setup of the others.
+        diff = x[:, :, None, :] - centroids[:, None, :, :]
+        return (diff * diff * w[:, :, None, :]).sum(-1).min(-1).indices
     if d == 1:
         # In 1D the positive weight does not change which centroid is nearest: bucketize against the midpoints.
         c, order = torch.sort(centroids[..., 0], dim=1)
@@ -56,8 +60,8 @@ def nearest(x: torch.Tensor, w: torch.Tensor, centroids: torch.Tensor) -> torch.
     cmat = torch.cat([-2 * centroids, centroids * centroids], dim=-1).transpose(1, 2)  # [B, 2d, k]
     step = max(1, _DIST_CHUNK // max(1, m * k))
     if step >= b:
-        return torch.bmm(feats, cmat).argmin(-1)
-    return torch.cat([torch.bmm(feats[i:i + step], cmat[i:i + step]).argmin(-1) for i in range(0, b, step)])
+        return torch.bmm(feats, cmat).min(-1).indices
+    return torch.cat([torch.bmm(feats[i:i + step], cmat[i:i + step]).min(-1).indices for i in range(0, b, step)])
 
 
 def kmeans(x: torch.Tensor, w: torch.Tensor, centroids: torch.Tensor, iters: int, tol: float = 1e-3

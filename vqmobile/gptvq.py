@@ -25,10 +25,11 @@ Decisions where the paper is silent:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -225,11 +226,35 @@ class GPTVQConfig(QuantConfig):
 
 
 # ------------------------------------------------------------------------------------------------ column pass
+# Work below this many multiply-adds per op runs on one thread: the column pass is thousands of tiny ops, and on a
+# shared machine every multi-threaded op waits for a second core (measured 40x slower on a loaded 2-core box).
+_PARALLEL_WORK = 1 << 24
+
+
+@contextlib.contextmanager
+def _num_threads(n: int) -> Iterator[None]:
+    prev = torch.get_num_threads()
+    if n != prev:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != prev:
+            torch.set_num_threads(prev)
+
+
 def gptvq_quantize(weight: torch.Tensor, hessian: torch.Tensor | None, cfg: GPTVQConfig
                    ) -> tuple[VQWeight, dict[str, Any]]:
     """Quantize one layer; returns the weight and statistics (losses, EM/CG iterations, timings)."""
     if hessian is None:
         raise ValueError("GPTVQ needs the layer's Hessian")
+    full = torch.get_num_threads()
+    with _num_threads(1):
+        return _gptvq_quantize(weight, hessian, cfg, lambda work: full if work >= _PARALLEL_WORK else 1)
+
+
+def _gptvq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTVQConfig, threads
+                    ) -> tuple[VQWeight, dict[str, Any]]:
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     n, cols = weight.shape
@@ -265,8 +290,9 @@ def gptvq_quantize(weight: torch.Tensor, hessian: torch.Tensor | None, cfg: GPTV
         wt = hw[g0:g1].reshape(1, 1, vg, d).expand(nbr, R, vg, d) * row_valid.reshape(nbr, R, 1, 1)
         wt = wt.reshape(nbr, R * vg, d)
         valid = row_valid.reshape(nbr, R, 1).expand(nbr, R, vg).reshape(nbr, R * vg)
-        seed = cbk.mahalanobis_seed(x, valid, k)
-        cb, _, iters = cbk.kmeans(x, wt, seed, cfg.em_iters, cfg.em_tol)
+        with _num_threads(threads(npad * vg * k * d)):
+            seed = cbk.mahalanobis_seed(x, valid, k)
+            cb, _, iters = cbk.kmeans(x, wt, seed, cfg.em_iters, cfg.em_tol)
         stats["em_iters"].append(iters)
         if cfg.svd_rank is None:
             cb = cbk.quantize_codebooks(cb, cfg.codebook)[0]
@@ -303,6 +329,17 @@ def gptvq_quantize(weight: torch.Tensor, hessian: torch.Tensor | None, cfg: GPTV
     loss_pass = obj.loss(cbooks)
     stats.update(loss_pass=loss_pass, cg_iters=0)
     t1 = time.perf_counter()
+    with _num_threads(threads(n * cols * cols)):
+        weight_q = _finish(obj, cbooks, idx, geom, cfg, stats)
+    stats.update(time_em=t_em, time_pass=t_pass, time_update=time.perf_counter() - t1,
+                 time_total=time.perf_counter() - t0, geometry=geom)
+    return weight_q, stats
+
+
+def _finish(obj: cbk.Objective, cbooks: torch.Tensor, idx: torch.Tensor, geom: VQGeometry, cfg: GPTVQConfig,
+            stats: dict[str, Any]) -> VQWeight:
+    """Codebook update (indices fixed) and rounding to the stored precision."""
+    loss_pass = stats["loss_pass"]
     if cfg.svd_rank is not None:
         weight_q = _finish_svd(obj, cbooks, idx, geom, cfg, stats)
     else:
@@ -317,9 +354,7 @@ def gptvq_quantize(weight: torch.Tensor, hessian: torch.Tensor | None, cfg: GPTV
         stats["loss_final"] = obj.loss(vals)
         weight_q = VQWeight.from_parts(geom, idx, codebook_kind=cfg.codebook, codebook_ints=ints,
                                        codebook_scale=scale, codebook_float=vals)
-    stats.update(time_em=t_em, time_pass=t_pass, time_update=time.perf_counter() - t1,
-                 time_total=time.perf_counter() - t0, geometry=geom)
-    return weight_q, stats
+    return weight_q
 
 
 def _finish_svd(obj: cbk.Objective, cbooks: torch.Tensor, idx: torch.Tensor, geom: VQGeometry, cfg: GPTVQConfig,
@@ -372,14 +407,13 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--em-iters", type=int, default=100, help="max EM iterations per codebook (default 100)")
     g.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of the mean diagonal")
     g.add_argument("--vq-block-size", type=int, default=128, help="lazy-batch width of the column pass")
-    g.add_argument("--seed", type=int, default=0, help="seed recorded with the run (the method is deterministic)")
 
 
 def config_from_args(args: argparse.Namespace) -> GPTVQConfig:
     overrides: dict[str, Any] = {
         "codebook": args.codebook, "codebook_update": not args.no_codebook_update, "svd_rank": args.svd_rank,
         "norm_block": args.norm_block, "norm_bits": args.norm_bits, "em_iters": args.em_iters, "damp": args.damp,
-        "block_size": args.vq_block_size, "seed": args.seed,
+        "block_size": args.vq_block_size, "seed": getattr(args, "seed", 0),  # --seed belongs to the CLI
     }
     for arg, field in (("vq_k", "k"), ("vq_rows", "rows_per_block"), ("vq_cols", "cols_per_block")):
         if getattr(args, arg) is not None:
