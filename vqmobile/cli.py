@@ -88,6 +88,10 @@ def _write_json(path: str, record) -> None:
     os.replace(tmp, p)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    return args.bench_run(args)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vqmobile", description=__doc__)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -113,6 +117,19 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="raw text file to evaluate (default: WikiText-2 test from shared/)")
     p.add_argument("--json", help="also write the result as JSON to this file")
     p.set_defaults(func=cmd_eval)
+
+    from .bench import kernels as bench_kernels, quality as bench_quality
+
+    p = sub.add_parser("bench", help="benchmarks: tables plus JSON, baselines and peers in the same run")
+    bench_sub = p.add_subparsers(dest="bench", required=True)
+    for name, module, help_text in (
+        ("kernels", bench_kernels, "VQ and int4 matrix-vector kernels vs onnxruntime and torch int4, DRAM-resident"),
+        ("quality", bench_quality, "perplexity, bits per weight, quantize time and peak memory per method"),
+    ):
+        bp = bench_sub.add_parser(name, help=help_text, description=module.__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(bp)
+        bp.set_defaults(func=cmd_bench, bench_run=module.run)
     return parser
 
 
