@@ -35,7 +35,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class StaticLlama(nn.Module):
-    def __init__(self, hf_model: nn.Module, max_seq: int, cache: bool = True):
+    def __init__(self, hf_model: nn.Module, max_seq: int, cache: bool = True, tied_head_op: bool = True):
         super().__init__()
         cfg = hf_model.config
         self.cfg = cfg
@@ -46,6 +46,11 @@ class StaticLlama(nn.Module):
         self.n_kv = int(cfg.num_key_value_heads)
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
         self.use_cache = cache
+        head_w = getattr(self.lm_head, "weight", None)
+        # A head tied to the embedding runs as vqmobile::dense_linear, which reads the shared [vocab, hidden] matrix
+        # in place: the program then stores it once (an XNNPACK linear would keep its own copy).
+        self.tied_head = bool(tied_head_op and isinstance(self.lm_head, nn.Linear) and head_w is not None
+                              and head_w is self.model.embed_tokens.weight)
         rot = self.model.rotary_emb
         pos = torch.arange(self.max_seq, dtype=torch.float32)
         freqs = pos[:, None] * rot.inv_freq.float()[None, :]
@@ -102,6 +107,10 @@ class StaticLlama(nn.Module):
             mlp = layer.mlp
             h = h + linear(mlp.down_proj, F.silu(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x))
         h = self.model.norm(h)
+        if self.tied_head:
+            if ops.decomposing():
+                return F.linear(h, self.lm_head.weight, self.lm_head.bias)
+            return torch.ops.vqmobile.dense_linear(h, self.lm_head.weight, self.lm_head.bias)
         return linear(self.lm_head, h)
 
 

@@ -63,6 +63,12 @@ def _register_symbolics() -> None:
         return g.op(f"{DOMAIN}::IntLinear", x, codes, scales, zeros, _bias(g, bias, n), n_i=n, k_i=k, bits_i=bits,
                     group_i=group)
 
+    @sh.parse_args("v", "v", "v")
+    def dense_linear(g, x, weight, bias):  # standard ops: the initializer stays shared with the embedding
+        y = g.op("MatMul", x, g.op("Transpose", weight, perm_i=[1, 0]))
+        return y if sh._is_none(bias) else g.op("Add", y, bias)
+
+    register_custom_op_symbolic(f"{DOMAIN}::dense_linear", dense_linear, OPSET)
     register_custom_op_symbolic(f"{DOMAIN}::vq_linear", vq_linear, OPSET)
     register_custom_op_symbolic(f"{DOMAIN}::int_linear", int_linear, OPSET)
     _registered = True

@@ -7,7 +7,9 @@ Two operators, one per stored format with a native kernel (``vqmobile.kernels``,
     vqmobile::int_linear(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor? bias,
                          int n, int k, int bits, int group) -> Tensor
 
-each with an ``.out`` overload (``..., *, Tensor(a!) out) -> Tensor(a!)``) that ExecuTorch's memory planning needs
+plus ``vqmobile::dense_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor`` (a float32 linear whose weight is
+read in place as [n, k]; the exported decoders use it for an lm_head tied to the embedding, so that the program
+stores that matrix once instead of once more inside an XNNPACK delegate), each with an ``.out`` overload (``..., *, Tensor(a!) out) -> Tensor(a!)``) that ExecuTorch's memory planning needs
 and that the C++ adapter in export/runtime/ implements for the ExecuTorch runtime. ``x`` is float32 [..., k]; the
 result is float32 [..., n]. Stored tensors are used as they are in the checkpoint (uint8 bitstreams, int8 codebooks,
 fp16 scales); their layouts are documented in vqmobile/kernels.py.
@@ -49,6 +51,8 @@ _lib.define(f"vq_linear(Tensor x, Tensor indices, Tensor codebook, Tensor codebo
             "-> Tensor")
 _lib.define(f"vq_linear.out(Tensor x, Tensor indices, Tensor codebook, Tensor codebook_scale, Tensor? bias, "
             f"{_VQ_ARGS}, *, Tensor(a!) out) -> Tensor(a!)")
+_lib.define("dense_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+_lib.define("dense_linear.out(Tensor x, Tensor weight, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)")
 _lib.define(f"int_linear(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor? bias, {_INT_ARGS}) -> Tensor")
 _lib.define(f"int_linear.out(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor? bias, {_INT_ARGS}, *, "
             "Tensor(a!) out) -> Tensor(a!)")
@@ -135,6 +139,27 @@ def _int_linear_cpu(x, codes, scales, zeros, bias, n, k, bits, group):
                                    None if zeros is None else zeros.contiguous(), n=n, k=k, bits=bits, group=group,
                                    bias=_bias32(bias))
     return int_linear_decomposed(x, codes, scales, zeros, bias, n, k, bits, group)
+
+
+@torch.library.impl(_lib, "dense_linear", "CPU")
+def _dense_linear_cpu(x, weight, bias):
+    return F.linear(x.to(torch.float32), weight.to(torch.float32), _bias32(bias))
+
+
+@torch.library.impl(_lib, "dense_linear.out", "CPU")
+def _dense_linear_out_cpu(x, weight, bias, *, out):
+    return _write_out(out, _dense_linear_cpu(x, weight, bias))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::dense_linear")
+def _dense_linear_fake(x, weight, bias):
+    torch._check(x.shape[-1] == weight.shape[1], lambda: "dense_linear: x and weight disagree on in_features")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.float32)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::dense_linear.out")
+def _dense_linear_out_fake(x, weight, bias, *, out):
+    return out
 
 
 def _write_out(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -251,4 +276,5 @@ def op_forward(qweight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Ten
 def decomposition_table() -> dict:
     """{operator overload: standard-op implementation}, e.g. for ExportedProgram.run_decompositions."""
     return {torch.ops.vqmobile.vq_linear.default: vq_linear_decomposed,
+            torch.ops.vqmobile.dense_linear.default: lambda x, w, b: F.linear(x.to(torch.float32), w, b),
             torch.ops.vqmobile.int_linear.default: int_linear_decomposed}

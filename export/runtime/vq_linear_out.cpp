@@ -3,6 +3,7 @@
 //                           int n, int k, int d, int rows_per_block, int cols_per_block, *, Tensor(a!) out)
 //   vqmobile::int_linear.out(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor? bias,
 //                            int n, int k, int bits, int group, *, Tensor(a!) out)
+//   vqmobile::dense_linear.out(Tensor x, Tensor weight, Tensor? bias, *, Tensor(a!) out)
 // Both call the native C kernels (native/include/vqmobile.h) with float activations, the same calls the Python
 // operators make (vqmobile/ops.py), so the runtime computes exactly what eager PyTorch computes.
 //
@@ -11,7 +12,10 @@
 // of this library, or a runtime that links the kernels in statically, must not crash).
 #include <cstdint>
 #include <cstring>
+#include <algorithm>
 #include <optional>
+#include <thread>
+#include <vector>
 
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 #include <executorch/runtime/core/exec_aten/util/tensor_util.h>
@@ -134,6 +138,65 @@ Tensor& int_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor&
 
 namespace {
 
+// y[b, r] = dot(x[b, :], w[r, :]) (+ bias[r]) for rows r in [r0, r1).
+void dense_rows(const float* x, const float* w, const float* bias, float* y, int64_t batch, int64_t n, int64_t k,
+                int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* wr = w + r * k;
+    for (int64_t b = 0; b < batch; ++b) {
+      const float* xb = x + b * k;
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int64_t c = 0;
+      for (; c + 8 <= k; c += 8)
+        for (int j = 0; j < 8; ++j) acc[j] += xb[c + j] * wr[c + j];
+      float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+      for (; c < k; ++c) s += xb[c] * wr[c];
+      y[b * n + r] = s + (bias ? bias[r] : 0.0f);
+    }
+  }
+}
+
+}  // namespace
+
+// vqmobile::dense_linear.out(Tensor x, Tensor weight, Tensor? bias, *, Tensor(a!) out): float32 y = x W^T + b with
+// W [n, k] read in place (used for an lm_head tied to the embedding, so the program stores W once).
+Tensor& dense_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& weight,
+                         const std::optional<Tensor>& bias, Tensor& out) {
+  if (weight.scalar_type() != ScalarType::Float || weight.dim() != 2) {
+    ET_LOG(Error, "vqmobile::dense_linear: weight must be float32 [n, k]");
+    ctx.fail(Error::InvalidArgument);
+    return out;
+  }
+  const int64_t n = weight.size(0), k = weight.size(1);
+  const int64_t batch = prepare(ctx, x, n, k, out);
+  if (batch < 0) return out;
+  bool ok;
+  const float* b = bias_ptr(ctx, bias, n, &ok);
+  if (!ok || batch == 0) return out;
+  const float* xp = x.const_data_ptr<float>();
+  const float* wp = weight.const_data_ptr<float>();
+  float* yp = out.mutable_data_ptr<float>();
+  int64_t threads = vqm_get_num_threads();
+  const int64_t work = batch * n * k;
+  threads = std::max<int64_t>(1, std::min<int64_t>(threads, work / (1 << 20)));
+  if (threads <= 1) {
+    dense_rows(xp, wp, b, yp, batch, n, k, 0, n);
+    return out;
+  }
+  std::vector<std::thread> pool;
+  const int64_t chunk = (n + threads - 1) / threads;
+  for (int64_t t = 1; t < threads; ++t) {
+    const int64_t r0 = t * chunk, r1 = std::min(n, r0 + chunk);
+    if (r0 < r1) pool.emplace_back(dense_rows, xp, wp, b, yp, batch, n, k, r0, r1);
+  }
+  dense_rows(xp, wp, b, yp, batch, n, k, 0, std::min(n, chunk));
+  for (auto& th : pool) th.join();
+  return out;
+}
+
+namespace {
+
+constexpr char kDenseName[] = "vqmobile::dense_linear.out";
 constexpr char kVqName[] = "vqmobile::vq_linear.out";
 constexpr char kIntName[] = "vqmobile::int_linear.out";
 
@@ -144,6 +207,10 @@ int register_once() {
   }
   if (!executorch::runtime::registry_has_op_function(kIntName)) {
     (void)executorch::runtime::register_kernel(make_boxed_kernel(kIntName, EXECUTORCH_FN(int_linear_out, kIntName)));
+  }
+  if (!executorch::runtime::registry_has_op_function(kDenseName)) {
+    (void)executorch::runtime::register_kernel(
+        make_boxed_kernel(kDenseName, EXECUTORCH_FN(dense_linear_out, kDenseName)));
   }
   return 0;
 }
