@@ -38,7 +38,7 @@ from .config import QuantConfig
 from .errors import UserError
 from .hessian import inverse_cholesky
 from .pack import pack_rows
-from .vqweight import CODEBOOK_KINDS, MAX_INDEX_BITS, VQGeometry, VQWeight
+from .vqweight import CODEBOOK_KINDS, MAX_INDEX_BITS, VQGeometry, VQWeight, norm_scale_values
 
 MAX_COLS_PER_BLOCK = 256  # groups span at most 256 columns (paper)
 VQ_DIMS = (1, 2, 3, 4, 5, 6, 7, 8)
@@ -51,21 +51,25 @@ PRESETS = {
 _DIM_PREFERENCE = (2, 4, 1, 8)  # which vector dimension a bare --bpv target picks first
 
 
-def nominal_bpv(d: int, k: int, l: int, codebook_bits: int = 8, svd_rank: int | None = None) -> float:
-    """The paper's bits per value: index bits / d + codebook bits / l (SVD: r int8 factor entries per codebook)."""
+def nominal_bpv(d: int, k: int, l: int, codebook_bits: int = 8, svd_rank: int | None = None,
+                norm: float = 0.0) -> float:
+    """The paper's bits per value: index bits / d + codebook bits / l (SVD: r int8 factor entries per codebook),
+    plus `norm` = normalization bits per value (norm_bits / norm_block)."""
     index_bits = max(1, math.ceil(math.log2(k)))
     if svd_rank is not None:
-        return index_bits / d + svd_rank * 8 / l
-    return index_bits / d + k * d * codebook_bits / l
+        return index_bits / d + svd_rank * 8 / l + norm
+    return index_bits / d + k * d * codebook_bits / l + norm
 
 
-def _describe(d: int, k: int, r: int, c: int, kind: str = "int8", svd_rank: int | None = None) -> str:
-    bpv = nominal_bpv(d, k, r * c, CODEBOOK_BITS[kind], svd_rank)
-    extra = "" if svd_rank is None else f" svd-rank {svd_rank}"
+def _describe(d: int, k: int, r: int, c: int, kind: str = "int8", svd_rank: int | None = None,
+              norm: tuple[int, int] | None = None) -> str:
+    bpv = nominal_bpv(d, k, r * c, CODEBOOK_BITS[kind], svd_rank, norm[1] / norm[0] if norm else 0.0)
+    extra = ("" if kind == "int8" else f" {kind}") + ("" if svd_rank is None else f" svd-rank {svd_rank}")
+    extra += "" if norm is None else f" norm {norm[1]}b/{norm[0]}"
     return f"{bpv:g} bpv = {d}D k={k} rows {r} x cols {c}{extra}"
 
 
-def _candidates(dims, kind: str, svd_rank: int | None, k_fixed: int | None = None):
+def _candidates(dims, kind: str, svd_rank: int | None, k_fixed: int | None = None, norm: float = 0.0):
     """Every canonical configuration: k = 2^b, C = min(256, l), R = l / C, l a power of two."""
     for d in dims:
         for b in range(MAX_INDEX_BITS, 0, -1):
@@ -79,7 +83,7 @@ def _candidates(dims, kind: str, svd_rank: int | None, k_fixed: int | None = Non
                 c = min(MAX_COLS_PER_BLOCK, l)
                 if c % d or c < d or l // d < k:
                     continue
-                yield d, k, l // c, c, nominal_bpv(d, k, l, CODEBOOK_BITS[kind], svd_rank)
+                yield d, k, l // c, c, nominal_bpv(d, k, l, CODEBOOK_BITS[kind], svd_rank, norm)
 
 
 @dataclasses.dataclass
@@ -129,10 +133,16 @@ class GPTVQConfig(QuantConfig):
         if kind not in CODEBOOK_BITS:
             raise UserError(f"--codebook {kind} is not supported: use one of {', '.join(CODEBOOK_KINDS)}")
         svd_rank = overrides.get("svd_rank")
+        norm = overrides.get("norm_bits", 4) / overrides["norm_block"] if overrides.get("norm_block") else 0.0
+        norm_desc = (overrides["norm_block"], overrides.get("norm_bits", 4)) if norm else None
         if vq_dim is not None and vq_dim not in VQ_DIMS:
             raise UserError(f"--vq-dim {vq_dim} is out of range: use one of {', '.join(map(str, VQ_DIMS))}")
         dims = (vq_dim,) if vq_dim is not None else _DIM_PREFERENCE
-        cands = [c for c in _candidates(dims, kind, svd_rank, geometry.get("k"))
+        if svd_rank is not None:
+            if vq_dim not in (None, 1):
+                raise UserError(f"--svd-rank needs 1D vectors (--vq-dim 1), got --vq-dim {vq_dim}")
+            dims = (1,)
+        cands = [c for c in _candidates(dims, kind, svd_rank, geometry.get("k"), norm)
                  if all(c[{"rows_per_block": 2, "cols_per_block": 3}[f]] == v for f, v in geometry.items() if f != "k")]
         for d in dims:
             hits = [c for c in cands if c[0] == d and abs(c[4] - bpv) < 1e-6]
@@ -142,11 +152,13 @@ class GPTVQConfig(QuantConfig):
                 fields.update(overrides)
                 return cls(**fields)
         # Nothing stores exactly that many bits: name the nearest configurations on either side.
-        pool = cands or list(_candidates(dims, kind, svd_rank))
+        pool = cands or list(_candidates(dims, kind, svd_rank, None, norm))
         below = sorted((c for c in pool if c[4] < bpv), key=lambda c: (-c[4], -c[1]))[:1]
         above = sorted((c for c in pool if c[4] > bpv), key=lambda c: (c[4], -c[1]))[:1]
-        near = "; ".join(_describe(d, k, r, c, kind, svd_rank) for d, k, r, c, _ in below + above)
+        near = "; ".join(_describe(d, k, r, c, kind, svd_rank, norm_desc) for d, k, r, c, _ in below + above)
         where = f" with --vq-dim {vq_dim}" if vq_dim is not None else ""
+        if not near:
+            raise UserError(f"no GPTVQ configuration{where} matches the given k/rows/cols: drop --vq-k/--vq-rows/--vq-cols")
         raise UserError(f"no GPTVQ configuration{where} stores {bpv:g} bits per value; nearest: {near}")
 
     # ------------------------------------------------------------------------------------------- validation
@@ -155,10 +167,13 @@ class GPTVQConfig(QuantConfig):
         return self.rows_per_block * self.cols_per_block
 
     def nominal_bpv(self) -> float:
-        return nominal_bpv(self.vq_dim, self.k, self.group_size, CODEBOOK_BITS.get(self.codebook, 8), self.svd_rank)
+        norm = self.norm_bits / self.norm_block if self.norm_block else 0.0
+        return nominal_bpv(self.vq_dim, self.k, self.group_size, CODEBOOK_BITS.get(self.codebook, 8), self.svd_rank,
+                           norm)
 
     def describe(self) -> str:
-        return _describe(self.vq_dim, self.k, self.rows_per_block, self.cols_per_block, self.codebook, self.svd_rank)
+        return _describe(self.vq_dim, self.k, self.rows_per_block, self.cols_per_block, self.codebook, self.svd_rank,
+                         (self.norm_block, self.norm_bits) if self.norm_block else None)
 
     def check(self) -> None:
         d, k, r, c = self.vq_dim, self.k, self.rows_per_block, self.cols_per_block
@@ -278,6 +293,18 @@ def _gptvq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTVQConfi
 
     idx = torch.zeros(npad, V, dtype=torch.int64)
     cbooks = torch.zeros(nbr, nbc, k, d)
+    # Blockwise normalization: vectors are quantized as w / s with s the scale of their sub-row (S columns of a row);
+    # the scales' log2 grid (nb bits over the layer's range) is fixed from the original weights, each scale is chosen
+    # when the pass enters its group, from the error-updated weights.
+    nb, sb = cfg.norm_bits, cfg.norm_block
+    scale_el = torch.ones(npad, kp)
+    if sb:
+        nsub = -(-cols // sb)
+        amax = torch.nn.functional.pad(w0.abs(), (0, nsub * sb - cols)).reshape(n, nsub, sb).amax(-1)
+        lg = torch.log2(amax[amax > 0]) if bool((amax > 0).any()) else torch.zeros(1)
+        lo, hi = float(lg.min()), float(lg.max())
+        norm_range = torch.tensor([lo, (hi - lo) / ((1 << nb) - 1)], dtype=torch.float32)
+        norm_codes = torch.zeros(npad, nsub, dtype=torch.int64)
     stats: dict[str, Any] = {"em_iters": [], "pass_loss": 0.0}
     bs = max(d, (cfg.block_size // d) * d)
     t_em = 0.0
@@ -286,9 +313,11 @@ def _gptvq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTVQConfi
         # Codebooks of this column group, one per row block, from the error-updated weights.
         te = time.perf_counter()
         vg = (g1 - g0) // d
-        x = w[:, g0:g1].reshape(nbr, R * vg, d)
+        if sb:
+            _normalize_group(w, scale_el, norm_codes, norm_range, g0, min(g1, cols), sb, nb)
+        x = (w[:, g0:g1] / scale_el[:, g0:g1]).reshape(nbr, R * vg, d)
         wt = hw[g0:g1].reshape(1, 1, vg, d).expand(nbr, R, vg, d) * row_valid.reshape(nbr, R, 1, 1)
-        wt = wt.reshape(nbr, R * vg, d)
+        wt = (wt * (scale_el[:, g0:g1] ** 2).reshape(nbr, R, vg, d)).reshape(nbr, R * vg, d)
         valid = row_valid.reshape(nbr, R, 1).expand(nbr, R, vg).reshape(nbr, R * vg)
         with _num_threads(threads(npad * vg * k * d)):
             seed = cbk.mahalanobis_seed(x, valid, k)
@@ -305,8 +334,14 @@ def _gptvq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTVQConfi
             u1 = u[b0:b1, b0:b1]
             for j in range(0, b1 - b0, d):
                 xv = w1[:, j:j + d]
-                a = cbk.nearest(xv.reshape(nbr, R, d), hw[b0 + j:b0 + j + d].reshape(1, 1, d), cb)
-                q = torch.gather(cb, 1, a[..., None].expand(-1, -1, d)).reshape(npad, d)
+                if sb:
+                    s_v = scale_el[:, b0 + j:b0 + j + d]
+                    a = cbk.nearest((xv / s_v).reshape(nbr, R, d),
+                                    (hw[b0 + j:b0 + j + d] * s_v * s_v).reshape(nbr, R, d), cb)
+                    q = torch.gather(cb, 1, a[..., None].expand(-1, -1, d)).reshape(npad, d) * s_v
+                else:
+                    a = cbk.nearest(xv.reshape(nbr, R, d), hw[b0 + j:b0 + j + d].reshape(1, 1, d), cb)
+                    q = torch.gather(cb, 1, a[..., None].expand(-1, -1, d)).reshape(npad, d)
                 idx[:, (b0 + j) // d] = a.reshape(npad)
                 # Exact GPTQ recursion inside the vector: err = (w_J - q_J) U_JJ^-1.
                 ujj = u1[j:j + d, j:j + d]
@@ -325,7 +360,11 @@ def _gptvq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTVQConfi
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     h += cfg.damp * h.diagonal().mean() * torch.eye(cols)
-    obj = cbk.Objective(w0, h, idx, geom)
+    norm = None
+    if sb:
+        norm = {"block": sb, "bits": nb, "codes": pack_rows(norm_codes[:n], nb), "range": norm_range}
+    obj = cbk.Objective(w0, h, idx, geom, scales=scale_el[:n, :cols].contiguous() if sb else None)
+    stats["norm"] = norm
     loss_pass = obj.loss(cbooks)
     stats.update(loss_pass=loss_pass, cg_iters=0)
     t1 = time.perf_counter()
@@ -353,8 +392,26 @@ def _finish(obj: cbk.Objective, cbooks: torch.Tensor, idx: torch.Tensor, geom: V
         vals, ints, scale = cbk.quantize_codebooks(final, cfg.codebook)
         stats["loss_final"] = obj.loss(vals)
         weight_q = VQWeight.from_parts(geom, idx, codebook_kind=cfg.codebook, codebook_ints=ints,
-                                       codebook_scale=scale, codebook_float=vals)
+                                       codebook_scale=scale, codebook_float=vals, norm=stats["norm"])
     return weight_q
+
+
+def _normalize_group(w: torch.Tensor, scale_el: torch.Tensor, codes: torch.Tensor, rng: torch.Tensor, c0: int,
+                     c1: int, sb: int, nb: int) -> None:
+    """Choose the scales of the sub-rows covering columns [c0, c1) (c0 a multiple of sb) from the current weights:
+    the grid point 2^(lo + code*step) nearest (in log2) to the sub-row's max |w|."""
+    nsub = -(-(c1 - c0) // sb)
+    seg = torch.nn.functional.pad(w[:, c0:c1].abs(), (0, nsub * sb - (c1 - c0))).reshape(w.shape[0], nsub, sb)
+    amax = seg.amax(-1)
+    lo, step = float(rng[0]), float(rng[1])
+    lg = torch.log2(amax.clamp(min=torch.finfo(torch.float32).tiny))
+    code = torch.zeros_like(amax, dtype=torch.int64) if step == 0 else \
+        torch.clamp(torch.round((lg - lo) / step), 0, (1 << nb) - 1).long()
+    j0 = c0 // sb
+    codes[:, j0:j0 + nsub] = code
+    s = norm_scale_values(code, rng).repeat_interleave(sb, dim=1)
+    end = min(c0 + nsub * sb, scale_el.shape[1])
+    scale_el[:, c0:end] = s[:, : end - c0]
 
 
 def _finish_svd(obj: cbk.Objective, cbooks: torch.Tensor, idx: torch.Tensor, geom: VQGeometry, cfg: GPTVQConfig,
@@ -368,7 +425,7 @@ def _finish_svd(obj: cbk.Objective, cbooks: torch.Tensor, idx: torch.Tensor, geo
     b_int, b_scale = cbk.quantize_symmetric_rows(b, dim=0)
     basis = b_int * b_scale[:, None]
     a = cbooks.reshape(geom.groups, geom.k) @ torch.linalg.pinv(basis)
-    sobj = cbk.Objective(obj.w, obj.h, idx, geom, basis=basis)
+    sobj = cbk.Objective(obj.w, obj.h, idx, geom, scales=obj.scales, basis=basis)
     if cfg.codebook_update:
         a, it = cbk.update_lstsq(sobj, a)
         stats["cg_iters"] += it
@@ -382,7 +439,7 @@ def _finish_svd(obj: cbk.Objective, cbooks: torch.Tensor, idx: torch.Tensor, geo
         "svd_v_scale": b_scale.to(torch.float16),
     }
     assert svd["svd_u"].shape == (geom.groups, r)
-    return VQWeight.from_parts(geom, idx, codebook_kind="int8", svd=svd)
+    return VQWeight.from_parts(geom, idx, codebook_kind="int8", svd=svd, norm=stats["norm"])
 
 
 # ---------------------------------------------------------------------------------------------------- CLI glue

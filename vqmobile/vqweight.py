@@ -114,6 +114,12 @@ def unpack_int4(p: torch.Tensor, m: int) -> torch.Tensor:
     return torch.where(u >= 8, u - 16, u).reshape(*lead, m)
 
 
+def norm_scale_values(codes: torch.Tensor, rng: torch.Tensor) -> torch.Tensor:
+    """Blockwise-normalization scales 2^(lo + code*step) (float32; rng = float32 [lo, step])."""
+    r = rng.float()
+    return torch.exp2(r[0] + codes.float() * r[1])
+
+
 def _finite_positive(t: torch.Tensor, name: str) -> None:
     f = t.float()
     if not bool(torch.isfinite(f).all()) or bool((f <= 0).any()):
@@ -189,9 +195,7 @@ class VQWeight(QuantizedWeight):
         if self.norm is None:
             return None
         nsub = -(-self.geom.cols // self.norm["block"])
-        codes = unpack_rows(self.norm["codes"], self.norm["bits"], nsub).float()
-        lo, step = self.norm["range"].float().tolist()
-        return torch.exp2(lo + codes * step)
+        return norm_scale_values(unpack_rows(self.norm["codes"], self.norm["bits"], nsub), self.norm["range"])
 
     def dequantize(self) -> torch.Tensor:
         w = expand(self.codebooks(), self.index_codes(), self.geom)
