@@ -59,6 +59,7 @@ def lower_to_executorch(ep: torch.export.ExportedProgram):
     )
     return edge.to_executorch(ExecutorchBackendConfig(
         extract_delegate_segments=True, sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+        run_reinplace_pass=True,  # the KV-cache index_put writes in place instead of copying the cache
     ))
 
 

@@ -51,6 +51,10 @@ class StaticLlama(nn.Module):
         # in place: the program then stores it once (an XNNPACK linear would keep its own copy).
         self.tied_head = bool(tied_head_op and isinstance(self.lm_head, nn.Linear) and head_w is not None
                               and head_w is self.model.embed_tokens.weight)
+        with torch.no_grad():  # layers without an operator: their dense weight is made now, not while tracing
+            for mod in hf_model.modules():
+                if isinstance(mod, QuantLinear) and ops.op_support(mod.qweight)[0] is None:
+                    ops._dense(mod.qweight)
         rot = self.model.rotary_emb
         pos = torch.arange(self.max_seq, dtype=torch.float32)
         freqs = pos[:, None] * rot.inv_freq.float()[None, :]

@@ -1,0 +1,131 @@
+"""Decode speed: our .pte (vqmobile kernels) versus the same model exported with ExecuTorch's own 4-bit path.
+
+The baseline takes the bundle's checkpoint, turns every quantized linear back into a float nn.Linear holding its
+dequantized weight (the same model), quantizes the decoder's linears with torchao
+Int8DynamicActivationIntxWeightConfig(int4, PerGroup(32)) (what ExecuTorch's Llama export calls 8da4w, group 32),
+and lowers the same static-KV-cache decoder with the XNNPACK partitioners (dynamically quantized + fp32): the KV
+cache, attention and the fp32 lm_head are identical in both programs except that ours runs the tied lm_head with
+vqmobile::dense_linear (so the .pte stores the embedding once) and the baseline with XNNPACK.
+
+Both programs run in one process, alternately, greedy decoding the same prompt; tokens/s counts decode steps only
+(one token per call through the KV cache), median over the repeats.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .bundle import CHECKPOINT_DIR, open_bundle
+from .et_runtime import ETDecoder, greedy, portable_lib
+
+
+def dense_copy(model: nn.Module) -> nn.Module:
+    """The model with every QuantLinear replaced by an nn.Linear holding its dequantized weight."""
+    from vqmobile.qweight import QuantLinear
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, QuantLinear):
+            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+            lin.weight.data = mod.qweight.dequantize().float()
+            if mod.bias is not None:
+                lin.bias.data = mod.bias.data.float()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, lin)
+    return model
+
+
+def export_torchao_baseline(checkpoint: str | Path, out: str | Path, max_seq: int, group: int = 32) -> dict:
+    """Write the 8da4w (torchao int8 dynamic activations, int4 weights, group `group`) XNNPACK .pte."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+        XnnpackDynamicallyQuantizedPartitioner, XnnpackPartitioner)
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    from vqmobile.checkpoint import load
+
+    from .executorch_export import _quiet, program_summary
+    from .model import StaticLlama
+
+    _quiet()
+    model = dense_copy(load(checkpoint).model)
+    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group)),
+              filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn.startswith("model.layers.")
+              and m.in_features % group == 0)
+    wrapper = StaticLlama(model, max_seq, cache=True, tied_head_op=False).eval()
+    seq = torch.export.Dim("seq", min=1, max=max_seq)
+    example = (torch.zeros(1, 2, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
+    with torch.no_grad():
+        ep = torch.export.export(wrapper, example, dynamic_shapes=({1: seq}, None), strict=False)
+    edge = to_edge_transform_and_lower(
+        ep, partitioner=[XnnpackDynamicallyQuantizedPartitioner(), XnnpackPartitioner()],
+        compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True))
+    prog = edge.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True,
+                                                      sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+                                                      run_reinplace_pass=True))
+    Path(out).write_bytes(prog.buffer)
+    return {"bytes": len(prog.buffer), **program_summary(prog)}
+
+
+def bench_decode(bundle: str, *, baseline_pte: str | None = None, prompt: str = "Once upon a time, there was",
+                 new_tokens: int = 64, repeats: int = 3, threads: int | None = None, progress=print) -> dict:
+    """Decode tokens/s of the bundle's .pte versus the torchao 8da4w g32 XNNPACK .pte of the same model.
+
+    baseline_pte: where the baseline program is (re)used; exported there first when it does not exist
+    (default: baseline_8da4w_g32.pte beside the bundle). threads: kernel and XNNPACK threads (default: all)."""
+    from vqmobile import kernels
+
+    b = open_bundle(bundle)
+    if b.pte is None:
+        raise ValueError("the bundle has no ExecuTorch program")
+    base_path = Path(baseline_pte) if baseline_pte else b.path.parent / f"{b.path.name}.baseline_8da4w_g32.pte"
+    base_info = None
+    if not base_path.is_file():
+        if progress:
+            progress(f"exporting the torchao 8da4w g32 XNNPACK baseline to {base_path} ...")
+        base_info = export_torchao_baseline(b.path / CHECKPOINT_DIR, base_path, b.max_seq)
+    pl = portable_lib()
+    if threads:
+        kernels.set_num_threads(threads)
+        pl._unsafe_reset_threadpool(threads)
+    ours = ETDecoder(b.pte, b.host_library())
+    base = ETDecoder(base_path, None)
+    tok = b.tokenizer()
+    ids = tok(prompt, return_tensors="pt").input_ids[0]
+    budget = min(new_tokens, b.max_seq - ids.numel())
+    runs = {"vqmobile": [], "torchao_8da4w_g32": []}
+    tokens = {}
+    for _ in range(repeats):
+        for name, dec in (("vqmobile", ours), ("torchao_8da4w_g32", base)):
+            res = greedy(dec, ids, budget, b.max_seq, None)
+            runs[name].append(res["tokens_per_s"])
+            tokens[name] = res["new_tokens"]
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    agree = sum(a == c for a, c in zip(tokens["vqmobile"], tokens["torchao_8da4w_g32"]))
+    return {
+        "bundle": str(b.path), "baseline_pte": str(base_path), "baseline_export": base_info,
+        "pte_bytes": {"vqmobile": b.pte.stat().st_size, "torchao_8da4w_g32": base_path.stat().st_size},
+        "bits_per_weight": b.manifest.get("bits_per_weight"), "prompt_tokens": int(ids.numel()),
+        "decode_tokens": budget, "repeats": repeats,
+        "threads": {"vqmobile_kernels": kernels.get_num_threads(), "xnnpack": pl._threadpool_get_thread_count()},
+        "tokens_per_s": runs, "median_tokens_per_s": med,
+        "speedup": med["vqmobile"] / med["torchao_8da4w_g32"],
+        "greedy_token_agreement": agree / max(1, budget),
+        "machine": _machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _machine() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"

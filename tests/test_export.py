@@ -1,0 +1,339 @@
+"""Export tests on stories260k: the vqmobile operators, the ExecuTorch and ONNX graphs run in their real runtimes
+against the PyTorch quantized model, the bundle's validation, and bad input.
+
+One checkpoint serves every test: GPTVQ 2D int8 (a small, fast geometry) in the attention layers, GPTQ 4-bit g32
+in the MLPs, and one layer with fp16 codebooks (no kernel: exported with standard ops, with a warning). It is
+exported once per module (both formats), which is most of this file's run time.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _import_export():
+    """vqmobile.export, also before the package-dir mapping ("vqmobile.export" = "export") is installed."""
+    try:
+        import vqmobile.export as ve
+
+        return ve
+    except ImportError:
+        import vqmobile
+
+        spec = importlib.util.spec_from_file_location(
+            "vqmobile.export", ROOT / "export" / "__init__.py", submodule_search_locations=[str(ROOT / "export")])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["vqmobile.export"] = mod
+        spec.loader.exec_module(mod)
+        vqmobile.export = mod
+        return mod
+
+
+ve = _import_export()
+
+from vqmobile import ops  # noqa: E402
+from vqmobile.errors import FormatError, UserError  # noqa: E402
+from vqmobile.intweight import RTNConfig  # noqa: E402
+from vqmobile.qweight import QuantLinear  # noqa: E402
+from vqmobile.vqweight import VQGeometry, VQWeight  # noqa: E402
+
+MAX_SEQ = 128
+
+
+def _random_vq(n, k, d, ncent, r, c, kind="int8", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    geom = VQGeometry(n, k, d, ncent, r, c)
+    idx = torch.randint(0, ncent, (n, geom.vectors), generator=g)
+    if kind == "fp16":
+        cb = torch.randn(geom.row_blocks, geom.col_blocks, ncent, d, generator=g) * 0.05
+        return VQWeight.from_parts(geom, idx, codebook_kind="fp16", codebook_float=cb)
+    cbi = torch.randint(-127, 128, (geom.row_blocks, geom.col_blocks, ncent, d), generator=g)
+    sc = (torch.rand(geom.row_blocks, geom.col_blocks, generator=g) * 0.01 + 1e-3).half().float()
+    return VQWeight.from_parts(geom, idx, codebook_kind="int8", codebook_ints=cbi, codebook_scale=sc)
+
+
+# ------------------------------------------------------------------------------------------------ operators
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, True), (4, 32, False), (3, 16, False), (8, 64, True)])
+def test_int_op_matches_dequantized_matmul(bits, group, sym):
+    w = torch.randn(172, 64, generator=torch.Generator().manual_seed(1))
+    qw = RTNConfig(bits=bits, group=group, symmetric=sym).quantize_weight(w, None)
+    x, b = torch.randn(2, 5, 64), torch.randn(172)
+    ref = F.linear(x, qw.dequantize(), b)
+    assert torch.allclose(ops.op_forward(qw, x, b), ref, atol=1e-4)
+    with ops.decomposed():
+        assert torch.allclose(ops.op_forward(qw, x, b), ref, atol=1e-5)
+    out = torch.empty(0)
+    torch.ops.vqmobile.int_linear.out(x, qw.codes, qw.scales, qw.zeros, b, 172, 64, bits, group, out=out)
+    assert out.shape == (2, 5, 172) and torch.allclose(out, ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("d,ncent,r,c", [(2, 64, 32, 64), (2, 16, 172, 64), (1, 8, 16, 16), (4, 256, 64, 32),
+                                         (2, 64, 100, 38)])
+def test_vq_op_matches_dequantized_matmul(d, ncent, r, c):
+    qw = _random_vq(172, 64, d, ncent, r, c)
+    x = torch.randn(9, 64)
+    ref = F.linear(x, qw.dequantize())
+    assert torch.allclose(ops.op_forward(qw, x, None), ref, atol=1e-4)
+    with ops.decomposed():
+        assert torch.allclose(ops.op_forward(qw, x, None), ref, atol=1e-5)
+    assert ops.op_support(qw)[0] == "vq_linear"
+
+
+def test_unsupported_vq_variant_falls_back_to_dense():
+    qw = _random_vq(48, 64, 2, 16, 16, 64, kind="fp16")
+    op, why = ops.op_support(qw)
+    assert op is None and "fp16" in why
+    x = torch.randn(3, 64)
+    assert torch.allclose(ops.op_forward(qw, x, None), F.linear(x, qw.dequantize()), atol=1e-6)
+
+
+def test_fake_kernels_give_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    qv = _random_vq(172, 64, 2, 64, 32, 64)
+    qi = RTNConfig(bits=4, group=32).quantize_weight(torch.randn(172, 64), None)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(2, 7, 64)
+        y = torch.ops.vqmobile.vq_linear(x, qv.indices, qv.codebook, qv.codebook_scale, None, 172, 64, 2, 32, 64)
+        z = torch.ops.vqmobile.int_linear(x, qi.codes, qi.scales, qi.zeros, None, 172, 64, 4, 32)
+        h = torch.ops.vqmobile.dense_linear(x, torch.empty(512, 64), None)
+    assert y.shape == (2, 7, 172) and z.shape == (2, 7, 172) and h.shape == (2, 7, 512)
+    assert y.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------------ shared checkpoint
+@pytest.fixture(scope="module")
+def mixed_checkpoint(stories, stories_calib, tmp_path_factory):
+    from vqmobile import checkpoint
+    from vqmobile.gptq import GPTQConfig
+    from vqmobile.pipeline import quantize_
+
+    calib = stories_calib[:8, :128]
+    int_model = copy.deepcopy(stories.model)
+    quantize_(int_model, GPTQConfig(bits=4, group=32), calib, progress=False)
+    model = copy.deepcopy(stories.model)
+    try:
+        from vqmobile.gptvq import GPTVQConfig
+
+        cfg = GPTVQConfig(vq_dim=2, k=16, rows_per_block=32, cols_per_block=64, em_iters=5, block_size=64)
+        quantize_(model, cfg, calib, progress=False)
+        method = "gptvq+gptq"
+    except ImportError:  # GPTVQ not available: the int format everywhere
+        model = int_model
+        method = "gptq"
+    for name, mod in int_model.named_modules():  # MLPs: GPTQ int4 g32
+        if isinstance(mod, QuantLinear) and ".mlp." in name:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, mod)
+    o = model.model.layers[0].self_attn.o_proj  # one layer without a kernel
+    model.model.layers[0].self_attn.o_proj = QuantLinear(_random_vq(64, 64, 2, 16, 16, 64, kind="fp16"), o.bias)
+    out = tmp_path_factory.mktemp("ck") / "mixed"
+    checkpoint.save(model, stories.tokenizer, out, config={"method": method}, source={"model": "stories260k"},
+                    calibration=None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle(mixed_checkpoint, tmp_path_factory):
+    from vqmobile.export.runtime.build import host_target
+
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    res = ve.export_bundle(str(mixed_checkpoint), str(out), target=host_target(), formats=["executorch", "onnx"],
+                           max_seq=MAX_SEQ, progress=None)
+    return out, res
+
+
+@pytest.fixture(scope="module")
+def reference(mixed_checkpoint):
+    from vqmobile.checkpoint import load
+
+    return load(mixed_checkpoint)
+
+
+def test_bundle_contents(bundle):
+    path, res = bundle
+    m = json.loads((path / "bundle.json").read_text())
+    for rel in ("model.pte", "model.onnx", "lib/libvqmobile_executorch.so", "checkpoint/vqmobile.json",
+                "tokenizer/tokenizer_config.json"):
+        assert rel in m["files"], rel
+    for rel, e in m["files"].items():
+        assert (path / rel).stat().st_size == e["bytes"]
+    ops_ = m["pte"]["custom_ops"]
+    assert ops_.get("vqmobile.int_linear.out", 0) == 5 * 3
+    if m["method"] != "gptq":
+        assert ops_.get("vqmobile.vq_linear.out", 0) == 5 * 4 - 1
+    assert ops_.get("vqmobile.dense_linear.out") == 1  # tied head
+    assert m["pte"]["xnnpack_partitions"] > 0
+    assert "model.layers.0.self_attn.o_proj" in m["standard_op_layers"]
+    assert any("standard ops" in w for w in res["warnings"])
+    # The .pte keeps the weights packed: not much more than the checkpoint's tensors
+    assert m["pte"]["bytes"] < 2.0 * m["checkpoint_bytes"]["total"]
+
+
+def test_onnx_file_is_valid_with_functions(bundle):
+    import onnx
+
+    path, _ = bundle
+    model = onnx.load(str(path / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert model.ir_version <= 13
+    fns = {(f.domain, f.name) for f in model.functions}
+    used = {(n.domain, n.op_type) for n in model.graph.node if n.domain == "vqmobile"}
+    assert used and used <= fns
+    assert ("vqmobile", "IntLinear") in used
+
+
+def test_onnx_and_executorch_match_pytorch(bundle, reference, stories_test_ids):
+    from vqmobile.export.et_runtime import ETDecoder
+    from vqmobile.export.onnx_export import ort_session
+
+    path, _ = bundle
+    ids = stories_test_ids[:100][None]
+    with torch.no_grad():
+        ref = reference.model(input_ids=ids, use_cache=False).logits[0]
+    ort = torch.from_numpy(ort_session(path / "model.onnx").run(None, {"input_ids": ids.numpy()})[0][0])
+    assert (ort - ref).abs().max() < 1e-3
+    dec = ETDecoder(path / "model.pte", path / "lib" / "libvqmobile_executorch.so")
+    et = dec(ids[:, :60], 0)[0]
+    steps = [dec(ids[:, i:i + 1], i)[0] for i in range(60, 100)]  # decode through the KV cache
+    et = torch.cat([et, *steps])
+    assert (et - ref).abs().max() < 1e-3
+    assert bool((et.argmax(-1) == ref.argmax(-1)).all())
+
+
+def test_check_passes_within_tolerance(bundle, tmp_path):
+    path, _ = bundle
+    ok, table, record = ve.check_bundle(str(path), windows=3, json_path=str(tmp_path / "check.json"))
+    assert ok, table
+    rows = {r["runtime"]: r for r in record["rows"]}
+    for name in ("onnxruntime", "executorch"):
+        assert abs(rows[name]["ppl_rel_diff"]) < 0.005
+        assert rows[name]["top1_agreement"] >= 0.99
+    assert json.loads((tmp_path / "check.json").read_text())["ok"] is True
+    assert "executorch" in table and "onnxruntime" in table
+
+
+def test_greedy_generation_equals_pytorch(bundle, reference):
+    from vqmobile.export.et_runtime import greedy_torch
+
+    path, _ = bundle
+    res = ve.generate(str(path), "Once upon a time", 24, stop_at_eos=False)
+    ids = torch.tensor(res["prompt_ids"])
+    assert res["new_tokens"] == greedy_torch(reference.model, ids, 24, MAX_SEQ)
+    assert res["tokens_per_s"] > 0 and isinstance(res["text"], str) and res["text"]
+
+
+def test_decomposed_export_uses_standard_ops(reference):
+    from vqmobile.export.executorch_export import export_program
+    from vqmobile.export.model import StaticLlama
+
+    ep = export_program(reference.model, 32, decompose=True)
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("vqmobile" in t for t in targets)
+    ids = torch.randint(0, 512, (1, 9))
+    with torch.no_grad():
+        got = ep.module()(ids, torch.tensor([0]))
+        want = StaticLlama(reference.model, 32)(ids, torch.tensor([0]))
+    assert (got - want).abs().max() < 1e-3
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+def _copy(bundle, tmp_path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(bundle[0], dst)
+    return dst
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e)
+    assert "\n" not in msg
+    return msg
+
+
+def test_modified_file_fails_hash(bundle, tmp_path):
+    b = _copy(bundle, tmp_path)
+    data = bytearray((b / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (b / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(FormatError) as e:
+        ve.check_bundle(str(b), windows=1, json_path=None)
+    assert "sha256" in _one_line(e.value)
+
+
+def test_missing_library_and_partial_bundle(bundle, tmp_path):
+    b = _copy(bundle, tmp_path)
+    (b / "lib" / "libvqmobile_executorch.so").unlink()
+    with pytest.raises(FormatError) as e:
+        ve.generate(str(b), "hi", 2)
+    assert "kernel library" in _one_line(e.value)
+    shutil.copytree(bundle[0] / "lib", b / "lib", dirs_exist_ok=True)
+    (b / "model.pte").unlink()
+    with pytest.raises(FormatError) as e:
+        ve.open_bundle(b)
+    assert "model.pte is missing" in _one_line(e.value)
+    (b / "bundle.json").write_text("{not json")
+    with pytest.raises(FormatError) as e:
+        ve.open_bundle(b)
+    _one_line(e.value)
+    (b / "bundle.json").unlink()
+    with pytest.raises(FormatError) as e:
+        ve.open_bundle(b)
+    assert "not a vqmobile bundle" in _one_line(e.value)
+
+
+def test_cli_level_errors(mixed_checkpoint, tmp_path, monkeypatch):
+    with pytest.raises(UserError) as e:
+        ve.export_bundle(str(mixed_checkpoint), str(tmp_path / "x"), target="x86_64", formats=["tflite"])
+    assert "unknown format" in _one_line(e.value)
+    import vqmobile.export.runtime.build as build
+
+    monkeypatch.setattr(build.shutil, "which", lambda tool: None)
+    with pytest.raises(UserError) as e:
+        ve.export_bundle(str(mixed_checkpoint), str(tmp_path / "y"), target="arm64", formats=["executorch"])
+    assert "apt-get install" in _one_line(e.value) and "aarch64-linux-gnu" in str(e.value)
+    assert not (tmp_path / "y").exists()
+
+
+def test_adapter_registration_is_idempotent(bundle, tmp_path):
+    """Loading the adapter twice, and a second copy of it, must not abort the process."""
+    path, _ = bundle
+    lib = path / "lib" / "libvqmobile_executorch.so"
+    second = tmp_path / "libcopy.so"
+    shutil.copy2(lib, second)
+    code = (
+        "import ctypes, torch\n"
+        "from executorch.extension.pybindings import portable_lib as pl\n"
+        f"a = ctypes.CDLL({str(lib)!r}, mode=ctypes.RTLD_GLOBAL); a.vqmobile_et_register(); a.vqmobile_et_register()\n"
+        f"b = ctypes.CDLL({str(second)!r}, mode=ctypes.RTLD_GLOBAL); b.vqmobile_et_register()\n"
+        f"m = pl._load_for_executorch({str(path / 'model.pte')!r})\n"
+        "print(m.forward((torch.ones(1, 3, dtype=torch.long), torch.tensor([0])))[0].shape)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "[1, 3, 512]" in res.stdout
+
+
+def test_arm64_adapter_cross_builds():
+    from vqmobile.export.runtime import build
+
+    if shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.skip("aarch64-linux-gnu-g++ is not installed")
+    try:
+        lib = build.build_adapter("arm64", progress=None)
+    except UserError as e:  # no registry access for the aarch64 executorch wheel
+        pytest.skip(str(e))
+    head = lib.read_bytes()[:20]
+    assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64
