@@ -104,7 +104,7 @@ class GPTVQConfig(QuantConfig):
     em_tol: float = 1e-3  # EM stops when at most this fraction of assignments changed in an iteration
     damp: float = 0.01  # dampening, as a fraction of the mean Hessian diagonal
     block_size: int = 128  # lazy-batch width of the column pass
-    seed: int = 0  # the method draws no random numbers; seeds torch's generator for reproducibility anyway
+    seed: int = 0  # recorded with the run; the method itself draws no random numbers (Mahalanobis seeding, exact LS)
 
     # ----------------------------------------------------------------------------------------- construction
     @classmethod
@@ -217,7 +217,7 @@ class GPTVQConfig(QuantConfig):
         if self.em_iters < 1:
             raise UserError(f"--em-iters {self.em_iters} must be at least 1")
         if not self.damp > 0:
-            raise UserError(f"--damp {self.damp} must be positive")
+            raise UserError(f"--vq-damp {self.damp} must be positive")
         if self.block_size < d:
             raise UserError(f"--vq-block-size {self.block_size} must be at least --vq-dim {d}")
 
@@ -271,7 +271,6 @@ def gptvq_quantize(weight: torch.Tensor, hessian: torch.Tensor | None, cfg: GPTV
 def _gptvq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTVQConfig, threads
                     ) -> tuple[VQWeight, dict[str, Any]]:
     t0 = time.perf_counter()
-    torch.manual_seed(cfg.seed)
     n, cols = weight.shape
     geom = cfg.layer_geometry(n, cols)
     d, k, R, C = geom.d, geom.k, geom.rows_per_block, geom.cols_per_block
@@ -462,14 +461,14 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                    help="blockwise normalization: one log-domain scale per this many columns of a row")
     g.add_argument("--norm-bits", type=int, default=4, help="bits per normalization scale (default 4)")
     g.add_argument("--em-iters", type=int, default=100, help="max EM iterations per codebook (default 100)")
-    g.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of the mean diagonal")
+    g.add_argument("--vq-damp", type=float, default=0.01, help="Hessian dampening, fraction of the mean diagonal")
     g.add_argument("--vq-block-size", type=int, default=128, help="lazy-batch width of the column pass")
 
 
 def config_from_args(args: argparse.Namespace) -> GPTVQConfig:
     overrides: dict[str, Any] = {
         "codebook": args.codebook, "codebook_update": not args.no_codebook_update, "svd_rank": args.svd_rank,
-        "norm_block": args.norm_block, "norm_bits": args.norm_bits, "em_iters": args.em_iters, "damp": args.damp,
+        "norm_block": args.norm_block, "norm_bits": args.norm_bits, "em_iters": args.em_iters, "damp": args.vq_damp,
         "block_size": args.vq_block_size, "seed": getattr(args, "seed", 0),  # --seed belongs to the CLI
     }
     for arg, field in (("vq_k", "k"), ("vq_rows", "rows_per_block"), ("vq_cols", "cols_per_block")):
