@@ -175,9 +175,9 @@ def load(path: str | Path) -> Checkpoint:
     """Load a checkpoint as a working torch model whose quantized linears run from the packed representation."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .model import check_architecture, quiet_transformers
+    from .model import check_architecture, quiet_libraries
 
-    quiet_transformers()
+    quiet_libraries()
     path = Path(path)
     if not is_checkpoint(path):
         raise UserError(f"{path} is not a vqmobile checkpoint: it has no {MANIFEST}")

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import gptvq
 from .errors import UserError
 
 
@@ -35,6 +36,8 @@ def build_config(args: argparse.Namespace):
         return RTNConfig(bits=args.bits, group=args.group, symmetric=args.symmetric)
     if args.method == "gptq":
         return GPTQConfig(bits=args.bits, group=args.group, symmetric=args.symmetric, act_order=args.act_order)
+    if args.method == "gptvq":
+        return gptvq.config_from_args(args)
     raise UserError(f"unknown method {args.method}")
 
 
@@ -102,11 +105,12 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="quantize a model into a packed checkpoint")
     p.add_argument("model", help="Hugging Face model directory, .gguf file, or 'smollm2'")
-    p.add_argument("--method", choices=["rtn", "gptq"], required=True)
+    p.add_argument("--method", choices=["rtn", "gptq", "gptvq"], required=True)
     p.add_argument("--out", required=True, help="checkpoint directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the new one is complete)")
     p.add_argument("--eval-windows", type=int, default=0, help="afterwards, WikiText-2 perplexity over this many windows")
     _add_int_args(p)
+    gptvq.add_cli_arguments(p)
     _add_calibration_args(p)
     p.set_defaults(func=cmd_quantize)
 

@@ -49,9 +49,15 @@ def _sha256_files(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def quiet_transformers() -> None:
-    """Our own progress bars report the work; transformers' per-file bars and advisories would clutter stderr."""
+def quiet_libraries() -> None:
+    """Our own progress bars report the work; transformers' per-file bars and advisories would clutter stderr, as
+    would torchao's notes (imported by transformers) about its CUDA-only extensions and torch's pytree deprecations."""
+    import logging
+
     from transformers.utils import logging as hf_logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -84,7 +90,7 @@ def _check_safetensors(files: list[Path]) -> None:
 def _load_hf_dir(path: Path) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    quiet_transformers()
+    quiet_libraries()
     if not (path / "config.json").is_file():
         raise UserError(f"{path} is not a causal LM directory: it has no config.json")
     try:
@@ -113,7 +119,7 @@ def _load_gguf(path: Path) -> LoadedModel:
     from gguf import GGUFReader
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    quiet_transformers()
+    quiet_libraries()
     try:
         reader = GGUFReader(str(path))
         field = reader.fields["general.architecture"]
