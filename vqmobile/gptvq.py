@@ -20,6 +20,14 @@ Decisions where the paper is silent:
   count), so l and the codebook overhead stay near the nominal configuration.
 - The least-squares update uses the same dampened H as the pass and is kept only if it lowers the objective (after
   rounding the codebooks to int8).
+
+Measured on the 7 linears of SmolLM2-135M layer 5 (real Hessians, 32 x 512 WikiText-2 tokens), relative layer loss
+tr(EHE^T)/tr(WHW^T): the exact least-squares update (Jacobi-preconditioned CG, 6-16 iterations) beats the paper's 25
+Adam steps (best of lr 1e-4/1e-3/1e-2) on every layer and configuration (e.g. q_proj 1D 2.125: 0.9697 vs 0.9763 of the
+pass loss; 4D 2.25: 0.9691 vs 0.9707) in 2-5x less time, so Adam is not offered as an option (codebook.update_adam
+stays for the comparison). SVD codebooks (1D, rank r, int8 factors, same nominal bpv via smaller blocks) lose to int8
+codebooks on layer loss: 2.125 bpv 0.0460 (r=2) vs 0.0429, 3.125 bpv 0.0133 (r=4) vs 0.0125, although they store
+0.04-0.1 bpv less (no per-codebook scales).
 """
 
 from __future__ import annotations
