@@ -4,7 +4,7 @@
     result = vqmobile.quantize("smollm2", vqmobile.GPTQConfig(bits=4, group=128), "out/smollm2-gptq4")
     model = vqmobile.load("out/smollm2-gptq4")
 
-Configs are dataclasses (RTNConfig, GPTQConfig, GPTVQConfig); `quantize_(model, config, calibration_ids)` quantizes
+Configs are dataclasses (RTNConfig, GPTQConfig, GPTVQConfig; GPTVQConfig.from_target(bpv=..., preset=...)); `quantize_(model, config, calibration_ids)` quantizes
 an in-memory model in place with the same layer-wise pipeline.
 """
 
@@ -12,11 +12,12 @@ from .api import CalibrationSpec, evaluate, load, open_model, quantize
 from .checkpoint import load as load_checkpoint
 from .errors import FormatError, UserError
 from .gptq import GPTQConfig
+from .gptvq import GPTVQConfig
 from .intweight import RTNConfig
 from .model import load_model, prepare_default_model
 from .pipeline import quantize_
 
 __all__ = [
-    "CalibrationSpec", "FormatError", "GPTQConfig", "RTNConfig", "UserError", "evaluate", "load", "load_checkpoint",
+    "CalibrationSpec", "FormatError", "GPTQConfig", "GPTVQConfig", "RTNConfig", "UserError", "evaluate", "load", "load_checkpoint",
     "load_model", "open_model", "prepare_default_model", "quantize", "quantize_",
 ]

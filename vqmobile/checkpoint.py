@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import intweight, vqweight  # noqa: F401  (importing a format registers its kind for loading)
 from .errors import FormatError, UserError
 from .qweight import QuantLinear, weight_from_stored
 
