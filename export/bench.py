@@ -40,7 +40,8 @@ def dense_copy(model: nn.Module) -> nn.Module:
 
 
 def export_torchao_baseline(checkpoint: str | Path, out: str | Path, max_seq: int, group: int = 32) -> dict:
-    """Write the 8da4w (torchao int8 dynamic activations, int4 weights, group `group`) XNNPACK .pte."""
+    """Write the 8da4w (torchao int8 dynamic activations, int4 weights, group `group`) XNNPACK .pte of a vqmobile
+    checkpoint (its dequantized weights) or of a float model spec."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
         XnnpackDynamicallyQuantizedPartitioner, XnnpackPartitioner)
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -54,7 +55,13 @@ def export_torchao_baseline(checkpoint: str | Path, out: str | Path, max_seq: in
     from .model import StaticLlama
 
     _quiet()
-    model = dense_copy(load(checkpoint).model)
+    from vqmobile.checkpoint import is_checkpoint
+    from vqmobile.model import load_model
+
+    if is_checkpoint(checkpoint):
+        model = dense_copy(load(checkpoint).model)
+    else:  # a float model (HF directory, GGUF, 'smollm2'): same architecture and source weights
+        model = load_model(str(checkpoint)).model
     quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group)),
               filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn.startswith("model.layers.")
               and m.in_features % group == 0)
