@@ -9,6 +9,7 @@ import torch
 
 from .hessian import inverse_cholesky
 from .intweight import IntConfigBase, IntGrid, IntWeight, fit_grid, quantize_to_grid
+from .threads import column_pass, num_threads
 
 
 @dataclasses.dataclass
@@ -23,6 +24,10 @@ class GPTQConfig(IntConfigBase):
     def quantize_weight(self, weight: torch.Tensor, hessian: torch.Tensor | None) -> IntWeight:
         if hessian is None:
             raise ValueError("GPTQ needs the layer's Hessian")
+        with column_pass() as threads:
+            return self._quantize(weight, hessian, threads)
+
+    def _quantize(self, weight: torch.Tensor, hessian: torch.Tensor, threads) -> IntWeight:
         n, k = weight.shape
         g = self.group_size(k)
         groups = range(0, k, g)
@@ -35,7 +40,8 @@ class GPTQConfig(IntConfigBase):
             static_grids = [fit_grid(weight[:, s:s + g].float(), self.bits, self.symmetric) for s in groups]
             perm = torch.argsort(torch.diag(hessian), descending=True)
             weight, hessian = weight[:, perm], hessian[perm][:, perm]
-        w, hinv = inverse_cholesky(weight, hessian, self.damp)
+        with num_threads(threads(k ** 3)):
+            w, hinv = inverse_cholesky(weight, hessian, self.damp)
 
         q = torch.zeros_like(w)
         scale = torch.zeros(n, len(groups))
@@ -62,7 +68,8 @@ class GPTQConfig(IntConfigBase):
                 err = (wc - (qc - grid.zero) * grid.scale) / h1[i, i]
                 w1[:, i:] -= err * h1[i:i + 1, i:]
                 err1[:, i:i + 1] = err
-            w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+            with num_threads(threads(n * (i2 - i1) * (k - i2))):
+                w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
         if perm is not None:
             q = q[:, torch.argsort(perm)]

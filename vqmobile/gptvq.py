@@ -33,11 +33,10 @@ codebooks on layer loss: 2.125 bpv 0.0460 (r=2) vs 0.0429, 3.125 bpv 0.0133 (r=4
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import math
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -46,6 +45,7 @@ from .config import QuantConfig
 from .errors import UserError
 from .hessian import inverse_cholesky
 from .pack import pack_rows
+from .threads import column_pass, num_threads
 from .vqweight import CODEBOOK_KINDS, MAX_INDEX_BITS, VQGeometry, VQWeight, norm_scale_values
 
 MAX_COLS_PER_BLOCK = 256  # groups span at most 256 columns (paper)
@@ -249,31 +249,13 @@ class GPTVQConfig(QuantConfig):
 
 
 # ------------------------------------------------------------------------------------------------ column pass
-# Work below this many multiply-adds per op runs on one thread: the column pass is thousands of tiny ops, and on a
-# shared machine every multi-threaded op waits for a second core (measured 40x slower on a loaded 2-core box).
-_PARALLEL_WORK = 1 << 24
-
-
-@contextlib.contextmanager
-def _num_threads(n: int) -> Iterator[None]:
-    prev = torch.get_num_threads()
-    if n != prev:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if n != prev:
-            torch.set_num_threads(prev)
-
-
 def gptvq_quantize(weight: torch.Tensor, hessian: torch.Tensor | None, cfg: GPTVQConfig
                    ) -> tuple[VQWeight, dict[str, Any]]:
     """Quantize one layer; returns the weight and statistics (losses, EM/CG iterations, timings)."""
     if hessian is None:
         raise ValueError("GPTVQ needs the layer's Hessian")
-    full = torch.get_num_threads()
-    with _num_threads(1):
-        return _gptvq_quantize(weight, hessian, cfg, lambda work: full if work >= _PARALLEL_WORK else 1)
+    with column_pass() as threads:
+        return _gptvq_quantize(weight, hessian, cfg, threads)
 
 
 def _gptvq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTVQConfig, threads
@@ -326,7 +308,7 @@ def _gptvq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTVQConfi
         wt = hw[g0:g1].reshape(1, 1, vg, d).expand(nbr, R, vg, d) * row_valid.reshape(nbr, R, 1, 1)
         wt = (wt * (scale_el[:, g0:g1] ** 2).reshape(nbr, R, vg, d)).reshape(nbr, R * vg, d)
         valid = row_valid.reshape(nbr, R, 1).expand(nbr, R, vg).reshape(nbr, R * vg)
-        with _num_threads(threads(npad * vg * k * d)):
+        with num_threads(threads(npad * vg * k * d)):
             seed = cbk.mahalanobis_seed(x, valid, k)
             cb, _, iters = cbk.kmeans(x, wt, seed, cfg.em_iters, cfg.em_tol)
         stats["em_iters"].append(iters)
@@ -375,7 +357,7 @@ def _gptvq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTVQConfi
     loss_pass = obj.loss(cbooks)
     stats.update(loss_pass=loss_pass, cg_iters=0)
     t1 = time.perf_counter()
-    with _num_threads(threads(n * cols * cols)):
+    with num_threads(threads(n * cols * cols)):
         weight_q = _finish(obj, cbooks, idx, geom, cfg, stats)
     stats.update(time_em=t_em, time_pass=t_pass, time_update=time.perf_counter() - t1,
                  time_total=time.perf_counter() - t0, geometry=geom)
