@@ -95,3 +95,35 @@ def test_interrupted_save_leaves_nothing(quantized, stories, tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save(model, stories.tokenizer, out, config=cfg.to_dict(), source={}, calibration=None)
     assert calls and not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_hessians_match_float64_reference_and_are_shared(stories, stories_calib):
+    from vqmobile.pipeline import _capture_layer_inputs, _collect_hessians, linear_layers
+
+    model = stories.model
+    inputs = _capture_layer_inputs(model, stories_calib[:8], 4)
+    layer = model.model.layers[0]
+    linears = linear_layers(layer)
+    hessians = _collect_hessians(layer, linears, inputs)
+    ref = {n: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64) for n, lin in linears.items()}
+    count = dict.fromkeys(linears, 0)
+
+    def record(name):
+        def hook(_m, args, _o):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            ref[name].addmm_(x.T, x, alpha=2.0)
+            count[name] += x.shape[0]
+        return hook
+
+    handles = [lin.register_forward_hook(record(n)) for n, lin in linears.items()]
+    with torch.no_grad():
+        for hidden, kwargs in inputs:
+            layer(hidden, **kwargs)
+    for h in handles:
+        h.remove()
+    for name in linears:
+        expected = ref[name] / count[name]
+        assert torch.allclose(hessians[name].double(), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+    assert hessians["self_attn.q_proj"] is hessians["self_attn.v_proj"]  # same input, one accumulator
+    assert hessians["mlp.gate_proj"] is hessians["mlp.up_proj"]
+    assert hessians["self_attn.o_proj"] is not hessians["self_attn.q_proj"]

@@ -82,6 +82,35 @@ def _run_layer(layer: nn.Module, inputs) -> list:
     return outputs
 
 
+def _collect_hessians(layer: nn.Module, linears: dict[str, nn.Linear], inputs) -> dict[str, torch.Tensor]:
+    """Each linear's Hessian from one pass of the calibration batch. Linears that read the very same input tensor
+    (q/k/v, gate/up) share one accumulator, so each distinct input costs one X^T X."""
+    accs: dict[str, HessianAccumulator] = {}
+    seen: dict[int, tuple[torch.Tensor, HessianAccumulator]] = {}  # this batch: id(input) -> (input, accumulator)
+
+    def hook(name: str):
+        def record(_module, args, _output):
+            x = args[0]
+            if id(x) in seen:  # a sibling linear already added this very tensor
+                accs.setdefault(name, seen[id(x)][1])
+                return
+            acc = accs.setdefault(name, HessianAccumulator(x.shape[-1]))
+            acc.add(x)
+            seen[id(x)] = (x, acc)  # holding x keeps its id unique for the rest of the batch
+        return record
+
+    handles = [lin.register_forward_hook(hook(name)) for name, lin in linears.items()]
+    try:
+        for batch in inputs:
+            seen.clear()
+            _run_layer(layer, [batch])
+    finally:
+        seen.clear()
+        for h in handles:
+            h.remove()
+    return {name: acc.value() for name, acc in accs.items()}
+
+
 def check_model(model: nn.Module, config: QuantConfig) -> None:
     """Validate the config against every layer before any work starts."""
     for i, layer in enumerate(decoder_layers(model)):
@@ -106,15 +135,7 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration: torch.Tensor |
         linears = linear_layers(layer)
         hessians: dict[str, torch.Tensor] = {}
         if inputs is not None:
-            accs = {name: HessianAccumulator(lin.in_features) for name, lin in linears.items()}
-            handles = [lin.register_forward_hook(lambda _m, args, _o, acc=accs[name]: acc.add(args[0]))
-                       for name, lin in linears.items()]
-            try:
-                _run_layer(layer, inputs)
-            finally:
-                for h in handles:
-                    h.remove()
-            hessians = {name: acc.value() for name, acc in accs.items()}
+            hessians = _collect_hessians(layer, linears, inputs)
         for name, lin in linears.items():
             bar.set_postfix_str(f"layer {i} {name}")
             qweight = config.quantize_weight(lin.weight.detach().float(), hessians.get(name))
