@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .bundle import CHECKPOINT_DIR, open_bundle
-from .et_runtime import ETDecoder, greedy, portable_lib
+from .et_runtime import ETDecoder, adapter_threads, greedy, portable_lib, set_adapter_threads
 
 
 def dense_copy(model: nn.Module) -> nn.Module:
@@ -102,6 +102,8 @@ def bench_decode(bundle: str, *, baseline_pte: str | None = None, prompt: str = 
         kernels.set_num_threads(threads)
         pl._unsafe_reset_threadpool(threads)
     ours = ETDecoder(b.pte, b.host_library())
+    if threads:
+        set_adapter_threads(threads)
     base = ETDecoder(base_path, None)
     tok = b.tokenizer()
     ids = tok(prompt, return_tensors="pt").input_ids[0]
@@ -120,7 +122,7 @@ def bench_decode(bundle: str, *, baseline_pte: str | None = None, prompt: str = 
         "pte_bytes": {"vqmobile": b.pte.stat().st_size, "torchao_8da4w_g32": base_path.stat().st_size},
         "bits_per_weight": b.manifest.get("bits_per_weight"), "prompt_tokens": int(ids.numel()),
         "decode_tokens": budget, "repeats": repeats,
-        "threads": {"vqmobile_kernels": kernels.get_num_threads(), "xnnpack": pl._threadpool_get_thread_count()},
+        "threads": {"vqmobile_kernels": adapter_threads(), "xnnpack": pl._threadpool_get_thread_count()},
         "tokens_per_s": runs, "median_tokens_per_s": med,
         "speedup": med["vqmobile"] / med["torchao_8da4w_g32"],
         "greedy_token_agreement": agree / max(1, budget),

@@ -35,6 +35,21 @@ def load_adapter(path: str | Path) -> None:
     _LOADED[key] = lib
 
 
+def set_adapter_threads(n: int | None) -> None:
+    """Threads of the native kernels inside every loaded adapter library (its own copy of them; the Python-side
+    vqmobile.kernels.set_num_threads does not reach it). None or <= 0: all online CPUs."""
+    for lib in _LOADED.values():
+        if hasattr(lib, "vqmobile_et_set_num_threads"):
+            lib.vqmobile_et_set_num_threads(0 if n is None else int(n))
+
+
+def adapter_threads() -> int | None:
+    for lib in _LOADED.values():
+        if hasattr(lib, "vqmobile_et_get_num_threads"):
+            return int(lib.vqmobile_et_get_num_threads())
+    return None
+
+
 class ETDecoder:
     """The exported decoder: __call__(tokens [1, T] int64, start_pos int) -> logits float32 [1, T, vocab]."""
 

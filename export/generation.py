@@ -7,7 +7,7 @@ import torch
 from vqmobile.errors import UserError
 
 from .bundle import open_bundle
-from .et_runtime import ETDecoder, greedy
+from .et_runtime import ETDecoder, greedy, set_adapter_threads
 
 
 def generate(bundle: str, prompt: str, max_new_tokens: int = 64, *, stop_at_eos: bool = True,
@@ -20,10 +20,6 @@ def generate(bundle: str, prompt: str, max_new_tokens: int = 64, *, stop_at_eos:
     b = open_bundle(bundle)
     if b.pte is None:
         raise UserError(f"bundle {b.path} has no ExecuTorch program: export it with --format executorch")
-    if threads:
-        from vqmobile import kernels
-
-        kernels.set_num_threads(threads)
     tok = b.tokenizer()
     ids = tok(prompt, return_tensors="pt").input_ids[0]
     if ids.numel() == 0:
@@ -31,6 +27,8 @@ def generate(bundle: str, prompt: str, max_new_tokens: int = 64, *, stop_at_eos:
     if ids.numel() >= b.max_seq:
         raise UserError(f"the prompt has {ids.numel()} tokens; this bundle holds at most {b.max_seq} in its cache")
     dec = ETDecoder(b.pte, b.host_library())
+    if threads:
+        set_adapter_threads(threads)
     eos = tok.eos_token_id if stop_at_eos else None
     res = greedy(dec, ids, max_new_tokens, b.max_seq, eos)
     res["text"] = tok.decode(res["new_tokens"], skip_special_tokens=True)

@@ -223,3 +223,7 @@ static const int registered = register_once();
 // C entry points: lets a host program (or ctypes) force registration and query the library.
 extern "C" __attribute__((visibility("default"))) int vqmobile_et_register(void) { return vqmobile_et::register_once(); }
 extern "C" __attribute__((visibility("default"))) const char* vqmobile_et_version(void) { return "vqmobile-executorch-adapter 1"; }
+// The adapter links its own copy of the native kernels: their thread count is set here (VQMOBILE_NUM_THREADS in
+// the environment also works, read at start-up).
+extern "C" __attribute__((visibility("default"))) void vqmobile_et_set_num_threads(int n) { vqm_set_num_threads(n); }
+extern "C" __attribute__((visibility("default"))) int vqmobile_et_get_num_threads(void) { return vqm_get_num_threads(); }
