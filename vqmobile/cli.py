@@ -91,6 +91,44 @@ def _write_json(path: str, record) -> None:
     os.replace(tmp, p)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .api import CalibrationSpec
+    from .export import export_bundle
+
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    calib = CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed)
+    res = export_bundle(args.model, args.out, target=args.target, formats=formats, overwrite=args.overwrite,
+                        decompose=args.decompose, calibration=calib, progress=None if args.quiet else print)
+    for w in res.get("warnings", []):
+        print(f"warning: {w}", file=sys.stderr)
+    size = sum(f["bytes"] for f in res["files"].values())
+    print(f"wrote bundle {res['out']} for {args.target}: {', '.join(sorted(res['files']))} "
+          f"({size / 1e6:.1f} MB, {res['bits_per_weight']:.4f} bits per weight in the quantized layers)")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .export import check_bundle
+
+    ok, table, _record = check_bundle(args.bundle, windows=args.windows, json_path=args.json,
+                                      progress=None if args.quiet else print)
+    print(table)
+    if args.json:
+        print(f"wrote {args.json}")
+    print("check passed" if ok else "check FAILED: a runtime disagrees with PyTorch beyond the tolerance")
+    return 0 if ok else 1
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .export import generate
+
+    res = generate(args.bundle, args.prompt, args.max_new_tokens)
+    print(args.prompt + res["text"])
+    print(f"{len(res['new_tokens'])} new tokens, decode {res['tokens_per_s']:.1f} tokens/s, "
+          f"prefill {res['prefill_s'] * 1000:.0f} ms", file=sys.stderr)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     return args.bench_run(args)
 
@@ -121,6 +159,30 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="raw text file to evaluate (default: WikiText-2 test from shared/)")
     p.add_argument("--json", help="also write the result as JSON to this file")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="export a checkpoint (or a float model, quantized with the mobile recipe first) "
+                                      "to an ExecuTorch + ONNX bundle")
+    p.add_argument("model", help="vqmobile checkpoint, Hugging Face model directory, .gguf file, or 'smollm2'")
+    p.add_argument("--target", choices=["arm64", "x86_64"], required=True)
+    p.add_argument("--format", default="executorch,onnx", help="comma-separated: executorch, onnx (default both)")
+    p.add_argument("--out", required=True, help="bundle directory to create")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--decompose", action="store_true",
+                   help="export quantized layers as standard ops (portable, slow; no kernel library needed)")
+    _add_calibration_args(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("check", help="run a bundle in onnxruntime and ExecuTorch and compare with PyTorch")
+    p.add_argument("bundle")
+    p.add_argument("--windows", type=int, default=4, help="WikiText-2 windows for the perplexity comparison")
+    p.add_argument("--json", help="write the comparison as JSON")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("generate", help="greedy decoding through the bundle's ExecuTorch program")
+    p.add_argument("bundle")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=cmd_generate)
 
     from .bench import kernels as bench_kernels, quality as bench_quality
 

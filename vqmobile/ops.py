@@ -42,6 +42,9 @@ except ImportError:  # pragma: no cover - exercised only on installs without the
 
 NAMESPACE = "vqmobile"
 MAX_VQ_DIM = 8  # the native kernels handle d <= 8
+# The kernels are matrix-vector products (decode) that stream the weights once per 8 activation rows; above this
+# many rows (prefill, perplexity windows, calibration batches) one dequantization plus a GEMM is much faster.
+KERNEL_MAX_ROWS = 8
 
 _VQ_ARGS = "int n, int k, int d, int rows_per_block, int cols_per_block"
 _INT_ARGS = "int n, int k, int bits, int group"
@@ -124,7 +127,7 @@ def _bias32(bias):
 @torch.library.impl(_lib, "vq_linear", "CPU")
 def _vq_linear_cpu(x, indices, codebook, codebook_scale, bias, n, k, d, rows_per_block, cols_per_block):
     x = x.to(torch.float32).contiguous()
-    if _kernels is not None and d <= MAX_VQ_DIM:
+    if _kernels is not None and d <= MAX_VQ_DIM and x.numel() <= KERNEL_MAX_ROWS * k:
         return _kernels.vq_linear(x, indices.contiguous(), codebook.contiguous(), codebook_scale.contiguous(),
                                   n=n, k=k, d=d, rows_per_block=rows_per_block, cols_per_block=cols_per_block,
                                   bias=_bias32(bias))
@@ -134,7 +137,7 @@ def _vq_linear_cpu(x, indices, codebook, codebook_scale, bias, n, k, d, rows_per
 @torch.library.impl(_lib, "int_linear", "CPU")
 def _int_linear_cpu(x, codes, scales, zeros, bias, n, k, bits, group):
     x = x.to(torch.float32).contiguous()
-    if _kernels is not None:
+    if _kernels is not None and x.numel() <= KERNEL_MAX_ROWS * k:
         return _kernels.int_linear(x, codes.contiguous(), scales.contiguous(),
                                    None if zeros is None else zeros.contiguous(), n=n, k=k, bits=bits, group=group,
                                    bias=_bias32(bias))

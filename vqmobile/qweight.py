@@ -11,7 +11,6 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import FormatError
@@ -63,12 +62,11 @@ class QuantizedWeight(ABC):
         return 8 * self.stored_bytes() / (n * k)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """Reference forward: a dense matmul with the dequantized weight. The dense copy is made once and kept, which
-        trades memory for evaluation speed; the native kernels (vqmobile.kernels) run from the packed bytes."""
-        dense = self.__dict__.get("_dense")
-        if dense is None:
-            dense = self.__dict__["_dense"] = self.dequantize()
-        return F.linear(x, dense.to(x.dtype), bias)
+        """y = x W^T + b through this format's vqmobile operator (ops.py), the one definition that eager PyTorch,
+        export and the runtimes share; formats without an operator run a dense matmul with the dequantized weight."""
+        from .ops import op_forward
+
+        return op_forward(self, x, bias)
 
 
 def expect_tensor(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

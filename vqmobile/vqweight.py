@@ -230,10 +230,6 @@ class VQWeight(QuantizedWeight):
             "norm_bits": None if self.norm is None else self.norm["bits"],
         }
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        # Reference decode path; the native int8 kernel (vqmobile.kernels.vq_linear) is wired in separately.
-        return super().linear(x, bias)
-
     # ---------------------------------------------------------------------------------------------- validation
     @classmethod
     def from_stored(cls, spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "VQWeight":
