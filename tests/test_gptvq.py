@@ -301,7 +301,11 @@ def test_format_round_trip(layers, kw):
     again = VQWeight.from_stored(qw.spec(), {k: v.clone() for k, v in qw.tensors().items()})
     assert torch.equal(again.dequantize(), qw.dequantize())
     x = w[:3, :172].clone()
-    assert torch.equal(QuantLinear(again)(x), torch.nn.functional.linear(x, qw.dequantize()))
+    # Decode-sized inputs run the native kernel for int8 codebooks: equal to the dense product within the kernels'
+    # documented float tolerance, 2e-5 * sum |w x| (native/README.md).
+    dense = qw.dequantize()
+    bound = 2e-5 * (x.abs() @ dense.abs().T) + 1e-7
+    assert ((QuantLinear(again)(x) - torch.nn.functional.linear(x, dense)).abs() <= bound).all()
     if kw.get("codebook") == "int8" and "svd_rank" not in kw:
         # The documented layout: W[n, j*d+t] = codebook[n//R, (j*d)//C, idx[n,j], t] * scale[n//R, (j*d)//C].
         g, idx, t = qw.geom, qw.index_codes(), qw.tensors()
