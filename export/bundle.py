@@ -13,7 +13,6 @@ Layout (written atomically: a temporary sibling renamed into place, never half-w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from vqmobile.errors import FormatError, UserError
+from vqmobile.hashing import sha256_file
 
 MANIFEST = "bundle.json"
 FORMAT = "vqmobile-bundle"
@@ -34,14 +34,6 @@ TOKENIZER_DIR = "tokenizer"
 CHECKPOINT_DIR = "checkpoint"
 FORMATS = ("executorch", "onnx")
 DEFAULT_MAX_SEQ = 512
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass

@@ -5,9 +5,8 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 
-from conftest import STORIES, WIKITEXT
+from conftest import STORIES
 from vqmobile.cli import main
 
 SMALL = ["--nsamples", "4", "--seqlen", "128"]

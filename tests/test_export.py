@@ -9,7 +9,6 @@ exported once per module (both formats), which is most of this file's run time.
 from __future__ import annotations
 
 import copy
-import ctypes
 import importlib.util
 import json
 import shutil

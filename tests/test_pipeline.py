@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from vqmobile import checkpoint
 from vqmobile.evaluate import perplexity

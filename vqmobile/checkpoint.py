@@ -11,7 +11,6 @@ Layout:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ from safetensors.torch import save_file
 
 from . import intweight, vqweight  # noqa: F401  (importing a format registers its kind for loading)
 from .errors import FormatError, UserError
+from .hashing import sha256_file
 from .qweight import QuantLinear, weight_from_stored
 
 FORMAT_VERSION = 1
@@ -45,14 +45,6 @@ class Checkpoint:
 
 def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def quantized_modules(model: torch.nn.Module) -> dict[str, QuantLinear]:
@@ -140,7 +132,7 @@ def save(model: torch.nn.Module, tokenizer, out: str | Path, *, config: dict[str
         save_file(floats, str(tmp / FLOAT_FILE), metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        manifest["sha256"] = {f: _sha256(tmp / f) for f in (QUANTIZED_FILE, FLOAT_FILE)}
+        manifest["sha256"] = {f: sha256_file(tmp / f) for f in (QUANTIZED_FILE, FLOAT_FILE)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
     atomic_directory(out, write)
@@ -159,7 +151,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         if not (path / f).is_file():
             raise FormatError(f"checkpoint {path} is incomplete: {f} is missing")
         expected = manifest.get("sha256", {}).get(f)
-        if expected != _sha256(path / f):
+        if expected != sha256_file(path / f):
             raise FormatError(f"checkpoint file {path / f} does not match the manifest's sha256: it is corrupt or was modified")
     return manifest
 

@@ -6,10 +6,8 @@ of supported ones. Weights are read from safetensors or GGUF only (never pickle)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .hashing import sha256_files
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 DEFAULT_MODEL = "smollm2"
@@ -38,15 +37,6 @@ class LoadedModel:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("VQMOBILE_CACHE", Path.home() / ".cache" / "vqmobile"))
-
-
-def _sha256_files(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def quiet_libraries() -> None:
@@ -112,7 +102,7 @@ def _load_hf_dir(path: Path) -> LoadedModel:
     except Exception as e:
         raise UserError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from None
     model.eval()
-    return LoadedModel(model, tokenizer, str(path), _sha256_files(weights))
+    return LoadedModel(model, tokenizer, str(path), sha256_files(weights))
 
 
 def _load_gguf(path: Path) -> LoadedModel:
@@ -139,7 +129,7 @@ def _load_gguf(path: Path) -> LoadedModel:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.eval()
-    return LoadedModel(model, tokenizer, str(path), _sha256_files([path]))
+    return LoadedModel(model, tokenizer, str(path), sha256_files([path]))
 
 
 def resolve(spec: str) -> Path:
