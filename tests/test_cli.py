@@ -66,6 +66,13 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "gpt2", "truncated"]
 
 
+def test_quantizing_a_checkpoint_is_refused(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    assert run_cli(capsys, "--quiet", "quantize", STORIES, "--method", "rtn", "--group", "32", "--out", ck)[0] == 0
+    rc, _, err = run_cli(capsys, "--quiet", "quantize", ck, "--method", "rtn", "--group", "32", "--out", tmp_path / "x")
+    assert rc == 2 and "already a quantized checkpoint" in err and not (tmp_path / "x").exists()
+
+
 def test_existing_output_is_not_clobbered(tmp_path, capsys):
     out = tmp_path / "ck"
     out.mkdir()

@@ -66,9 +66,9 @@ def quantize(model_spec: str, config: QuantConfig, out: str | Path, calibration:
     """Load a float model, quantize it layer by layer with `config`, and write a packed checkpoint to `out`."""
     out = checkpoint.prepare_output_dir(out, overwrite)
     calibration = calibration or CalibrationSpec()
-    loaded = load_model(model_spec)
     if checkpoint.is_checkpoint(resolve(model_spec)):
         raise UserError(f"{model_spec} is already a quantized checkpoint: quantize the float model instead")
+    loaded = load_model(model_spec)
     from .pipeline import check_model
 
     check_model(loaded.model, config)  # before spending time on calibration data
