@@ -1,6 +1,7 @@
 /* Standalone C benchmark: streaming-read bandwidth and y = W x for the VQ and
  * int4 kernels over a stack of distinct matrices (DRAM-resident by default).
- *   vqm_bench [-n N] [-k K] [-t threads] [-s stack_MB] [-r passes] [-p path] [-f]
+ *   vqm_bench [-n N] [-k K] [-t threads] [-s stack_MB] [-r passes] [-p path] [-f] [-c name]
+ *   -c: only the kernels whose name contains this substring.
  *   -f: float activations (default int8 activations); -s 0: one cached matrix.
  * Reports microseconds per product (best pass), weight GB/s, and per-product
  * CPU time of the calling thread (useful on a loaded machine). */
@@ -34,8 +35,9 @@ int main(int argc, char **argv)
 {
     int n = 4096, k = 4096, threads = 1, passes = 5, path = VQM_PATH_AUTO, flags = VQM_ACT_INT8;
     double stack_mb = 1100;
+    const char *only = NULL;
     int opt;
-    while ((opt = getopt(argc, argv, "n:k:t:s:r:p:f")) != -1) {
+    while ((opt = getopt(argc, argv, "n:k:t:s:r:p:fc:")) != -1) {
         switch (opt) {
         case 'n': n = atoi(optarg); break;
         case 'k': k = atoi(optarg); break;
@@ -44,7 +46,8 @@ int main(int argc, char **argv)
         case 'r': passes = atoi(optarg); break;
         case 'p': for (int p = 0; p < VQM_NPATHS; p++) if (!strcmp(optarg, vqm_path_name(p))) path = p; break;
         case 'f': flags = 0; break;
-        default: fprintf(stderr, "usage: %s [-n N] [-k K] [-t threads] [-s stack_MB] [-r passes] [-p path] [-f]\n", argv[0]); return 2;
+        case 'c': only = optarg; break;
+        default: fprintf(stderr, "usage: %s [-n N] [-k K] [-t threads] [-s stack_MB] [-r passes] [-p path] [-f] [-c name_substring]\n", argv[0]); return 2;
         }
     }
     if (path != VQM_PATH_AUTO && vqm_set_path(path)) { fprintf(stderr, "path not available\n"); return 2; }
@@ -76,6 +79,7 @@ int main(int argc, char **argv)
     for (int i = 0; i < k; i++) x[i] = (float)((i * 37) % 101) / 50.0f - 1.0f;
     for (size_t c = 0; c < sizeof cfgs / sizeof cfgs[0]; c++) {
         const cfg_t *cf = &cfgs[c];
+        if (only && !strstr(cf->name, only)) continue;
         size_t per;
         vqm_vq_weight vw = { n, k, cf->d, cf->ncent, cf->R, cf->C, NULL, NULL, NULL };
         vqm_int_weight iw = { n, k, cf->bits, cf->group, NULL, NULL, NULL };

@@ -518,13 +518,191 @@ vq_tile_impl(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1
     }
 }
 
+/* ---------------------------------------------------------------- VQ, batch 1, int8: 4-row tiles, one row block
+ * When R % 4 == 0 every tile lies in one codebook row block. The decode tables
+ * of all column blocks of a row block are prepared once (SIMD for d=2), the
+ * four accumulators stay in registers and the per-block finish is one
+ * vector op chain. Same products and operation order as vq_tile_impl. */
+static void prep_tab_fast(const vcfg *c, const int8_t *cbk, int d, uint8_t *tab)
+{
+    if (!c->virt && d == 2 && (c->ke == 16 || c->ke == 64)) {
+        const __m256i deint = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                               0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+        const int nq = c->ke / 16;
+        for (int m = 0; m < nq; m++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(const void *)(cbk + 32 * m)); /* 16 x (d0, d1) */
+            v = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, deint), 0xd8);
+            _mm256_store_si256((__m256i *)(void *)(tab + 32 * m), _mm256_permute2x128_si256(v, v, 0x00));
+            _mm256_store_si256((__m256i *)(void *)(tab + 32 * (nq + m)), _mm256_permute2x128_si256(v, v, 0x11));
+        }
+        return;
+    }
+    prep_tab(c, cbk, d, tab);
+}
+
+/* b=6, 32 codes from 24 bytes, natural order, values 0..63 */
+static inline __m256i unpack6_fast(const uint8_t *p)
+{
+    __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(const void *)p)),
+                                        _mm_loadu_si128((const __m128i *)(const void *)(p + 8)), 1);
+    const __m256i spread = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,
+                                            4, 5, 6, -1, 7, 8, 9, -1, 10, 11, 12, -1, 13, 14, 15, -1);
+    v = _mm256_shuffle_epi8(v, spread);                     /* c0 | c1<<6 | c2<<12 | c3<<18 */
+    __m256i t = _mm256_blend_epi16(v, _mm256_slli_epi32(v, 4), 0xaa); /* words: c0|c1<<6, c2|c3<<6 (+junk 12..15 in word 0) */
+    __m256i s2 = _mm256_slli_epi16(t, 2);                   /* c1 at bits 8..13 */
+    return _mm256_or_si256(_mm256_and_si256(t, _mm256_set1_epi16(0x003f)), _mm256_and_si256(s2, _mm256_set1_epi16(0x3f00)));
+}
+
+static inline __attribute__((always_inline)) void
+lookup_fast(__m256i c, const uint8_t *tab, const int DE, const int KE, __m256i *W)
+{
+    if (KE == 64) {
+        /* bit 7 of ilo / ihi (pshufb zeroing) selects the half, blendv on bit 4 the quarter */
+        __m256i ilo = _mm256_add_epi8(c, _mm256_set1_epi8(0x60));
+        __m256i ihi = _mm256_xor_si256(ilo, _mm256_set1_epi8((char)0x80));
+        __m256i m4 = _mm256_slli_epi16(c, 3);
+        for (int t = 0; t < DE; t++) {
+            const __m256i *T = (const __m256i *)(const void *)(tab + 128 * t);
+            __m256i lo = _mm256_blendv_epi8(_mm256_shuffle_epi8(_mm256_load_si256(T), ilo),
+                                            _mm256_shuffle_epi8(_mm256_load_si256(T + 1), ilo), m4);
+            __m256i hi = _mm256_blendv_epi8(_mm256_shuffle_epi8(_mm256_load_si256(T + 2), ihi),
+                                            _mm256_shuffle_epi8(_mm256_load_si256(T + 3), ihi), m4);
+            W[t] = _mm256_or_si256(lo, hi);
+        }
+    } else {
+        lookup(c, tab, DE, KE, W);
+    }
+}
+
+static inline __attribute__((always_inline)) void
+same_chunks(const uint8_t *p0, const uint8_t *p1, const uint8_t *p2, const uint8_t *p3, int64_t nfull,
+            const uint8_t *tab, const int8_t *xq, const uint8_t *xa,
+            __m256i *A0, __m256i *A1, __m256i *A2, __m256i *A3, const int SAFE, const int BE, const int DE, const int KE)
+{
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i a0 = *A0, a1 = *A1, a2 = *A2, a3 = *A3;
+    for (int64_t h = 0; h < nfull; h++) {
+        const int64_t off = h * 4 * BE;
+        const int8_t *xh = xq + h * 32 * DE;
+        const uint8_t *xah = xa + h * 32 * DE;
+#define SAME_ROW(P, ACC)                                                                                     \
+        {                                                                                                    \
+            const uint8_t *p = (P) + off;                                                                    \
+            __m256i c = BE == 4 ? unpack4_fast(p) : unpack6_fast(p);                                         \
+            __m256i W[4];                                                                                    \
+            lookup_fast(c, tab, DE, KE, W);                                                                  \
+            for (int t = 0; t < DE; t++) {                                                                   \
+                __m256i X = _mm256_loadu_si256((const __m256i *)(const void *)(xh + 32 * t));                \
+                if (SAFE) {                                                                                  \
+                    __m256i XA = _mm256_loadu_si256((const __m256i *)(const void *)(xah + 32 * t));          \
+                    ACC = dot_ax(ACC, W[t], X, XA, ones);                                                    \
+                } else {                                                                                     \
+                    ACC = dot_wx(ACC, W[t], X, ones);                                                        \
+                }                                                                                            \
+            }                                                                                                \
+        }
+        SAME_ROW(p0, a0)
+        SAME_ROW(p1, a1)
+        SAME_ROW(p2, a2)
+        SAME_ROW(p3, a3)
+#undef SAME_ROW
+    }
+    *A0 = a0; *A1 = a1; *A2 = a2; *A3 = a3;
+}
+
+static inline __attribute__((always_inline)) void
+vq_same_impl(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1,
+             const float *bias, float *y, const vcfg *cfg, const int BE, const int DE, const int KE)
+{
+    const int64_t k = w->k, d = w->d, R = w->rows_per_block, C = w->cols_per_block;
+    const int64_t ncb = vqm_cdiv(k, C);
+    const int64_t rowbytes = vqm_vq_row_bytes(w);
+    const int64_t ccols = 32 * DE;
+    const int64_t nchunk = xp->blk_pad / ccols;
+    const size_t tsz = tab_size(cfg);
+    const size_t tbytes = (tsz * (size_t)ncb + 63) & ~(size_t)63;
+    uint8_t *tabs = tab_scratch(tbytes + (size_t)ncb);
+    if (!tabs) abort();
+    uint8_t *unsafe = tabs + tbytes;
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int64_t pf_blk = ((vqm_cdiv(4 * rowbytes, ncb) + 63) / 64) * 64;
+    int64_t cur_rb = -1;
+    for (int64_t r = r0; r < r1; r += 4) {
+        const int64_t rb = r / R;
+        if (rb != cur_rb) {
+            for (int64_t cb = 0; cb < ncb; cb++) {
+                const int8_t *cbk = w->codebook + (rb * ncb + cb) * (int64_t)w->ncent * d;
+                prep_tab_fast(cfg, cbk, (int)d, tabs + cb * tsz);
+                unsafe[cb] = (uint8_t)tab_has_m128(cbk, w->ncent * (int)d);
+            }
+            cur_rb = rb;
+        }
+        const uint8_t *rows[4];
+        for (int i = 0; i < 4; i++) rows[i] = w->indices + (r + i < r1 ? r + i : r1 - 1) * rowbytes;
+        __m128 acc = _mm_setzero_ps();
+        for (int64_t cb = 0; cb < ncb; cb++) {
+            const int64_t c0 = cb * C;
+            const int64_t c1 = c0 + C < k ? c0 + C : k;
+            const int64_t code0 = c0 / DE, code1 = vqm_cdiv(c1, DE);
+            const uint8_t *tab = tabs + cb * tsz;
+            const int safe = !unsafe[cb];
+            __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+            if (r + 8 < w->n) { /* stream in the tile after next: its 4 rows are contiguous */
+                const uint8_t *pf = w->indices + (r + 8) * rowbytes + cb * pf_blk;
+                for (int64_t o = 0; o < pf_blk; o += 64) _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
+            }
+            const int aligned = ((code0 * BE) & 7) == 0;
+            const int64_t nfull = aligned ? (code1 - code0) / 32 : 0;
+            const int8_t *xqb = xp->xq + cb * xp->blk_pad;
+            const uint8_t *xab = xp->xa + cb * xp->blk_pad;
+            const int64_t off0 = (code0 * BE) >> 3;
+            if (safe)
+                same_chunks(rows[0] + off0, rows[1] + off0, rows[2] + off0, rows[3] + off0, nfull, tab, xqb, xab,
+                            &a0, &a1, &a2, &a3, 1, BE, DE, KE);
+            else
+                same_chunks(rows[0] + off0, rows[1] + off0, rows[2] + off0, rows[3] + off0, nfull, tab, xqb, xab,
+                            &a0, &a1, &a2, &a3, 0, BE, DE, KE);
+            if (nfull < nchunk && code0 + 32 * nfull < code1) { /* partial / unaligned chunks */
+                __m256i at[4] = { a0, a1, a2, a3 };
+                for (int64_t h = nfull; h < nchunk; h++) {
+                    const int64_t cs = code0 + 32 * h;
+                    const int64_t nvalid = code1 - cs;
+                    if (nvalid <= 0) break;
+                    const int8_t *xqc = xqb + h * ccols;
+                    const uint8_t *xac = xab + h * ccols;
+                    for (int i = 0; i < 4; i++) {
+                        __m256i c = unpack_slow(rows[i], cs, nvalid < 32 ? (int)nvalid : 32, BE);
+                        __m256i W[4];
+                        lookup(c, tab, DE, KE, W);
+                        for (int t = 0; t < DE; t++) {
+                            __m256i X = _mm256_loadu_si256((const __m256i *)(const void *)(xqc + 32 * t));
+                            __m256i XA = _mm256_loadu_si256((const __m256i *)(const void *)(xac + 32 * t));
+                            at[i] = safe ? dot_ax(at[i], W[t], X, XA, ones) : dot_wx(at[i], W[t], X, ones);
+                        }
+                    }
+                }
+                a0 = at[0]; a1 = at[1]; a2 = at[2]; a3 = at[3];
+            }
+            __m128i isum = hsum4_i32(a0, a1, a2, a3);
+            __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(isum), _mm_set1_ps(xp->xs[cb]));
+            v = _mm_mul_ps(v, _mm_set1_ps(_cvtsh_ss(w->scale[rb * ncb + cb])));
+            acc = _mm_add_ps(acc, v);
+        }
+        float out[4];
+        _mm_storeu_ps(out, acc);
+        for (int i = 0; i < 4 && r + i < r1; i++) y[r + i] = bias ? out[i] + bias[r + i] : out[i];
+    }
+}
+
 #define VQ_INST(BE, DE, KE)                                                                         \
     static void vq_##BE##_##DE##_##KE(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0,     \
                                       int64_t r1, const float *bias, float *y, const vcfg *cfg,    \
                                       int int8)                                                     \
     {                                                                                               \
         if (int8) {                                                                                 \
-            if (xp->batch == 1) vq_tile_impl(w, xp, r0, r1, bias, y, cfg, BE, DE, KE);              \
+            if (xp->batch == 1 && KE != 256 && !cfg->virt && w->rows_per_block % 4 == 0 && r0 % 4 == 0)         \
+                vq_same_impl(w, xp, r0, r1, bias, y, cfg, BE, DE, KE);                              \
+            else if (xp->batch == 1) vq_tile_impl(w, xp, r0, r1, bias, y, cfg, BE, DE, KE);         \
             else vq_rows_impl(w, xp, r0, r1, bias, y, cfg, BE, DE, KE, 0, 1);                       \
         } else {                                                                                    \
             if (xp->batch == 1) vq_rows_impl(w, xp, r0, r1, bias, y, cfg, BE, DE, KE, 1, 0);        \

@@ -288,6 +288,17 @@ int main(int argc, char **argv)
             if (s == 0) batch = 1;
             test_int(icfg[c][0], icfg[c][1], icfg[c][2], shapes[s][0], shapes[s][1], batch, !(s & 1));
         }
+    /* batch 1 (the 4-row tile kernels) on larger shapes, several row and column blocks */
+    static const int b1cfg[][4] = { { 2, 16, 4, 256 }, { 2, 16, 8, 256 }, { 2, 64, 32, 256 }, { 4, 64, 4, 256 },
+                                    { 1, 16, 8, 64 }, { 2, 64, 4, 96 }, { 2, 64, 8, 20 }, { 1, 64, 12, 128 } };
+    static const int b1shapes[][2] = { { 13, 172 }, { 37, 1000 }, { 70, 520 }, { 64, 4096 } };
+    for (size_t c = 0; c < sizeof b1cfg / sizeof b1cfg[0]; c++)
+        for (int s = 0; s < (quick ? 2 : 4); s++)
+            test_vq(b1cfg[c][0], b1cfg[c][1], b1cfg[c][2], b1cfg[c][3], b1shapes[s][0], b1shapes[s][1], 1, s & 1);
+    static const int b1icfg[][3] = { { 4, 32, 0 }, { 4, 32, 1 }, { 4, 128, 0 }, { 4, 64, 0 }, { 4, 96, 1 }, { 4, 20, 0 } };
+    for (size_t c = 0; c < sizeof b1icfg / sizeof b1icfg[0]; c++)
+        for (int s = 0; s < (quick ? 2 : 4); s++)
+            test_int(b1icfg[c][0], b1icfg[c][1], b1icfg[c][2], b1shapes[s][0], b1shapes[s][1], 1 + (s == 3), s & 1);
     /* batch > 8 (tiled) */
     test_vq(2, 16, 4, 256, 10, 300, 11, 1);
     test_int(4, 32, 1, 10, 300, 13, 1);
