@@ -231,6 +231,49 @@ static void test_int(int bits, int G, int asym, int n, int k, int batch, int use
     free(codes); free(zeros); free(sc); free(x); free(bias); free(y0); free(y1); free(dref); free(mag);
 }
 
+/* saturated inputs (every code 15 or 0, every activation +-max): int16 partial sums in the SIMD int4 and VQ
+ * kernels must not overflow */
+static void test_extreme(void)
+{
+    static const int groups[] = { 32, 64, 128, 256, 512, 1024 };
+    const int n = 9, k = 2048;
+    uint8_t *codes = malloc((size_t)(n * k));
+    uint16_t *sc = malloc(sizeof(uint16_t) * (size_t)(n * k));
+    int8_t *cb = malloc((size_t)(n * k));
+    float *x = malloc(sizeof(float) * (size_t)k), *y0 = malloc(sizeof(float) * (size_t)n), *y1 = malloc(sizeof(float) * (size_t)n);
+    char what[160];
+    for (int pat = 0; pat < 4; pat++) {
+        for (int i = 0; i < k; i++) x[i] = pat & 1 ? ((i & 1) ? -1.0f : 1.0f) : 1.0f;
+        memset(codes, pat & 2 ? 0x00 : 0xff, (size_t)(n * k));
+        for (int i = 0; i < n * k; i++) sc[i] = 0x3c00;
+        for (size_t gi = 0; gi < sizeof groups / sizeof groups[0]; gi++) {
+            vqm_int_weight w = { n, k, 4, groups[gi], codes, sc, NULL };
+            vqm_int_linear_path(VQM_PATH_REF, &w, x, 1, NULL, y0, VQM_ACT_INT8, 1);
+            for (int p = 1; p < VQM_NPATHS; p++) {
+                if (!vqm_path_available(p)) continue;
+                snprintf(what, sizeof what, "extreme int4 G=%d pattern=%d path=%s", groups[gi], pat, vqm_path_name(p));
+                if (vqm_int_linear_path(p, &w, x, 1, NULL, y1, VQM_ACT_INT8, 1)) { printf("FAIL %s: rc\n", what); g_fail++; continue; }
+                check_equal(what, y1, y0, n);
+            }
+        }
+        /* VQ: codebooks of +-127 / -128, indices all ones or zeros */
+        static const int vcfg[][4] = { { 2, 16, 4, 256 }, { 2, 64, 32, 256 }, { 1, 16, 8, 1024 }, { 4, 64, 4, 2048 } };
+        for (size_t c = 0; c < sizeof vcfg / sizeof vcfg[0]; c++) {
+            vqm_vq_weight w = { n, k, vcfg[c][0], vcfg[c][1], vcfg[c][2], vcfg[c][3], codes, cb, sc };
+            long ncb = (long)((n + w.rows_per_block - 1) / w.rows_per_block) * ((k + w.cols_per_block - 1) / w.cols_per_block);
+            for (long i = 0; i < ncb * w.ncent * w.d; i++) cb[i] = (int8_t)(pat & 2 ? (i & 1 ? -128 : 127) : (i % 3 ? 127 : -127));
+            vqm_vq_linear_path(VQM_PATH_REF, &w, x, 1, NULL, y0, VQM_ACT_INT8, 1);
+            for (int p = 1; p < VQM_NPATHS; p++) {
+                if (!vqm_path_available(p)) continue;
+                snprintf(what, sizeof what, "extreme vq d=%d k=%d pattern=%d path=%s", w.d, w.ncent, pat, vqm_path_name(p));
+                if (vqm_vq_linear_path(p, &w, x, 1, NULL, y1, VQM_ACT_INT8, 1)) { printf("FAIL %s: rc\n", what); g_fail++; continue; }
+                check_equal(what, y1, y0, n);
+            }
+        }
+    }
+    free(codes); free(sc); free(cb); free(x); free(y0); free(y1);
+}
+
 static void test_validation(void)
 {
     /* k=5 (3-bit codes): a code of 7 must be rejected */
@@ -299,6 +342,7 @@ int main(int argc, char **argv)
     for (size_t c = 0; c < sizeof b1icfg / sizeof b1icfg[0]; c++)
         for (int s = 0; s < (quick ? 2 : 4); s++)
             test_int(b1icfg[c][0], b1icfg[c][1], b1icfg[c][2], b1shapes[s][0], b1shapes[s][1], 1 + (s == 3), s & 1);
+    test_extreme();
     /* batch > 8 (tiled) */
     test_vq(2, 16, 4, 256, 10, 300, 11, 1);
     test_int(4, 32, 1, 10, 300, 13, 1);
