@@ -100,12 +100,15 @@ class StaticLlama(nn.Module):
                 kc.index_copy_(2, pos, k)
                 vc.index_copy_(2, pos, v)
                 k, v = kc, vc
-            if groups > 1:
-                k = k.repeat_interleave(groups, dim=1)
-                v = v.repeat_interleave(groups, dim=1)
-            scores = torch.matmul(q, k.transpose(2, 3)) * scale + mask
-            probs = torch.softmax(scores, dim=-1)
-            o = torch.matmul(probs, v).transpose(1, 2).reshape(1, t, self.n_heads * self.head_dim)
+            # Grouped-query attention without copying the cache for each query head: the query heads that share
+            # a key/value head (HF's repeat_kv order, head = kv * groups + g) attend to it one group at a time.
+            qg = q.view(1, self.n_kv, groups, t, self.head_dim)
+            outs = []
+            for g in range(groups):
+                scores = torch.matmul(qg[:, :, g], k.transpose(2, 3)) * scale + mask
+                outs.append(torch.matmul(torch.softmax(scores, dim=-1), v))
+            o = torch.stack(outs, dim=2).view(1, self.n_heads, t, self.head_dim)
+            o = o.transpose(1, 2).reshape(1, t, self.n_heads * self.head_dim)
             h = h + linear(attn.o_proj, o)
             x = layer.post_attention_layernorm(h)
             mlp = layer.mlp
