@@ -50,6 +50,19 @@ def test_gptq_beats_rtn_on_hessian_loss(down_proj, act_order):
     assert proxy_loss(w, gptq, h) < 0.8 * proxy_loss(w, rtn, h)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_clip_search_lowers_rounding_error(down_proj, bits):
+    w, h = down_proj
+    err = {}
+    for clip in (False, True):
+        deq = RTNConfig(bits=bits, group=32, clip_search=clip).quantize_weight(w, None).dequantize()
+        err[clip] = ((deq - w) ** 2).sum().item()
+    assert err[True] < 0.95 * err[False]
+    gptq = {clip: GPTQConfig(bits=bits, group=32, clip_search=clip).quantize_weight(w, h).dequantize()
+            for clip in (False, True)}
+    assert proxy_loss(w, gptq[True], h) < proxy_loss(w, gptq[False], h)
+
+
 def test_gptq_per_channel(down_proj):
     w, h = down_proj
     qw = GPTQConfig(bits=4, group=0).quantize_weight(w, h)

@@ -26,6 +26,8 @@ def _add_int_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--group", type=int, default=128, help="group size along the input: 16..1024, 0 = per-channel (default 128)")
     g.add_argument("--symmetric", action="store_true", help="symmetric grid (no zero points)")
     g.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in decreasing Hessian-diagonal order")
+    g.add_argument("--clip-search", action="store_true",
+                   help="shrink each group's range to the clipping that minimizes rounding error (slower)")
 
 
 def build_config(args: argparse.Namespace):
@@ -33,9 +35,10 @@ def build_config(args: argparse.Namespace):
     from .intweight import RTNConfig
 
     if args.method == "rtn":
-        return RTNConfig(bits=args.bits, group=args.group, symmetric=args.symmetric)
+        return RTNConfig(bits=args.bits, group=args.group, symmetric=args.symmetric, clip_search=args.clip_search)
     if args.method == "gptq":
-        return GPTQConfig(bits=args.bits, group=args.group, symmetric=args.symmetric, act_order=args.act_order)
+        return GPTQConfig(bits=args.bits, group=args.group, symmetric=args.symmetric, act_order=args.act_order,
+                          clip_search=args.clip_search)
     if args.method == "gptvq":
         return gptvq.config_from_args(args)
     raise UserError(f"unknown method {args.method}")

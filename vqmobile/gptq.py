@@ -37,7 +37,8 @@ class GPTQConfig(IntConfigBase):
         if self.act_order:
             # Static groups: grids come from the original weight in original column order, so the stored format keeps
             # group = column // g and kernels need no per-column group index.
-            static_grids = [fit_grid(weight[:, s:s + g].float(), self.bits, self.symmetric) for s in groups]
+            static_grids = [fit_grid(weight[:, s:s + g].float(), self.bits, self.symmetric, self.clip_search)
+                            for s in groups]
             perm = torch.argsort(torch.diag(hessian), descending=True)
             weight, hessian = weight[:, perm], hessian[perm][:, perm]
         with num_threads(threads(k ** 3)):
@@ -60,7 +61,7 @@ class GPTQConfig(IntConfigBase):
                 if static_grids is not None:
                     grid = static_grids[orig // g]
                 elif col % g == 0:
-                    grid = fit_grid(w1[:, i:i + g] if g < k else w, self.bits, self.symmetric)
+                    grid = fit_grid(w1[:, i:i + g] if g < k else w, self.bits, self.symmetric, self.clip_search)
                     scale[:, col // g], zero[:, col // g] = grid.scale[:, 0], grid.zero[:, 0]
                 wc = w1[:, i:i + 1]
                 qc = quantize_to_grid(wc, grid)
