@@ -589,7 +589,7 @@ same_chunks(const uint8_t *p0, const uint8_t *p1, const uint8_t *p2, const uint8
 #define SAME_ROW(P, ACC)                                                                                     \
         {                                                                                                    \
             const uint8_t *p = (P) + off;                                                                    \
-            __m256i c = BE == 4 ? unpack4_fast(p) : unpack6_fast(p);                                         \
+            __m256i c = BE == 4 ? unpack4_fast(p) : BE == 6 ? unpack6_fast(p) : unpack8(p);                 \
             __m256i W[4];                                                                                    \
             lookup_fast(c, tab, DE, KE, W);                                                                  \
             for (int t = 0; t < DE; t++) {                                                                   \
@@ -695,18 +695,116 @@ vq_same_impl(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1
     }
 }
 
+/* ---------------------------------------------------------------- VQ, batch 1, float activations: 4-row tiles
+ * Same tiling as vq_same_impl; every row keeps two float accumulators (eight
+ * independent FMA chains per tile). Per block the four block sums are reduced
+ * together and scaled in one vector (float tolerance, not bit-exact). */
+static inline __attribute__((always_inline)) void
+dot_f32x2(__m256 *fa, __m256 *fb, __m256i w, const float *x)
+{
+    __m128i lo = _mm256_castsi256_si128(w), hi = _mm256_extracti128_si256(w, 1);
+    __m256 a = *fa, b = *fb;
+    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), _mm256_loadu_ps(x), a);
+    b = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(x + 8), b);
+    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), _mm256_loadu_ps(x + 16), a);
+    b = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(x + 24), b);
+    *fa = a; *fb = b;
+}
+
+static inline __m128 hsum4_f32(__m256 a, __m256 b, __m256 c, __m256 d)
+{
+    __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+static inline __attribute__((always_inline)) void
+vq_same_f32(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1,
+            const float *bias, float *y, const vcfg *cfg, const int BE, const int DE, const int KE)
+{
+    const int64_t k = w->k, d = w->d, R = w->rows_per_block, C = w->cols_per_block;
+    const int64_t ncb = vqm_cdiv(k, C);
+    const int64_t rowbytes = vqm_vq_row_bytes(w);
+    const int64_t ccols = 32 * DE;
+    const int64_t nchunk = xp->blk_pad / ccols;
+    const size_t tsz = tab_size(cfg);
+    const size_t tbytes = (tsz * (size_t)ncb + 63) & ~(size_t)63;
+    uint8_t *tabs = tab_scratch(tbytes);
+    if (!tabs) abort();
+    const int64_t pf_blk = ((vqm_cdiv(4 * rowbytes, ncb) + 63) / 64) * 64;
+    int64_t cur_rb = -1;
+    for (int64_t r = r0; r < r1; r += 4) {
+        const int64_t rb = r / R;
+        if (rb != cur_rb) {
+            for (int64_t cb = 0; cb < ncb; cb++)
+                prep_tab_fast(cfg, w->codebook + (rb * ncb + cb) * (int64_t)w->ncent * d, (int)d, tabs + cb * tsz);
+            cur_rb = rb;
+        }
+        const uint8_t *rows[4];
+        for (int i = 0; i < 4; i++) rows[i] = w->indices + (r + i < r1 ? r + i : r1 - 1) * rowbytes;
+        __m128 acc = _mm_setzero_ps();
+        for (int64_t cb = 0; cb < ncb; cb++) {
+            const int64_t c0 = cb * C;
+            const int64_t c1 = c0 + C < k ? c0 + C : k;
+            const int64_t code0 = c0 / DE, code1 = vqm_cdiv(c1, DE);
+            const uint8_t *tab = tabs + cb * tsz;
+            __m256 fa0 = _mm256_setzero_ps(), fa1 = fa0, fa2 = fa0, fa3 = fa0, fb0 = fa0, fb1 = fa0, fb2 = fa0, fb3 = fa0;
+            if (r + 8 < w->n) {
+                const uint8_t *pf = w->indices + (r + 8) * rowbytes + cb * pf_blk;
+                for (int64_t o = 0; o < pf_blk; o += 64) _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
+            }
+            const int aligned = ((code0 * BE) & 7) == 0;
+            const int64_t off0 = (code0 * BE) >> 3;
+            const float *xfb = xp->xf + cb * xp->blk_pad;
+            for (int64_t h = 0; h < nchunk; h++) {
+                const int64_t cs = code0 + 32 * h;
+                const int64_t nvalid = code1 - cs;
+                if (nvalid <= 0) break;
+                const float *xh = xfb + h * ccols;
+                const int fast = aligned && nvalid >= 32;
+                const int64_t off = off0 + h * 4 * BE;
+#define F32_ROW(I, FA, FB)                                                                                   \
+                {                                                                                            \
+                    __m256i c;                                                                               \
+                    if (fast) {                                                                              \
+                        const uint8_t *p = rows[I] + off;                                                    \
+                        c = BE == 4 ? unpack4_fast(p) : BE == 6 ? unpack6_fast(p) : unpack8(p);              \
+                    } else {                                                                                 \
+                        c = unpack_slow(rows[I], cs, nvalid < 32 ? (int)nvalid : 32, BE);                    \
+                    }                                                                                        \
+                    __m256i W[4];                                                                            \
+                    lookup_fast(c, tab, DE, KE, W);                                                          \
+                    for (int t = 0; t < DE; t++) dot_f32x2(&FA, &FB, W[t], xh + 32 * t);                     \
+                }
+                F32_ROW(0, fa0, fb0)
+                F32_ROW(1, fa1, fb1)
+                F32_ROW(2, fa2, fb2)
+                F32_ROW(3, fa3, fb3)
+#undef F32_ROW
+            }
+            __m128 bs = hsum4_f32(_mm256_add_ps(fa0, fb0), _mm256_add_ps(fa1, fb1), _mm256_add_ps(fa2, fb2),
+                                  _mm256_add_ps(fa3, fb3));
+            acc = _mm_add_ps(acc, _mm_mul_ps(bs, _mm_set1_ps(_cvtsh_ss(w->scale[rb * ncb + cb]))));
+        }
+        float out[4];
+        _mm_storeu_ps(out, acc);
+        for (int i = 0; i < 4 && r + i < r1; i++) y[r + i] = bias ? out[i] + bias[r + i] : out[i];
+    }
+}
+
 #define VQ_INST(BE, DE, KE)                                                                         \
     static void vq_##BE##_##DE##_##KE(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0,     \
                                       int64_t r1, const float *bias, float *y, const vcfg *cfg,    \
                                       int int8)                                                     \
     {                                                                                               \
         if (int8) {                                                                                 \
-            if (xp->batch == 1 && KE != 256 && !cfg->virt && w->rows_per_block % 4 == 0 && r0 % 4 == 0)         \
+            if (xp->batch == 1 && !cfg->virt && w->rows_per_block % 4 == 0 && r0 % 4 == 0)                      \
                 vq_same_impl(w, xp, r0, r1, bias, y, cfg, BE, DE, KE);                              \
             else if (xp->batch == 1) vq_tile_impl(w, xp, r0, r1, bias, y, cfg, BE, DE, KE);         \
             else vq_rows_impl(w, xp, r0, r1, bias, y, cfg, BE, DE, KE, 0, 1);                       \
         } else {                                                                                    \
-            if (xp->batch == 1) vq_rows_impl(w, xp, r0, r1, bias, y, cfg, BE, DE, KE, 1, 0);        \
+            if (xp->batch == 1 && !cfg->virt && w->rows_per_block % 4 == 0 && r0 % 4 == 0)         \
+                vq_same_f32(w, xp, r0, r1, bias, y, cfg, BE, DE, KE);                               \
+            else if (xp->batch == 1) vq_rows_impl(w, xp, r0, r1, bias, y, cfg, BE, DE, KE, 1, 0);   \
             else vq_rows_impl(w, xp, r0, r1, bias, y, cfg, BE, DE, KE, 0, 0);                       \
         }                                                                                           \
     }
@@ -944,6 +1042,66 @@ static void int4_rows_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r
     }
 }
 
+/* float activations, batch 1: 4-row tiles. Per row and group the products are
+ * accumulated in two float vectors (q - zero subtracted in int8 before the
+ * conversion), and the group result is folded into a per-row vector
+ * accumulator with one FMA by the group scale; rows are reduced once at the end
+ * (float tolerance). */
+static void int4_tile_f32(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1,
+                          const float *bias, float *y)
+{
+    const int64_t n = w->n, k = w->k, G = w->group;
+    const int64_t ng = vqm_cdiv(k, G);
+    const int64_t rowbytes = vqm_int_row_bytes(w);
+    const int64_t nchunk = xp->blk_pad / 32;
+    const int64_t pf_grp = ((vqm_cdiv(4 * rowbytes, ng) + 63) / 64) * 64;
+    for (int64_t r = r0; r < r1; r += 4) {
+        int64_t rr[4];
+        const uint8_t *rows[4];
+        for (int i = 0; i < 4; i++) {
+            rr[i] = r + i < r1 ? r + i : r1 - 1;
+            rows[i] = w->codes + rr[i] * rowbytes;
+        }
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+        for (int64_t g = 0; g < ng; g++) {
+            const int64_t c0 = g * G;
+            const int64_t c1 = c0 + G < k ? c0 + G : k;
+            if (r + 8 < n) {
+                const uint8_t *pf = w->codes + (r + 8) * rowbytes + g * pf_grp;
+                for (int64_t o = 0; o < pf_grp; o += 64) _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
+                if ((g & 31) == 0)
+                    for (int i = 0; i < 4 && r + 8 + i < n; i++)
+                        _mm_prefetch((const char *)(w->scales + (r + 8 + i) * ng + g), _MM_HINT_T0);
+            }
+            __m256i z0, z1, z2, z3;
+            if (w->zeros) {
+                z0 = _mm256_set1_epi8((char)w->zeros[rr[0] * ng + g]); z1 = _mm256_set1_epi8((char)w->zeros[rr[1] * ng + g]);
+                z2 = _mm256_set1_epi8((char)w->zeros[rr[2] * ng + g]); z3 = _mm256_set1_epi8((char)w->zeros[rr[3] * ng + g]);
+            } else {
+                z0 = z1 = z2 = z3 = _mm256_set1_epi8(8);
+            }
+            __m256 fa0 = _mm256_setzero_ps(), fa1 = fa0, fa2 = fa0, fa3 = fa0, fb0 = fa0, fb1 = fa0, fb2 = fa0, fb3 = fa0;
+            const float *xg = xp->xf + g * xp->blk_pad;
+            for (int64_t h = 0; h < nchunk; h++) {
+                const int64_t cs = c0 + 32 * h, nvalid = c1 - cs;
+                if (nvalid <= 0) break;
+                const float *xh = xg + 32 * h;
+                dot_f32x2(&fa0, &fb0, _mm256_sub_epi8(int4_codes(rows[0], cs, nvalid), z0), xh);
+                dot_f32x2(&fa1, &fb1, _mm256_sub_epi8(int4_codes(rows[1], cs, nvalid), z1), xh);
+                dot_f32x2(&fa2, &fb2, _mm256_sub_epi8(int4_codes(rows[2], cs, nvalid), z2), xh);
+                dot_f32x2(&fa3, &fb3, _mm256_sub_epi8(int4_codes(rows[3], cs, nvalid), z3), xh);
+            }
+            acc0 = _mm256_fmadd_ps(_mm256_add_ps(fa0, fb0), _mm256_set1_ps(_cvtsh_ss(w->scales[rr[0] * ng + g])), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_add_ps(fa1, fb1), _mm256_set1_ps(_cvtsh_ss(w->scales[rr[1] * ng + g])), acc1);
+            acc2 = _mm256_fmadd_ps(_mm256_add_ps(fa2, fb2), _mm256_set1_ps(_cvtsh_ss(w->scales[rr[2] * ng + g])), acc2);
+            acc3 = _mm256_fmadd_ps(_mm256_add_ps(fa3, fb3), _mm256_set1_ps(_cvtsh_ss(w->scales[rr[3] * ng + g])), acc3);
+        }
+        float out[4];
+        _mm_storeu_ps(out, hsum4_f32(acc0, acc1, acc2, acc3));
+        for (int i = 0; i < 4 && r + i < r1; i++) y[r + i] = bias ? out[i] + bias[r + i] : out[i];
+    }
+}
+
 /* float activations: one row at a time, all activation vectors */
 static void int4_rows_f32(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1,
                           const float *bias, float *y)
@@ -995,6 +1153,7 @@ static void avx2_int_rows(const vqm_int_weight *w, const vqm_layout *lay, const 
 {
     (void)lay;
     if (flags & VQM_ACT_INT8) int4_rows_i8(w, xp, r0, r1, bias, y);
+    else if (xp->batch == 1) int4_tile_f32(w, xp, r0, r1, bias, y);
     else int4_rows_f32(w, xp, r0, r1, bias, y);
 }
 
