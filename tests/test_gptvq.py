@@ -365,6 +365,9 @@ def test_unreachable_bpv_names_the_nearest_configurations():
     assert "1.625 bpv = 2D k=8 rows 4 x cols 256" in msg and "1.75 bpv = 2D k=8 rows 2 x cols 256" in msg
     msg = _user_error(GPTVQConfig.from_target, 3.125, 4)  # 4D would need 12-bit indices
     assert "4D" in msg and "nearest" in msg
+    # Far targets are not "reached" by tiny blocks whose codebooks outweigh their indices (9 = 2D k=4 l=8).
+    msg = _user_error(GPTVQConfig.from_target, 9.0)
+    assert "nearest: 8.25 bpv = 1D k=256 rows 32 x cols 256" in msg
     _user_error(GPTVQConfig.from_target, -1.0)
     _user_error(GPTVQConfig.from_target, 3.125, preset="2.25")
     _user_error(GPTVQConfig.from_target, preset="mobile", vq_dim=4)

@@ -56,6 +56,9 @@ PRESETS = {
     "2.25": (2.25, None),
     "2.125": (2.125, None),
 }
+# A --bpv target is met by index bits plus at most this much codebook storage (the paper's configurations spend
+# 0.125 or 0.25): beyond it, "reaching" a target means tiny blocks whose codebooks cost more than their indices.
+MAX_CODEBOOK_BPV = 0.25
 _DIM_PREFERENCE = (2, 4, 1, 8)  # which vector dimension a bare --bpv target picks first
 
 
@@ -86,12 +89,15 @@ def _candidates(dims, kind: str, svd_rank: int | None, k_fixed: int | None = Non
                 continue
             if svd_rank is not None and (d != 1 or svd_rank > k):
                 continue
-            for e in range(3, 25):
+            for e in range(3, 17):  # l up to 65536, the largest group in the paper
                 l = 1 << e
                 c = min(MAX_COLS_PER_BLOCK, l)
                 if c % d or c < d or l // d < k:
                     continue
-                yield d, k, l // c, c, nominal_bpv(d, k, l, CODEBOOK_BITS[kind], svd_rank, norm)
+                bpv = nominal_bpv(d, k, l, CODEBOOK_BITS[kind], svd_rank, norm)
+                if bpv - b / d - norm > MAX_CODEBOOK_BPV + 1e-9:
+                    continue
+                yield d, k, l // c, c, bpv
 
 
 @dataclasses.dataclass
