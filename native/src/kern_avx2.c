@@ -857,15 +857,146 @@ static inline __m256i ld2x128(const void *lo, const void *hi)
                                    _mm_loadu_si128((const __m128i *)hi), 1);
 }
 
-/* int8 activations: 4 rows at a time, one activation vector (bi) at a time.
- * Codes are loaded 64 at a time (32 bytes): low nibbles = even codes of two
- * 32-code chunks, high nibbles = odd codes; the activations of the two chunks
- * are paired the same way. q <= 15 and |x| <= 127 bound every pmaddubsw lane
- * by 3810, so up to 8 such results are summed exactly in int16 before one
- * pmaddwd. G = 32: a 64-code load covers groups g and g+1, the 4 rows' int16
- * sums are reduced with vphaddw (exact: <= 30480) and finished together
- * (lane = row, group) in the reference's operation order. G % 64 == 0: int16
- * sums per row, one pmaddwd per 4 loads. Other groups: 32-code chunks. */
+/* float contribution v = ((float)isum * xs) * s of group g for 4 rows (32-code chunks, any group) */
+static inline __m128 int4_group4(const vqm_int_weight *w, const vqm_xprep *xp, const uint8_t *const rows[4],
+                                 const int64_t rr[4], int64_t g, int64_t bi)
+{
+    const int64_t k = w->k, G = w->group, ng = vqm_cdiv(k, G), nchunk = xp->blk_pad / 32;
+    const int64_t c0 = g * G, c1 = c0 + G < k ? c0 + G : k;
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int8_t *xqb = xp->xq + bi * xp->stride;
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t h = 0; h < nchunk; h++) {
+        const int64_t cs = c0 + 32 * h, nvalid = c1 - cs;
+        if (nvalid <= 0) break;
+        __m256i x = _mm256_loadu_si256((const __m256i *)(const void *)(xqb + g * xp->blk_pad + 32 * h));
+        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_maddubs_epi16(int4_codes(rows[0], cs, nvalid), x), ones));
+        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_maddubs_epi16(int4_codes(rows[1], cs, nvalid), x), ones));
+        a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(_mm256_maddubs_epi16(int4_codes(rows[2], cs, nvalid), x), ones));
+        a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(_mm256_maddubs_epi16(int4_codes(rows[3], cs, nvalid), x), ones));
+    }
+    __m128i isum = hsum4_i32(a0, a1, a2, a3);
+    __m128i z;
+    if (w->zeros)
+        z = _mm_setr_epi32(w->zeros[rr[0] * ng + g], w->zeros[rr[1] * ng + g], w->zeros[rr[2] * ng + g], w->zeros[rr[3] * ng + g]);
+    else
+        z = _mm_set1_epi32(8);
+    isum = _mm_sub_epi32(isum, _mm_mullo_epi32(z, _mm_set1_epi32(xp->xsum[bi * xp->nblk + g])));
+    __m128 s = _mm_cvtph_ps(_mm_setr_epi16((short)w->scales[rr[0] * ng + g], (short)w->scales[rr[1] * ng + g],
+                                           (short)w->scales[rr[2] * ng + g], (short)w->scales[rr[3] * ng + g], 0, 0, 0, 0));
+    __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(isum), _mm_set1_ps(xp->xs[bi * xp->nblk + g]));
+    return _mm_mul_ps(v, s);
+}
+
+/* G = 32, int8 activations: 8-row tiles. One 32-byte load per row covers groups g and g+1 (low nibbles:
+ * even codes, high nibbles: odd codes; int16 sums exact as q <= 15); a vphaddw tree + pmaddwd gives the
+ * exact int32 group sums of 8 rows x 2 groups, finished as two 8-lane vectors (lane = row) in the
+ * reference's operation order. Scales are transposed once per 8 groups. */
+static void int4_g32_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1,
+                        const float *bias, float *y)
+{
+    const int64_t n = w->n, k = w->k;
+    const int64_t ng = vqm_cdiv(k, 32), ngfull = k / 32;
+    const int64_t rowbytes = vqm_int_row_bytes(w);
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i m0f = _mm256_set1_epi8(0x0f);
+    const int64_t pf_grp = ((vqm_cdiv(8 * rowbytes, ng) + 63) / 64) * 64;
+    for (int64_t r = r0; r < r1; r += 8) {
+        int64_t rr[8];
+        const uint8_t *rows[8];
+        for (int i = 0; i < 8; i++) {
+            rr[i] = r + i < r1 ? r + i : r1 - 1;
+            rows[i] = w->codes + rr[i] * rowbytes;
+        }
+        for (int64_t bi = 0; bi < xp->batch; bi++) {
+            __m256 acc = _mm256_setzero_ps();
+            const int8_t *xqb = xp->xq + bi * xp->stride;
+            const float *xsb = xp->xs + bi * xp->nblk;
+            const int32_t *xsumb = xp->xsum + bi * xp->nblk;
+            __m128i sA[4], sB[4];
+            int64_t g = 0;
+            for (; g + 1 < ngfull; g += 2) {
+                if (bi == 0 && r + 16 < n) {
+                    const uint8_t *pf = w->codes + (r + 16) * rowbytes + g * pf_grp;
+                    for (int64_t o = 0; o < 2 * pf_grp; o += 64) _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
+                    if ((g & 31) == 0)
+                        for (int i = 0; i < 8 && r + 16 + i < n; i++)
+                            _mm_prefetch((const char *)(w->scales + (r + 16 + i) * ng + g), _MM_HINT_T0);
+                }
+                __m128i shA, shB; /* fp16 scales [rows 0-3 | 4-7][g, g+1] */
+                if ((g & 7) == 0 && g + 8 <= ng) { /* transpose 8 rows x 8 groups */
+                    for (int half = 0; half < 2; half++) {
+                        const int64_t *q = rr + 4 * half;
+                        __m128i s0 = _mm_loadu_si128((const __m128i *)(const void *)(w->scales + q[0] * ng + g));
+                        __m128i s1 = _mm_loadu_si128((const __m128i *)(const void *)(w->scales + q[1] * ng + g));
+                        __m128i s2 = _mm_loadu_si128((const __m128i *)(const void *)(w->scales + q[2] * ng + g));
+                        __m128i s3 = _mm_loadu_si128((const __m128i *)(const void *)(w->scales + q[3] * ng + g));
+                        __m128i u0 = _mm_unpacklo_epi16(s0, s1), u1 = _mm_unpackhi_epi16(s0, s1);
+                        __m128i u2 = _mm_unpacklo_epi16(s2, s3), u3 = _mm_unpackhi_epi16(s2, s3);
+                        __m128i *dst = half ? sB : sA;
+                        dst[0] = _mm_unpacklo_epi32(u0, u2); dst[1] = _mm_unpackhi_epi32(u0, u2);
+                        dst[2] = _mm_unpacklo_epi32(u1, u3); dst[3] = _mm_unpackhi_epi32(u1, u3);
+                    }
+                }
+                if (g + 8 <= ng || (g & ~(int64_t)7) + 8 <= ng) {
+                    shA = sA[(g & 7) >> 1];
+                    shB = sB[(g & 7) >> 1];
+                } else {
+                    uint16_t t[16];
+                    for (int i = 0; i < 4; i++) {
+                        t[i] = w->scales[rr[i] * ng + g]; t[4 + i] = w->scales[rr[i] * ng + g + 1];
+                        t[8 + i] = w->scales[rr[4 + i] * ng + g]; t[12 + i] = w->scales[rr[4 + i] * ng + g + 1];
+                    }
+                    shA = _mm_loadu_si128((const __m128i *)(const void *)t);
+                    shB = _mm_loadu_si128((const __m128i *)(const void *)(t + 8));
+                }
+                const int8_t *xg = xqb + g * 32;
+                const __m256i xlo = ld2x128(xg, xg + 32), xhi = ld2x128(xg + 16, xg + 48);
+                __m256i p[8];
+                for (int i = 0; i < 8; i++) {
+                    __m256i v = _mm256_loadu_si256((const __m256i *)(const void *)(rows[i] + 16 * g));
+                    __m256i lo = _mm256_and_si256(v, m0f), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f);
+                    p[i] = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi));
+                }
+                __m256i hA = _mm256_hadd_epi16(_mm256_hadd_epi16(p[0], p[1]), _mm256_hadd_epi16(p[2], p[3]));
+                __m256i hB = _mm256_hadd_epi16(_mm256_hadd_epi16(p[4], p[5]), _mm256_hadd_epi16(p[6], p[7]));
+                __m256i iA = _mm256_madd_epi16(hA, ones), iB = _mm256_madd_epi16(hB, ones); /* [r0-3 | r4-7 of] g, g+1 */
+                __m256i i0 = _mm256_permute2x128_si256(iA, iB, 0x20), i1 = _mm256_permute2x128_si256(iA, iB, 0x31);
+                if (w->zeros) {
+                    __m256i z0 = _mm256_setr_epi32(w->zeros[rr[0] * ng + g], w->zeros[rr[1] * ng + g], w->zeros[rr[2] * ng + g],
+                                                   w->zeros[rr[3] * ng + g], w->zeros[rr[4] * ng + g], w->zeros[rr[5] * ng + g],
+                                                   w->zeros[rr[6] * ng + g], w->zeros[rr[7] * ng + g]);
+                    __m256i z1 = _mm256_setr_epi32(w->zeros[rr[0] * ng + g + 1], w->zeros[rr[1] * ng + g + 1], w->zeros[rr[2] * ng + g + 1],
+                                                   w->zeros[rr[3] * ng + g + 1], w->zeros[rr[4] * ng + g + 1], w->zeros[rr[5] * ng + g + 1],
+                                                   w->zeros[rr[6] * ng + g + 1], w->zeros[rr[7] * ng + g + 1]);
+                    i0 = _mm256_sub_epi32(i0, _mm256_mullo_epi32(z0, _mm256_set1_epi32(xsumb[g])));
+                    i1 = _mm256_sub_epi32(i1, _mm256_mullo_epi32(z1, _mm256_set1_epi32(xsumb[g + 1])));
+                } else {
+                    i0 = _mm256_sub_epi32(i0, _mm256_set1_epi32(xsumb[g] * 8));
+                    i1 = _mm256_sub_epi32(i1, _mm256_set1_epi32(xsumb[g + 1] * 8));
+                }
+                __m256 s0 = _mm256_cvtph_ps(_mm_unpacklo_epi64(shA, shB)), s1 = _mm256_cvtph_ps(_mm_unpackhi_epi64(shA, shB));
+                __m256 v0 = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(i0), _mm256_set1_ps(xsb[g])), s0);
+                acc = _mm256_add_ps(acc, v0);
+                __m256 v1 = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(i1), _mm256_set1_ps(xsb[g + 1])), s1);
+                acc = _mm256_add_ps(acc, v1);
+            }
+            for (; g < ng; g++) {
+                __m128 va = int4_group4(w, xp, rows, rr, g, bi), vb = int4_group4(w, xp, rows + 4, rr + 4, g, bi);
+                acc = _mm256_add_ps(acc, _mm256_setr_m128(va, vb));
+            }
+            float out[8];
+            _mm256_storeu_ps(out, acc);
+            for (int i = 0; i < 8 && r + i < r1; i++) y[bi * n + r + i] = bias ? out[i] + bias[r + i] : out[i];
+        }
+    }
+}
+
+/* int8 activations (G != 32): 4 rows at a time, one activation vector (bi) at a time. G % 64 == 0:
+ * codes are loaded 64 at a time (32 bytes): low nibbles = even codes of two 32-code chunks, high
+ * nibbles = odd codes, the activations of the two chunks paired the same way; q <= 15 and |x| <= 127
+ * bound every pmaddubsw lane by 3810, so up to 8 such results are summed exactly in int16 before one
+ * pmaddwd. Other groups: 32-code chunks (int4_group4). */
 static void int4_rows_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1,
                          const float *bias, float *y)
 {
@@ -873,11 +1004,10 @@ static void int4_rows_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r
     const int64_t ng = vqm_cdiv(k, G);
     const int64_t ngfull = k / G;
     const int64_t rowbytes = vqm_int_row_bytes(w);
-    const int64_t nchunk = xp->blk_pad / 32;
     const __m256i ones = _mm256_set1_epi16(1);
     const __m256i m0f = _mm256_set1_epi8(0x0f);
     const int64_t pf_grp = ((vqm_cdiv(4 * rowbytes, ng) + 63) / 64) * 64;
-    const int pairs = G == 32, wide = G % 64 == 0;
+    const int wide = G % 64 == 0;
     for (int64_t r = r0; r < r1; r += 4) {
         int64_t rr[4];
         const uint8_t *rows[4];
@@ -891,67 +1021,7 @@ static void int4_rows_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r
             const float *xsb = xp->xs + bi * xp->nblk;
             const int32_t *xsumb = xp->xsum + bi * xp->nblk;
             int64_t g = 0;
-            __m128i sct[4] = { _mm_setzero_si128(), _mm_setzero_si128(), _mm_setzero_si128(), _mm_setzero_si128() };
-            int64_t sct_g = -1;
-            if (pairs) {
-                for (; g + 1 < ngfull; g += 2) {
-                    if (bi == 0 && r + 8 < n) {
-                        const uint8_t *pf = w->codes + (r + 8) * rowbytes + g * pf_grp;
-                        for (int64_t o = 0; o < 2 * pf_grp; o += 64) _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
-                        if ((g & 31) == 0)
-                            for (int i = 0; i < 4 && r + 8 + i < n; i++)
-                                _mm_prefetch((const char *)(w->scales + (r + 8 + i) * ng + g), _MM_HINT_T0);
-                    }
-                    __m128i sch; /* fp16 scales [rows 0-3 of g | rows 0-3 of g+1] */
-                    if ((g & 7) == 0 && g + 8 <= ng) { /* transpose 4 rows x 8 groups once per 8 groups */
-                        __m128i s0 = _mm_loadu_si128((const __m128i *)(const void *)(w->scales + rr[0] * ng + g));
-                        __m128i s1 = _mm_loadu_si128((const __m128i *)(const void *)(w->scales + rr[1] * ng + g));
-                        __m128i s2 = _mm_loadu_si128((const __m128i *)(const void *)(w->scales + rr[2] * ng + g));
-                        __m128i s3 = _mm_loadu_si128((const __m128i *)(const void *)(w->scales + rr[3] * ng + g));
-                        __m128i u0 = _mm_unpacklo_epi16(s0, s1), u1 = _mm_unpackhi_epi16(s0, s1);
-                        __m128i u2 = _mm_unpacklo_epi16(s2, s3), u3 = _mm_unpackhi_epi16(s2, s3);
-                        sct[0] = _mm_unpacklo_epi32(u0, u2); sct[1] = _mm_unpackhi_epi32(u0, u2);
-                        sct[2] = _mm_unpacklo_epi32(u1, u3); sct[3] = _mm_unpackhi_epi32(u1, u3);
-                        sct_g = g;
-                    }
-                    if (sct_g >= 0 && g < sct_g + 8 && g >= sct_g) {
-                        sch = sct[(g - sct_g) >> 1]; /* [r0..r3 of g | r0..r3 of g+1] */
-                    } else {
-                        uint32_t sp[4];
-                        for (int i = 0; i < 4; i++) memcpy(&sp[i], w->scales + rr[i] * ng + g, 4);
-                        sch = _mm_shuffle_epi8(_mm_setr_epi32((int)sp[0], (int)sp[1], (int)sp[2], (int)sp[3]),
-                                               _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
-                    }
-                    const int8_t *xg = xqb + g * 32;
-                    const __m256i xlo = ld2x128(xg, xg + 32), xhi = ld2x128(xg + 16, xg + 48);
-                    __m256i p[4];
-                    for (int i = 0; i < 4; i++) {
-                        __m256i v = _mm256_loadu_si256((const __m256i *)(const void *)(rows[i] + 16 * g));
-                        __m256i lo = _mm256_and_si256(v, m0f), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f);
-                        p[i] = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi));
-                    }
-                    __m256i hs = _mm256_hadd_epi16(_mm256_hadd_epi16(p[0], p[1]), _mm256_hadd_epi16(p[2], p[3]));
-                    __m256i isum = _mm256_madd_epi16(hs, ones); /* [rows 0-3 of g | rows 0-3 of g+1] */
-                    const __m256i bc = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-                    __m256i xsum = _mm256_permutevar8x32_epi32(
-                        _mm256_castsi128_si256(_mm_loadl_epi64((const __m128i *)(const void *)(xsumb + g))), bc);
-                    if (w->zeros) {
-                        __m256i z = _mm256_setr_epi32(w->zeros[rr[0] * ng + g], w->zeros[rr[1] * ng + g],
-                                                      w->zeros[rr[2] * ng + g], w->zeros[rr[3] * ng + g],
-                                                      w->zeros[rr[0] * ng + g + 1], w->zeros[rr[1] * ng + g + 1],
-                                                      w->zeros[rr[2] * ng + g + 1], w->zeros[rr[3] * ng + g + 1]);
-                        isum = _mm256_sub_epi32(isum, _mm256_mullo_epi32(z, xsum));
-                    } else {
-                        isum = _mm256_sub_epi32(isum, _mm256_slli_epi32(xsum, 3));
-                    }
-                    __m256 xs = _mm256_permutevar8x32_ps(
-                        _mm256_castsi256_ps(_mm256_castsi128_si256(_mm_loadl_epi64((const __m128i *)(const void *)(xsb + g)))), bc);
-                    __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), xs);
-                    v = _mm256_mul_ps(v, _mm256_cvtph_ps(sch));
-                    acc = _mm_add_ps(acc, _mm256_castps256_ps128(v));
-                    acc = _mm_add_ps(acc, _mm256_extractf128_ps(v, 1));
-                }
-            } else if (wide) {
+            if (wide) {
                 for (; g < ngfull; g++) {
                     if (bi == 0 && r + 8 < n) {
                         const uint8_t *pf = w->codes + (r + 8) * rowbytes + g * pf_grp;
@@ -1000,41 +1070,7 @@ static void int4_rows_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r
                     acc = _mm_add_ps(acc, v);
                 }
             }
-            for (; g < ng; g++) { /* remaining groups, 32-code chunks */
-                const int64_t c0 = g * G;
-                const int64_t c1 = c0 + G < k ? c0 + G : k;
-                __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
-                if (bi == 0 && r + 8 < n) { /* stream in the tile after next (codes and scales) */
-                    const uint8_t *pf = w->codes + (r + 8) * rowbytes + g * pf_grp;
-                    for (int64_t o = 0; o < pf_grp; o += 64) _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
-                    if ((g & 31) == 0)
-                        for (int i = 0; i < 4 && r + 8 + i < n; i++)
-                            _mm_prefetch((const char *)(w->scales + (r + 8 + i) * ng + g), _MM_HINT_T0);
-                }
-                for (int64_t h = 0; h < nchunk; h++) {
-                    const int64_t cs = c0 + 32 * h, nvalid = c1 - cs;
-                    if (nvalid <= 0) break;
-                    __m256i x = _mm256_loadu_si256((const __m256i *)(const void *)(xqb + g * xp->blk_pad + 32 * h));
-                    a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_maddubs_epi16(int4_codes(rows[0], cs, nvalid), x), ones));
-                    a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_maddubs_epi16(int4_codes(rows[1], cs, nvalid), x), ones));
-                    a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(_mm256_maddubs_epi16(int4_codes(rows[2], cs, nvalid), x), ones));
-                    a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(_mm256_maddubs_epi16(int4_codes(rows[3], cs, nvalid), x), ones));
-                }
-                __m128i isum = hsum4_i32(a0, a1, a2, a3);
-                __m128i z;
-                if (w->zeros)
-                    z = _mm_setr_epi32(w->zeros[rr[0] * ng + g], w->zeros[rr[1] * ng + g],
-                                       w->zeros[rr[2] * ng + g], w->zeros[rr[3] * ng + g]);
-                else
-                    z = _mm_set1_epi32(8);
-                isum = _mm_sub_epi32(isum, _mm_mullo_epi32(z, _mm_set1_epi32(xsumb[g])));
-                __m128 s = _mm_cvtph_ps(_mm_setr_epi16((short)w->scales[rr[0] * ng + g], (short)w->scales[rr[1] * ng + g],
-                                                       (short)w->scales[rr[2] * ng + g], (short)w->scales[rr[3] * ng + g],
-                                                       0, 0, 0, 0));
-                __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(isum), _mm_set1_ps(xsb[g]));
-                v = _mm_mul_ps(v, s);
-                acc = _mm_add_ps(acc, v);
-            }
+            for (; g < ng; g++) acc = _mm_add_ps(acc, int4_group4(w, xp, rows, rr, g, bi)); /* other groups */
             float out[4];
             _mm_storeu_ps(out, acc);
             for (int i = 0; i < 4 && r + i < r1; i++) y[bi * n + r + i] = bias ? out[i] + bias[r + i] : out[i];
@@ -1152,7 +1188,8 @@ static void avx2_int_rows(const vqm_int_weight *w, const vqm_layout *lay, const 
                           int64_t r0, int64_t r1, const float *bias, float *y, int flags)
 {
     (void)lay;
-    if (flags & VQM_ACT_INT8) int4_rows_i8(w, xp, r0, r1, bias, y);
+    if ((flags & VQM_ACT_INT8) && w->group == 32) int4_g32_i8(w, xp, r0, r1, bias, y);
+    else if (flags & VQM_ACT_INT8) int4_rows_i8(w, xp, r0, r1, bias, y);
     else if (xp->batch == 1) int4_tile_f32(w, xp, r0, r1, bias, y);
     else int4_rows_f32(w, xp, r0, r1, bias, y);
 }
