@@ -557,18 +557,16 @@ static inline __attribute__((always_inline)) void
 lookup_fast(__m256i c, const uint8_t *tab, const int DE, const int KE, __m256i *W)
 {
     if (KE == 64) {
-        /* bit 7 of ilo / ihi (pshufb zeroing) selects the half, blendv on bit 4 the quarter */
-        __m256i ilo = _mm256_add_epi8(c, _mm256_set1_epi8(0x60));
-        __m256i ihi = _mm256_xor_si256(ilo, _mm256_set1_epi8((char)0x80));
-        __m256i m4 = _mm256_slli_epi16(c, 3);
-        __asm__("" : "+x"(m4)); /* keep the shift as the blend mask (gcc would add a vpcmpgtb) */
+        /* blendv on bit 4, then on bit 5 */
+        __m256i m4 = _mm256_slli_epi16(c, 3), m5 = _mm256_slli_epi16(c, 2);
+        __asm__("" : "+x"(m4), "+x"(m5)); /* keep the shifts as blend masks (gcc would add vpcmpgtb) */
         for (int t = 0; t < DE; t++) {
             const __m256i *T = (const __m256i *)(const void *)(tab + 128 * t);
-            __m256i lo = _mm256_blendv_epi8(_mm256_shuffle_epi8(_mm256_load_si256(T), ilo),
-                                            _mm256_shuffle_epi8(_mm256_load_si256(T + 1), ilo), m4);
-            __m256i hi = _mm256_blendv_epi8(_mm256_shuffle_epi8(_mm256_load_si256(T + 2), ihi),
-                                            _mm256_shuffle_epi8(_mm256_load_si256(T + 3), ihi), m4);
-            W[t] = _mm256_or_si256(lo, hi);
+            __m256i lo = _mm256_blendv_epi8(_mm256_shuffle_epi8(_mm256_load_si256(T), c),
+                                            _mm256_shuffle_epi8(_mm256_load_si256(T + 1), c), m4);
+            __m256i hi = _mm256_blendv_epi8(_mm256_shuffle_epi8(_mm256_load_si256(T + 2), c),
+                                            _mm256_shuffle_epi8(_mm256_load_si256(T + 3), c), m4);
+            W[t] = _mm256_blendv_epi8(lo, hi, m5);
         }
     } else {
         lookup(c, tab, DE, KE, W);
