@@ -113,6 +113,8 @@ static void prep_tab(const vcfg *c, const int8_t *cbk, int d, uint8_t *tab)
     }
 }
 
+static void prep_tab_fast(const vcfg *c, const int8_t *cbk, int d, uint8_t *tab);
+
 /* ---------------------------------------------------------------- unpack */
 static inline __m256i unpack4(const uint8_t *p)
 {
@@ -227,6 +229,24 @@ static inline __m256 dot_f32(__m256 acc, __m256i w, const float *x)
     return acc;
 }
 
+static inline __attribute__((always_inline)) void
+dot_f32x2(__m256 *fa, __m256 *fb, __m256i w, const float *x)
+{
+    __m128i lo = _mm256_castsi256_si128(w), hi = _mm256_extracti128_si256(w, 1);
+    __m256 a = *fa, b = *fb;
+    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), _mm256_loadu_ps(x), a);
+    b = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(x + 8), b);
+    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), _mm256_loadu_ps(x + 16), a);
+    b = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(x + 24), b);
+    *fa = a; *fb = b;
+}
+
+static inline __m128 hsum4_f32(__m256 a, __m256 b, __m256 c, __m256 d)
+{
+    __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
 /* ---------------------------------------------------------------- VQ rows */
 static __thread uint8_t *t_tab;
 static __thread size_t t_tabcap;
@@ -261,7 +281,7 @@ vq_rows_impl(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1
         const int64_t rb = r / R;
         if (rb != cur_rb) {
             for (int64_t cb = 0; cb < ncb; cb++)
-                prep_tab(cfg, w->codebook + (rb * ncb + cb) * (int64_t)w->ncent * d, (int)d, tabs + cb * tsz);
+                prep_tab_fast(cfg, w->codebook + (rb * ncb + cb) * (int64_t)w->ncent * d, (int)d, tabs + cb * tsz);
             cur_rb = rb;
         }
         const uint8_t *row = w->indices + r * rowbytes;
@@ -275,10 +295,10 @@ vq_rows_impl(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1
             const int64_t c1 = c0 + C < k ? c0 + C : k;
             const int64_t code0 = c0 / DE, code1 = vqm_cdiv(c1, DE);
             __m256i iacc[VQM_BATCH_TILE];
-            __m256 facc[VQM_BATCH_TILE];
+            __m256 facc[VQM_BATCH_TILE], facc2[VQM_BATCH_TILE];
             for (int bi = 0; bi < nb; bi++) {
                 if (INT8) iacc[bi] = _mm256_setzero_si256();
-                else facc[bi] = _mm256_setzero_ps();
+                else facc[bi] = facc2[bi] = _mm256_setzero_ps();
             }
             for (int64_t h = 0; h < nchunk; h++) {
                 const int64_t cs = code0 + 32 * h;
@@ -302,7 +322,7 @@ vq_rows_impl(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1
                             iacc[bi] = dot_i8(iacc[bi], W[t], _mm256_loadu_si256((const __m256i *)(const void *)(xq + 32 * t)));
                     } else {
                         const float *xf = xp->xf + bi * xp->stride + cb * xp->blk_pad + h * ccols;
-                        for (int t = 0; t < DE; t++) facc[bi] = dot_f32(facc[bi], W[t], xf + 32 * t);
+                        for (int t = 0; t < DE; t++) dot_f32x2(&facc[bi], &facc2[bi], W[t], xf + 32 * t);
                     }
                 }
             }
@@ -312,7 +332,7 @@ vq_rows_impl(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1
                     v = v * s;
                     acc[bi] = acc[bi] + v;
                 } else {
-                    acc[bi] = acc[bi] + hsum_f32(facc[bi]) * s;
+                    acc[bi] = acc[bi] + hsum_f32(_mm256_add_ps(facc[bi], facc2[bi])) * s;
                 }
             }
         }
@@ -454,7 +474,7 @@ vq_tile_impl(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1
                 sl->rb = rb;
                 for (int64_t cb = 0; cb < ncb; cb++) {
                     const int8_t *cbk = w->codebook + (rb * ncb + cb) * (int64_t)w->ncent * d;
-                    prep_tab(cfg, cbk, (int)d, sl->tab + cb * tsz);
+                    prep_tab_fast(cfg, cbk, (int)d, sl->tab + cb * tsz);
                     sl->m128[cb] = (uint8_t)tab_has_m128(cbk, w->ncent * (int)d);
                 }
             }
@@ -525,6 +545,18 @@ vq_tile_impl(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1
  * vector op chain. Same products and operation order as vq_tile_impl. */
 static void prep_tab_fast(const vcfg *c, const int8_t *cbk, int d, uint8_t *tab)
 {
+    if (c->virt) { /* nibble i = two 2-bit codes: dim 0 = cbk[i & 3], dim 1 = cbk[i >> 2] */
+        int32_t v4;
+        memcpy(&v4, cbk, 4);
+        const __m256i v = _mm256_set1_epi32(v4);
+        _mm256_store_si256((__m256i *)(void *)tab,
+                           _mm256_shuffle_epi8(v, _mm256_setr_epi8(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3,
+                                                                   0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3)));
+        _mm256_store_si256((__m256i *)(void *)(tab + 32),
+                           _mm256_shuffle_epi8(v, _mm256_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3,
+                                                                   0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)));
+        return;
+    }
     if (!c->virt && d == 2 && (c->ke == 16 || c->ke == 64)) {
         const __m256i deint = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
                                                0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
@@ -697,24 +729,6 @@ vq_same_impl(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1
  * Same tiling as vq_same_impl; every row keeps two float accumulators (eight
  * independent FMA chains per tile). Per block the four block sums are reduced
  * together and scaled in one vector (float tolerance, not bit-exact). */
-static inline __attribute__((always_inline)) void
-dot_f32x2(__m256 *fa, __m256 *fb, __m256i w, const float *x)
-{
-    __m128i lo = _mm256_castsi256_si128(w), hi = _mm256_extracti128_si256(w, 1);
-    __m256 a = *fa, b = *fb;
-    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), _mm256_loadu_ps(x), a);
-    b = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(x + 8), b);
-    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), _mm256_loadu_ps(x + 16), a);
-    b = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(x + 24), b);
-    *fa = a; *fb = b;
-}
-
-static inline __m128 hsum4_f32(__m256 a, __m256 b, __m256 c, __m256 d)
-{
-    __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-}
-
 static inline __attribute__((always_inline)) void
 vq_same_f32(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1,
             const float *bias, float *y, const vcfg *cfg, const int BE, const int DE, const int KE)
