@@ -62,6 +62,11 @@ class Bundle:
     def max_seq(self) -> int:
         return int(self.manifest["max_seq"])
 
+    @property
+    def activations(self) -> str:
+        """Activation semantics of the .pte's quantized linears ('float' for bundles written before the option)."""
+        return str(self.manifest.get("activations", {}).get("executorch", "float"))
+
     def host_library(self, progress=None) -> Path | None:
         """The adapter library this machine can load: the bundle's when it was built for this machine, else one
         built here (cached). None for a decomposed program (no custom ops)."""
@@ -142,15 +147,21 @@ def _resolve_checkpoint(model_spec: str, tmp: Path, calibration, progress) -> tu
 
 def export_bundle(model_spec: str, out: str, *, target: str, formats: list[str], overwrite: bool = False,
                   decompose: bool = False, max_seq: int | None = None, calibration=None,
-                  progress: Callable[[str], None] | None = print) -> dict:
+                  activations: str = "int8", progress: Callable[[str], None] | None = print) -> dict:
     """Export `model_spec` (a vqmobile checkpoint, or a HF directory / GGUF file / 'smollm2' that is first quantized
     with the mobile recipe) to a bundle at `out`. Returns the manifest plus 'out' and 'warnings'.
 
-    decompose=True exports the quantized layers as standard ops (portable .pte, no kernel library needed)."""
+    decompose=True exports the quantized layers as standard ops (portable .pte, no kernel library needed).
+    activations: the .pte's activation semantics, 'int8' (the kernels' integer dot products, default: the fast
+    mode) or 'float'; the ONNX file always defines float activations."""
     from vqmobile import checkpoint as ckpt
 
     from .runtime.build import _compilers, build_adapter, host_target
 
+    from vqmobile.qweight import ACTIVATIONS, set_activations
+
+    if activations not in ACTIVATIONS:
+        raise UserError(f"--activations {activations} is not supported: use {' or '.join(ACTIVATIONS)}")
     formats = list(dict.fromkeys(f.strip().lower() for f in formats if f.strip()))
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
@@ -186,6 +197,7 @@ def export_bundle(model_spec: str, out: str, *, target: str, formats: list[str],
             from .executorch_export import export_pte
 
             say(f"exporting the ExecuTorch program (max_seq {seq}{', decomposed' if decompose else ''}) ...")
+            set_activations(model, activations)
             info["pte"] = export_pte(model, tmp / PTE, seq, decompose=decompose)
         if "onnx" in formats:
             from .onnx_export import export_onnx
@@ -215,6 +227,7 @@ def export_bundle(model_spec: str, out: str, *, target: str, formats: list[str],
             "source": model_spec, "quantized_during_export": quantized_here,
             "target": target, "host_built_on": host_target(), "formats": formats, "decomposed": decompose,
             "max_seq": seq,
+            "activations": {f: ("float" if f == "onnx" else activations) for f in formats},
             "method": cm.get("method"), "quant_config": cm.get("config"),
             "bits_per_weight": cm.get("bits_per_weight"),
             "checkpoint_bytes": {"quantized": int(cm["quantized_bytes"]), "float": int(cm["float_bytes"]),

@@ -1,7 +1,8 @@
 """`vqmobile check BUNDLE`: do the exported graphs compute what the quantized PyTorch model computes?
 
 On the first N windows of the WikiText-2 test stream (context = the bundle's max_seq), each runtime's logits are
-compared with those of the PyTorch quantized model (the bundle's checkpoint, loaded with vqmobile.load):
+compared with those of the PyTorch quantized model (the bundle's checkpoint, loaded with vqmobile.load) run with
+the same activation semantics (float for the ONNX file; the bundle's `activations` for the .pte):
 
 - onnxruntime runs model.onnx (stateless, whole window);
 - the ExecuTorch runtime runs model.pte (host target) with the adapter library loaded: prefill of the window at
@@ -11,6 +12,10 @@ compared with those of the PyTorch quantized model (the bundle's checkpoint, loa
 Tolerances (documented; a runtime outside any of them fails the check and the command exits non-zero):
   max |delta logit| <= MAX_ABS_LOGIT (float32 reorderings between kernels give ~1e-4 on these models),
   top-1 agreement >= MIN_TOP1, |ppl / ppl_pytorch - 1| <= MAX_PPL_REL (0.5 %).
+With int8 activations the max |delta logit| is reported but not gated: rounding an activation to int8 is
+discontinuous, so a float32 reordering upstream (XNNPACK's norm or attention versus PyTorch's) that lands on a
+rounding boundary moves a code by one step, and such steps add up through the layers (about 0.5 on stories260k,
+whose int8 and float logits differ by as much). Top-1 agreement and perplexity stay gated.
 """
 
 from __future__ import annotations
@@ -47,13 +52,13 @@ def _stats(name: str, logits: list[torch.Tensor], ref: list[torch.Tensor], windo
 
 
 def _format_table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'runtime':<22} {'max|dlogit|':>12} {'top-1 agree':>12} {'perplexity':>11} {'d ppl':>9} {'time s':>8}  status"
+    head = f"{'runtime':<40} {'max|dlogit|':>12} {'top-1 agree':>12} {'perplexity':>11} {'d ppl':>9} {'time s':>8}  status"
     lines = [head, "-" * len(head)]
     for r in rows:
         dppl = "" if r.get("ppl_rel_diff") is None else f"{100 * r['ppl_rel_diff']:+.4f}%"
         mad = "" if r["runtime"].startswith("pytorch") else f"{r['max_abs_logit_diff']:.2e}"
         top1 = "" if r["runtime"].startswith("pytorch") else f"{100 * r['top1_agreement']:.2f}%"
-        lines.append(f"{r['runtime']:<22} {mad:>12} {top1:>12} {r['ppl']:>11.4f} {dppl:>9} {r['seconds']:>8.1f}  "
+        lines.append(f"{r['runtime']:<40} {mad:>12} {top1:>12} {r['ppl']:>11.4f} {dppl:>9} {r['seconds']:>8.1f}  "
                      f"{r.get('status', '')}")
     return "\n".join(lines)
 
@@ -66,6 +71,7 @@ def check_bundle(bundle: str, *, windows: int, json_path: str | None = None, dat
     from vqmobile.checkpoint import load
     from vqmobile.data import wikitext_test_ids
     from vqmobile.errors import UserError
+    from vqmobile.qweight import set_activations
 
     if windows < 1:
         raise UserError(f"--windows {windows} must be at least 1")
@@ -80,35 +86,53 @@ def check_bundle(bundle: str, *, windows: int, json_path: str | None = None, dat
     n = min(windows, total)
     wins = [ids[i * ctx:(i + 1) * ctx] for i in range(n)]
 
-    t = time.perf_counter()
-    ref = [model(input_ids=w[None], use_cache=False).logits[0].float() for w in wins]
-    rows = [_stats("pytorch (quantized)", ref, ref, wins, time.perf_counter() - t)]
+    # Each runtime is compared with the PyTorch model run with the same activation semantics: the ONNX functions
+    # define float activations, the .pte those it was exported with (bundle manifest).
+    refs: dict[str, dict] = {}
+
+    def reference(mode: str) -> dict:
+        if mode not in refs:
+            set_activations(model, mode)
+            t = time.perf_counter()
+            logits = [model(input_ids=w[None], use_cache=False).logits[0].float() for w in wins]
+            row = _stats(f"pytorch (quantized, {mode} activations)", logits, logits, wins, time.perf_counter() - t)
+            row["activations"] = mode
+            refs[mode] = {"logits": logits, "row": row}
+            row["status"], row["ppl_rel_diff"] = "reference", 0.0
+            rows.append(row)
+        return refs[mode]
+
+    rows: list[dict[str, Any]] = []
     if b.onnx is not None:
         from .onnx_export import ort_session
 
+        ref = reference("float")
         sess = ort_session(b.onnx)
         t = time.perf_counter()
         out = [torch.from_numpy(sess.run(None, {"input_ids": w[None].numpy()})[0][0]) for w in wins]
-        rows.append(_stats("onnxruntime", out, ref, wins, time.perf_counter() - t))
+        rows.append(_stats("onnxruntime", out, ref["logits"], wins, time.perf_counter() - t)
+                    | {"reference": ref, "activations": "float"})
         del sess
     if b.pte is not None:
         from .et_runtime import ETDecoder
 
+        ref = reference(b.activations)
         lib = b.host_library(progress=progress)
         dec = ETDecoder(b.pte, lib)
         t = time.perf_counter()
         out = [dec(w[None], 0)[0] for w in wins]
         name = "executorch" + (" (decomposed)" if b.manifest.get("decomposed") else "")
-        rows.append(_stats(name, out, ref, wins, time.perf_counter() - t))
+        rows.append(_stats(name, out, ref["logits"], wins, time.perf_counter() - t)
+                    | {"reference": ref, "activations": b.activations})
     ok = True
-    base = rows[0]["ppl"]
     for r in rows:
-        r["ppl_rel_diff"] = r["ppl"] / base - 1.0
-        if r is rows[0]:
-            r["status"] = "reference"
+        ref = r.pop("reference", None)
+        if ref is None:
             continue
+        r["reference"] = ref["row"]["runtime"]
+        r["ppl_rel_diff"] = r["ppl"] / ref["row"]["ppl"] - 1.0
         fails = []
-        if not r["max_abs_logit_diff"] <= MAX_ABS_LOGIT:
+        if r["activations"] == "float" and not r["max_abs_logit_diff"] <= MAX_ABS_LOGIT:
             fails.append(f"max|dlogit| > {MAX_ABS_LOGIT:g}")
         if not r["top1_agreement"] >= MIN_TOP1:
             fails.append(f"top-1 < {100 * MIN_TOP1:g}%")

@@ -25,7 +25,7 @@ from vqmobile.qweight import QuantLinear
 
 def linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(mod, QuantLinear):
-        return ops.op_forward(mod.qweight, x, mod.bias)
+        return ops.op_forward(mod.qweight, x, mod.bias, mod.act_int8)
     return mod(x)
 
 

@@ -48,15 +48,17 @@ def _register_symbolics() -> None:
             return g.op("Constant", value_t=torch.zeros(n, dtype=torch.float32))
         return bias
 
-    @sh.parse_args("v", "v", "v", "v", "v", "i", "i", "i", "i", "i")
-    def vq_linear(g, x, indices, codebook, scale, bias, n, k, d, rpb, cpb):
+    @sh.parse_args("v", "v", "v", "v", "v", "i", "i", "i", "i", "i", "b")
+    def vq_linear(g, x, indices, codebook, scale, bias, n, k, d, rpb, cpb, act_int8):
+        _float_activations(act_int8)
         ncent = sh._get_tensor_sizes(codebook)[2]
         bits = max(1, (int(ncent) - 1).bit_length())
         return g.op(f"{DOMAIN}::VQLinear", x, indices, codebook, scale, _bias(g, bias, n), n_i=n, k_i=k, d_i=d,
                     rows_per_block_i=rpb, cols_per_block_i=cpb, bits_i=bits)
 
-    @sh.parse_args("v", "v", "v", "v", "v", "i", "i", "i", "i")
-    def int_linear(g, x, codes, scales, zeros, bias, n, k, bits, group):
+    @sh.parse_args("v", "v", "v", "v", "v", "i", "i", "i", "i", "b")
+    def int_linear(g, x, codes, scales, zeros, bias, n, k, bits, group, act_int8):
+        _float_activations(act_int8)
         if sh._is_none(zeros):
             ng = -(-k // group)
             zeros = g.op("Constant", value_t=torch.full((1, ng), 1 << (bits - 1), dtype=torch.uint8))
@@ -72,6 +74,11 @@ def _register_symbolics() -> None:
     register_custom_op_symbolic(f"{DOMAIN}::vq_linear", vq_linear, OPSET)
     register_custom_op_symbolic(f"{DOMAIN}::int_linear", int_linear, OPSET)
     _registered = True
+
+
+def _float_activations(act_int8) -> None:
+    if act_int8:  # export_onnx traces with float activations; anything else is a bug, not a user error
+        raise RuntimeError("the ONNX VQLinear/IntLinear functions define float activations; trace with act_int8 off")
 
 
 # --------------------------------------------------------------------------------------------- function bodies
@@ -198,10 +205,25 @@ def attach_functions(model) -> None:
 
 
 def export_onnx(hf_model: torch.nn.Module, path: str | Path, max_seq: int) -> dict:
-    """Export, attach the functions, check (full), save. Returns facts about the file."""
-    import onnx
+    """Export, attach the functions, check (full), save. Returns facts about the file.
+
+    The file always defines float activations (its functions multiply the float input), whatever activation mode
+    `hf_model` is set to: the model is traced in float mode and left as it was."""
+    from vqmobile.qweight import activations_of, set_activations
 
     _register_symbolics()
+    mode = activations_of(hf_model)
+    set_activations(hf_model, "float")
+    try:
+        return _export_onnx(hf_model, path, max_seq)
+    finally:
+        if mode != "float":
+            set_activations(hf_model, "int8")  # 'mixed' is not a state export_bundle creates
+
+
+def _export_onnx(hf_model: torch.nn.Module, path: str | Path, max_seq: int) -> dict:
+    import onnx
+
     module = StaticLlama(hf_model, max_seq, cache=False).eval()
     example = torch.zeros(1, 8, dtype=torch.int64)
     path = Path(path)

@@ -43,6 +43,7 @@ def _import_export():
 
 ve = _import_export()
 
+import vqmobile  # noqa: E402
 from vqmobile import ops  # noqa: E402
 from vqmobile.errors import FormatError, UserError  # noqa: E402
 from vqmobile.intweight import RTNConfig  # noqa: E402
@@ -89,6 +90,31 @@ def test_vq_op_matches_dequantized_matmul(d, ncent, r, c):
     with ops.decomposed():
         assert torch.allclose(ops.op_forward(qw, x, None), ref, atol=1e-5)
     assert ops.op_support(qw)[0] == "vq_linear"
+
+
+@pytest.mark.parametrize("kind", ["vq", "int"])
+def test_int8_activations_are_one_definition(kind):
+    """act_int8: the kernels (<= KERNEL_MAX_ROWS rows), the standard-op emulation (more rows, and the decomposed
+    export) and the C library's own activation quantizer all compute the same thing, on a width (172) that is not a
+    multiple of the activation block."""
+    from vqmobile import kernels
+
+    if kind == "vq":
+        qw, block = _random_vq(96, 172, 2, 64, 32, 64), 64
+    else:
+        qw, block = RTNConfig(bits=4, group=32).quantize_weight(torch.randn(96, 172), None), 32
+    x = torch.randn(12, 172, generator=torch.Generator().manual_seed(3)) * 3
+    b = torch.randn(96)
+    q, s = kernels.quantize_act(x[0].numpy(), block)
+    xq = torch.from_numpy(q).float() * torch.from_numpy(s).repeat_interleave(block)[:172]
+    assert torch.equal(ops.quantize_activations(x[:1], block)[0], xq)
+    ref = F.linear(ops.quantize_activations(x, block), qw.dequantize(), b)
+    kernel_rows = torch.cat([ops.op_forward(qw, x[i:i + 4], b, act_int8=True) for i in range(0, 12, 4)])
+    assert torch.allclose(kernel_rows, ref, atol=1e-4)
+    assert torch.allclose(ops.op_forward(qw, x, b, act_int8=True), ref, atol=1e-5)  # 12 rows: emulation
+    with ops.decomposed():
+        assert torch.allclose(ops.op_forward(qw, x[:4], b, act_int8=True), ref[:4], atol=1e-5)
+    assert (ops.op_forward(qw, x[:4], b) - ref[:4]).abs().max() > 1e-3  # float activations differ
 
 
 def test_unsupported_vq_variant_falls_back_to_dense():
@@ -199,18 +225,28 @@ def test_onnx_and_executorch_match_pytorch(bundle, reference, stories_test_ids):
     from vqmobile.export.et_runtime import ETDecoder
     from vqmobile.export.onnx_export import ort_session
 
-    path, _ = bundle
+    path, manifest = bundle
+    assert manifest["activations"] == {"executorch": "int8", "onnx": "float"}  # the default
     ids = stories_test_ids[:100][None]
     with torch.no_grad():
-        ref = reference.model(input_ids=ids, use_cache=False).logits[0]
+        ref = {mode: vqmobile.set_activations(reference.model, mode)(input_ids=ids, use_cache=False).logits[0]
+               for mode in ("float", "int8")}
+    vqmobile.set_activations(reference.model, "float")
     ort = torch.from_numpy(ort_session(path / "model.onnx").run(None, {"input_ids": ids.numpy()})[0][0])
-    assert (ort - ref).abs().max() < 1e-3
+    assert (ort - ref["float"]).abs().max() < 1e-3
     dec = ETDecoder(path / "model.pte", path / "lib" / "libvqmobile_executorch.so")
-    et = dec(ids[:, :60], 0)[0]
-    steps = [dec(ids[:, i:i + 1], i)[0] for i in range(60, 100)]  # decode through the KV cache
+    et = dec(ids[:, :60], 0)[0]  # prefill: 60 activation rows per kernel call
+    steps = [dec(ids[:, i:i + 1], i)[0] for i in range(60, 100)]  # decode through the KV cache: 1 row per call
     et = torch.cat([et, *steps])
-    assert (et - ref).abs().max() < 1e-3
-    assert bool((et.argmax(-1) == ref.argmax(-1)).all())
+    # Activation rounding is discontinuous (export/check.py): a float reordering upstream (XNNPACK's norms and
+    # attention) that lands on a rounding boundary moves an int8 code by one step, and through the KV cache every
+    # later position drifts a little. The program still computes PyTorch's int8 semantics, not float ones: it is
+    # much closer to the int8 reference than the float model is, and the argmax never moves.
+    step = (ref["float"] - ref["int8"]).abs().mean()
+    assert (et - ref["int8"]).abs().mean() < 0.5 * step
+    assert bool((et.argmax(-1) == ref["int8"].argmax(-1)).all())
+    # int8 activations are a different (rounded) computation, not a bug hidden by the tolerance above
+    assert (ref["int8"] - ref["float"]).abs().max() > 1e-2
 
 
 def test_check_passes_within_tolerance(bundle, tmp_path):
@@ -231,7 +267,11 @@ def test_greedy_generation_equals_pytorch(bundle, reference):
     path, _ = bundle
     res = ve.generate(str(path), "Once upon a time", 24, stop_at_eos=False)
     ids = torch.tensor(res["prompt_ids"])
-    assert res["new_tokens"] == greedy_torch(reference.model, ids, 24, MAX_SEQ)
+    model = vqmobile.set_activations(reference.model, "int8")  # what the bundle's program runs
+    try:
+        assert res["new_tokens"] == greedy_torch(model, ids, 24, MAX_SEQ)
+    finally:
+        vqmobile.set_activations(reference.model, "float")
     assert res["tokens_per_s"] > 0 and isinstance(res["text"], str) and res["text"]
 
 

@@ -5,7 +5,8 @@
     model = vqmobile.load("out/smollm2-gptq4")
 
 Configs are dataclasses (RTNConfig, GPTQConfig, GPTVQConfig; GPTVQConfig.from_target(bpv=..., preset=...)); `quantize_(model, config, calibration_ids)` quantizes
-an in-memory model in place with the same layer-wise pipeline.
+an in-memory model in place with the same layer-wise pipeline; `set_activations(model, "int8")` runs its quantized
+linears with the kernels' int8 activations.
 """
 
 from .api import CalibrationSpec, evaluate, load, open_model, quantize
@@ -16,8 +17,9 @@ from .gptvq import GPTVQConfig
 from .intweight import RTNConfig
 from .model import load_model, prepare_default_model
 from .pipeline import quantize_
+from .qweight import set_activations
 
 __all__ = [
     "CalibrationSpec", "FormatError", "GPTQConfig", "GPTVQConfig", "RTNConfig", "UserError", "evaluate", "load", "load_checkpoint",
-    "load_model", "open_model", "prepare_default_model", "quantize", "quantize_",
+    "load_model", "open_model", "prepare_default_model", "quantize", "quantize_", "set_activations",
 ]

@@ -101,7 +101,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     calib = CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed)
     res = export_bundle(args.model, args.out, target=args.target, formats=formats, overwrite=args.overwrite,
-                        decompose=args.decompose, calibration=calib, progress=None if args.quiet else print)
+                        decompose=args.decompose, calibration=calib, activations=args.activations,
+                        progress=None if args.quiet else print)
     for w in res.get("warnings", []):
         print(f"warning: {w}", file=sys.stderr)
     size = sum(f["bytes"] for f in res["files"].values())
@@ -187,6 +188,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--decompose", action="store_true",
                    help="export quantized layers as standard ops (portable, slow; no kernel library needed)")
+    p.add_argument("--activations", choices=["int8", "float"], default="int8",
+                   help="activations of the .pte's quantized linears: int8 per block with integer dot products "
+                        "(default, the fast mode) or float (exact); the ONNX file always uses float")
     _add_calibration_args(p)
     p.set_defaults(func=cmd_export)
 

@@ -3,9 +3,9 @@
 Two operators, one per stored format with a native kernel (``vqmobile.kernels``, C sources in native/):
 
     vqmobile::vq_linear(Tensor x, Tensor indices, Tensor codebook, Tensor codebook_scale, Tensor? bias,
-                        int n, int k, int d, int rows_per_block, int cols_per_block) -> Tensor
+                        int n, int k, int d, int rows_per_block, int cols_per_block, bool act_int8=False) -> Tensor
     vqmobile::int_linear(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor? bias,
-                         int n, int k, int bits, int group) -> Tensor
+                         int n, int k, int bits, int group, bool act_int8=False) -> Tensor
 
 plus ``vqmobile::dense_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor`` (a float32 linear whose weight is
 read in place as [n, k]; the exported decoders use it for an lm_head tied to the embedding, so that the program
@@ -13,6 +13,11 @@ stores that matrix once instead of once more inside an XNNPACK delegate), each w
 and that the C++ adapter in export/runtime/ implements for the ExecuTorch runtime. ``x`` is float32 [..., k]; the
 result is float32 [..., n]. Stored tensors are used as they are in the checkpoint (uint8 bitstreams, int8 codebooks,
 fp16 scales); their layouts are documented in vqmobile/kernels.py.
+
+``act_int8`` selects the activation semantics: False multiplies the float activations; True first rounds each
+activation row to int8 per block (the codebook column block for VQ, the group for int; symmetric, scale
+max|x| / 127, round half to even: :func:`quantize_activations`), which is what the kernels' integer dot products
+compute and how phone int4 kernels get their speed. Both semantics are defined for every implementation below.
 
 Implementations:
 - CPU (eager and the reference for every runtime): the native kernels with float activations when the cffi module
@@ -46,8 +51,8 @@ MAX_VQ_DIM = 8  # the native kernels handle d <= 8
 # many rows (prefill, perplexity windows, calibration batches) one dequantization plus a GEMM is much faster.
 KERNEL_MAX_ROWS = 8
 
-_VQ_ARGS = "int n, int k, int d, int rows_per_block, int cols_per_block"
-_INT_ARGS = "int n, int k, int bits, int group"
+_VQ_ARGS = "int n, int k, int d, int rows_per_block, int cols_per_block, bool act_int8=False"
+_INT_ARGS = "int n, int k, int bits, int group, bool act_int8=False"
 
 _lib = torch.library.Library(NAMESPACE, "FRAGMENT")
 _lib.define(f"vq_linear(Tensor x, Tensor indices, Tensor codebook, Tensor codebook_scale, Tensor? bias, {_VQ_ARGS}) "
@@ -109,14 +114,29 @@ def int_dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     return (q - z) * s
 
 
-def vq_linear_decomposed(x, indices, codebook, codebook_scale, bias, n, k, d, rows_per_block, cols_per_block):
+def quantize_activations(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x float32 [..., k] rounded to int8 per block of `block` columns and scaled back (standard ops; traceable):
+    the activations the kernels' act_int8 mode multiplies (native/src/dispatch.c vqm_quantize_act, bit for bit)."""
+    k = x.shape[-1]
+    nblk = -(-k // block)
+    xb = F.pad(x, (0, nblk * block - k)).reshape(*x.shape[:-1], nblk, block)
+    amax = xb.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(torch.clamp(xb * inv, -127.0, 127.0))
+    return (q * (amax / 127.0)).reshape(*x.shape[:-1], nblk * block)[..., :k]
+
+
+def vq_linear_decomposed(x, indices, codebook, codebook_scale, bias, n, k, d, rows_per_block, cols_per_block,
+                         act_int8=False):
     w = vq_dequantize(indices, codebook, codebook_scale, n, k, d, rows_per_block, cols_per_block)
-    return F.linear(x.to(torch.float32), w, bias)
+    x = x.to(torch.float32)
+    return F.linear(quantize_activations(x, cols_per_block) if act_int8 else x, w, bias)
 
 
-def int_linear_decomposed(x, codes, scales, zeros, bias, n, k, bits, group):
+def int_linear_decomposed(x, codes, scales, zeros, bias, n, k, bits, group, act_int8=False):
     w = int_dequantize(codes, scales, zeros, n, k, bits, group)
-    return F.linear(x.to(torch.float32), w, bias)
+    x = x.to(torch.float32)
+    return F.linear(quantize_activations(x, group) if act_int8 else x, w, bias)
 
 
 # ------------------------------------------------------------------------------------------------ CPU kernels
@@ -125,23 +145,25 @@ def _bias32(bias):
 
 
 @torch.library.impl(_lib, "vq_linear", "CPU")
-def _vq_linear_cpu(x, indices, codebook, codebook_scale, bias, n, k, d, rows_per_block, cols_per_block):
+def _vq_linear_cpu(x, indices, codebook, codebook_scale, bias, n, k, d, rows_per_block, cols_per_block,
+                   act_int8=False):
     x = x.to(torch.float32).contiguous()
     if _kernels is not None and d <= MAX_VQ_DIM and x.numel() <= KERNEL_MAX_ROWS * k:
         return _kernels.vq_linear(x, indices.contiguous(), codebook.contiguous(), codebook_scale.contiguous(),
                                   n=n, k=k, d=d, rows_per_block=rows_per_block, cols_per_block=cols_per_block,
-                                  bias=_bias32(bias))
-    return vq_linear_decomposed(x, indices, codebook, codebook_scale, bias, n, k, d, rows_per_block, cols_per_block)
+                                  bias=_bias32(bias), act_int8=act_int8)
+    return vq_linear_decomposed(x, indices, codebook, codebook_scale, bias, n, k, d, rows_per_block, cols_per_block,
+                                act_int8)
 
 
 @torch.library.impl(_lib, "int_linear", "CPU")
-def _int_linear_cpu(x, codes, scales, zeros, bias, n, k, bits, group):
+def _int_linear_cpu(x, codes, scales, zeros, bias, n, k, bits, group, act_int8=False):
     x = x.to(torch.float32).contiguous()
     if _kernels is not None and x.numel() <= KERNEL_MAX_ROWS * k:
         return _kernels.int_linear(x, codes.contiguous(), scales.contiguous(),
                                    None if zeros is None else zeros.contiguous(), n=n, k=k, bits=bits, group=group,
-                                   bias=_bias32(bias))
-    return int_linear_decomposed(x, codes, scales, zeros, bias, n, k, bits, group)
+                                   bias=_bias32(bias), act_int8=act_int8)
+    return int_linear_decomposed(x, codes, scales, zeros, bias, n, k, bits, group, act_int8)
 
 
 @torch.library.impl(_lib, "dense_linear", "CPU")
@@ -172,14 +194,15 @@ def _write_out(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.impl(_lib, "vq_linear.out", "CPU")
-def _vq_linear_out_cpu(x, indices, codebook, codebook_scale, bias, n, k, d, rows_per_block, cols_per_block, *, out):
+def _vq_linear_out_cpu(x, indices, codebook, codebook_scale, bias, n, k, d, rows_per_block, cols_per_block,
+                       act_int8=False, *, out):
     return _write_out(out, _vq_linear_cpu(x, indices, codebook, codebook_scale, bias, n, k, d, rows_per_block,
-                                          cols_per_block))
+                                          cols_per_block, act_int8))
 
 
 @torch.library.impl(_lib, "int_linear.out", "CPU")
-def _int_linear_out_cpu(x, codes, scales, zeros, bias, n, k, bits, group, *, out):
-    return _write_out(out, _int_linear_cpu(x, codes, scales, zeros, bias, n, k, bits, group))
+def _int_linear_out_cpu(x, codes, scales, zeros, bias, n, k, bits, group, act_int8=False, *, out):
+    return _write_out(out, _int_linear_cpu(x, codes, scales, zeros, bias, n, k, bits, group, act_int8))
 
 
 # ----------------------------------------------------------------------------------------------- fake kernels
@@ -188,24 +211,26 @@ def _check_x(x, k: int, what: str) -> None:
 
 
 @torch.library.register_fake(f"{NAMESPACE}::vq_linear")
-def _vq_linear_fake(x, indices, codebook, codebook_scale, bias, n, k, d, rows_per_block, cols_per_block):
+def _vq_linear_fake(x, indices, codebook, codebook_scale, bias, n, k, d, rows_per_block, cols_per_block,
+                    act_int8=False):
     _check_x(x, k, "vq_linear")
     return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::int_linear")
-def _int_linear_fake(x, codes, scales, zeros, bias, n, k, bits, group):
+def _int_linear_fake(x, codes, scales, zeros, bias, n, k, bits, group, act_int8=False):
     _check_x(x, k, "int_linear")
     return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::vq_linear.out")
-def _vq_linear_out_fake(x, indices, codebook, codebook_scale, bias, n, k, d, rows_per_block, cols_per_block, *, out):
+def _vq_linear_out_fake(x, indices, codebook, codebook_scale, bias, n, k, d, rows_per_block, cols_per_block,
+                        act_int8=False, *, out):
     return out
 
 
 @torch.library.register_fake(f"{NAMESPACE}::int_linear.out")
-def _int_linear_out_fake(x, codes, scales, zeros, bias, n, k, bits, group, *, out):
+def _int_linear_out_fake(x, codes, scales, zeros, bias, n, k, bits, group, act_int8=False, *, out):
     return out
 
 
@@ -257,19 +282,19 @@ def _dense(qweight) -> torch.Tensor:
     return dense
 
 
-def op_forward(qweight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def op_forward(qweight, x: torch.Tensor, bias: torch.Tensor | None, act_int8: bool = False) -> torch.Tensor:
     """y = x W^T + b through the vqmobile operator for this weight's format (float32 result), or, for formats
-    without one, a dense matmul with the dequantized weight (standard ops)."""
+    without one, a dense matmul with the dequantized weight (standard ops, float activations)."""
     op, _ = op_support(qweight)
     n, k = qweight.shape
     xf = x if x.dtype == torch.float32 else x.to(torch.float32)
     if op == "vq_linear":
         g = qweight.geom
         args = (qweight.indices, qweight.codebook, qweight.codebook_scale, bias, n, k, g.d, g.rows_per_block,
-                g.cols_per_block)
+                g.cols_per_block, bool(act_int8))
         y = vq_linear_decomposed(xf, *args) if decomposing() else torch.ops.vqmobile.vq_linear(xf, *args)
     elif op == "int_linear":
-        args = (qweight.codes, qweight.scales, qweight.zeros, bias, n, k, qweight.bits, qweight.group)
+        args = (qweight.codes, qweight.scales, qweight.zeros, bias, n, k, qweight.bits, qweight.group, bool(act_int8))
         y = int_linear_decomposed(xf, *args) if decomposing() else torch.ops.vqmobile.int_linear(xf, *args)
     else:
         y = F.linear(xf, _dense(qweight), None if bias is None else bias.to(torch.float32))

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .errors import FormatError
+from .errors import FormatError, UserError
 
 _FORMATS: dict[str, type["QuantizedWeight"]] = {}
 
@@ -61,12 +61,13 @@ class QuantizedWeight(ABC):
         n, k = self.shape
         return 8 * self.stored_bytes() / (n * k)
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None, act_int8: bool = False) -> torch.Tensor:
         """y = x W^T + b through this format's vqmobile operator (ops.py), the one definition that eager PyTorch,
-        export and the runtimes share; formats without an operator run a dense matmul with the dequantized weight."""
+        export and the runtimes share; formats without an operator run a dense matmul with the dequantized weight.
+        act_int8: int8 activations per block (ops.quantize_activations) where the operator supports them."""
         from .ops import op_forward
 
-        return op_forward(self, x, bias)
+        return op_forward(self, x, bias, act_int8)
 
 
 def expect_tensor(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -82,19 +83,41 @@ def expect_tensor(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtyp
 
 
 class QuantLinear(nn.Module):
-    """Drop-in replacement for nn.Linear whose weight lives in a QuantizedWeight."""
+    """Drop-in replacement for nn.Linear whose weight lives in a QuantizedWeight. `act_int8` (an execution
+    setting, not part of the stored weight; see set_activations) selects int8 activations."""
 
     def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None):
         super().__init__()
         self.qweight = qweight
         self.out_features, self.in_features = qweight.shape
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self.act_int8 = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.qweight.linear(x, self.bias)
+        return self.qweight.linear(x, self.bias, self.act_int8)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, kind={self.qweight.kind}, "
-            f"bpw={self.qweight.bits_per_weight():.3f}"
+            f"bpw={self.qweight.bits_per_weight():.3f}{', act_int8' if self.act_int8 else ''}"
         )
+
+
+ACTIVATIONS = ("float", "int8")
+
+
+def set_activations(model: nn.Module, activations: str) -> nn.Module:
+    """Run every quantized linear of `model` with float or int8 activations (ops.quantize_activations); returns
+    the model. int8 is the kernels' fast mode (integer dot products); float is the exact product."""
+    if activations not in ACTIVATIONS:
+        raise UserError(f"--activations {activations} is not supported: use {' or '.join(ACTIVATIONS)}")
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            mod.act_int8 = activations == "int8"
+    return model
+
+
+def activations_of(model: nn.Module) -> str:
+    """'int8', 'float', or 'mixed' for the quantized linears of `model` ('float' when it has none)."""
+    modes = {mod.act_int8 for mod in model.modules() if isinstance(mod, QuantLinear)}
+    return "mixed" if len(modes) > 1 else ("int8" if modes == {True} else "float")

@@ -1,11 +1,13 @@
 // ExecuTorch kernels for the vqmobile custom operators (out variants):
 //   vqmobile::vq_linear.out(Tensor x, Tensor indices, Tensor codebook, Tensor codebook_scale, Tensor? bias,
-//                           int n, int k, int d, int rows_per_block, int cols_per_block, *, Tensor(a!) out)
+//                           int n, int k, int d, int rows_per_block, int cols_per_block, bool act_int8=False, *,
+//                           Tensor(a!) out)
 //   vqmobile::int_linear.out(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor? bias,
-//                            int n, int k, int bits, int group, *, Tensor(a!) out)
+//                            int n, int k, int bits, int group, bool act_int8=False, *, Tensor(a!) out)
 //   vqmobile::dense_linear.out(Tensor x, Tensor weight, Tensor? bias, *, Tensor(a!) out)
-// Both call the native C kernels (native/include/vqmobile.h) with float activations, the same calls the Python
-// operators make (vqmobile/ops.py), so the runtime computes exactly what eager PyTorch computes.
+// Both call the native C kernels (native/include/vqmobile.h) with the activation mode recorded in the program
+// (act_int8 -> VQM_ACT_INT8), the same calls the Python operators make (vqmobile/ops.py), so the runtime computes
+// what eager PyTorch computes.
 //
 // Registration: the same boxing as EXECUTORCH_LIBRARY (make_boxed_kernel + register_kernel), done once at load
 // and skipped for an op the registry already has, because registering an op twice aborts the process (two copies
@@ -74,7 +76,7 @@ const float* bias_ptr(KernelRuntimeContext& ctx, const std::optional<Tensor>& bi
 
 Tensor& vq_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& indices, const Tensor& codebook,
                       const Tensor& codebook_scale, const std::optional<Tensor>& bias, int64_t n, int64_t k,
-                      int64_t d, int64_t rows_per_block, int64_t cols_per_block, Tensor& out) {
+                      int64_t d, int64_t rows_per_block, int64_t cols_per_block, bool act_int8, Tensor& out) {
   const int64_t batch = prepare(ctx, x, n, k, out);
   if (batch < 0) return out;
   bool ok;
@@ -97,7 +99,8 @@ Tensor& vq_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& 
   w.codebook = codebook.const_data_ptr<int8_t>();
   w.scale = static_cast<const uint16_t*>(codebook_scale.const_data_ptr());
   if (batch == 0) return out;
-  int rc = vqm_vq_linear(&w, x.const_data_ptr<float>(), batch, b, out.mutable_data_ptr<float>(), 0, 0);
+  int rc = vqm_vq_linear(&w, x.const_data_ptr<float>(), batch, b, out.mutable_data_ptr<float>(),
+                         act_int8 ? VQM_ACT_INT8 : 0, 0);
   if (rc != VQM_OK) {
     ET_LOG(Error, "vqmobile::vq_linear: native kernel failed (%d)", rc);
     ctx.fail(Error::InvalidArgument);
@@ -107,7 +110,7 @@ Tensor& vq_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& 
 
 Tensor& int_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& codes, const Tensor& scales,
                        const std::optional<Tensor>& zeros, const std::optional<Tensor>& bias, int64_t n, int64_t k,
-                       int64_t bits, int64_t group, Tensor& out) {
+                       int64_t bits, int64_t group, bool act_int8, Tensor& out) {
   const int64_t batch = prepare(ctx, x, n, k, out);
   if (batch < 0) return out;
   bool ok;
@@ -128,7 +131,8 @@ Tensor& int_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor&
   w.scales = static_cast<const uint16_t*>(scales.const_data_ptr());
   w.zeros = zeros.has_value() ? zeros->const_data_ptr<uint8_t>() : nullptr;
   if (batch == 0) return out;
-  int rc = vqm_int_linear(&w, x.const_data_ptr<float>(), batch, b, out.mutable_data_ptr<float>(), 0, 0);
+  int rc = vqm_int_linear(&w, x.const_data_ptr<float>(), batch, b, out.mutable_data_ptr<float>(),
+                          act_int8 ? VQM_ACT_INT8 : 0, 0);
   if (rc != VQM_OK) {
     ET_LOG(Error, "vqmobile::int_linear: native kernel failed (%d)", rc);
     ctx.fail(Error::InvalidArgument);
