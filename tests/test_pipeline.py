@@ -126,3 +126,19 @@ def test_hessians_match_float64_reference_and_are_shared(stories, stories_calib)
     assert hessians["self_attn.q_proj"] is hessians["self_attn.v_proj"]  # same input, one accumulator
     assert hessians["mlp.gate_proj"] is hessians["mlp.up_proj"]
     assert hessians["self_attn.o_proj"] is not hessians["self_attn.q_proj"]
+
+
+def test_layer_inputs_are_the_models_hidden_states(stories, stories_calib):
+    """What the pipeline feeds each layer (captured at layer 0, then propagated layer by layer with the layer's own
+    kwargs: rotary embeddings, mask, positions) is exactly what the full model computes there."""
+    from vqmobile.pipeline import _capture_layer_inputs, _run_layer
+
+    model = stories.model
+    ids = stories_calib[:4]
+    with torch.no_grad():
+        want = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+        inputs = _capture_layer_inputs(model, ids, 2)
+        for i, layer in enumerate(model.model.layers):
+            got = torch.cat([hidden for hidden, _ in inputs])
+            assert torch.allclose(got, want[i], rtol=0, atol=1e-5 * float(want[i].abs().max())), f"layer {i}"
+            inputs = _run_layer(layer, inputs)
