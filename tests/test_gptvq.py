@@ -18,7 +18,6 @@ from vqmobile.errors import FormatError, UserError
 from vqmobile.evaluate import perplexity
 from vqmobile.gptq import GPTQConfig
 from vqmobile.gptvq import GPTVQConfig, add_cli_arguments, config_from_args, gptvq_quantize, nominal_bpv
-from vqmobile.hessian import HessianAccumulator
 from vqmobile.pipeline import quantize_
 from vqmobile.qweight import QuantLinear
 from vqmobile.vqweight import VQGeometry, VQWeight, expand, expand_adjoint
@@ -35,15 +34,14 @@ def calib16x128(stories):
 @pytest.fixture(scope="module")
 def layers(stories, calib16x128):
     """Real weights and Hessians (from the float model's activations) of decoder layer 1's linears."""
-    layer = stories.model.model.layers[1]
-    mods = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-    accs = {n: HessianAccumulator(m.in_features) for n, m in mods.items()}
-    hooks = [m.register_forward_hook(lambda _m, a, _o, acc=accs[n]: acc.add(a[0])) for n, m in mods.items()]
+    from vqmobile.pipeline import _capture_layer_inputs, _collect_hessians, _run_layer, linear_layers
+
+    model = stories.model
     with torch.no_grad():
-        stories.model(calib16x128)
-    for h in hooks:
-        h.remove()
-    return {n: (m.weight.detach().float().clone(), accs[n].value()) for n, m in mods.items()}
+        inputs = _run_layer(model.model.layers[0], _capture_layer_inputs(model, calib16x128, 8))
+        mods = linear_layers(model.model.layers[1])
+        hessians = _collect_hessians(model.model.layers[1], mods, inputs)
+    return {n: (m.weight.detach().float().clone(), hessians[n]) for n, m in mods.items()}
 
 
 def hloss(w, q, h):
