@@ -63,10 +63,13 @@ class StaticLlama(nn.Module):
         self.register_buffer("rope_cos", emb.cos() * scaling, persistent=False)
         self.register_buffer("rope_sin", emb.sin() * scaling, persistent=False)
         if cache:
+            # Keys are cached transposed ([kv heads, head_dim, positions]) so that both attention products read
+            # the caches as they are: a transposed operand would be copied by the runtime at every step.
             for i in range(len(self.model.layers)):
-                shape = (1, self.n_kv, self.max_seq, self.head_dim)
-                self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
-                self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
+                self.register_buffer(f"k_cache_{i}", torch.zeros(self.n_kv, self.head_dim, self.max_seq),
+                                     persistent=False)
+                self.register_buffer(f"v_cache_{i}", torch.zeros(self.n_kv, self.max_seq, self.head_dim),
+                                     persistent=False)
 
     def reset_cache(self) -> None:
         for name, buf in self.named_buffers():
@@ -77,8 +80,8 @@ class StaticLlama(nn.Module):
         t = tokens.shape[1]
         steps = torch.arange(t, dtype=torch.int64)
         pos = steps if input_pos is None else input_pos + steps  # [T]
-        cos = self.rope_cos[pos][None, None]  # [1, 1, T, D]
-        sin = self.rope_sin[pos][None, None]
+        cos = self.rope_cos[pos][None]  # [1, T, D]
+        sin = self.rope_sin[pos][None]
         if self.use_cache:
             key_pos = torch.arange(self.max_seq, dtype=torch.int64)
         else:
@@ -90,25 +93,27 @@ class StaticLlama(nn.Module):
         for i, layer in enumerate(self.model.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
-            q = linear(attn.q_proj, x).view(1, t, self.n_heads, self.head_dim).transpose(1, 2)
-            k = linear(attn.k_proj, x).view(1, t, self.n_kv, self.head_dim).transpose(1, 2)
-            v = linear(attn.v_proj, x).view(1, t, self.n_kv, self.head_dim).transpose(1, 2)
+            q = linear(attn.q_proj, x).view(t, self.n_heads, self.head_dim).transpose(0, 1)  # [H, T, D]
+            k = linear(attn.k_proj, x).view(t, self.n_kv, self.head_dim).transpose(0, 1)
+            v = linear(attn.v_proj, x).view(t, self.n_kv, self.head_dim).transpose(0, 1)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             if self.use_cache:
-                kc, vc = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
-                kc.index_copy_(2, pos, k)
-                vc.index_copy_(2, pos, v)
-                k, v = kc, vc
+                kt, vc = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
+                kt.index_copy_(2, pos, k.transpose(1, 2))
+                vc.index_copy_(1, pos, v)
+                v = vc
+            else:
+                kt, v = k.transpose(1, 2).contiguous(), v.contiguous()
             # Grouped-query attention without copying the cache for each query head: the query heads that share
             # a key/value head (HF's repeat_kv order, head = kv * groups + g) attend to it one group at a time.
-            qg = q.view(1, self.n_kv, groups, t, self.head_dim)
+            qg = q.reshape(self.n_kv, groups, t, self.head_dim)
             outs = []
             for g in range(groups):
-                scores = torch.matmul(qg[:, :, g], k.transpose(2, 3)) * scale + mask
-                outs.append(torch.matmul(torch.softmax(scores, dim=-1), v))
-            o = torch.stack(outs, dim=2).view(1, self.n_heads, t, self.head_dim)
-            o = o.transpose(1, 2).reshape(1, t, self.n_heads * self.head_dim)
+                scores = torch.bmm(qg[:, g].contiguous(), kt) * scale + mask
+                outs.append(torch.bmm(torch.softmax(scores, dim=-1), v))
+            o = torch.stack(outs, dim=1).view(self.n_heads, t, self.head_dim)
+            o = o.transpose(0, 1).reshape(1, t, self.n_heads * self.head_dim)
             h = h + linear(attn.o_proj, o)
             x = layer.post_attention_layernorm(h)
             mlp = layer.mlp
