@@ -147,13 +147,14 @@ def _resolve_checkpoint(model_spec: str, tmp: Path, calibration, progress) -> tu
 
 def export_bundle(model_spec: str, out: str, *, target: str, formats: list[str], overwrite: bool = False,
                   decompose: bool = False, max_seq: int | None = None, calibration=None,
-                  activations: str = "int8", progress: Callable[[str], None] | None = print) -> dict:
+                  activations: str = "float", progress: Callable[[str], None] | None = print) -> dict:
     """Export `model_spec` (a vqmobile checkpoint, or a HF directory / GGUF file / 'smollm2' that is first quantized
     with the mobile recipe) to a bundle at `out`. Returns the manifest plus 'out' and 'warnings'.
 
     decompose=True exports the quantized layers as standard ops (portable .pte, no kernel library needed).
-    activations: the .pte's activation semantics, 'int8' (the kernels' integer dot products, default: the fast
-    mode) or 'float'; the ONNX file always defines float activations."""
+    activations: the .pte's activation semantics, 'float' (default: exact, what check gates strictly) or 'int8'
+    (the kernels' integer dot products, the fast mode; see export/check.py for how it is checked); the ONNX file
+    always defines float activations."""
     from vqmobile import checkpoint as ckpt
 
     from .runtime.build import _compilers, build_adapter, host_target

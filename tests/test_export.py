@@ -177,7 +177,7 @@ def bundle(mixed_checkpoint, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("bundle") / "b"
     res = ve.export_bundle(str(mixed_checkpoint), str(out), target=host_target(), formats=["executorch", "onnx"],
-                           max_seq=MAX_SEQ, progress=None)
+                           max_seq=MAX_SEQ, activations="int8", progress=None)
     return out, res
 
 
@@ -226,7 +226,7 @@ def test_onnx_and_executorch_match_pytorch(bundle, reference, stories_test_ids):
     from vqmobile.export.onnx_export import ort_session
 
     path, manifest = bundle
-    assert manifest["activations"] == {"executorch": "int8", "onnx": "float"}  # the default
+    assert manifest["activations"] == {"executorch": "int8", "onnx": "float"}
     ids = stories_test_ids[:100][None]
     with torch.no_grad():
         ref = {mode: vqmobile.set_activations(reference.model, mode)(input_ids=ids, use_cache=False).logits[0]
@@ -249,15 +249,33 @@ def test_onnx_and_executorch_match_pytorch(bundle, reference, stories_test_ids):
     assert (ref["int8"] - ref["float"]).abs().max() > 1e-2
 
 
-def test_check_passes_within_tolerance(bundle, tmp_path):
-    path, _ = bundle
-    ok, table, record = ve.check_bundle(str(path), windows=3, json_path=str(tmp_path / "check.json"))
+@pytest.fixture(scope="module")
+def float_bundle(mixed_checkpoint, tmp_path_factory):
+    from vqmobile.export.runtime.build import host_target
+
+    out = tmp_path_factory.mktemp("bundle") / "f"
+    ve.export_bundle(str(mixed_checkpoint), str(out), target=host_target(), formats=["executorch"],
+                     max_seq=MAX_SEQ, progress=None)  # default activations: float
+    return out
+
+
+def test_check_passes_within_tolerance(float_bundle, tmp_path):
+    ok, table, record = ve.check_bundle(str(float_bundle), windows=3, json_path=str(tmp_path / "check.json"))
     assert ok, table
-    rows = {r["runtime"]: r for r in record["rows"]}
-    for name in ("onnxruntime", "executorch"):
-        assert abs(rows[name]["ppl_rel_diff"]) < 0.005
-        assert rows[name]["top1_agreement"] >= 0.99
+    row = {r["runtime"]: r for r in record["rows"]}["executorch"]
+    assert row["activations"] == "float" and row["max_abs_logit_diff"] < 1e-3
+    assert abs(row["ppl_rel_diff"]) < 0.005 and row["top1_agreement"] >= 0.99
     assert json.loads((tmp_path / "check.json").read_text())["ok"] is True
+
+
+def test_check_compares_each_runtime_in_its_own_mode(bundle):
+    path, _ = bundle
+    _, table, record = ve.check_bundle(str(path), windows=3)
+    rows = {r["runtime"]: r for r in record["rows"]}
+    assert rows["onnxruntime"]["reference"] == "pytorch (quantized, float activations)"
+    assert rows["onnxruntime"]["status"] == "ok" and rows["onnxruntime"]["max_abs_logit_diff"] < 1e-3
+    assert rows["executorch"]["reference"] == "pytorch (quantized, int8 activations)"
+    assert abs(rows["executorch"]["ppl_rel_diff"]) < 0.005, table
     assert "executorch" in table and "onnxruntime" in table
 
 

@@ -188,9 +188,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--decompose", action="store_true",
                    help="export quantized layers as standard ops (portable, slow; no kernel library needed)")
-    p.add_argument("--activations", choices=["int8", "float"], default="int8",
+    p.add_argument("--activations", choices=["float", "int8"], default="float",
                    help="activations of the .pte's quantized linears: int8 per block with integer dot products "
-                        "(default, the fast mode) or float (exact); the ONNX file always uses float")
+                        "(the fast mode) or float (default, exact); the ONNX file always uses float")
     _add_calibration_args(p)
     p.set_defaults(func=cmd_export)
 
