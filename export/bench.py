@@ -44,19 +44,14 @@ def export_torchao_baseline(checkpoint: str | Path, out: str | Path, max_seq: in
     checkpoint (its dequantized weights) or of a float model spec."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
         XnnpackDynamicallyQuantizedPartitioner, XnnpackPartitioner)
-    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
-    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerGroup
 
-    from vqmobile.checkpoint import load
-
-    from .executorch_export import _quiet, program_summary
-    from .model import StaticLlama
-
-    _quiet()
-    from vqmobile.checkpoint import is_checkpoint
+    from vqmobile.checkpoint import is_checkpoint, load
     from vqmobile.model import load_model
+
+    from .executorch_export import export_program, lower_to_executorch, program_summary
+    from .model import StaticLlama
 
     if is_checkpoint(checkpoint):
         model = dense_copy(load(checkpoint).model)
@@ -65,17 +60,9 @@ def export_torchao_baseline(checkpoint: str | Path, out: str | Path, max_seq: in
     quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group)),
               filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn.startswith("model.layers.")
               and m.in_features % group == 0)
-    wrapper = StaticLlama(model, max_seq, cache=True, tied_head_op=False).eval()
-    seq = torch.export.Dim("seq", min=1, max=max_seq)
-    example = (torch.zeros(1, 2, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
-    with torch.no_grad():
-        ep = torch.export.export(wrapper, example, dynamic_shapes=({1: seq}, None), strict=False)
-    edge = to_edge_transform_and_lower(
-        ep, partitioner=[XnnpackDynamicallyQuantizedPartitioner(), XnnpackPartitioner()],
-        compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True))
-    prog = edge.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True,
-                                                      sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
-                                                      run_reinplace_pass=True))
+    wrapper = StaticLlama(model, max_seq, cache=True, tied_head_op=False)
+    ep = export_program(model, max_seq, wrapper=wrapper)
+    prog = lower_to_executorch(ep, [XnnpackDynamicallyQuantizedPartitioner(), XnnpackPartitioner()])
     Path(out).write_bytes(prog.buffer)
     return {"bytes": len(prog.buffer), **program_summary(prog)}
 

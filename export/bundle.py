@@ -156,13 +156,11 @@ def export_bundle(model_spec: str, out: str, *, target: str, formats: list[str],
     (the kernels' integer dot products, the fast mode; see export/check.py for how it is checked); the ONNX file
     always defines float activations."""
     from vqmobile import checkpoint as ckpt
+    from vqmobile.qweight import check_activations, set_activations
 
     from .runtime.build import _compilers, build_adapter, host_target
 
-    from vqmobile.qweight import ACTIVATIONS, set_activations
-
-    if activations not in ACTIVATIONS:
-        raise UserError(f"--activations {activations} is not supported: use {' or '.join(ACTIVATIONS)}")
+    check_activations(activations)  # before any work
     formats = list(dict.fromkeys(f.strip().lower() for f in formats if f.strip()))
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:

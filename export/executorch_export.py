@@ -46,15 +46,16 @@ def export_program(hf_model: torch.nn.Module, max_seq: int, *, decompose: bool =
         return torch.export.export(module, example, dynamic_shapes=({1: seq}, None), strict=False)
 
 
-def lower_to_executorch(ep: torch.export.ExportedProgram):
-    """to_edge_transform_and_lower with XNNPACK, then to_executorch with bounded dynamic-shape memory planning."""
+def lower_to_executorch(ep: torch.export.ExportedProgram, partitioners: list | None = None):
+    """to_edge_transform_and_lower with XNNPACK (or the given partitioners), then to_executorch with bounded
+    dynamic-shape memory planning."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
     _quiet()
     edge = to_edge_transform_and_lower(
-        ep, partitioner=[XnnpackPartitioner()],
+        ep, partitioner=partitioners or [XnnpackPartitioner()],
         compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
     )
     return edge.to_executorch(ExecutorchBackendConfig(

@@ -209,16 +209,11 @@ def export_onnx(hf_model: torch.nn.Module, path: str | Path, max_seq: int) -> di
 
     The file always defines float activations (its functions multiply the float input), whatever activation mode
     `hf_model` is set to: the model is traced in float mode and left as it was."""
-    from vqmobile.qweight import activations_of, set_activations
+    from vqmobile.qweight import activations_set
 
     _register_symbolics()
-    mode = activations_of(hf_model)
-    set_activations(hf_model, "float")
-    try:
+    with activations_set(hf_model, "float"):
         return _export_onnx(hf_model, path, max_seq)
-    finally:
-        if mode != "float":
-            set_activations(hf_model, "int8")  # 'mixed' is not a state export_bundle creates
 
 
 def _export_onnx(hf_model: torch.nn.Module, path: str | Path, max_seq: int) -> dict:

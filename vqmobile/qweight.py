@@ -7,8 +7,9 @@ so a new method adds a format here without touching the pipeline or the file lay
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -106,18 +107,27 @@ class QuantLinear(nn.Module):
 ACTIVATIONS = ("float", "int8")
 
 
+def check_activations(activations: str) -> None:
+    if activations not in ACTIVATIONS:
+        raise UserError(f"--activations {activations} is not supported: use {' or '.join(ACTIVATIONS)}")
+
+
 def set_activations(model: nn.Module, activations: str) -> nn.Module:
     """Run every quantized linear of `model` with float or int8 activations (ops.quantize_activations); returns
     the model. int8 is the kernels' fast mode (integer dot products); float is the exact product."""
-    if activations not in ACTIVATIONS:
-        raise UserError(f"--activations {activations} is not supported: use {' or '.join(ACTIVATIONS)}")
+    check_activations(activations)
     for mod in model.modules():
         if isinstance(mod, QuantLinear):
             mod.act_int8 = activations == "int8"
     return model
 
 
-def activations_of(model: nn.Module) -> str:
-    """'int8', 'float', or 'mixed' for the quantized linears of `model` ('float' when it has none)."""
-    modes = {mod.act_int8 for mod in model.modules() if isinstance(mod, QuantLinear)}
-    return "mixed" if len(modes) > 1 else ("int8" if modes == {True} else "float")
+@contextlib.contextmanager
+def activations_set(model: nn.Module, activations: str) -> Iterator[nn.Module]:
+    """set_activations for the duration of the block; every layer gets its own setting back afterwards."""
+    saved = {mod: mod.act_int8 for mod in model.modules() if isinstance(mod, QuantLinear)}
+    try:
+        yield set_activations(model, activations)
+    finally:
+        for mod, act_int8 in saved.items():
+            mod.act_int8 = act_int8
