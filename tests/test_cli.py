@@ -19,7 +19,7 @@ def run_cli(capsys, *argv):
 
 
 def test_quantize_then_eval(tmp_path, capsys):
-    out = tmp_path / "ck"
+    out = tmp_path / "runs" / "ck"  # missing parent folders are created, as in README's `--out out/...`
     rc, stdout, _ = run_cli(capsys, "--quiet", "quantize", STORIES, "--method", "gptq", "--bits", "4", "--group", "32",
                             "--out", out, *SMALL)
     assert rc == 0 and f"wrote {out}" in stdout and "bits per weight" in stdout
@@ -46,7 +46,7 @@ def _bad_dirs(tmp_path):
 
 def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     empty, other_arch, truncated = _bad_dirs(tmp_path)
-    out = tmp_path / "out"
+    out = tmp_path / "new" / "out"  # a failed run must not even leave the missing parent behind
     cases = [
         ([tmp_path / "missing", "--method", "rtn"], "does not exist"),
         ([STORIES / "config.json", "--method", "rtn"], "not a .gguf model"),
@@ -57,9 +57,10 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
         ([STORIES, "--method", "rtn", "--bits", "9"], "--bits 9 is out of range"),
         ([STORIES, "--method", "rtn", "--group", "48"], "--group 48 is not supported"),
         ([STORIES, "--method", "gptq", "--group", "128"], "does not fit layer"),
+        ([STORIES, "--method", "rtn", "--group", "32", "--out", STORIES / "config.json" / "ck"], "is not a folder"),
     ]
     for args, message in cases:
-        rc, _, err = run_cli(capsys, "--quiet", "quantize", *args, "--out", out, *SMALL)
+        rc, _, err = run_cli(capsys, "--quiet", "quantize", *args, *([] if "--out" in args else ["--out", out]), *SMALL)
         assert rc == 2, args
         assert message in err and err.count("\n") == 1 and "Traceback" not in err, (args, err)
         assert not out.exists()

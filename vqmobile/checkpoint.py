@@ -68,15 +68,21 @@ def prepare_output_dir(out: str | Path, overwrite: bool) -> Path:
     out = Path(out).expanduser().resolve()
     if out.exists() and not overwrite:
         raise UserError(f"output {out} already exists: choose another --out or pass --overwrite")
-    if not out.parent.is_dir():
-        raise UserError(f"the parent folder of {out} does not exist: create it first")
-    if not os.access(out.parent, os.W_OK):
-        raise UserError(f"cannot write to {out.parent}: choose another --out")
+    # Missing parent folders are created when the result is written (like mkdir -p), not now: a run that fails
+    # before then leaves nothing behind. The nearest existing ancestor decides whether that can work.
+    base = out.parent
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise UserError(f"{base} is not a folder: choose another --out")
+    if not os.access(base, os.W_OK):
+        raise UserError(f"cannot write to {base}: choose another --out")
     return out
 
 
 def atomic_directory(out: Path, write) -> None:
     """Call write(tmp_dir) on a temporary sibling of `out`, then move it into place; nothing is left on failure."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         write(tmp)
