@@ -3,6 +3,9 @@ one model, all in one run. Each row runs in its own process so its peak RSS is i
 
     python -m vqmobile.bench.quality --model smollm2 --rows fp gptq:bits=4,group=128 --json bench_results/quality.json
 
+A full-test-set table takes hours on a small CPU: the JSON is rewritten after every row, and --resume keeps the rows
+it already holds for the same settings (model, context, windows, calibration), so an interrupted run continues.
+
 A row is `fp` or `METHOD:key=value,...` with METHOD in rtn, gptq, gptvq and keys of that method's config
 (gptvq takes GPTVQConfig.from_target's keywords, e.g. gptvq:preset=mobile or gptvq:bpv=2.25,vq_dim=4).
 """
@@ -88,6 +91,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="bench_results/quality.json")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows --json already holds for the same settings instead of re-running them")
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    """What a row's numbers depend on besides the row itself."""
+    return {"model": args.model, "ctx": args.ctx, "windows": args.windows, "calib": args.calib,
+            "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
+
+
+def _previous_rows(out: Path, settings: dict) -> dict[str, dict]:
+    try:
+        old = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return {}
+    if old.get("settings") != settings:
+        return {}
+    return {r["row"]: r for r in old.get("rows", [])}
 
 
 def _print_table(records: list[dict]) -> None:
@@ -103,7 +124,13 @@ def run(args: argparse.Namespace) -> int:
     records = []
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
+    settings = _settings(args)
+    previous = _previous_rows(out, settings) if args.resume else {}
     for row in args.rows:
+        if row in previous:
+            records.append(previous[row])
+            print(f"{row}: kept from {out} (measured {previous[row].get('date', '?')})", flush=True)
+            continue
         cmd = [sys.executable, "-m", "vqmobile.bench.quality", "--one-row", row, "--model", args.model,
                "--ctx", str(args.ctx), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
                "--seed", str(args.seed)]
@@ -116,12 +143,13 @@ def run(args: argparse.Namespace) -> int:
         if res.returncode != 0:
             print(f"row {row} failed:\n{res.stderr[-2000:]}", file=sys.stderr)
             continue
-        record = json.loads(res.stdout.strip().splitlines()[-1])
+        record = {**json.loads(res.stdout.strip().splitlines()[-1]), "date": time.strftime("%Y-%m-%d"),
+                  "row_wall_s": round(time.time() - t0, 1)}
         records.append(record)
         print(f"[{time.strftime('%H:%M:%S')}] {row}: ppl {record['ppl']:.3f}, bpw {record['bpw']:.3f} "
               f"({time.time() - t0:.0f} s)", flush=True)
         tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": records}, indent=1))
+        tmp.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "settings": settings, "rows": records}, indent=1))
         os.replace(tmp, out)
     _print_table(records)
     print(f"wrote {out}")

@@ -1,0 +1,29 @@
+"""The quality benchmark on stories260k: rows in their own processes, the JSON it writes, and --resume."""
+
+import json
+
+from conftest import STORIES
+from vqmobile.bench import quality
+
+
+def test_rows_and_resume(tmp_path, capsys):
+    out = tmp_path / "q.json"
+    def common(windows=2):
+        return ["--model", str(STORIES), "--ctx", "512", "--windows", str(windows), "--nsamples", "4",
+                "--seqlen", "128", "--json", str(out)]
+
+    assert quality.main([*common(), "--rows", "fp", "rtn:bits=4,group=32"]) == 0
+    first = json.loads(out.read_text())
+    fp, rtn = first["rows"]
+    assert fp["bpw"] == 32.0 and fp["windows"] == 2 and rtn["bpw"] > 4.0 and rtn["ppl"] > fp["ppl"]
+    capsys.readouterr()
+
+    assert quality.main([*common(), "--resume", "--rows", "fp", "rtn:bits=4,group=32", "gptq:bits=4,group=32"]) == 0
+    printed = capsys.readouterr().out
+    assert "fp: kept from" in printed and "rtn:bits=4,group=32: kept from" in printed
+    second = json.loads(out.read_text())
+    assert second["rows"][:2] == first["rows"] and second["rows"][2]["row"] == "gptq:bits=4,group=32"
+
+    # other settings (here: window count) make earlier rows stale: they run again
+    assert quality.main([*common(3), "--resume", "--rows", "fp"]) == 0
+    assert "kept from" not in capsys.readouterr().out and json.loads(out.read_text())["rows"][0]["windows"] == 3
