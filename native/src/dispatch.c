@@ -34,7 +34,7 @@ static int x86_has_avx2(void)
 }
 #endif
 
-static int detect(int path)
+static int detect_uncached(int path)
 {
     switch (path) {
     case VQM_PATH_REF: return 1;
@@ -52,6 +52,20 @@ static int detect(int path)
 #endif
     default: return 0;
     }
+}
+
+/* Every product checks its path: CPUID is a VM exit under a hypervisor (microseconds), so each answer is kept. */
+static atomic_int g_detected[VQM_NPATHS]; /* 0: not asked yet, 1: no, 2: yes */
+
+static int detect(int path)
+{
+    if (path < 0 || path >= VQM_NPATHS) return 0;
+    int v = atomic_load_explicit(&g_detected[path], memory_order_relaxed);
+    if (!v) {
+        v = detect_uncached(path) ? 2 : 1;
+        atomic_store_explicit(&g_detected[path], v, memory_order_relaxed);
+    }
+    return v == 2;
 }
 
 static const vqm_path_ops *ops_of(int path)
