@@ -845,21 +845,42 @@ static void avx2_vq_rows(const vqm_vq_weight *w, const vqm_layout *lay, const vq
     abort();
 }
 
-/* ---------------------------------------------------------------- int4 */
+/* ---------------------------------------------------------------- int4, int8
+ * 8-bit codes keep the column order. With int8 activations their products use
+ * w8 = q - 128 = q ^ 0x80 (an int8) and pmaddubsw(|w8|, sign(x, w8)): |w8| <= 128
+ * and |x| <= 127 bound a pair by 32512; the other order, pmaddubsw(|x|, sign(w8, x)),
+ * would turn w8 = -128 (q = 0) into -128 where x < 0. Asymmetric zeros are
+ * exact too: isum = sum(w8 * x) - (z - 128) * sum(x). */
 static int avx2_int_plan(const vqm_int_weight *w, int flags, vqm_layout *lay)
 {
     (void)flags;
-    if (w->bits != 4) return 0;
+    if (w->bits != 4 && w->bits != 8) return 0;
     lay->chunk_cols = 32;
-    lay->identity = 0;
-    for (int p = 0; p < 32; p++) lay->perm[p] = (int16_t)ord_code(4, p);
+    lay->identity = w->bits == 8;
+    for (int p = 0; p < 32; p++) lay->perm[p] = (int16_t)ord_code(w->bits, p);
     return 1;
 }
 
-static inline __m256i int4_codes(const uint8_t *row, int64_t cs, int64_t nvalid)
+/* 32 codes from column cs (nvalid of them in the group), in the layout's order. 8-bit rows load whole
+ * chunks while they lie inside the row: the codes past the group meet zero activations. */
+static inline __attribute__((always_inline)) __m256i
+int_codes(const uint8_t *row, int64_t cs, int64_t nvalid, int64_t k, const int BITS)
 {
-    if (nvalid >= 32 && (cs & 1) == 0) return unpack4(row + (cs >> 1));
-    return unpack_slow(row, cs, nvalid < 32 ? (int)nvalid : 32, 4);
+    if (BITS == 8 && cs + 32 <= k) return unpack8(row + cs);
+    if (BITS == 4 && nvalid >= 32 && (cs & 1) == 0) return unpack4(row + (cs >> 1));
+    return unpack_slow(row, cs, nvalid < 32 ? (int)nvalid : 32, BITS);
+}
+
+/* stream in group g's share of the 4-row tile after next (its rows are contiguous) and its scales */
+static inline void int_prefetch(const vqm_int_weight *w, int64_t r, int64_t g, int64_t ng, int64_t rowbytes,
+                                int64_t pf_grp)
+{
+    if (r + 8 >= w->n) return;
+    const uint8_t *pf = w->codes + (r + 8) * rowbytes + g * pf_grp;
+    for (int64_t o = 0; o < pf_grp; o += 64) _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
+    if ((g & 31) == 0)
+        for (int i = 0; i < 4 && r + 8 + i < w->n; i++)
+            _mm_prefetch((const char *)(w->scales + (r + 8 + i) * ng + g), _MM_HINT_T0);
 }
 
 
@@ -869,31 +890,37 @@ static inline __m256i ld2x128(const void *lo, const void *hi)
                                    _mm_loadu_si128((const __m128i *)hi), 1);
 }
 
-/* float contribution v = ((float)isum * xs) * s of group g for 4 rows (32-code chunks, any group) */
-static inline __m128 int4_group4(const vqm_int_weight *w, const vqm_xprep *xp, const uint8_t *const rows[4],
-                                 const int64_t rr[4], int64_t g, int64_t bi)
+/* float contribution v = ((float)isum * xs) * s of group g for 4 rows (32-code chunks, any group).
+ * b=4: pmaddubsw(q, x), then - z * sum(x); b=8: q ^ 0x80 products (see avx2_int_plan). */
+static inline __attribute__((always_inline)) __m128
+int_group4(const vqm_int_weight *w, const vqm_xprep *xp, const uint8_t *const rows[4], const int64_t rr[4],
+           int64_t g, int64_t bi, const int BITS)
 {
     const int64_t k = w->k, G = w->group, ng = vqm_cdiv(k, G), nchunk = xp->blk_pad / 32;
     const int64_t c0 = g * G, c1 = c0 + G < k ? c0 + G : k;
-    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i ones = _mm256_set1_epi16(1), m80 = _mm256_set1_epi8((char)0x80);
     const int8_t *xqb = xp->xq + bi * xp->stride;
-    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    __m256i a[4] = { _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256() };
     for (int64_t h = 0; h < nchunk; h++) {
         const int64_t cs = c0 + 32 * h, nvalid = c1 - cs;
         if (nvalid <= 0) break;
         __m256i x = _mm256_loadu_si256((const __m256i *)(const void *)(xqb + g * xp->blk_pad + 32 * h));
-        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_maddubs_epi16(int4_codes(rows[0], cs, nvalid), x), ones));
-        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_maddubs_epi16(int4_codes(rows[1], cs, nvalid), x), ones));
-        a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(_mm256_maddubs_epi16(int4_codes(rows[2], cs, nvalid), x), ones));
-        a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(_mm256_maddubs_epi16(int4_codes(rows[3], cs, nvalid), x), ones));
+        for (int i = 0; i < 4; i++) {
+            __m256i q = int_codes(rows[i], cs, nvalid, k, BITS);
+            a[i] = BITS == 8 ? dot_wx(a[i], _mm256_xor_si256(q, m80), x, ones)
+                             : _mm256_add_epi32(a[i], _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones));
+        }
     }
-    __m128i isum = hsum4_i32(a0, a1, a2, a3);
-    __m128i z;
-    if (w->zeros)
-        z = _mm_setr_epi32(w->zeros[rr[0] * ng + g], w->zeros[rr[1] * ng + g], w->zeros[rr[2] * ng + g], w->zeros[rr[3] * ng + g]);
-    else
-        z = _mm_set1_epi32(8);
-    isum = _mm_sub_epi32(isum, _mm_mullo_epi32(z, _mm_set1_epi32(xp->xsum[bi * xp->nblk + g])));
+    __m128i isum = hsum4_i32(a[0], a[1], a[2], a[3]);
+    if (BITS != 8 || w->zeros) { /* symmetric 8-bit: z = 128, nothing to subtract */
+        __m128i z;
+        if (w->zeros)
+            z = _mm_setr_epi32(w->zeros[rr[0] * ng + g], w->zeros[rr[1] * ng + g], w->zeros[rr[2] * ng + g], w->zeros[rr[3] * ng + g]);
+        else
+            z = _mm_set1_epi32(1 << (BITS - 1));
+        if (BITS == 8) z = _mm_sub_epi32(z, _mm_set1_epi32(128));
+        isum = _mm_sub_epi32(isum, _mm_mullo_epi32(z, _mm_set1_epi32(xp->xsum[bi * xp->nblk + g])));
+    }
     __m128 s = _mm_cvtph_ps(_mm_setr_epi16((short)w->scales[rr[0] * ng + g], (short)w->scales[rr[1] * ng + g],
                                            (short)w->scales[rr[2] * ng + g], (short)w->scales[rr[3] * ng + g], 0, 0, 0, 0));
     __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(isum), _mm_set1_ps(xp->xs[bi * xp->nblk + g]));
@@ -994,7 +1021,7 @@ static void int4_g32_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0
                 acc = _mm256_add_ps(acc, v1);
             }
             for (; g < ng; g++) {
-                __m128 va = int4_group4(w, xp, rows, rr, g, bi), vb = int4_group4(w, xp, rows + 4, rr + 4, g, bi);
+                __m128 va = int_group4(w, xp, rows, rr, g, bi, 4), vb = int_group4(w, xp, rows + 4, rr + 4, g, bi, 4);
                 acc = _mm256_add_ps(acc, _mm256_setr_m128(va, vb));
             }
             float out[8];
@@ -1004,13 +1031,15 @@ static void int4_g32_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0
     }
 }
 
-/* int8 activations (G != 32): 4 rows at a time, one activation vector (bi) at a time. G % 64 == 0:
- * codes are loaded 64 at a time (32 bytes): low nibbles = even codes of two 32-code chunks, high
- * nibbles = odd codes, the activations of the two chunks paired the same way; q <= 15 and |x| <= 127
- * bound every pmaddubsw lane by 3810, so up to 8 such results are summed exactly in int16 before one
- * pmaddwd. Other groups: 32-code chunks (int4_group4). */
-static void int4_rows_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1,
-                         const float *bias, float *y)
+/* int8 activations (int4 with G != 32, int8 with any G): 4 rows at a time, one activation vector (bi)
+ * at a time (the tile's rows stay in L1 for the next one). int4, G % 64 == 0: codes are loaded 64 at a
+ * time (32 bytes): low nibbles = even codes of two 32-code chunks, high nibbles = odd codes, the
+ * activations of the two chunks paired the same way; q <= 15 and |x| <= 127 bound every pmaddubsw lane
+ * by 3810, so up to 8 such results are summed exactly in int16 before one pmaddwd. Other groups and
+ * 8-bit codes: 32-code chunks (int_group4). */
+static inline __attribute__((always_inline)) void
+int_rows_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, const float *bias, float *y,
+            const int BITS)
 {
     const int64_t n = w->n, k = w->k, G = w->group;
     const int64_t ng = vqm_cdiv(k, G);
@@ -1019,7 +1048,7 @@ static void int4_rows_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r
     const __m256i ones = _mm256_set1_epi16(1);
     const __m256i m0f = _mm256_set1_epi8(0x0f);
     const int64_t pf_grp = ((vqm_cdiv(4 * rowbytes, ng) + 63) / 64) * 64;
-    const int wide = G % 64 == 0;
+    const int wide = BITS == 4 && G % 64 == 0;
     for (int64_t r = r0; r < r1; r += 4) {
         int64_t rr[4];
         const uint8_t *rows[4];
@@ -1035,13 +1064,7 @@ static void int4_rows_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r
             int64_t g = 0;
             if (wide) {
                 for (; g < ngfull; g++) {
-                    if (bi == 0 && r + 8 < n) {
-                        const uint8_t *pf = w->codes + (r + 8) * rowbytes + g * pf_grp;
-                        for (int64_t o = 0; o < pf_grp; o += 64) _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
-                        if ((g & 31) == 0)
-                            for (int i = 0; i < 4 && r + 8 + i < n; i++)
-                                _mm_prefetch((const char *)(w->scales + (r + 8 + i) * ng + g), _MM_HINT_T0);
-                    }
+                    if (bi == 0) int_prefetch(w, r, g, ng, rowbytes, pf_grp);
                     const int8_t *xg = xqb + g * xp->blk_pad;
                     const int64_t cbyte = (g * G) >> 1;
                     __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
@@ -1082,7 +1105,10 @@ static void int4_rows_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r
                     acc = _mm_add_ps(acc, v);
                 }
             }
-            for (; g < ng; g++) acc = _mm_add_ps(acc, int4_group4(w, xp, rows, rr, g, bi)); /* other groups */
+            for (; g < ng; g++) { /* other groups */
+                if (bi == 0) int_prefetch(w, r, g, ng, rowbytes, pf_grp);
+                acc = _mm_add_ps(acc, int_group4(w, xp, rows, rr, g, bi, BITS));
+            }
             float out[4];
             _mm_storeu_ps(out, acc);
             for (int i = 0; i < 4 && r + i < r1; i++) y[bi * n + r + i] = bias ? out[i] + bias[r + i] : out[i];
@@ -1092,13 +1118,14 @@ static void int4_rows_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r
 
 /* float activations, batch 1: 4-row tiles. Per row and group the products are
  * accumulated in two float vectors (q - zero subtracted in int8 before the
- * conversion), and the group result is folded into a per-row vector
- * accumulator with one FMA by the group scale; rows are reduced once at the end
- * (float tolerance). */
-static void int4_tile_f32(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1,
-                          const float *bias, float *y)
+ * conversion, so not for asymmetric 8-bit codes), and the group result is folded
+ * into a per-row vector accumulator with one FMA by the group scale; rows are
+ * reduced once at the end (float tolerance). */
+static inline __attribute__((always_inline)) void
+int_tile_f32(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, const float *bias, float *y,
+             const int BITS)
 {
-    const int64_t n = w->n, k = w->k, G = w->group;
+    const int64_t k = w->k, G = w->group;
     const int64_t ng = vqm_cdiv(k, G);
     const int64_t rowbytes = vqm_int_row_bytes(w);
     const int64_t nchunk = xp->blk_pad / 32;
@@ -1114,19 +1141,13 @@ static void int4_tile_f32(const vqm_int_weight *w, const vqm_xprep *xp, int64_t 
         for (int64_t g = 0; g < ng; g++) {
             const int64_t c0 = g * G;
             const int64_t c1 = c0 + G < k ? c0 + G : k;
-            if (r + 8 < n) {
-                const uint8_t *pf = w->codes + (r + 8) * rowbytes + g * pf_grp;
-                for (int64_t o = 0; o < pf_grp; o += 64) _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
-                if ((g & 31) == 0)
-                    for (int i = 0; i < 4 && r + 8 + i < n; i++)
-                        _mm_prefetch((const char *)(w->scales + (r + 8 + i) * ng + g), _MM_HINT_T0);
-            }
+            int_prefetch(w, r, g, ng, rowbytes, pf_grp);
             __m256i z0, z1, z2, z3;
             if (w->zeros) {
                 z0 = _mm256_set1_epi8((char)w->zeros[rr[0] * ng + g]); z1 = _mm256_set1_epi8((char)w->zeros[rr[1] * ng + g]);
                 z2 = _mm256_set1_epi8((char)w->zeros[rr[2] * ng + g]); z3 = _mm256_set1_epi8((char)w->zeros[rr[3] * ng + g]);
             } else {
-                z0 = z1 = z2 = z3 = _mm256_set1_epi8(8);
+                z0 = z1 = z2 = z3 = _mm256_set1_epi8((char)(1 << (BITS - 1)));
             }
             __m256 fa0 = _mm256_setzero_ps(), fa1 = fa0, fa2 = fa0, fa3 = fa0, fb0 = fa0, fb1 = fa0, fb2 = fa0, fb3 = fa0;
             const float *xg = xp->xf + g * xp->blk_pad;
@@ -1134,10 +1155,10 @@ static void int4_tile_f32(const vqm_int_weight *w, const vqm_xprep *xp, int64_t 
                 const int64_t cs = c0 + 32 * h, nvalid = c1 - cs;
                 if (nvalid <= 0) break;
                 const float *xh = xg + 32 * h;
-                dot_f32x2(&fa0, &fb0, _mm256_sub_epi8(int4_codes(rows[0], cs, nvalid), z0), xh);
-                dot_f32x2(&fa1, &fb1, _mm256_sub_epi8(int4_codes(rows[1], cs, nvalid), z1), xh);
-                dot_f32x2(&fa2, &fb2, _mm256_sub_epi8(int4_codes(rows[2], cs, nvalid), z2), xh);
-                dot_f32x2(&fa3, &fb3, _mm256_sub_epi8(int4_codes(rows[3], cs, nvalid), z3), xh);
+                dot_f32x2(&fa0, &fb0, _mm256_sub_epi8(int_codes(rows[0], cs, nvalid, k, BITS), z0), xh);
+                dot_f32x2(&fa1, &fb1, _mm256_sub_epi8(int_codes(rows[1], cs, nvalid, k, BITS), z1), xh);
+                dot_f32x2(&fa2, &fb2, _mm256_sub_epi8(int_codes(rows[2], cs, nvalid, k, BITS), z2), xh);
+                dot_f32x2(&fa3, &fb3, _mm256_sub_epi8(int_codes(rows[3], cs, nvalid, k, BITS), z3), xh);
             }
             acc0 = _mm256_fmadd_ps(_mm256_add_ps(fa0, fb0), _mm256_set1_ps(_cvtsh_ss(w->scales[rr[0] * ng + g])), acc0);
             acc1 = _mm256_fmadd_ps(_mm256_add_ps(fa1, fb1), _mm256_set1_ps(_cvtsh_ss(w->scales[rr[1] * ng + g])), acc1);
@@ -1150,9 +1171,10 @@ static void int4_tile_f32(const vqm_int_weight *w, const vqm_xprep *xp, int64_t 
     }
 }
 
-/* float activations: one row at a time, all activation vectors */
-static void int4_rows_f32(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1,
-                          const float *bias, float *y)
+/* float activations: one row at a time, all activation vectors; q - zero in int32 */
+static inline __attribute__((always_inline)) void
+int_rows_f32(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, const float *bias, float *y,
+             const int BITS)
 {
     const int64_t n = w->n, k = w->k, G = w->group;
     const int64_t ng = vqm_cdiv(k, G);
@@ -1166,14 +1188,14 @@ static void int4_rows_f32(const vqm_int_weight *w, const vqm_xprep *xp, int64_t 
         for (int64_t g = 0; g < ng; g++) {
             const int64_t c0 = g * G;
             const int64_t c1 = c0 + G < k ? c0 + G : k;
-            const int z = w->zeros ? w->zeros[r * ng + g] : 8;
+            const int z = w->zeros ? w->zeros[r * ng + g] : 1 << (BITS - 1);
             const float s = _cvtsh_ss(w->scales[r * ng + g]);
             __m256 facc[VQM_BATCH_TILE];
             for (int bi = 0; bi < nb; bi++) facc[bi] = _mm256_setzero_ps();
             for (int64_t h = 0; h < nchunk; h++) {
                 const int64_t cs = c0 + 32 * h, nvalid = c1 - cs;
                 if (nvalid <= 0) break;
-                __m256i q = int4_codes(row, cs, nvalid);
+                __m256i q = int_codes(row, cs, nvalid, k, BITS);
                 __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
                 __m256i zz = _mm256_set1_epi32(z);
                 __m256 f0 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(lo), zz));
@@ -1200,10 +1222,16 @@ static void avx2_int_rows(const vqm_int_weight *w, const vqm_layout *lay, const 
                           int64_t r0, int64_t r1, const float *bias, float *y, int flags)
 {
     (void)lay;
-    if ((flags & VQM_ACT_INT8) && w->group == 32) int4_g32_i8(w, xp, r0, r1, bias, y);
-    else if (flags & VQM_ACT_INT8) int4_rows_i8(w, xp, r0, r1, bias, y);
-    else if (xp->batch == 1) int4_tile_f32(w, xp, r0, r1, bias, y);
-    else int4_rows_f32(w, xp, r0, r1, bias, y);
+    if (w->bits == 8) {
+        if (flags & VQM_ACT_INT8) int_rows_i8(w, xp, r0, r1, bias, y, 8);
+        else if (xp->batch == 1 && !w->zeros) int_tile_f32(w, xp, r0, r1, bias, y, 8);
+        else int_rows_f32(w, xp, r0, r1, bias, y, 8);
+    } else {
+        if ((flags & VQM_ACT_INT8) && w->group == 32) int4_g32_i8(w, xp, r0, r1, bias, y);
+        else if (flags & VQM_ACT_INT8) int_rows_i8(w, xp, r0, r1, bias, y, 4);
+        else if (xp->batch == 1) int_tile_f32(w, xp, r0, r1, bias, y, 4);
+        else int_rows_f32(w, xp, r0, r1, bias, y, 4);
+    }
 }
 
 const vqm_path_ops vqm_ops_avx2 = { avx2_vq_plan, avx2_vq_rows, avx2_int_plan, avx2_int_rows };
