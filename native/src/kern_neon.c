@@ -283,25 +283,33 @@ static void neon_vq_rows(const vqm_vq_weight *w, const vqm_layout *lay, const vq
     abort();
 }
 
-/* ---------------------------------------------------------------- int4 */
+/* ---------------------------------------------------------------- int4, int8
+ * 8-bit codes keep the column order. With int8 activations their products use
+ * w8 = q - 128 = q ^ 0x80 (an int8: SDOT, or SMULL pairs |w8 * x| <= 2 * 128 * 127
+ * that fit int16), and isum = sum(w8 * x) - (z - 128) * sum(x), exact for any zero. */
 static int neon_int_plan(const vqm_int_weight *w, int flags, vqm_layout *lay)
 {
     (void)flags;
-    if (w->bits != 4) return 0;
+    if (w->bits != 4 && w->bits != 8) return 0;
     lay->chunk_cols = 32;
-    lay->identity = 0;
-    for (int p = 0; p < 32; p++) lay->perm[p] = (int16_t)ord_code(4, p);
+    lay->identity = w->bits == 8;
+    for (int p = 0; p < 32; p++) lay->perm[p] = (int16_t)ord_code(w->bits, p);
     return 1;
 }
 
-static inline void int4_codes(const uint8_t *row, int64_t cs, int64_t nvalid, uint8x16_t *c)
+/* 32 codes from column cs (nvalid of them in the group), in the layout's order. 8-bit rows load whole
+ * chunks while they lie inside the row: the codes past the group meet zero activations. */
+static inline __attribute__((always_inline)) void
+int_codes(const uint8_t *row, int64_t cs, int64_t nvalid, int64_t k, const int BITS, uint8x16_t *c)
 {
-    if (nvalid >= 32 && (cs & 1) == 0) unpack4(row + (cs >> 1), c);
-    else unpack_slow(row, cs, nvalid < 32 ? (int)nvalid : 32, 4, c);
+    if (BITS == 8 && cs + 32 <= k) unpack8(row + cs, c);
+    else if (BITS == 4 && nvalid >= 32 && (cs & 1) == 0) unpack4(row + (cs >> 1), c);
+    else unpack_slow(row, cs, nvalid < 32 ? (int)nvalid : 32, BITS, c);
 }
 
-static void int4_rows_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1,
-                         const float *bias, float *y)
+static inline __attribute__((always_inline)) void
+int_rows_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, const float *bias, float *y,
+            const int BITS)
 {
     const int64_t n = w->n, k = w->k, G = w->group;
     const int64_t ng = vqm_cdiv(k, G);
@@ -328,21 +336,28 @@ static void int4_rows_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r
                     int8x16_t x0 = vld1q_s8(xq), x1 = vld1q_s8(xq + 16);
                     for (int i = 0; i < 4; i++) {
                         uint8x16_t c[2];
-                        int4_codes(rows[i], cs, nvalid, c);
-                        __builtin_prefetch(rows[i] + (cs >> 1) + 384);
+                        int_codes(rows[i], cs, nvalid, k, BITS, c);
+                        __builtin_prefetch(rows[i] + ((cs * BITS) >> 3) + 384);
+                        if (BITS == 8) {
+                            c[0] = veorq_u8(c[0], vdupq_n_u8(0x80));
+                            c[1] = veorq_u8(c[1], vdupq_n_u8(0x80));
+                        }
                         a[i] = dot_i8(dot_i8(a[i], vreinterpretq_s8_u8(c[0]), x0), vreinterpretq_s8_u8(c[1]), x1);
                     }
                 }
                 int32x4_t isum = vpaddq_s32(vpaddq_s32(a[0], a[1]), vpaddq_s32(a[2], a[3]));
-                int32x4_t z;
-                if (w->zeros) {
-                    int32_t zz[4] = { w->zeros[rr[0] * ng + g], w->zeros[rr[1] * ng + g],
-                                      w->zeros[rr[2] * ng + g], w->zeros[rr[3] * ng + g] };
-                    z = vld1q_s32(zz);
-                } else {
-                    z = vdupq_n_s32(8);
+                if (BITS != 8 || w->zeros) { /* symmetric 8-bit: z = 128, nothing to subtract */
+                    int32x4_t z;
+                    if (w->zeros) {
+                        int32_t zz[4] = { w->zeros[rr[0] * ng + g], w->zeros[rr[1] * ng + g],
+                                          w->zeros[rr[2] * ng + g], w->zeros[rr[3] * ng + g] };
+                        z = vld1q_s32(zz);
+                    } else {
+                        z = vdupq_n_s32(1 << (BITS - 1));
+                    }
+                    if (BITS == 8) z = vsubq_s32(z, vdupq_n_s32(128));
+                    isum = vsubq_s32(isum, vmulq_n_s32(z, xp->xsum[bi * xp->nblk + g]));
                 }
-                isum = vsubq_s32(isum, vmulq_n_s32(z, xp->xsum[bi * xp->nblk + g]));
                 uint16_t hs[4] = { w->scales[rr[0] * ng + g], w->scales[rr[1] * ng + g],
                                    w->scales[rr[2] * ng + g], w->scales[rr[3] * ng + g] };
                 float32x4_t s = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(hs)));
@@ -357,8 +372,9 @@ static void int4_rows_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r
     }
 }
 
-static void int4_rows_f32(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1,
-                          const float *bias, float *y)
+static inline __attribute__((always_inline)) void
+int_rows_f32(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, const float *bias, float *y,
+             const int BITS)
 {
     const int64_t n = w->n, k = w->k, G = w->group;
     const int64_t ng = vqm_cdiv(k, G);
@@ -372,8 +388,7 @@ static void int4_rows_f32(const vqm_int_weight *w, const vqm_xprep *xp, int64_t 
         for (int64_t g = 0; g < ng; g++) {
             const int64_t c0 = g * G;
             const int64_t c1 = c0 + G < k ? c0 + G : k;
-            const int8x16_t z = vdupq_n_s8((int8_t)(w->zeros ? w->zeros[r * ng + g] : 8));
-            const int zz = w->zeros ? w->zeros[r * ng + g] : 8;
+            const int zz = w->zeros ? w->zeros[r * ng + g] : 1 << (BITS - 1);
             const float s = h2f(w->scales[r * ng + g]);
             float32x4_t facc[VQM_BATCH_TILE];
             for (int bi = 0; bi < nb; bi++) facc[bi] = vdupq_n_f32(0.0f);
@@ -381,9 +396,9 @@ static void int4_rows_f32(const vqm_int_weight *w, const vqm_xprep *xp, int64_t 
                 const int64_t cs = c0 + 32 * h, nvalid = c1 - cs;
                 if (nvalid <= 0) break;
                 uint8x16_t c[2];
-                int4_codes(row, cs, nvalid, c);
+                int_codes(row, cs, nvalid, k, BITS, c);
                 for (int half = 0; half < 2; half++) {
-                    /* q - z in int16 (z may exceed 15 for asymmetric formats) */
+                    /* q - z in int16 (|q - z| <= 255) */
                     int16x8_t lo = vsubq_s16(vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(c[half]))), vdupq_n_s16((int16_t)zz));
                     int16x8_t hi = vsubq_s16(vreinterpretq_s16_u16(vmovl_high_u8(c[half])), vdupq_n_s16((int16_t)zz));
                     float32x4_t f0 = vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo))), f1 = vcvtq_f32_s32(vmovl_high_s16(lo));
@@ -399,7 +414,6 @@ static void int4_rows_f32(const vqm_int_weight *w, const vqm_xprep *xp, int64_t 
                     }
                 }
             }
-            (void)z;
             for (int bi = 0; bi < nb; bi++) acc[bi] = acc[bi] + vaddvq_f32(facc[bi]) * s;
         }
         for (int bi = 0; bi < nb; bi++) y[bi * n + r] = bias ? acc[bi] + bias[r] : acc[bi];
@@ -410,8 +424,13 @@ static void neon_int_rows(const vqm_int_weight *w, const vqm_layout *lay, const 
                           int64_t r0, int64_t r1, const float *bias, float *y, int flags)
 {
     (void)lay;
-    if (flags & VQM_ACT_INT8) int4_rows_i8(w, xp, r0, r1, bias, y);
-    else int4_rows_f32(w, xp, r0, r1, bias, y);
+    if (w->bits == 8) {
+        if (flags & VQM_ACT_INT8) int_rows_i8(w, xp, r0, r1, bias, y, 8);
+        else int_rows_f32(w, xp, r0, r1, bias, y, 8);
+    } else {
+        if (flags & VQM_ACT_INT8) int_rows_i8(w, xp, r0, r1, bias, y, 4);
+        else int_rows_f32(w, xp, r0, r1, bias, y, 4);
+    }
 }
 
 const vqm_path_ops OPS_NAME = { neon_vq_plan, neon_vq_rows, neon_int_plan, neon_int_rows };
