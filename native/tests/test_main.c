@@ -274,6 +274,52 @@ static void test_extreme(void)
     free(codes); free(sc); free(cb); free(x); free(y0); free(y1);
 }
 
+/* 8-bit codes at the extremes (q = 0 / 255, zeros 0 / 128 / 255, activations +-127 after quantization):
+ * w = q - 128 = -128 meets negative activations, and asymmetric |q - z| reaches 255 */
+static void test_extreme8(void)
+{
+    static const int groups[] = { 32, 64, 128, 1024 };
+    const int n = 9, k = 2048, batch = 3;
+    const long ng_max = k / 32;
+    uint8_t *codes = malloc((size_t)(n * k)), *zeros = malloc((size_t)(n * ng_max));
+    uint16_t *sc = malloc(sizeof(uint16_t) * (size_t)(n * ng_max));
+    float *x = malloc(sizeof(float) * (size_t)(batch * k)), *y0 = malloc(sizeof(float) * (size_t)(batch * n));
+    float *y1 = malloc(sizeof(float) * (size_t)(batch * n));
+    double *dref = malloc(sizeof(double) * (size_t)(batch * n)), *mag = malloc(sizeof(double) * (size_t)(batch * n));
+    char what[160];
+    for (int i = 0; i < n * ng_max; i++) sc[i] = 0x3c00;
+    for (int pat = 0; pat < 5; pat++) {
+        for (int i = 0; i < batch * k; i++) {
+            float v = pat & 1 ? ((i & 1) ? -1.0f : 1.0f) : 1.0f;
+            x[i] = pat == 4 ? (rnd() & 1 ? -1.0f : 1.0f) : v;
+        }
+        for (int i = 0; i < n * k; i++) codes[i] = pat == 4 ? (rnd() & 1 ? 0xff : 0x00) : pat & 2 ? 0x00 : 0xff;
+        for (int zmode = 0; zmode < 4; zmode++) {
+            for (int i = 0; i < n * ng_max; i++)
+                zeros[i] = zmode == 1 ? 0 : zmode == 2 ? 255 : zmode == 3 ? (rnd() & 1 ? 0 : 255) : 128;
+            for (size_t gi = 0; gi < sizeof groups / sizeof groups[0]; gi++) {
+                vqm_int_weight w = { n, k, 8, groups[gi], codes, sc, zmode ? zeros : NULL };
+                for (int int8 = 0; int8 <= 1; int8++) {
+                    const int flags = int8 ? VQM_ACT_INT8 : 0;
+                    vqm_int_linear_path(VQM_PATH_REF, &w, x, batch, NULL, y0, flags, 1);
+                    if (!int8) int_dense(&w, x, batch, NULL, dref, mag);
+                    for (int p = 1; p < VQM_NPATHS; p++) {
+                        if (!vqm_path_available(p)) continue;
+                        for (int b = 1; b <= batch; b += batch - 1) {
+                            snprintf(what, sizeof what, "extreme int8 G=%d pattern=%d zeros=%d int8=%d batch=%d path=%s",
+                                     groups[gi], pat, zmode, int8, b, vqm_path_name(p));
+                            if (vqm_int_linear_path(p, &w, x, b, NULL, y1, flags, 1)) { printf("FAIL %s: rc\n", what); g_fail++; continue; }
+                            if (int8) check_equal(what, y1, y0, (long)b * n);
+                            else check_close(what, y1, dref, mag, (long)b * n, FLOAT_TOL);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    free(codes); free(zeros); free(sc); free(x); free(y0); free(y1); free(dref); free(mag);
+}
+
 static void test_validation(void)
 {
     /* k=5 (3-bit codes): a code of 7 must be rejected */
@@ -324,7 +370,8 @@ int main(int argc, char **argv)
             test_vq(cfg[c][0], cfg[c][1], cfg[c][2], cfg[c][3], shapes[s][0], shapes[s][1], batch, s & 1);
         }
     static const int icfg[][3] = { { 4, 32, 0 }, { 4, 32, 1 }, { 4, 128, 0 }, { 4, 128, 1 }, { 4, 64, 1 },
-                                   { 4, 17, 1 }, { 3, 32, 1 }, { 8, 16, 1 }, { 2, 128, 0 } };
+                                   { 4, 17, 1 }, { 3, 32, 1 }, { 8, 16, 1 }, { 2, 128, 0 }, { 8, 32, 0 },
+                                   { 8, 32, 1 }, { 8, 64, 0 }, { 8, 128, 1 }, { 8, 20, 0 } };
     for (size_t c = 0; c < sizeof icfg / sizeof icfg[0]; c++)
         for (int s = 0; s < ns; s++) {
             int batch = 1 + (int)(rnd() % 8);
@@ -342,10 +389,23 @@ int main(int argc, char **argv)
     for (size_t c = 0; c < sizeof b1icfg / sizeof b1icfg[0]; c++)
         for (int s = 0; s < (quick ? 2 : 4); s++)
             test_int(b1icfg[c][0], b1icfg[c][1], b1icfg[c][2], b1shapes[s][0], b1shapes[s][1], 1 + (s == 3), s & 1);
+    /* 8-bit codes (embedding / lm_head: G = 32, k = 576), batch 1..8, widths that are not a multiple of G */
+    static const int g8[] = { 32, 64, 128 };
+    static const int k8[] = { 172, 520, 576, 4096 };
+    int cnt8 = 0;
+    for (int gi = 0; gi < 3; gi++)
+        for (int asym = 0; asym <= 1; asym++)
+            for (int ki = 0; ki < (quick ? 3 : 4); ki++) {
+                test_int(8, g8[gi], asym, 13, k8[ki], 1 + cnt8 % 8, cnt8 & 1);
+                if (g8[gi] == 32) test_int(8, 32, asym, 21, k8[ki], 1, !(cnt8 & 1));
+                cnt8++;
+            }
     test_extreme();
+    test_extreme8();
     /* batch > 8 (tiled) */
     test_vq(2, 16, 4, 256, 10, 300, 11, 1);
     test_int(4, 32, 1, 10, 300, 13, 1);
+    test_int(8, 32, 0, 10, 576, 13, 1);
     printf("%s: %d checks, %d failures, %d SIMD kernel configurations exercised\n",
            g_fail ? "FAILED" : "OK", g_checks, g_fail, g_simd_kernels);
     return g_fail ? 1 : 0;
