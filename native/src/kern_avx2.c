@@ -871,8 +871,9 @@ int_codes(const uint8_t *row, int64_t cs, int64_t nvalid, int64_t k, const int B
     return unpack_slow(row, cs, nvalid < 32 ? (int)nvalid : 32, BITS);
 }
 
-/* stream in group g's share of the 4-row tile after next (its rows are contiguous) and its scales */
-static inline void int_prefetch(const vqm_int_weight *w, int64_t r, int64_t g, int64_t ng, int64_t rowbytes,
+/* stream in group g's share of the 4-row tile after next (its rows are contiguous) and its scales.
+ * always_inline: gcc deems a function that only prefetches free of side effects and drops its calls. */
+static inline __attribute__((always_inline)) void int_prefetch(const vqm_int_weight *w, int64_t r, int64_t g, int64_t ng, int64_t rowbytes,
                                 int64_t pf_grp)
 {
     if (r + 8 >= w->n) return;
@@ -900,18 +901,21 @@ int_group4(const vqm_int_weight *w, const vqm_xprep *xp, const uint8_t *const ro
     const int64_t c0 = g * G, c1 = c0 + G < k ? c0 + G : k;
     const __m256i ones = _mm256_set1_epi16(1), m80 = _mm256_set1_epi8((char)0x80);
     const int8_t *xqb = xp->xq + bi * xp->stride;
-    __m256i a[4] = { _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256() };
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t h = 0; h < nchunk; h++) {
         const int64_t cs = c0 + 32 * h, nvalid = c1 - cs;
         if (nvalid <= 0) break;
         __m256i x = _mm256_loadu_si256((const __m256i *)(const void *)(xqb + g * xp->blk_pad + 32 * h));
-        for (int i = 0; i < 4; i++) {
-            __m256i q = int_codes(rows[i], cs, nvalid, k, BITS);
-            a[i] = BITS == 8 ? dot_wx(a[i], _mm256_xor_si256(q, m80), x, ones)
-                             : _mm256_add_epi32(a[i], _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones));
+#define GROUP4_ROW(I, A)                                                                                     \
+        {                                                                                                    \
+            __m256i q = int_codes(rows[I], cs, nvalid, k, BITS);                                             \
+            A = BITS == 8 ? dot_wx(A, _mm256_xor_si256(q, m80), x, ones)                                     \
+                          : _mm256_add_epi32(A, _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones));        \
         }
+        GROUP4_ROW(0, a0) GROUP4_ROW(1, a1) GROUP4_ROW(2, a2) GROUP4_ROW(3, a3)
+#undef GROUP4_ROW
     }
-    __m128i isum = hsum4_i32(a[0], a[1], a[2], a[3]);
+    __m128i isum = hsum4_i32(a0, a1, a2, a3);
     if (BITS != 8 || w->zeros) { /* symmetric 8-bit: z = 128, nothing to subtract */
         __m128i z;
         if (w->zeros)
