@@ -1,5 +1,6 @@
-/* Standalone C benchmark: streaming-read bandwidth and y = W x for the VQ and
- * int4 kernels over a stack of distinct matrices (DRAM-resident by default).
+/* Standalone C benchmark: streaming-read bandwidth and y = W x for the VQ,
+ * int4 and int8 kernels, and a float32 dense gemv of the same shape for
+ * comparison, over a stack of distinct matrices (DRAM-resident by default).
  *   vqm_bench [-n N] [-k K] [-t threads] [-s stack_MB] [-r passes] [-p path] [-f] [-c name]
  *   -c: only the kernels whose name contains this substring.
  *   -f: float activations (default int8 activations); -s 0: one cached matrix.
@@ -30,6 +31,29 @@ static void fill(void *p, size_t n)
 }
 
 typedef struct { const char *name; int d, ncent, R, C; int bits, group; } cfg_t;
+
+/* float32 dense y = W x (bits = 32 in the table). Memory-bound at these sizes, so the baseline vector width
+ * of the build (SSE2 / NEON via 8-float vector types) is enough. */
+static void dense_gemv(const float *W, const float *x, int n, int k, float *y)
+{
+    typedef float v8 __attribute__((vector_size(32)));
+    for (int r = 0; r < n; r++) {
+        const float *w = W + (size_t)r * (size_t)k;
+        v8 a[4] = { { 0 }, { 0 }, { 0 }, { 0 } };
+        int c = 0;
+        for (; c + 32 <= k; c += 32)
+            for (int j = 0; j < 4; j++) {
+                v8 wv, xv;
+                memcpy(&wv, w + c + 8 * j, sizeof wv);
+                memcpy(&xv, x + c + 8 * j, sizeof xv);
+                a[j] += wv * xv;
+            }
+        v8 s = (a[0] + a[1]) + (a[2] + a[3]);
+        float acc = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+        for (; c < k; c++) acc += w[c] * x[c];
+        y[r] = acc;
+    }
+}
 
 int main(int argc, char **argv)
 {
@@ -74,6 +98,7 @@ int main(int argc, char **argv)
         { "vq d2 k16 R8 (2.13)", 2, 16, 8, 256, 0, 0 }, { "vq d2 k16 R4 (2.27)", 2, 16, 4, 256, 0, 0 },
         { "vq d2 k64 R32 (3.13)", 2, 64, 32, 256, 0, 0 }, { "vq d4 k256 R128", 4, 256, 128, 256, 0, 0 },
         { "vq d1 k4 R1", 1, 4, 1, 256, 0, 0 }, { "int4 g32", 0, 0, 0, 0, 4, 32 }, { "int4 g128", 0, 0, 0, 0, 4, 128 },
+        { "int8 g32", 0, 0, 0, 0, 8, 32 }, { "dense f32", 0, 0, 0, 0, 32, 0 },
     };
     float *x = malloc(sizeof(float) * (size_t)k), *y = malloc(sizeof(float) * (size_t)n);
     for (int i = 0; i < k; i++) x[i] = (float)((i * 37) % 101) / 50.0f - 1.0f;
@@ -84,7 +109,10 @@ int main(int argc, char **argv)
         vqm_vq_weight vw = { n, k, cf->d, cf->ncent, cf->R, cf->C, NULL, NULL, NULL };
         vqm_int_weight iw = { n, k, cf->bits, cf->group, NULL, NULL, NULL };
         size_t a_bytes, b_bytes, s_bytes;
-        if (cf->d) {
+        if (cf->bits == 32) {
+            a_bytes = sizeof(float) * (size_t)n * (size_t)k;
+            b_bytes = s_bytes = 0;
+        } else if (cf->d) {
             long nrb = (n + cf->R - 1) / cf->R, ncb = (k + cf->C - 1) / cf->C;
             a_bytes = (size_t)vqm_vq_row_bytes(&vw) * (size_t)n;
             b_bytes = (size_t)(nrb * ncb * cf->ncent * cf->d);
@@ -97,7 +125,10 @@ int main(int argc, char **argv)
         per = a_bytes + b_bytes + s_bytes;
         int m = stack_mb > 0 ? (int)(stack_mb * 1e6 / (double)per) + 1 : 1;
         uint8_t *mem = malloc(per * (size_t)m);
-        fill(mem, per * (size_t)m);
+        if (cf->bits == 32) /* finite weights, no subnormals */
+            for (size_t j = 0; j < per * (size_t)m / sizeof(float); j++) ((float *)(void *)mem)[j] = (float)(j % 61) / 30.0f - 1.0f;
+        else
+            fill(mem, per * (size_t)m);
         for (int i = 0; i < m; i++) { /* valid scales: small positive fp16 */
             uint16_t *s = (uint16_t *)(void *)(mem + (size_t)i * per + a_bytes + b_bytes);
             for (size_t j = 0; j < s_bytes / 2; j++) s[j] = 0x1800 + (uint16_t)(j & 0xff);
@@ -108,7 +139,10 @@ int main(int argc, char **argv)
             for (int i = 0; i < m; i++) {
                 uint8_t *base = mem + (size_t)i * per;
                 int rc;
-                if (cf->d) {
+                if (cf->bits == 32) {
+                    dense_gemv((const float *)(void *)base, x, n, k, y);
+                    rc = 0;
+                } else if (cf->d) {
                     vw.indices = base; vw.codebook = (const int8_t *)(base + a_bytes);
                     vw.scale = (const uint16_t *)(void *)(base + a_bytes + b_bytes);
                     rc = vqm_vq_linear(&vw, x, 1, NULL, y, flags, threads);
