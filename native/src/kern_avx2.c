@@ -873,8 +873,8 @@ int_codes(const uint8_t *row, int64_t cs, int64_t nvalid, int64_t k, const int B
 
 /* stream in group g's share of the 4-row tile after next (its rows are contiguous) and its scales.
  * always_inline: gcc deems a function that only prefetches free of side effects and drops its calls. */
-static inline __attribute__((always_inline)) void int_prefetch(const vqm_int_weight *w, int64_t r, int64_t g, int64_t ng, int64_t rowbytes,
-                                int64_t pf_grp)
+static inline __attribute__((always_inline)) void
+int_prefetch(const vqm_int_weight *w, int64_t r, int64_t g, int64_t ng, int64_t rowbytes, int64_t pf_grp)
 {
     if (r + 8 >= w->n) return;
     const uint8_t *pf = w->codes + (r + 8) * rowbytes + g * pf_grp;
