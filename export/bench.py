@@ -4,8 +4,10 @@ The baseline takes the bundle's checkpoint, turns every quantized linear back in
 dequantized weight (the same model), quantizes the decoder's linears with torchao
 Int8DynamicActivationIntxWeightConfig(int4, PerGroup(32)) (what ExecuTorch's Llama export calls 8da4w, group 32),
 and lowers the same static-KV-cache decoder with the XNNPACK partitioners (dynamically quantized + fp32): the KV
-cache, attention and the fp32 lm_head are identical in both programs except that ours runs the tied lm_head with
-vqmobile::dense_linear (so the .pte stores the embedding once) and the baseline with XNNPACK.
+cache and attention are identical in both programs. The lm_head follows the checkpoint: when it is quantized (the
+int8 embedding it is tied to, the default) the baseline runs it with the same 8da4w g32 path as its other linears
+(4 bits against our 8: the comparison favours the baseline); a float head runs in fp32 in both (ours with
+vqmobile::dense_linear, so the .pte stores the embedding once, the baseline with XNNPACK).
 
 Both programs run in one process, alternately, greedy decoding the same prompt; tokens/s counts decode steps only
 (one token per call through the KV cache), median over the repeats.
@@ -25,9 +27,21 @@ from .et_runtime import ETDecoder, adapter_threads, greedy, portable_lib, set_ad
 
 
 def dense_copy(model: nn.Module) -> nn.Module:
-    """The model with every QuantLinear replaced by an nn.Linear holding its dequantized weight."""
+    """The model with every QuantLinear replaced by an nn.Linear holding its dequantized weight, and a quantized
+    embedding by an nn.Embedding (a head tied to it shares that weight, as in the float model)."""
+    from vqmobile.embedding import QuantEmbedding
     from vqmobile.qweight import QuantLinear
 
+    emb = model.get_input_embeddings()
+    if isinstance(emb, QuantEmbedding):
+        dense = nn.Embedding(emb.num_embeddings, emb.embedding_dim)
+        dense.weight.data = emb.qweight.dequantize()
+        model.set_input_embeddings(dense)
+        head = model.get_output_embeddings()
+        if isinstance(head, QuantLinear) and head.qweight is emb.qweight:
+            tied = nn.Linear(head.in_features, head.out_features, bias=False)
+            tied.weight = dense.weight
+            model.set_output_embeddings(tied)
     for name, mod in list(model.named_modules()):
         if isinstance(mod, QuantLinear):
             lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
@@ -49,17 +63,22 @@ def export_torchao_baseline(checkpoint: str | Path, out: str | Path, max_seq: in
 
     from vqmobile.checkpoint import is_checkpoint, load
     from vqmobile.model import load_model
+    from vqmobile.qweight import QuantLinear
 
     from .executorch_export import export_program, lower_to_executorch, program_summary
     from .model import StaticLlama
 
+    head_quantized = False
     if is_checkpoint(checkpoint):
-        model = dense_copy(load(checkpoint).model)
+        ck = load(checkpoint)
+        head_quantized = isinstance(ck.model.get_output_embeddings(), QuantLinear)
+        model = dense_copy(ck.model)
     else:  # a float model (HF directory, GGUF, 'smollm2'): same architecture and source weights
         model = load_model(str(checkpoint)).model
+    # Every linear the checkpoint quantizes (a quantized head included) gets ExecuTorch's 4-bit path.
     quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group)),
-              filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn.startswith("model.layers.")
-              and m.in_features % group == 0)
+              filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and m.in_features % group == 0
+              and (fqn.startswith("model.layers.") or (head_quantized and fqn == "lm_head")))
     wrapper = StaticLlama(model, max_seq, cache=True, tied_head_op=False)
     ep = export_program(model, max_seq, wrapper=wrapper)
     prog = lower_to_executorch(ep, [XnnpackDynamicallyQuantizedPartitioner(), XnnpackPartitioner()])
@@ -85,9 +104,13 @@ def bench_decode(bundle: str, *, baseline_pte: str | None = None, prompt: str = 
             progress(f"exporting the torchao 8da4w g32 XNNPACK baseline to {base_path} ...")
         base_info = export_torchao_baseline(b.path / CHECKPOINT_DIR, base_path, b.max_seq)
     pl = portable_lib()
+    torch_threads = torch.get_num_threads()
     if threads:
         kernels.set_num_threads(threads)
         pl._unsafe_reset_threadpool(threads)
+        # ops on torch's OpenMP pool during the loop leave its idle workers spinning on the other cores (a profile
+        # of 1-thread decoding showed them), which a 1-thread comparison must not have
+        torch.set_num_threads(threads)
     ours = ETDecoder(b.pte, b.host_library())
     if threads:
         set_adapter_threads(threads)
@@ -102,6 +125,7 @@ def bench_decode(bundle: str, *, baseline_pte: str | None = None, prompt: str = 
             res = greedy(dec, ids, budget, b.max_seq, None)
             runs[name].append(res["tokens_per_s"])
             tokens[name] = res["new_tokens"]
+    torch.set_num_threads(torch_threads)
     med = {k: statistics.median(v) for k, v in runs.items()}
     agree = sum(a == c for a, c in zip(tokens["vqmobile"], tokens["torchao_8da4w_g32"]))
     return {

@@ -219,7 +219,9 @@ def export_bundle(model_spec: str, out: str, *, target: str, formats: list[str],
                 rel = f.relative_to(tmp).as_posix()
                 files[rel] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
         cm = ck.manifest
-        packed = int(cm["quantized_bytes"]) + int(cm["float_bytes"])
+        emb = cm.get("embedding")
+        emb_bytes = int(emb["bytes"]) if emb else 0
+        packed = int(cm["quantized_bytes"]) + emb_bytes + int(cm["float_bytes"])
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -229,8 +231,9 @@ def export_bundle(model_spec: str, out: str, *, target: str, formats: list[str],
             "activations": {f: ("float" if f == "onnx" else activations) for f in formats},
             "method": cm.get("method"), "quant_config": cm.get("config"),
             "bits_per_weight": cm.get("bits_per_weight"),
-            "checkpoint_bytes": {"quantized": int(cm["quantized_bytes"]), "float": int(cm["float_bytes"]),
-                                 "total": packed},
+            "checkpoint_bytes": {"quantized": int(cm["quantized_bytes"]), "embedding": emb_bytes,
+                                 "float": int(cm["float_bytes"]), "total": packed},
+            "checkpoint_embedding": emb and {k: emb[k] for k in ("kind", "spec", "tied_head")},
             "model_config": json.loads(model.config.to_json_string()),
             "program": {"inputs": "tokens int64 [1, T], input_pos int64 [1]", "outputs": "logits float32 [1, T, V]",
                         "T": f"1..{seq}", "kv_cache": "static, in the program's mutable buffers"},

@@ -197,15 +197,26 @@ def test_bundle_contents(bundle):
     for rel, e in m["files"].items():
         assert (path / rel).stat().st_size == e["bytes"]
     ops_ = m["pte"]["custom_ops"]
-    assert ops_.get("vqmobile.int_linear.out", 0) == 5 * 3
+    # int8 embedding (the default): the tied head is one more int_linear, over the embedding's own codes
+    assert m["checkpoint_embedding"]["tied_head"] is True
+    assert ops_.get("vqmobile.int_linear.out", 0) == 5 * 3 + 1
     if m["method"] != "gptq":
         assert ops_.get("vqmobile.vq_linear.out", 0) == 5 * 4 - 1
-    assert ops_.get("vqmobile.dense_linear.out") == 1  # tied head
+    assert "vqmobile.dense_linear.out" not in ops_
     assert m["pte"]["xnnpack_partitions"] > 0
     assert "model.layers.0.self_attn.o_proj" in m["standard_op_layers"]
     assert any("standard ops" in w for w in res["warnings"])
     # The .pte keeps the weights packed: not much more than the checkpoint's tensors
     assert m["pte"]["bytes"] < 2.0 * m["checkpoint_bytes"]["total"]
+
+
+def test_embedding_bytes_are_stored_once(bundle, reference):
+    """The int8 embedding and the head tied to it share one set of code bytes in both formats."""
+    path, _ = bundle
+    codes = reference.model.get_input_embeddings().qweight.codes.numpy().tobytes()
+    probe = codes[17000:17256]
+    for f in ("model.pte", "model.onnx"):
+        assert (path / f).read_bytes().count(probe) == codes.count(probe), f
 
 
 def test_onnx_file_is_valid_with_functions(bundle):
@@ -241,21 +252,38 @@ def test_onnx_and_executorch_match_pytorch(bundle, reference, stories_test_ids):
     # Activation rounding is discontinuous (export/check.py): a float reordering upstream (XNNPACK's norms and
     # attention) that lands on a rounding boundary moves an int8 code by one step, and through the KV cache every
     # later position drifts a little. The program still computes PyTorch's int8 semantics, not float ones: it is
-    # much closer to the int8 reference than the float model is, and the argmax never moves.
+    # much closer to the int8 reference than the float model is, and the argmax only moves at near-ties (top-2
+    # margin below the mean drift).
     step = (ref["float"] - ref["int8"]).abs().mean()
-    assert (et - ref["int8"]).abs().mean() < 0.5 * step
-    assert bool((et.argmax(-1) == ref["int8"].argmax(-1)).all())
+    drift = (et - ref["int8"]).abs()
+    assert drift.mean() < 0.5 * step
+    moved = (et.argmax(-1) != ref["int8"].argmax(-1)).nonzero().flatten()
+    top2 = ref["int8"].topk(2, dim=-1).values
+    margins = top2[moved, 0] - top2[moved, 1]
+    # (measured: 1 of 100 positions, top-2 margin 0.008 against a mean drift of 0.016 and a max of 0.16)
+    assert len(moved) <= 2 and bool((margins < drift.mean()).all()), (moved, margins, drift.mean())
     # int8 activations are a different (rounded) computation, not a bug hidden by the tolerance above
     assert (ref["int8"] - ref["float"]).abs().max() > 1e-2
 
 
 @pytest.fixture(scope="module")
-def float_bundle(mixed_checkpoint, tmp_path_factory):
+def float_bundle(stories, tmp_path_factory):
+    """Float activations and a float embedding, whose tied head runs as vqmobile::dense_linear."""
+    from vqmobile import checkpoint
     from vqmobile.export.runtime.build import host_target
+    from vqmobile.intweight import RTNConfig
+    from vqmobile.pipeline import quantize_
 
+    model = copy.deepcopy(stories.model)
+    quantize_(model, RTNConfig(bits=4, group=32, embedding="float"), progress=False)
+    ck = tmp_path_factory.mktemp("ck") / "float-embedding"
+    checkpoint.save(model, stories.tokenizer, ck, config={"method": "rtn"}, source={"model": "stories260k"},
+                    calibration=None)
     out = tmp_path_factory.mktemp("bundle") / "f"
-    ve.export_bundle(str(mixed_checkpoint), str(out), target=host_target(), formats=["executorch"],
-                     max_seq=MAX_SEQ, progress=None)  # default activations: float
+    ve.export_bundle(str(ck), str(out), target=host_target(), formats=["executorch"], max_seq=MAX_SEQ,
+                     progress=None)  # default activations: float
+    m = json.loads((out / "bundle.json").read_text())
+    assert m["checkpoint_embedding"] is None and m["pte"]["custom_ops"].get("vqmobile.dense_linear.out") == 1
     return out
 
 

@@ -4,8 +4,9 @@ the tokenizer and a JSON manifest. Written atomically (a temporary sibling renam
 Layout:
   vqmobile.json          manifest: format version, method and config, per-layer kind/spec/bits, totals, source
                          fingerprint, calibration settings, sha256 of both tensor files
-  quantized.safetensors  packed tensors of every quantized linear, keyed "<module path>.<tensor name>"
-  model.safetensors      every other tensor (embeddings, norms, biases), tied weights stored once
+  quantized.safetensors  packed tensors of every quantized linear and of a quantized embedding (whose tied head
+                         shares them), keyed "<module path>.<tensor name>"
+  model.safetensors      every other tensor (a float embedding, norms, biases), tied weights stored once
   config.json, tokenizer files
 """
 
@@ -25,6 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import intweight, vqweight  # noqa: F401  (importing a format registers its kind for loading)
+from .embedding import QuantEmbedding, tied_head, use_quantized_embedding
+from .intweight import IntWeight
 from .errors import FormatError, UserError
 from .hashing import sha256_file
 from .qweight import QuantLinear, weight_from_stored
@@ -102,11 +105,19 @@ def save(model: torch.nn.Module, tokenizer, out: str | Path, *, config: dict[str
          calibration: dict[str, Any] | None, report: dict[str, Any] | None = None, overwrite: bool = False) -> dict:
     """Write the checkpoint of an already-quantized model; returns the manifest."""
     out = prepare_output_dir(out, overwrite)
-    qmods = quantized_modules(model)
+    emb_name, emb = _embedding_module(model)
+    emb_qw = emb.qweight if isinstance(emb, QuantEmbedding) else None
+    # A head tied to a quantized embedding is the embedding's IntWeight: stored once, under the embedding.
+    qmods = {name: m for name, m in quantized_modules(model).items() if m.qweight is not emb_qw}
     if not qmods:
         raise ValueError("the model has no quantized layers")
     packed: dict[str, torch.Tensor] = {}
     layers: dict[str, Any] = {}
+    embedding = None
+    if emb_qw is not None:
+        packed.update({f"{emb_name}.{t}": v.contiguous() for t, v in emb_qw.tensors().items()})
+        embedding = {"module": emb_name, "kind": emb_qw.kind, "spec": emb_qw.spec(), "bytes": emb_qw.stored_bytes(),
+                     "bits_per_weight": emb_qw.bits_per_weight(), "tied_head": tied_head(model)}
     qbytes = qweights = 0
     for name, mod in qmods.items():
         qw = mod.qweight
@@ -129,6 +140,7 @@ def save(model: torch.nn.Module, tokenizer, out: str | Path, *, config: dict[str
         "quantized_weights": qweights,
         "quantized_bytes": qbytes,
         "bits_per_weight": 8 * qbytes / qweights,
+        "embedding": embedding,  # None: the embedding is among the float tensors
         "float_bytes": sum(t.numel() * t.element_size() for t in floats.values()),
         "report": report,
     }
@@ -143,6 +155,30 @@ def save(model: torch.nn.Module, tokenizer, out: str | Path, *, config: dict[str
 
     atomic_directory(out, write)
     return manifest
+
+
+def _embedding_module(model: torch.nn.Module) -> tuple[str, torch.nn.Module]:
+    emb = model.get_input_embeddings()
+    return next(name for name, m in model.named_modules() if m is emb), emb
+
+
+def _load_embedding(model: torch.nn.Module, entry: Any, packed: dict[str, torch.Tensor], tie_config: bool,
+                    path: Path) -> bool:
+    """Install the stored quantized embedding (and the head tied to it); False when the embedding is float."""
+    if entry is None:
+        return False
+    name, emb = _embedding_module(model)
+    if not isinstance(entry, dict) or entry.get("module") != name:
+        raise FormatError(f"{path / MANIFEST}: its embedding entry does not name this model's embedding {name}")
+    if entry.get("tied_head") and not tie_config:
+        raise FormatError(f"{path / MANIFEST}: the embedding is stored as the head too, but config.json unties them")
+    tensors = {k[len(name) + 1:]: v for k, v in packed.items() if k.startswith(f"{name}.")}
+    qw = weight_from_stored(entry.get("kind"), entry.get("spec", {}), tensors)
+    if not isinstance(qw, IntWeight) or qw.bits != 8 or not qw.symmetric or qw.shape != tuple(emb.weight.shape):
+        raise FormatError(f"{path / MANIFEST}: the embedding must be 8-bit symmetric integers of shape "
+                          f"{tuple(emb.weight.shape)}")
+    use_quantized_embedding(model, qw, bool(entry.get("tied_head")))
+    return True
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -206,13 +242,16 @@ def load(path: str | Path) -> Checkpoint:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, QuantLinear(qw, target.bias))
 
+    tie_config = bool(getattr(hf_config, "tie_word_embeddings", False))
+    quantized_embedding = _load_embedding(model, manifest.get("embedding"), packed, tie_config, path)
+
     floats = _read_safetensors(path / FLOAT_FILE)
     missing, unexpected = model.load_state_dict(floats, strict=False)
-    tied = {"lm_head.weight"} if getattr(hf_config, "tie_word_embeddings", False) else set()
+    tied = {"lm_head.weight"} if tie_config else set()
     if unexpected or set(missing) - tied:
         raise FormatError(f"{path / FLOAT_FILE} does not match the model: missing {sorted(set(missing) - tied)[:3]}, "
                           f"unexpected {sorted(unexpected)[:3]}")
-    if tied:
+    if tied and not quantized_embedding:
         model.tie_weights()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     return Checkpoint(model, tokenizer, manifest, path)

@@ -35,10 +35,11 @@ def build_config(args: argparse.Namespace):
     from .intweight import RTNConfig
 
     if args.method == "rtn":
-        return RTNConfig(bits=args.bits, group=args.group, symmetric=args.symmetric, clip_search=args.clip_search)
+        return RTNConfig(bits=args.bits, group=args.group, symmetric=args.symmetric, clip_search=args.clip_search,
+                         embedding=args.embedding)
     if args.method == "gptq":
         return GPTQConfig(bits=args.bits, group=args.group, symmetric=args.symmetric, act_order=args.act_order,
-                          clip_search=args.clip_search)
+                          clip_search=args.clip_search, embedding=args.embedding)
     if args.method == "gptvq":
         return gptvq.config_from_args(args)
     raise UserError(f"unknown method {args.method}")
@@ -60,9 +61,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     calib = CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed)
     res = quantize(args.model, config, args.out, calib, overwrite=args.overwrite, progress=not args.quiet)
     m = res.manifest
+    emb = m["embedding"]
+    emb_text = "" if emb is None else (f" + {emb['bytes'] / 1e6:.2f} MB int8 embedding"
+                                       f"{' (also the head)' if emb['tied_head'] else ''}, max |error| "
+                                       f"{res.report.embedding_max_abs_error:.3g}")
     print(f"wrote {res.out}: {m['method']} checkpoint, {len(m['layers'])} quantized linears, "
           f"{m['bits_per_weight']:.4f} bits per weight (every overhead included), "
-          f"{m['quantized_bytes'] / 1e6:.2f} MB packed + {m['float_bytes'] / 1e6:.2f} MB float; "
+          f"{m['quantized_bytes'] / 1e6:.2f} MB packed{emb_text} + {m['float_bytes'] / 1e6:.2f} MB float; "
           f"quantized in {res.report.seconds:.1f} s, peak RSS {res.report.peak_rss_mb:.0f} MB")
     if args.eval_windows:
         ck = load(res.out)
@@ -166,6 +171,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the new one is complete)")
     p.add_argument("--eval-windows", type=int, default=0, help="afterwards, WikiText-2 perplexity over this many windows")
+    p.add_argument("--embedding", choices=["int8", "float"], default="int8",
+                   help="token embedding (and a head tied to it): int8 groups of 32, lossless for a Q8_0 GGUF "
+                        "(default), or float as loaded")
     _add_int_args(p)
     gptvq.add_cli_arguments(p)
     _add_calibration_args(p)

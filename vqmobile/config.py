@@ -20,7 +20,13 @@ class QuantConfig(ABC):
     method: ClassVar[str]
     needs_hessian: ClassVar[bool] = True
 
+    # The token embedding (and a head tied to it): "int8" groups of 32 (embedding.py), or "float" as loaded.
+    embedding: str = "int8"
+
     def __post_init__(self) -> None:
+        from .embedding import check_embedding
+
+        check_embedding(self.embedding)
         self.check()
 
     def check(self) -> None:

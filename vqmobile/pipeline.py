@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .config import QuantConfig
+from .embedding import quantize_embeddings_
 from .hessian import HessianAccumulator
 from .model import decoder_layers
 from .qweight import QuantLinear
@@ -30,9 +31,11 @@ class QuantizeReport:
     seconds: float
     peak_rss_mb: float
     per_layer_seconds: list[float] = field(default_factory=list)
+    embedding_max_abs_error: float | None = None  # None: the embedding stayed float
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("method", "layers", "linears", "seconds", "peak_rss_mb")}
+        return {k: getattr(self, k) for k in ("method", "layers", "linears", "seconds", "peak_rss_mb",
+                                               "embedding_max_abs_error")}
 
 
 class _StopForward(Exception):
@@ -121,7 +124,8 @@ def check_model(model: nn.Module, config: QuantConfig) -> None:
 @torch.no_grad()
 def quantize_(model: nn.Module, config: QuantConfig, calibration: torch.Tensor | None = None, *,
               batch_size: int = 8, progress: bool = True) -> QuantizeReport:
-    """Quantize every linear layer of every decoder layer of `model` in place (embeddings and the head stay float)."""
+    """Quantize every linear layer of every decoder layer of `model` in place, then the token embedding (and a head
+    tied to it) as config.embedding says; an untied head stays float."""
     check_model(model, config)
     if config.needs_hessian and calibration is None:
         raise ValueError(f"method {config.method} needs calibration data")
@@ -145,4 +149,6 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration: torch.Tensor |
         if inputs is not None:
             inputs = _run_layer(layer, inputs)
         per_layer.append(time.perf_counter() - t0)
-    return QuantizeReport(config.method, len(layers), nlinears, time.perf_counter() - start, peak_rss_mb(), per_layer)
+    emb_err = quantize_embeddings_(model) if config.embedding == "int8" else None
+    return QuantizeReport(config.method, len(layers), nlinears, time.perf_counter() - start, peak_rss_mb(), per_layer,
+                          emb_err)

@@ -1,0 +1,87 @@
+"""The int8 token embedding: exact for a Q8_0 source, near-lossless for a float one, tied head shared and stored
+once, checkpoint round trip."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from vqmobile import checkpoint
+from vqmobile.embedding import QuantEmbedding, quantize_embedding, quantize_embeddings_, tied_head
+from vqmobile.errors import FormatError
+from vqmobile.evaluate import perplexity
+from vqmobile.intweight import RTNConfig
+from vqmobile.pipeline import quantize_
+from vqmobile.qweight import QuantLinear
+
+
+def test_q8_0_source_round_trips_exactly():
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-127, 128, (300, 5, 32), generator=g)
+    codes[:, :, 7] = torch.where(torch.rand(300, 5, generator=g) < 0.5, -127, 127)  # Q8_0: the absmax maps to 127
+    scales = (torch.rand(300, 5, 1, generator=g) * 0.01 + 1e-4).half().float()
+    w = (codes * scales).view(300, 160)
+    assert torch.equal(quantize_embedding(w).dequantize(), w)
+
+
+def test_float_source_error_is_half_a_step():
+    w = torch.randn(100, 72) * torch.logspace(-3, 0, 72)  # 72: a partial last group
+    qw = quantize_embedding(w)
+    step = qw.scales.float().repeat_interleave(32, dim=1)[:, :72]
+    assert qw.shape == (100, 72) and qw.bits == 8 and qw.symmetric
+    assert bool(((qw.dequantize() - w).abs() <= step / 2 + 1e-7).all())
+
+
+def test_stories_embedding_is_near_lossless(stories, stories_test_ids):
+    model = copy.deepcopy(stories.model)
+    err = quantize_embeddings_(model)
+    assert isinstance(model.get_input_embeddings(), QuantEmbedding) and tied_head(model) and err > 0
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.qweight is model.model.embed_tokens.qweight
+    fp = perplexity(stories.model, stories_test_ids, 512, 4, progress=False).ppl
+    q = perplexity(model, stories_test_ids, 512, 4, progress=False).ppl
+    assert abs(q / fp - 1) < 0.002, (fp, q)
+
+
+@pytest.fixture(scope="module")
+def saved(stories, tmp_path_factory):
+    out = {}
+    for kind in ("int8", "float"):
+        model = copy.deepcopy(stories.model)
+        quantize_(model, RTNConfig(bits=4, group=32, embedding=kind), progress=False)
+        path = tmp_path_factory.mktemp("ck") / kind
+        checkpoint.save(model, stories.tokenizer, path, config={"method": "rtn"}, source={}, calibration=None)
+        out[kind] = (model, path)
+    return out
+
+
+def test_checkpoint_round_trip(saved):
+    ids = torch.tensor([[1, 40, 300, 7, 511]])
+    for kind, (model, path) in saved.items():
+        loaded = checkpoint.load(path).model
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, model(ids).logits), kind
+        emb, head = loaded.get_input_embeddings(), loaded.get_output_embeddings()
+        if kind == "int8":
+            assert isinstance(emb, QuantEmbedding) and head.qweight is emb.qweight
+        else:
+            assert isinstance(emb, nn.Embedding) and head.weight is emb.weight
+    m8, mf = (json.loads((saved[k][1] / "vqmobile.json").read_text()) for k in ("int8", "float"))
+    assert m8["embedding"]["tied_head"] and m8["embedding"]["bytes"] == 512 * (64 + 2 * 2)  # codes + 2 fp16 scales
+    assert "lm_head" not in m8["layers"] and mf["embedding"] is None
+    assert mf["float_bytes"] - m8["float_bytes"] == 512 * 64 * 4  # the float embedding is gone, stored once
+    assert m8["bits_per_weight"] == mf["bits_per_weight"]  # the decoder linears' bpw is unchanged
+
+
+def test_tampered_embedding_entry_is_rejected(saved, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(saved["int8"][1], bad)
+    m = json.loads((bad / "vqmobile.json").read_text())
+    m["embedding"]["spec"]["bits"] = 4
+    (bad / "vqmobile.json").write_text(json.dumps(m))
+    with pytest.raises(FormatError, match="embedding|codes"):
+        checkpoint.load(bad)
+
