@@ -43,6 +43,13 @@ def _register_symbolics() -> None:
     from torch.onnx import register_custom_op_symbolic
     from torch.onnx import symbolic_helper as sh
 
+    def _typed(y, x, n: int):
+        # The exporter cannot infer a custom node's output: without a type it warns once per node.
+        sizes = sh._get_tensor_sizes(x)
+        if sizes is not None:
+            y.setType(x.type().with_sizes(list(sizes[:-1]) + [n]))
+        return y
+
     def _bias(g, bias, n):
         if sh._is_none(bias):
             return g.op("Constant", value_t=torch.zeros(n, dtype=torch.float32))
@@ -53,8 +60,8 @@ def _register_symbolics() -> None:
         _float_activations(act_int8)
         ncent = sh._get_tensor_sizes(codebook)[2]
         bits = max(1, (int(ncent) - 1).bit_length())
-        return g.op(f"{DOMAIN}::VQLinear", x, indices, codebook, scale, _bias(g, bias, n), n_i=n, k_i=k, d_i=d,
-                    rows_per_block_i=rpb, cols_per_block_i=cpb, bits_i=bits)
+        return _typed(g.op(f"{DOMAIN}::VQLinear", x, indices, codebook, scale, _bias(g, bias, n), n_i=n, k_i=k,
+                           d_i=d, rows_per_block_i=rpb, cols_per_block_i=cpb, bits_i=bits), x, n)
 
     @sh.parse_args("v", "v", "v", "v", "v", "i", "i", "i", "i", "b")
     def int_linear(g, x, codes, scales, zeros, bias, n, k, bits, group, act_int8):
@@ -62,8 +69,8 @@ def _register_symbolics() -> None:
         if sh._is_none(zeros):
             ng = -(-k // group)
             zeros = g.op("Constant", value_t=torch.full((1, ng), 1 << (bits - 1), dtype=torch.uint8))
-        return g.op(f"{DOMAIN}::IntLinear", x, codes, scales, zeros, _bias(g, bias, n), n_i=n, k_i=k, bits_i=bits,
-                    group_i=group)
+        return _typed(g.op(f"{DOMAIN}::IntLinear", x, codes, scales, zeros, _bias(g, bias, n), n_i=n, k_i=k,
+                           bits_i=bits, group_i=group), x, n)
 
     @sh.parse_args("v", "v", "v")
     def dense_linear(g, x, weight, bias):  # standard ops: the initializer stays shared with the embedding

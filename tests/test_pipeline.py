@@ -37,9 +37,10 @@ def quantized(stories, stories_calib):
 
 def test_every_decoder_linear_is_quantized(quantized):
     model, _ = quantized["gptq"]
-    qlin = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    assert len(qlin) == 5 * 7
-    assert isinstance(model.lm_head, torch.nn.Linear)  # tied to the embedding, kept float
+    qlin = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert len(qlin) == 5 * 7 + 1 and set(checkpoint.quantized_modules(model)) == set(qlin) - {"lm_head"}
+    # the head is tied to the embedding: both are its int8 weight (embedding.py), not a GPTQ layer
+    assert model.lm_head.qweight is model.model.embed_tokens.qweight and model.lm_head.qweight.bits == 8
 
 
 def test_gptq_beats_rtn_at_3_bits(quantized, stories_test_ids, fp_ppl):
@@ -60,10 +61,11 @@ def test_checkpoint_round_trip_and_bpw(quantized, stories, tmp_path, method):
     x = torch.arange(1, 200).remainder(500).unsqueeze(0)
     with torch.no_grad():
         assert torch.equal(model(x).logits, ck.model(x).logits)
-    # bits per weight from the bytes actually stored in quantized.safetensors: file size minus its header.
+    # bits per weight from the bytes actually stored in quantized.safetensors: file size minus its header, minus
+    # the int8 embedding stored beside the linears (its own manifest entry).
     path = out / checkpoint.QUANTIZED_FILE
     header_len = int.from_bytes(path.read_bytes()[:8], "little")
-    data_bytes = os.path.getsize(path) - 8 - header_len
+    data_bytes = os.path.getsize(path) - 8 - header_len - manifest["embedding"]["bytes"]
     nweights = sum(m.qweight.shape[0] * m.qweight.shape[1] for m in checkpoint.quantized_modules(ck.model).values())
     assert manifest["bits_per_weight"] == pytest.approx(8 * data_bytes / nweights, rel=1e-12)
     assert json.loads((out / checkpoint.MANIFEST).read_text())["bits_per_weight"] == manifest["bits_per_weight"]

@@ -51,7 +51,11 @@ def is_checkpoint(path: str | Path) -> bool:
 
 
 def quantized_modules(model: torch.nn.Module) -> dict[str, QuantLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    """The quantized linears, by module path. A head tied to a quantized embedding is not one of them: it is the
+    embedding's weight, stored and counted with the embedding (the manifest's `embedding` entry)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = emb.qweight if isinstance(emb, QuantEmbedding) else None
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear) and m.qweight is not tied}
 
 
 def _float_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -107,8 +111,7 @@ def save(model: torch.nn.Module, tokenizer, out: str | Path, *, config: dict[str
     out = prepare_output_dir(out, overwrite)
     emb_name, emb = _embedding_module(model)
     emb_qw = emb.qweight if isinstance(emb, QuantEmbedding) else None
-    # A head tied to a quantized embedding is the embedding's IntWeight: stored once, under the embedding.
-    qmods = {name: m for name, m in quantized_modules(model).items() if m.qweight is not emb_qw}
+    qmods = quantized_modules(model)
     if not qmods:
         raise ValueError("the model has no quantized layers")
     packed: dict[str, torch.Tensor] = {}
