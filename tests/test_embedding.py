@@ -79,9 +79,11 @@ def test_tampered_embedding_entry_is_rejected(saved, tmp_path):
 
     bad = tmp_path / "bad"
     shutil.copytree(saved["int8"][1], bad)
-    m = json.loads((bad / "vqmobile.json").read_text())
-    m["embedding"]["spec"]["bits"] = 4
-    (bad / "vqmobile.json").write_text(json.dumps(m))
-    with pytest.raises(FormatError, match="embedding|codes"):
-        checkpoint.load(bad)
+    good = json.loads((bad / "vqmobile.json").read_text())
+    for field, value, message in (("spec", {**good["embedding"]["spec"], "bits": 4}, "codes"),
+                                  ("tied_head", False, "tie_word_embeddings=True"),
+                                  ("module", "model.layers.0", "does not name")):
+        (bad / "vqmobile.json").write_text(json.dumps({**good, "embedding": {**good["embedding"], field: value}}))
+        with pytest.raises(FormatError, match=message):
+            checkpoint.load(bad)
 

@@ -173,8 +173,9 @@ def _load_embedding(model: torch.nn.Module, entry: Any, packed: dict[str, torch.
     name, emb = _embedding_module(model)
     if not isinstance(entry, dict) or entry.get("module") != name:
         raise FormatError(f"{path / MANIFEST}: its embedding entry does not name this model's embedding {name}")
-    if entry.get("tied_head") and not tie_config:
-        raise FormatError(f"{path / MANIFEST}: the embedding is stored as the head too, but config.json unties them")
+    if bool(entry.get("tied_head")) != tie_config:  # a tied head has no float weight of its own to fall back on
+        raise FormatError(f"{path / MANIFEST}: its embedding entry says tied_head={entry.get('tied_head')}, "
+                          f"config.json says tie_word_embeddings={tie_config}")
     tensors = {k[len(name) + 1:]: v for k, v in packed.items() if k.startswith(f"{name}.")}
     qw = weight_from_stored(entry.get("kind"), entry.get("spec", {}), tensors)
     if not isinstance(qw, IntWeight) or qw.bits != 8 or not qw.symmetric or qw.shape != tuple(emb.weight.shape):
