@@ -466,7 +466,7 @@ def config_from_args(args: argparse.Namespace) -> GPTVQConfig:
         "codebook": args.codebook, "codebook_update": not args.no_codebook_update, "svd_rank": args.svd_rank,
         "norm_block": args.norm_block, "norm_bits": args.norm_bits, "em_iters": args.em_iters, "damp": args.vq_damp,
         "block_size": args.vq_block_size, "seed": getattr(args, "seed", 0),  # --seed belongs to the CLI
-        "embedding": getattr(args, "embedding", "int8"),
+        "embedding": getattr(args, "embedding", GPTVQConfig.embedding),  # --embedding belongs to the CLI too
     }
     for arg, field in (("vq_k", "k"), ("vq_rows", "rows_per_block"), ("vq_cols", "cols_per_block")):
         if getattr(args, arg) is not None:
