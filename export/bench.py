@@ -15,12 +15,15 @@ Both programs run in one process, alternately, greedy decoding the same prompt; 
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from vqmobile.threads import num_threads
 
 from .bundle import CHECKPOINT_DIR, open_bundle
 from .et_runtime import ETDecoder, adapter_threads, greedy, portable_lib, set_adapter_threads
@@ -104,13 +107,9 @@ def bench_decode(bundle: str, *, baseline_pte: str | None = None, prompt: str = 
             progress(f"exporting the torchao 8da4w g32 XNNPACK baseline to {base_path} ...")
         base_info = export_torchao_baseline(b.path / CHECKPOINT_DIR, base_path, b.max_seq)
     pl = portable_lib()
-    torch_threads = torch.get_num_threads()
     if threads:
         kernels.set_num_threads(threads)
         pl._unsafe_reset_threadpool(threads)
-        # ops on torch's OpenMP pool during the loop leave its idle workers spinning on the other cores (a profile
-        # of 1-thread decoding showed them), which a 1-thread comparison must not have
-        torch.set_num_threads(threads)
     ours = ETDecoder(b.pte, b.host_library())
     if threads:
         set_adapter_threads(threads)
@@ -120,12 +119,14 @@ def bench_decode(bundle: str, *, baseline_pte: str | None = None, prompt: str = 
     budget = min(new_tokens, b.max_seq - ids.numel())
     runs = {"vqmobile": [], "torchao_8da4w_g32": []}
     tokens = {}
-    for _ in range(repeats):
-        for name, dec in (("vqmobile", ours), ("torchao_8da4w_g32", base)):
-            res = greedy(dec, ids, budget, b.max_seq, None)
-            runs[name].append(res["tokens_per_s"])
-            tokens[name] = res["new_tokens"]
-    torch.set_num_threads(torch_threads)
+    # ops on torch's OpenMP pool during the loop leave its idle workers spinning on the other cores (a profile of
+    # 1-thread decoding showed them), which a 1-thread comparison must not have
+    with num_threads(threads) if threads else contextlib.nullcontext():
+        for _ in range(repeats):
+            for name, dec in (("vqmobile", ours), ("torchao_8da4w_g32", base)):
+                res = greedy(dec, ids, budget, b.max_seq, None)
+                runs[name].append(res["tokens_per_s"])
+                tokens[name] = res["new_tokens"]
     med = {k: statistics.median(v) for k, v in runs.items()}
     agree = sum(a == c for a, c in zip(tokens["vqmobile"], tokens["torchao_8da4w_g32"]))
     return {

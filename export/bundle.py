@@ -6,6 +6,8 @@ Layout (written atomically: a temporary sibling renamed into place, never half-w
     model.pte                           ExecuTorch program (vqmobile custom ops + XNNPACK delegates)
     model.onnx                          ONNX model (vqmobile-domain nodes with model-local functions)
     lib/libvqmobile_executorch.so       the ExecuTorch adapter + native kernels, built for the target
+    lib/libexecutorch*.so               (arm64 only) the ExecuTorch runtime the runner links, from the aarch64 wheel
+    bin/vqm_runner                      the latency benchmark (android_demo/runner), built for the target
     tokenizer/                          the tokenizer files
     checkpoint/                         the vqmobile checkpoint the graphs were exported from: the PyTorch
                                         reference for `vqmobile check` (not needed on the device)
@@ -30,6 +32,7 @@ FORMAT_VERSION = 1
 PTE = "model.pte"
 ONNX = "model.onnx"
 LIB_DIR = "lib"
+BIN_DIR = "bin"
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINT_DIR = "checkpoint"
 FORMATS = ("executorch", "onnx")
@@ -158,7 +161,7 @@ def export_bundle(model_spec: str, out: str, *, target: str, formats: list[str],
     from vqmobile import checkpoint as ckpt
     from vqmobile.qweight import check_activations, set_activations
 
-    from .runtime.build import _compilers, build_adapter, host_target
+    from .runtime.build import RUNTIME_LIBS, _compilers, build_adapter, build_runner, host_target, runtime_lib_dir
 
     check_activations(activations)  # before any work
     formats = list(dict.fromkeys(f.strip().lower() for f in formats if f.strip()))
@@ -212,6 +215,13 @@ def export_bundle(model_spec: str, out: str, *, target: str, formats: list[str],
             library = {"path": f"{LIB_DIR}/{lib.name}", "target": target,
                        "registers": ["vqmobile::vq_linear.out", "vqmobile::int_linear.out", "vqmobile::dense_linear.out"],
                        "links": "libexecutorch.so (executorch 1.5.1)"}
+            runner = build_runner(target, progress=say)
+            (tmp / BIN_DIR).mkdir()
+            shutil.copy2(runner, tmp / BIN_DIR / runner.name)
+            if target != host_target():  # the host runner finds the installed wheel's; a device has none
+                for name in RUNTIME_LIBS:
+                    shutil.copy2(runtime_lib_dir(target) / name, tmp / LIB_DIR / name)
+            library["runner"] = f"{BIN_DIR}/{runner.name}"
         ck.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
         files = {}
         for f in sorted(tmp.rglob("*")):

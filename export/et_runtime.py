@@ -29,6 +29,11 @@ def load_adapter(path: str | Path) -> None:
     key = os.path.realpath(path)
     if key in _LOADED:
         return
+    other = next((k for k in _LOADED if Path(k).read_bytes() != Path(key).read_bytes()), None)
+    if other is not None:
+        # the runtime keeps the first registration of an op, so this library's kernels would silently go unused
+        warnings.warn(f"{key} differs from the adapter library already loaded ({other}); programs in this process "
+                      "run the first one's kernels: use one process per bundle")
     portable_lib()  # the runtime (libexecutorch.so) first, so the adapter registers into its registry
     lib = ctypes.CDLL(key, mode=ctypes.RTLD_GLOBAL)
     lib.vqmobile_et_register()

@@ -321,6 +321,56 @@ def test_greedy_generation_equals_pytorch(bundle, reference):
     assert res["tokens_per_s"] > 0 and isinstance(res["text"], str) and res["text"]
 
 
+def _run_runner(cmd: list[str], prompt: torch.Tensor, new_tokens: int) -> list[int]:
+    res = subprocess.run([*cmd, "--tokens", ",".join(map(str, prompt.tolist())), "--new-tokens", str(new_tokens),
+                          "--repeats", "2", "--threads", "1"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("tokens:"))
+    assert "decode" in res.stdout and "tokens/s" in res.stdout
+    return [int(t) for t in line.split()[1:]]
+
+
+RUNNER_PROMPT = torch.tensor([1, 403, 407, 263, 31])
+
+
+def test_benchmark_runner_equals_pytorch(bundle, reference, tmp_path):
+    """The C++ latency benchmark (bin/vqm_runner) runs the .pte outside Python and decodes what PyTorch decodes."""
+    from vqmobile.export.et_runtime import greedy_torch
+
+    path, _ = bundle
+    model = vqmobile.set_activations(reference.model, "int8")
+    try:
+        expected = greedy_torch(model, RUNNER_PROMPT, 16, MAX_SEQ)
+    finally:
+        vqmobile.set_activations(reference.model, "float")
+    assert _run_runner([str(path / "bin" / "vqm_runner"), str(path / "model.pte")], RUNNER_PROMPT, 16) == expected
+    bad = subprocess.run([str(path / "bin" / "vqm_runner"), str(tmp_path / "none.pte")], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("vqm_runner: error: cannot open"), bad.stderr
+    assert bad.stderr.count("\n") == 1
+
+
+def test_arm64_runner_under_qemu_equals_host(bundle):
+    """The arm64 runner and kernels (what an arm64 bundle ships) decode the same tokens as the host runner, with
+    and without the dotprod extension."""
+    from vqmobile.export.runtime import build
+
+    if shutil.which("aarch64-linux-gnu-g++") is None or shutil.which("qemu-aarch64") is None:
+        pytest.skip("aarch64-linux-gnu-g++ or qemu-aarch64 is not installed")
+    path, _ = bundle
+    try:
+        runner = build.build_runner("arm64", progress=None)
+    except UserError as e:  # no registry access for the aarch64 executorch wheel
+        pytest.skip(str(e))
+    host = _run_runner([str(path / "bin" / "vqm_runner"), str(path / "model.pte")], RUNNER_PROMPT, 12)
+    for cpu in ("cortex-a72", "max"):
+        cmd = ["qemu-aarch64", "-cpu", cpu, "-L", "/usr/aarch64-linux-gnu", str(runner), str(path / "model.pte")]
+        # the runner finds its libraries in ../lib; the build cache keeps the adapter beside it, the runtime apart
+        env_lib = build.runtime_lib_dir("arm64")
+        res = _run_runner(["env", f"QEMU_SET_ENV=LD_LIBRARY_PATH={runner.parent}:{env_lib}", *cmd], RUNNER_PROMPT,
+                          12)
+        assert res == host, cpu
+
+
 def test_decomposed_export_uses_standard_ops(reference):
     from vqmobile.export.executorch_export import export_program
     from vqmobile.export.model import StaticLlama

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .intweight import IntWeight, n_groups
+from .intweight import IntGrid, IntWeight, n_groups, quantize_to_grid
 from .qweight import QuantLinear
 
 EMBEDDINGS = ("int8", "float")
@@ -38,7 +38,9 @@ def quantize_embedding(weight: torch.Tensor) -> IntWeight:
     groups = torch.nn.functional.pad(w, (0, pad)).view(v, -1, GROUP)
     scale = (groups.abs().amax(dim=2) / 127).to(torch.float16).float()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.clamp(torch.round(groups / scale[..., None]), -127, 127) + 128
+    # |w| / scale <= 127 * (1 + 2^-11) after the fp16 rounding, so codes stay in [1, 255]: the grid is symmetric.
+    grid = IntGrid(scale[..., None], torch.full_like(scale[..., None], 128.0), (1 << BITS) - 1)
+    q = quantize_to_grid(groups, grid)
     return IntWeight.from_codes(q.view(v, -1)[:, :h], scale, torch.zeros_like(scale), bits=BITS, group=GROUP,
                                 symmetric=True)
 

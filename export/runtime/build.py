@@ -1,8 +1,11 @@
-"""Build the ExecuTorch adapter library (vq_linear_out.cpp + the native kernels) for the host or for arm64.
+"""Build the ExecuTorch adapter library (vq_linear_out.cpp + the native kernels) and the benchmark runner
+(android_demo/runner/vqm_runner.cpp) for the host or for arm64.
 
     build_adapter("x86_64") -> Path to libvqmobile_executorch.so (host; links the executorch wheel's libexecutorch.so)
     build_adapter("arm64")  -> the same, cross-compiled with aarch64-linux-gnu-g++ against the aarch64 executorch
                                wheel's libexecutorch.so (downloaded once from the package registry with pip)
+    build_runner(target)    -> Path to vqm_runner, linked to that adapter and the wheel's runtime libraries
+                               (RUNTIME_LIBS), looking for them in ../lib beside itself (the bundle's layout)
 
 The native kernels are built with their own Makefile (``make -C native lib ARCH=... BUILD=...``, output outside
 native/) and linked in statically with their symbols hidden, so the adapter never binds to another copy of them
@@ -25,7 +28,12 @@ from vqmobile.errors import UserError
 
 HERE = Path(__file__).resolve().parent
 SOURCES = [HERE / "vq_linear_out.cpp"]
+RUNNER_SOURCE = HERE.parents[1] / "android_demo" / "runner" / "vqm_runner.cpp"
 LIB_NAME = "libvqmobile_executorch.so"
+RUNNER_NAME = "vqm_runner"
+# what a program with XNNPACK delegates and portable ops needs from the executorch wheel, outside Python
+RUNTIME_LIBS = ("libexecutorch.so", "libexecutorch_kernels_optimized.so", "libexecutorch_backend_xnnpack.so",
+                "libexecutorch_threadpool.so")
 EXECUTORCH_VERSION = "1.5.1"
 TARGETS = ("x86_64", "arm64")
 
@@ -80,18 +88,20 @@ def _native_sources() -> list[Path]:
 
 def _hash_sources(target: str) -> str:
     h = hashlib.sha256(target.encode())
-    for p in SOURCES + _native_sources():
+    for p in [*SOURCES, RUNNER_SOURCE, *_native_sources()]:
         h.update(p.name.encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
 
 
-def aarch64_executorch_lib(progress=None) -> Path:
-    """libexecutorch.so of the aarch64 executorch wheel (same version as the host's), fetched once with pip."""
+def runtime_lib_dir(target: str, progress=None) -> Path:
+    """The folder holding RUNTIME_LIBS for target: the installed wheel's for the host, the aarch64 wheel's for arm64
+    (same version as the host's, fetched once with pip)."""
+    if target == host_target():
+        return executorch_dir() / "lib"
     dest = cache_root() / f"executorch-{EXECUTORCH_VERSION}-aarch64"
-    lib = dest / "lib" / "libexecutorch.so"
-    if lib.is_file():
-        return lib
+    if all((dest / "lib" / name).is_file() for name in RUNTIME_LIBS):
+        return dest / "lib"
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".et-aarch64-") as tmp:
         wheels = list(Path(tmp).glob("*.whl"))
@@ -111,11 +121,12 @@ def aarch64_executorch_lib(progress=None) -> Path:
                 raise UserError(f"could not download the aarch64 executorch wheel with pip ({last}); "
                                 "set VQMOBILE_EXECUTORCH_AARCH64_WHEEL to a local copy")
         out = Path(tmp) / "x"
-        with zipfile.ZipFile(wheels[0]) as zf:
-            zf.extract("executorch/lib/libexecutorch.so", out)
         (dest / "lib").mkdir(parents=True, exist_ok=True)
-        os.replace(out / "executorch" / "lib" / "libexecutorch.so", lib)
-    return lib
+        with zipfile.ZipFile(wheels[0]) as zf:
+            for name in RUNTIME_LIBS:
+                zf.extract(f"executorch/lib/{name}", out)
+                os.replace(out / "executorch" / "lib" / name, dest / "lib" / name)
+    return dest / "lib"
 
 
 def _run(cmd: list[str], what: str, cwd: Path | None = None) -> None:
@@ -136,10 +147,7 @@ def build_adapter(target: str | None = None, *, progress=None, force: bool = Fal
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     et = executorch_dir()
     inc = et / "include"
-    if target == host_target():
-        et_lib_dir = et / "lib"
-    else:
-        et_lib_dir = aarch64_executorch_lib(progress).parent
+    et_lib_dir = runtime_lib_dir(target, progress)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{target}-") as tmp:
         tmp = Path(tmp)
         nbuild = tmp / "native"
@@ -158,3 +166,30 @@ def build_adapter(target: str | None = None, *, progress=None, force: bool = Fal
         out_dir.mkdir(parents=True, exist_ok=True)
         os.replace(so, lib)
     return lib
+
+
+def build_runner(target: str | None = None, *, progress=None) -> Path:
+    """Build (or reuse from the cache) the benchmark runner for `target`, linked to build_adapter(target)."""
+    target = target or host_target()
+    lib = build_adapter(target, progress=progress)
+    _, cxx, _ = _compilers(target)
+    runner = lib.parent / RUNNER_NAME
+    if runner.is_file():
+        return runner
+    inc = executorch_dir() / "include"
+    et_lib_dir = runtime_lib_dir(target, progress)
+    with tempfile.TemporaryDirectory(dir=lib.parent, prefix=".runner-") as tmp:
+        exe = Path(tmp) / RUNNER_NAME
+        # the adapter is NEEDED (--no-as-needed): loading it is what registers our kernels
+        cmd = [cxx, "-std=c++17", "-O2", "-DC10_USING_CUSTOM_GENERATED_MACROS", f"-I{inc}",
+               f"-I{inc / 'executorch/runtime/core/portable_type/c10'}", str(RUNNER_SOURCE),
+               f"-L{lib.parent}", f"-L{et_lib_dir}", "-Wl,--no-as-needed", "-lvqmobile_executorch",
+               *[f"-l{name[3:-3]}" for name in RUNTIME_LIBS], "-Wl,--as-needed", "-lpthread",
+               "-Wl,-rpath,$ORIGIN/../lib", "-o", str(exe)]
+        if target == host_target():
+            cmd.insert(-2, f"-Wl,-rpath,{et_lib_dir}")
+        else:  # the runtime libraries' own NEEDED entries are resolved at link time from the same folder
+            cmd.insert(-2, f"-Wl,-rpath-link,{et_lib_dir}")
+        _run(cmd, f"building the benchmark runner for {target}")
+        os.replace(exe, runner)
+    return runner

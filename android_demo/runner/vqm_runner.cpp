@@ -1,0 +1,212 @@
+// vqm_runner: the on-device latency benchmark. Loads a bundle's model.pte with the ExecuTorch runtime (our kernels
+// come from libvqmobile_executorch.so, linked in, which registers them when it loads), prefills a prompt of token ids,
+// decodes greedily with the KV cache and prints prefill latency, decode tokens/s and per-token latency percentiles.
+//
+// The program's contract is the one export/executorch_export.py writes: forward(tokens int64 [1, T],
+// input_pos int64 [1]) -> logits float32 [1, T, vocab]. Tokenization stays on the host (`vqmobile generate` prints
+// the ids of a prompt), so this binary needs nothing but the runtime and our adapter.
+//
+// usage: vqm_runner MODEL.pte [--tokens 1,2,3 | --prompt-len N] [--new-tokens N] [--repeats R] [--threads N]
+//                   [--json FILE]
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include <executorch/extension/module/module.h>
+#include <executorch/extension/tensor/tensor_ptr.h>
+
+using executorch::extension::Module;
+using executorch::extension::make_tensor_ptr;
+using executorch::runtime::EValue;
+
+// The wheel ships libexecutorch_threadpool.so (XNNPACK's thread pool) without its header: these two declarations
+// are the part of it the runner calls. Our kernels have their own pool, sized through the adapter's C entry point.
+namespace executorch::extension::threadpool {
+class ThreadPool {
+ public:
+  bool _unsafe_reset_threadpool(uint32_t num_threads);
+};
+ThreadPool* get_threadpool();
+}  // namespace executorch::extension::threadpool
+extern "C" void vqmobile_et_set_num_threads(int n);
+
+namespace {
+
+struct Options {
+  std::string pte;
+  std::vector<int64_t> prompt;
+  int new_tokens = 32;
+  int repeats = 3;
+  int threads = 0;  // 0: the runtimes' defaults (all cores)
+  std::string json;
+};
+
+[[noreturn]] void fail(const std::string& msg) {
+  std::fprintf(stderr, "vqm_runner: error: %s\n", msg.c_str());
+  std::exit(2);
+}
+
+long parse_int(const char* s, const char* what, long lo, long hi) {
+  char* end = nullptr;
+  long v = std::strtol(s, &end, 10);
+  if (end == s || *end != '\0' || v < lo || v > hi)
+    fail(std::string(what) + " must be an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) +
+         "], got '" + s + "'");
+  return v;
+}
+
+Options parse(int argc, char** argv) {
+  Options o;
+  int prompt_len = 16;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    auto value = [&]() -> const char* {
+      if (i + 1 >= argc) fail(a + " needs a value");
+      return argv[++i];
+    };
+    if (a == "--tokens") {
+      std::string list = value();
+      size_t start = 0;
+      while (start <= list.size()) {
+        size_t comma = std::min(list.find(',', start), list.size());
+        o.prompt.push_back(parse_int(list.substr(start, comma - start).c_str(), "a token id", 0, 1L << 30));
+        start = comma + 1;
+      }
+    } else if (a == "--prompt-len") {
+      prompt_len = (int)parse_int(value(), "--prompt-len", 1, 1 << 16);
+    } else if (a == "--new-tokens") {
+      o.new_tokens = (int)parse_int(value(), "--new-tokens", 1, 1 << 16);
+    } else if (a == "--repeats") {
+      o.repeats = (int)parse_int(value(), "--repeats", 1, 1000);
+    } else if (a == "--threads") {
+      o.threads = (int)parse_int(value(), "--threads", 1, 256);
+    } else if (a == "--json") {
+      o.json = value();
+    } else if (a == "-h" || a == "--help") {
+      std::printf("usage: vqm_runner MODEL.pte [--tokens 1,2,3 | --prompt-len N] [--new-tokens N] [--repeats R] "
+                  "[--threads N] [--json FILE]\n");
+      std::exit(0);
+    } else if (!a.empty() && a[0] == '-') {
+      fail("unknown option " + a + " (see --help)");
+    } else if (o.pte.empty()) {
+      o.pte = a;
+    } else {
+      fail("more than one program given: " + o.pte + " and " + a);
+    }
+  }
+  if (o.pte.empty()) fail("no program given: vqm_runner MODEL.pte (see --help)");
+  if (o.prompt.empty())
+    for (int i = 0; i < prompt_len; ++i) o.prompt.push_back(1 + i);  // fixed ids: latency does not depend on them
+  return o;
+}
+
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// One forward call; returns the argmax of the last position's logits.
+int64_t step(Module& m, std::vector<int64_t> tokens, int64_t pos) {
+  auto n = (executorch::aten::SizesType)tokens.size();
+  auto tok = make_tensor_ptr({1, n}, std::move(tokens));
+  auto p = make_tensor_ptr({1}, std::vector<int64_t>{pos});
+  auto out = m.forward({EValue(tok), EValue(p)});
+  if (!out.ok())
+    fail("forward failed with ExecuTorch error " + std::to_string((int)out.error()) +
+         " (token ids must be below the model's vocabulary size, positions below its max_seq)");
+  const auto& logits = out.get()[0].toTensor();
+  if (logits.dim() != 3 || logits.scalar_type() != executorch::aten::ScalarType::Float)
+    fail("the program's output is not float logits [1, T, vocab]: is this a vqmobile model.pte?");
+  int64_t vocab = logits.size(2);
+  const float* last = logits.const_data_ptr<float>() + (logits.size(1) - 1) * vocab;
+  return std::max_element(last, last + vocab) - last;
+}
+
+std::string json_string(const std::string& s) {
+  std::string out = "\"";
+  for (unsigned char c : s) {
+    if (c == '"' || c == '\\') out += '\\';
+    if (c < 0x20) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\u%04x", c);
+      out += buf;
+    } else {
+      out += (char)c;
+    }
+  }
+  return out + "\"";
+}
+
+double percentile(std::vector<double> v, double q) {
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, (size_t)(q * (v.size() - 1) + 0.5))];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options o = parse(argc, argv);
+  if (FILE* f = std::fopen(o.pte.c_str(), "rb")) {
+    std::fclose(f);
+  } else {
+    fail("cannot open " + o.pte + ": pass the model.pte of a bundle from `vqmobile export`");
+  }
+  if (o.threads > 0) {
+    executorch::extension::threadpool::get_threadpool()->_unsafe_reset_threadpool((uint32_t)o.threads);
+    vqmobile_et_set_num_threads(o.threads);
+  }
+  Module m(o.pte, Module::LoadMode::Mmap);
+  if (m.load_forward() != executorch::runtime::Error::Ok)
+    fail("could not load the forward method of " + o.pte +
+         " (a corrupt program, or a kernel library that is missing: libvqmobile_executorch.so must be beside the "
+         "runner)");
+
+  std::vector<int64_t> generated;
+  std::vector<double> prefill_ms, decode_tps, token_ms;
+  for (int r = 0; r < o.repeats; ++r) {
+    std::vector<int64_t> out;
+    double t0 = now_s();
+    int64_t next = step(m, o.prompt, 0);
+    double t1 = now_s();
+    out.push_back(next);
+    int64_t pos = (int64_t)o.prompt.size();
+    for (int i = 1; i < o.new_tokens; ++i, ++pos) {
+      double s = now_s();
+      next = step(m, {next}, pos);
+      token_ms.push_back((now_s() - s) * 1e3);
+      out.push_back(next);
+    }
+    double t2 = now_s();
+    prefill_ms.push_back((t1 - t0) * 1e3);
+    decode_tps.push_back(o.new_tokens > 1 ? (o.new_tokens - 1) / (t2 - t1) : 0.0);
+    if (r > 0 && out != generated) fail("greedy tokens differ between repeats: the runtime is not deterministic");
+    generated = out;
+  }
+
+  std::printf("tokens:");
+  for (int64_t t : generated) std::printf(" %lld", (long long)t);
+  std::printf("\n");
+  double p50 = token_ms.empty() ? 0 : percentile(token_ms, 0.5), p90 = token_ms.empty() ? 0 : percentile(token_ms, 0.9);
+  std::printf("prompt %zu tokens, %d new, %d repeats: prefill %.2f ms, decode %.1f tokens/s (median), "
+              "per token p50 %.2f ms p90 %.2f ms\n",
+              o.prompt.size(), o.new_tokens, o.repeats, percentile(prefill_ms, 0.5), percentile(decode_tps, 0.5),
+              p50, p90);
+  if (!o.json.empty()) {
+    std::string tmp = o.json + ".tmp";
+    FILE* f = std::fopen(tmp.c_str(), "w");
+    if (!f) fail("cannot write " + o.json);
+    std::fprintf(f, "{\"program\": %s, \"prompt_tokens\": %zu, \"new_tokens\": %d, \"repeats\": %d, "
+                 "\"prefill_ms_median\": %.4f, \"decode_tokens_per_s_median\": %.4f, \"token_ms_p50\": %.4f, "
+                 "\"token_ms_p90\": %.4f, \"tokens\": [",
+                 json_string(o.pte).c_str(), o.prompt.size(), o.new_tokens, o.repeats, percentile(prefill_ms, 0.5),
+                 percentile(decode_tps, 0.5), p50, p90);
+    for (size_t i = 0; i < generated.size(); ++i) std::fprintf(f, "%s%lld", i ? ", " : "", (long long)generated[i]);
+    std::fprintf(f, "]}\n");
+    if (std::fclose(f) != 0 || std::rename(tmp.c_str(), o.json.c_str()) != 0) fail("cannot write " + o.json);
+    std::printf("wrote %s\n", o.json.c_str());
+  }
+  return 0;
+}
