@@ -88,7 +88,7 @@ def _native_sources() -> list[Path]:
 
 def _hash_sources(target: str) -> str:
     h = hashlib.sha256(target.encode())
-    for p in [*SOURCES, RUNNER_SOURCE, *_native_sources()]:
+    for p in [*SOURCES, RUNNER_SOURCE, Path(__file__), *_native_sources()]:  # build.py: its flags matter too
         h.update(p.name.encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
@@ -185,7 +185,7 @@ def build_runner(target: str | None = None, *, progress=None) -> Path:
                f"-I{inc / 'executorch/runtime/core/portable_type/c10'}", str(RUNNER_SOURCE),
                f"-L{lib.parent}", f"-L{et_lib_dir}", "-Wl,--no-as-needed", "-lvqmobile_executorch",
                *[f"-l{name[3:-3]}" for name in RUNTIME_LIBS], "-Wl,--as-needed", "-lpthread",
-               "-Wl,-rpath,$ORIGIN/../lib", "-o", str(exe)]
+               "-Wl,-rpath,$ORIGIN/../lib:$ORIGIN", "-o", str(exe)]
         if target == host_target():
             cmd.insert(-2, f"-Wl,-rpath,{et_lib_dir}")
         else:  # the runtime libraries' own NEEDED entries are resolved at link time from the same folder
