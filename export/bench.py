@@ -16,17 +16,22 @@ Both programs run in one process, alternately, greedy decoding the same prompt; 
 from __future__ import annotations
 
 import contextlib
+import json
 import statistics
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from vqmobile.errors import UserError
 from vqmobile.threads import num_threads
 
 from .bundle import CHECKPOINT_DIR, open_bundle
 from .et_runtime import ETDecoder, adapter_threads, greedy, portable_lib, set_adapter_threads
+from .runtime.build import build_runner, host_target
 
 
 def dense_copy(model: nn.Module) -> nn.Module:
@@ -89,12 +94,20 @@ def export_torchao_baseline(checkpoint: str | Path, out: str | Path, max_seq: in
     return {"bytes": len(prog.buffer), **program_summary(prog)}
 
 
+ENGINES = ("python", "runner")
+
+
 def bench_decode(bundle: str, *, baseline_pte: str | None = None, prompt: str = "Once upon a time, there was",
-                 new_tokens: int = 64, repeats: int = 3, threads: int | None = None, progress=print) -> dict:
+                 new_tokens: int = 64, repeats: int = 3, threads: int | None = None, engine: str = "python",
+                 progress=print) -> dict:
     """Decode tokens/s of the bundle's .pte versus the torchao 8da4w g32 XNNPACK .pte of the same model.
 
     baseline_pte: where the baseline program is (re)used; exported there first when it does not exist
-    (default: baseline_8da4w_g32.pte beside the bundle). threads: kernel and XNNPACK threads (default: all)."""
+    (default: baseline_8da4w_g32.pte beside the bundle). threads: kernel and XNNPACK threads (default: all).
+    engine: 'python' drives both programs from the ExecuTorch Python runtime; 'runner' runs each in the C++
+    benchmark runner (android_demo/runner, built for the host), one process per repeat, without Python's overhead."""
+    if engine not in ENGINES:
+        raise UserError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
     from vqmobile import kernels
 
     b = open_bundle(bundle)
@@ -106,27 +119,41 @@ def bench_decode(bundle: str, *, baseline_pte: str | None = None, prompt: str = 
         if progress:
             progress(f"exporting the torchao 8da4w g32 XNNPACK baseline to {base_path} ...")
         base_info = export_torchao_baseline(b.path / CHECKPOINT_DIR, base_path, b.max_seq)
-    pl = portable_lib()
-    if threads:
-        kernels.set_num_threads(threads)
-        pl._unsafe_reset_threadpool(threads)
-    ours = ETDecoder(b.pte, b.host_library())
-    if threads:
-        set_adapter_threads(threads)
-    base = ETDecoder(base_path, None)
     tok = b.tokenizer()
     ids = tok(prompt, return_tensors="pt").input_ids[0]
     budget = min(new_tokens, b.max_seq - ids.numel())
-    runs = {"vqmobile": [], "torchao_8da4w_g32": []}
+    if engine == "runner":
+        runner = build_runner(host_target(), progress=progress)
+        programs = {"vqmobile": _runner_decode(runner, b.pte, ids, budget, threads),
+                    "torchao_8da4w_g32": _runner_decode(runner, base_path, ids, budget, threads)}
+        thread_info: dict = {"runner": threads or "all"}
+    else:
+        pl = portable_lib()
+        if threads:
+            kernels.set_num_threads(threads)
+            pl._unsafe_reset_threadpool(threads)
+        ours = ETDecoder(b.pte, b.host_library())
+        if threads:
+            set_adapter_threads(threads)
+        base = ETDecoder(base_path, None)
+
+        def python_decode(dec):
+            def run():
+                res = greedy(dec, ids, budget, b.max_seq, None)
+                return res["tokens_per_s"], res["new_tokens"]
+            return run
+
+        programs = {"vqmobile": python_decode(ours), "torchao_8da4w_g32": python_decode(base)}
+        thread_info = {"vqmobile_kernels": adapter_threads(), "xnnpack": pl._threadpool_get_thread_count()}
+    runs: dict[str, list[float]] = {name: [] for name in programs}
     tokens = {}
     # ops on torch's OpenMP pool during the loop leave its idle workers spinning on the other cores (a profile of
     # 1-thread decoding showed them), which a 1-thread comparison must not have
     with num_threads(threads) if threads else contextlib.nullcontext():
         for _ in range(repeats):
-            for name, dec in (("vqmobile", ours), ("torchao_8da4w_g32", base)):
-                res = greedy(dec, ids, budget, b.max_seq, None)
-                runs[name].append(res["tokens_per_s"])
-                tokens[name] = res["new_tokens"]
+            for name, run in programs.items():
+                tps, tokens[name] = run()
+                runs[name].append(tps)
     med = {k: statistics.median(v) for k, v in runs.items()}
     agree = sum(a == c for a, c in zip(tokens["vqmobile"], tokens["torchao_8da4w_g32"]))
     return {
@@ -134,12 +161,29 @@ def bench_decode(bundle: str, *, baseline_pte: str | None = None, prompt: str = 
         "pte_bytes": {"vqmobile": b.pte.stat().st_size, "torchao_8da4w_g32": base_path.stat().st_size},
         "bits_per_weight": b.manifest.get("bits_per_weight"), "prompt_tokens": int(ids.numel()),
         "decode_tokens": budget, "repeats": repeats,
-        "threads": {"vqmobile_kernels": adapter_threads(), "xnnpack": pl._threadpool_get_thread_count()},
+        "engine": engine, "threads": thread_info,
         "tokens_per_s": runs, "median_tokens_per_s": med,
         "speedup": med["vqmobile"] / med["torchao_8da4w_g32"],
         "greedy_token_agreement": agree / max(1, budget),
         "machine": _machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _runner_decode(runner: Path, pte: Path, ids, budget: int, threads: int | None):
+    """One greedy decode of `pte` in the C++ runner per call: (decode tokens/s, new tokens)."""
+    def run():
+        with tempfile.TemporaryDirectory(prefix="vqm-runner-") as tmp:
+            out = Path(tmp) / "r.json"
+            cmd = [str(runner), str(pte), "--tokens", ",".join(str(int(t)) for t in ids), "--new-tokens",
+                   str(max(1, budget)), "--repeats", "1", "--json", str(out)]
+            if threads:
+                cmd += ["--threads", str(threads)]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise RuntimeError(f"the benchmark runner failed on {pte}: {res.stderr.strip().splitlines()[-1:]}")
+            r = json.loads(out.read_text())
+        return r["decode_tokens_per_s_median"], r["tokens"]
+    return run
 
 
 def _machine() -> str:

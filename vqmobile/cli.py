@@ -146,12 +146,12 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
     from .export import bench_decode
 
     r = bench_decode(args.bundle, new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads,
-                     progress=None if args.quiet else print)
+                     engine=args.engine, progress=None if args.quiet else print)
     print(f"{'program':24s} {'tokens/s':>9s} {'pte MB':>8s}")
     for name, tps in r["median_tokens_per_s"].items():
         print(f"{name:24s} {tps:9.2f} {r['pte_bytes'][name] / 1e6:8.1f}")
     print(f"speedup vqmobile / torchao 8da4w g32: {r['speedup']:.3f}x (median of {r['repeats']}, "
-          f"{r['decode_tokens']} decode tokens, threads {r['threads']})")
+          f"{r['decode_tokens']} decode tokens, engine {r['engine']}, threads {r['threads']})")
     _write_json(args.json, r)
     print(f"wrote {args.json}")
     return 0
@@ -232,6 +232,8 @@ def make_parser() -> argparse.ArgumentParser:
     bp.add_argument("--new-tokens", type=int, default=64)
     bp.add_argument("--repeats", type=int, default=3)
     bp.add_argument("--threads", type=int, default=None)
+    bp.add_argument("--engine", choices=("python", "runner"), default="python",
+                    help="python: the ExecuTorch Python runtime; runner: the C++ benchmark runner (android_demo)")
     bp.add_argument("--json", default="bench_results/decode.json")
     bp.set_defaults(func=cmd_bench_decode)
     return parser
