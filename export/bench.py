@@ -9,8 +9,10 @@ int8 embedding it is tied to, the default) the baseline runs it with the same 8d
 (4 bits against our 8: the comparison favours the baseline); a float head runs in fp32 in both (ours with
 vqmobile::dense_linear, so the .pte stores the embedding once, the baseline with XNNPACK).
 
-Both programs run in one process, alternately, greedy decoding the same prompt; tokens/s counts decode steps only
-(one token per call through the KV cache), median over the repeats.
+Both programs run alternately in the same run, greedy decoding the same prompt: in one Python process (engine
+'python'), or each repeat in its own process of the C++ benchmark runner (engine 'runner', android_demo/runner), which
+leaves Python's per-step overhead out. tokens/s counts decode steps only (one token per call through the KV cache),
+median over the repeats.
 """
 
 from __future__ import annotations
