@@ -16,6 +16,7 @@ def test_rows_and_resume(tmp_path, capsys):
     first = json.loads(out.read_text())
     fp, rtn = first["rows"]
     assert fp["bpw"] == 32.0 and fp["windows"] == 2 and rtn["bpw"] > 4.0 and rtn["ppl"] > fp["ppl"]
+    assert 0 < rtn["quantize_peak_rss_mb"] <= rtn["peak_rss_mb"] and "quantize_peak_rss_mb" not in fp
     capsys.readouterr()
 
     assert quality.main([*common(), "--resume", "--rows", "fp", "rtn:bits=4,group=32", "gptq:bits=4,group=32"]) == 0

@@ -34,6 +34,10 @@ def unpack_rows(packed: torch.Tensor, bits: int, ncodes: int) -> torch.Tensor:
     rows = p.shape[0]
     if p.shape[1] != row_bytes(ncodes, bits):
         raise ValueError(f"packed rows have {p.shape[1]} bytes, expected {row_bytes(ncodes, bits)}")
+    # Regroup each code's bits into a byte of its own and let packbits assemble it: uint8 all the way, so
+    # unpacking the 28M-code SmolLM2 embedding costs a few hundred MB, not the 4 GB of an int64 bit matrix.
     bitstream = np.unpackbits(p, axis=1, bitorder="little")[:, : ncodes * bits].reshape(rows, ncodes, bits)
-    weights = (1 << np.arange(bits, dtype=np.int64))
-    return torch.from_numpy((bitstream.astype(np.int64) * weights).sum(axis=2))
+    if bits < 8:
+        bitstream = np.concatenate([bitstream, np.zeros((rows, ncodes, 8 - bits), np.uint8)], axis=2)
+    codes = np.packbits(bitstream, axis=2, bitorder="little").reshape(rows, ncodes)
+    return torch.from_numpy(codes.astype(np.int64))

@@ -71,7 +71,7 @@ def run_row(args: argparse.Namespace) -> dict:
         nbytes = sum(m.qweight.stored_bytes() for m in mods)
         nweights = sum(m.qweight.shape[0] * m.qweight.shape[1] for m in mods)
         record.update(config=config.to_dict(), bpw=8 * nbytes / nweights, quantize_s=rep.seconds,
-                      calibration=f"{args.nsamples}x{args.seqlen}")
+                      quantize_peak_rss_mb=rep.peak_rss_mb, calibration=f"{args.nsamples}x{args.seqlen}")
     else:
         record.update(bpw=32.0, quantize_s=0.0)
     ids = wikitext_test_ids(loaded.tokenizer)
@@ -113,11 +113,14 @@ def _previous_rows(out: Path, settings: dict) -> dict[str, dict]:
 
 def _print_table(records: list[dict]) -> None:
     fp = next((r["ppl"] for r in records if r["row"] == "fp"), None)
-    print(f"{'row':42s} {'bpw':>7s} {'ppl':>9s} {'vs fp':>7s} {'windows':>9s} {'quant s':>8s} {'peak MB':>8s}")
+    # "quant MB" is the peak up to the end of quantization, "peak MB" the whole row's, evaluation included.
+    print(f"{'row':42s} {'bpw':>7s} {'ppl':>9s} {'vs fp':>7s} {'windows':>9s} {'quant s':>8s} {'quant MB':>8s} "
+          f"{'peak MB':>8s}")
     for r in records:
         rel = f"{r['ppl'] / fp:6.3f}x" if fp else "      -"
+        qmb = r.get("quantize_peak_rss_mb")
         print(f"{r['row']:42s} {r['bpw']:7.3f} {r['ppl']:9.3f} {rel:>7s} {r['windows']:>4d}/{r['total_windows']:<4d} "
-              f"{r['quantize_s']:8.1f} {r['peak_rss_mb']:8.0f}")
+              f"{r['quantize_s']:8.1f} {'-' if qmb is None else f'{qmb:.0f}':>8s} {r['peak_rss_mb']:8.0f}")
 
 
 def run(args: argparse.Namespace) -> int:
