@@ -280,6 +280,27 @@ def test_paths_and_threads_controls():
                     np.ones((1, 1), np.float16), n=2, k=40, d=2, rows_per_block=2, cols_per_block=40, threads=0)
 
 
+@pytest.mark.parametrize("d,k", [(1, 4), (2, 16), (2, 64), (3, 10), (4, 256), (8, 16)])
+def test_nearest_is_the_first_weighted_argmin_on_every_path(d, k):
+    g = torch.Generator().manual_seed(d * 1000 + k)
+    b, m = 3, 700
+    # values on a coarse grid, repeated centroids and zero weights: ties are common and must go to the first index
+    x = torch.randint(-8, 9, (b, m, d), generator=g).float() * 0.25
+    w = torch.randint(0, 4, (b, m, d), generator=g).float() * 0.5
+    c = torch.randint(-4, 5, (b, k, d), generator=g).float() * 0.5
+    c[:, k // 2:] = c[:, : k - k // 2]
+    dist = torch.zeros(b, m, k)
+    for t in range(d):  # the kernels' summation order
+        df = x[:, :, None, t] - c[:, None, :, t]
+        dist = dist + w[:, :, None, t] * (df * df)
+    expect = dist.argmin(-1)
+    for path in K.available_paths():
+        for threads in (1, 2):
+            assert torch.equal(K.nearest(x, w, c, threads=threads, path=path), expect), (path, threads)
+    with pytest.raises(ValueError, match="nearest failed"):
+        K.nearest(torch.zeros(1, 2, 9), torch.ones(1, 1, 9), torch.zeros(1, 3, 9))
+
+
 def test_stream_read_checksum():
     buf = np.arange(1 << 16, dtype=np.uint64)
     assert K.stream_read(buf, threads=2) == int(buf.sum())

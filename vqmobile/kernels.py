@@ -1,7 +1,8 @@
 """Python boundary of the native kernels (``vqmobile._native``, built by cffi from native/).
 
 This module owns: the calls into the C kernels for ``y = W x + b`` with vector-quantized (GPTVQ) weights
-(:func:`vq_linear`) and group-wise integer weights (:func:`int_linear`), their one-time validation
+(:func:`vq_linear`) and group-wise integer weights (:func:`int_linear`), GPTVQ's nearest-centroid search
+(:func:`nearest`), their one-time validation
 (:func:`validate_vq`, :func:`validate_int`), the thread and implementation-path controls
 (:func:`set_num_threads`, :func:`available_paths`, :func:`active_path`, :func:`set_path`, :func:`force_path`), and
 plain numpy reference decoders (:func:`dequantize_vq`, :func:`dequantize_int`) used by tests and benchmarks.
@@ -59,7 +60,7 @@ __all__ = [
     "vq_linear", "int_linear", "validate_vq", "validate_int", "set_num_threads", "get_num_threads",
     "available_paths", "active_path", "set_path", "force_path", "has_kernel", "vq_index_bits",
     "vq_row_bytes", "int_row_bytes", "dequantize_vq", "dequantize_int", "quantize_act", "stream_read",
-    "MAX_KERNEL_BATCH",
+    "MAX_KERNEL_BATCH", "nearest",
 ]
 
 MAX_KERNEL_BATCH = 8
@@ -294,6 +295,30 @@ def int_linear(x: Any, codes: Any, scales: Any, zeros: Any, *, n: int, k: int, b
     if rc != 0:
         raise ValueError(f"int_linear failed: {_ERRORS.get(rc, rc)}")
     return y
+
+
+def nearest(x: "torch.Tensor", w: "torch.Tensor", centroids: "torch.Tensor", *, threads: int | None = None,
+            path: str | None = None) -> "torch.Tensor":
+    """GPTVQ's assignment step: for B problems, the index of the nearest centroid of each vector under the
+    per-component weighted squared distance sum_t w_t (x_t - c_t)^2 (first index among equal minima).
+
+    x [B, M, d] float32, w broadcastable to [B, M, d], centroids [B, k, d] (d <= 8, k <= 256) -> int64 [B, M].
+    Every path returns the reference's exact indices (same float operations per distance)."""
+    b, m, d = x.shape
+    k = centroids.shape[1]
+    if centroids.shape != (b, k, d):
+        raise ValueError(f"centroids must have shape [{b}, k, {d}], got {tuple(centroids.shape)}")
+    x = x.to(torch.float32).contiguous()
+    w = w.to(torch.float32).expand(b, m, d).contiguous()
+    c = centroids.to(torch.float32).contiguous()
+    out = torch.empty(b, m, dtype=torch.int64)
+    p = -1 if path is None else _path_id(path)
+    rc = lib.vqm_nearest_path(p, ffi.cast("const float *", x.data_ptr()), ffi.cast("const float *", w.data_ptr()),
+                              ffi.cast("const float *", c.data_ptr()), b, m, d, k,
+                              ffi.cast("int64_t *", out.data_ptr()), _threads(threads))
+    if rc != 0:
+        raise ValueError(f"nearest failed ({_ERRORS.get(rc, rc)}): B={b} M={m} d={d} k={k}")
+    return out
 
 
 def _path_id(name: str) -> int:

@@ -104,6 +104,22 @@ int vqm_int_linear_path(int path, const vqm_int_weight *w, const float *x, int64
 int vqm_vq_path_has_kernel(int path, const vqm_vq_weight *w);
 int vqm_int_path_has_kernel(int path, const vqm_int_weight *w);
 
+/* ---- codebook search (GPTVQ's assignment step, used when quantizing) ------ */
+/* For each of nb independent problems p and each of its m vectors i:
+ *   out[p, i] = argmin_j  sum_{t=0..d-1} w[p, i, t] * (x[p, i, t] - c[p, j, t])^2
+ * the terms added in order of t starting from 0.0f, the lowest j among equal
+ * minima, and 0 when no distance is below +inf (e.g. NaN input).
+ *  x, w: float32 [nb, m, d];  c: float32 [nb, ncent, d];  out: int64 [nb, m].
+ *  d in 1..8, ncent in 1..256; threads as for the linear functions.
+ * Every path computes each distance with the reference's float operations in
+ * the reference's order, so all paths return identical indices. */
+int vqm_nearest(const float *x, const float *w, const float *c, int64_t nb, int64_t m,
+                int d, int ncent, int64_t *out, int threads);
+int vqm_nearest_path(int path, const float *x, const float *w, const float *c, int64_t nb,
+                     int64_t m, int d, int ncent, int64_t *out, int threads);
+#define VQM_NEAREST_MAX_D 8
+#define VQM_NEAREST_MAX_CENT 256
+
 /* ---- dispatch ----------------------------------------------------------- */
 int vqm_path_available(int path);
 int vqm_get_path(void);                 /* currently selected path */

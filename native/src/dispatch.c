@@ -441,6 +441,57 @@ int vqm_int_path_has_kernel(int path, const vqm_int_weight *w)
     return path != VQM_PATH_REF && ops_of(path)->int_plan(w, 0, &lay) && ops_of(path)->int_plan(w, VQM_ACT_INT8, &lay);
 }
 
+/* ---------------------------------------------------------------- codebook search */
+/* Work is split in units of up to NEAREST_UNIT vectors of one problem, so both many small problems (EM over all
+ * row blocks of a column group) and one large one spread over the threads. */
+#define NEAREST_UNIT 512
+
+typedef struct {
+    void (*fn)(const float *, const float *, const float *, int64_t, int, int, int64_t *);
+    const float *x, *w, *c;
+    int64_t m, units_per_problem, units;
+    int d, ncent, ntasks;
+    int64_t *out;
+} nearest_ctx;
+
+static void nearest_task(void *vctx, int i)
+{
+    const nearest_ctx *n = vctx;
+    for (int64_t u = n->units * i / n->ntasks; u < n->units * (i + 1) / n->ntasks; u++) {
+        int64_t p = u / n->units_per_problem, i0 = (u % n->units_per_problem) * NEAREST_UNIT;
+        int64_t cnt = n->m - i0 < NEAREST_UNIT ? n->m - i0 : NEAREST_UNIT;
+        int64_t off = p * n->m + i0;
+        n->fn(n->x + off * n->d, n->w + off * n->d, n->c + p * n->ncent * n->d, cnt, n->d, n->ncent, n->out + off);
+    }
+}
+
+int vqm_nearest_path(int path, const float *x, const float *w, const float *c, int64_t nb, int64_t m,
+                     int d, int ncent, int64_t *out, int threads)
+{
+    if (nb < 0 || m < 0 || d < 1 || d > VQM_NEAREST_MAX_D || ncent < 1 || ncent > VQM_NEAREST_MAX_CENT)
+        return VQM_EINVAL;
+    if (path == VQM_PATH_AUTO) path = vqm_get_path();
+    if (!vqm_path_available(path)) return VQM_EPATH;
+    if (nb == 0 || m == 0) return VQM_OK;
+    if (!x || !w || !c || !out) return VQM_EINVAL;
+    const vqm_path_ops *ops = ops_of(path);
+    nearest_ctx n = { ops->nearest ? ops->nearest : vqm_ops_ref.nearest, x, w, c, m, vqm_cdiv(m, NEAREST_UNIT), 0,
+                      d, ncent, 0, out };
+    n.units = nb * n.units_per_problem;
+    if (threads <= 0) threads = vqm_get_num_threads();
+    if (threads > 64) threads = 64;
+    if (n.units < threads) threads = (int)n.units;
+    n.ntasks = threads == 1 ? 1 : (int)(n.units < 4 * threads ? n.units : 4 * threads);
+    vqm_pool_run(threads, n.ntasks, nearest_task, &n);
+    return VQM_OK;
+}
+
+int vqm_nearest(const float *x, const float *w, const float *c, int64_t nb, int64_t m, int d, int ncent,
+                int64_t *out, int threads)
+{
+    return vqm_nearest_path(VQM_PATH_AUTO, x, w, c, nb, m, d, ncent, out, threads);
+}
+
 /* ---------------------------------------------------------------- bandwidth */
 typedef struct { const uint8_t *p; size_t bytes; int parts; uint64_t sums[64]; } stream_ctx;
 

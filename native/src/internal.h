@@ -45,6 +45,8 @@ typedef struct vqm_path_ops {
     int (*int_plan)(const vqm_int_weight *w, int flags, vqm_layout *lay);
     void (*int_rows)(const vqm_int_weight *w, const vqm_layout *lay, const vqm_xprep *xp,
                      int64_t r0, int64_t r1, const float *bias, float *y, int flags);
+    /* vqm_nearest for one problem: m vectors against one codebook (arguments checked by the caller) */
+    void (*nearest)(const float *x, const float *w, const float *c, int64_t m, int d, int ncent, int64_t *out);
 } vqm_path_ops;
 
 extern const vqm_path_ops vqm_ops_ref;

@@ -16,6 +16,7 @@
  *  float activations: int8 -> f32 converts + FMA.
  */
 #include "internal.h"
+#include <math.h>
 #include <stdlib.h>
 
 #if defined(__x86_64__)
@@ -1238,7 +1239,64 @@ static void avx2_int_rows(const vqm_int_weight *w, const vqm_layout *lay, const 
     }
 }
 
-const vqm_path_ops vqm_ops_avx2 = { avx2_vq_plan, avx2_vq_rows, avx2_int_plan, avx2_int_rows };
+/* Lanes are vectors, 16 at a time (two registers, so two independent compare/blend chains); the loop runs over
+ * the centroids in order. Separate multiplies and adds (no FMA) keep every distance bit-identical to the reference,
+ * and a strict per-lane compare in centroid order keeps its first-minimum rule. d is a compile-time constant in the
+ * common cases so that the component loop unrolls. */
+static inline __attribute__((always_inline)) void nearest16(const float *xs, const float *ws, const float *c, int d,
+                                                            int ncent, int32_t *out)
+{
+    __m256 x0[VQM_NEAREST_MAX_D], x1[VQM_NEAREST_MAX_D], w0[VQM_NEAREST_MAX_D], w1[VQM_NEAREST_MAX_D];
+#pragma GCC unroll 8
+    for (int t = 0; t < d; t++) {
+        x0[t] = _mm256_loadu_ps(xs + t * 16); x1[t] = _mm256_loadu_ps(xs + t * 16 + 8);
+        w0[t] = _mm256_loadu_ps(ws + t * 16); w1[t] = _mm256_loadu_ps(ws + t * 16 + 8);
+    }
+    __m256 b0 = _mm256_set1_ps(INFINITY), b1 = b0, i0 = _mm256_setzero_ps(), i1 = i0;
+    for (int j = 0; j < ncent; j++) {
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+#pragma GCC unroll 8
+        for (int t = 0; t < d; t++) {
+            __m256 cj = _mm256_broadcast_ss(c + (int64_t)j * d + t);
+            __m256 e0 = _mm256_sub_ps(x0[t], cj), e1 = _mm256_sub_ps(x1[t], cj);
+            s0 = _mm256_add_ps(s0, _mm256_mul_ps(w0[t], _mm256_mul_ps(e0, e0)));
+            s1 = _mm256_add_ps(s1, _mm256_mul_ps(w1[t], _mm256_mul_ps(e1, e1)));
+        }
+        __m256 jv = _mm256_castsi256_ps(_mm256_set1_epi32(j));
+        __m256 lt0 = _mm256_cmp_ps(s0, b0, _CMP_LT_OQ), lt1 = _mm256_cmp_ps(s1, b1, _CMP_LT_OQ);
+        b0 = _mm256_blendv_ps(b0, s0, lt0); i0 = _mm256_blendv_ps(i0, jv, lt0);
+        b1 = _mm256_blendv_ps(b1, s1, lt1); i1 = _mm256_blendv_ps(i1, jv, lt1);
+    }
+    _mm256_storeu_si256((__m256i *)(void *)out, _mm256_castps_si256(i0));
+    _mm256_storeu_si256((__m256i *)(void *)(out + 8), _mm256_castps_si256(i1));
+}
+
+static void avx2_nearest(const float *x, const float *w, const float *c, int64_t m, int d, int ncent, int64_t *out)
+{
+    float xs[VQM_NEAREST_MAX_D * 16], ws[VQM_NEAREST_MAX_D * 16]; /* [t][lane] */
+    int32_t idx[16];
+    for (int64_t i0 = 0; i0 < m; i0 += 16) {
+        int cnt = m - i0 < 16 ? (int)(m - i0) : 16;
+        for (int l = 0; l < 16; l++)  /* lanes past the end: zero weight, results dropped */
+            for (int t = 0; t < d; t++) {
+                xs[t * 16 + l] = l < cnt ? x[(i0 + l) * d + t] : 0.0f;
+                ws[t * 16 + l] = l < cnt ? w[(i0 + l) * d + t] : 0.0f;
+            }
+        switch (d) {
+        case 1: nearest16(xs, ws, c, 1, ncent, idx); break;
+        case 2: nearest16(xs, ws, c, 2, ncent, idx); break;
+        case 3: nearest16(xs, ws, c, 3, ncent, idx); break;
+        case 4: nearest16(xs, ws, c, 4, ncent, idx); break;
+        case 5: nearest16(xs, ws, c, 5, ncent, idx); break;
+        case 6: nearest16(xs, ws, c, 6, ncent, idx); break;
+        case 7: nearest16(xs, ws, c, 7, ncent, idx); break;
+        default: nearest16(xs, ws, c, 8, ncent, idx); break; /* d <= 8 is checked by the caller */
+        }
+        for (int l = 0; l < cnt; l++) out[i0 + l] = idx[l];
+    }
+}
+
+const vqm_path_ops vqm_ops_avx2 = { avx2_vq_plan, avx2_vq_rows, avx2_int_plan, avx2_int_rows, avx2_nearest };
 
 #if defined(__clang__)
 #pragma clang attribute pop

@@ -13,6 +13,7 @@
  */
 #if defined(__aarch64__)
 #include "internal.h"
+#include <math.h>
 #include <stdlib.h>
 
 #ifdef VQM_NEON_DOT
@@ -433,7 +434,65 @@ static void neon_int_rows(const vqm_int_weight *w, const vqm_layout *lay, const 
     }
 }
 
-const vqm_path_ops OPS_NAME = { neon_vq_plan, neon_vq_rows, neon_int_plan, neon_int_rows };
+/* Lanes are vectors, 8 at a time (two registers, two independent compare/select chains); the loop runs over the
+ * centroids in order. Separate multiplies and adds (no FMA) keep every distance bit-identical to the reference, and
+ * a strict per-lane compare in centroid order keeps its first-minimum rule. d is a compile-time constant in every
+ * case so that the component loop unrolls. */
+static inline __attribute__((always_inline)) void nearest8(const float *xs, const float *ws, const float *c, int d,
+                                                           int ncent, uint32_t *out)
+{
+    float32x4_t x0[VQM_NEAREST_MAX_D], x1[VQM_NEAREST_MAX_D], w0[VQM_NEAREST_MAX_D], w1[VQM_NEAREST_MAX_D];
+#pragma GCC unroll 8
+    for (int t = 0; t < d; t++) {
+        x0[t] = vld1q_f32(xs + t * 8); x1[t] = vld1q_f32(xs + t * 8 + 4);
+        w0[t] = vld1q_f32(ws + t * 8); w1[t] = vld1q_f32(ws + t * 8 + 4);
+    }
+    float32x4_t b0 = vdupq_n_f32(INFINITY), b1 = b0;
+    uint32x4_t i0 = vdupq_n_u32(0), i1 = i0;
+    for (int j = 0; j < ncent; j++) {
+        float32x4_t s0 = vdupq_n_f32(0.0f), s1 = s0;
+#pragma GCC unroll 8
+        for (int t = 0; t < d; t++) {
+            float32x4_t cj = vld1q_dup_f32(c + (int64_t)j * d + t);
+            float32x4_t e0 = vsubq_f32(x0[t], cj), e1 = vsubq_f32(x1[t], cj);
+            s0 = vaddq_f32(s0, vmulq_f32(w0[t], vmulq_f32(e0, e0)));
+            s1 = vaddq_f32(s1, vmulq_f32(w1[t], vmulq_f32(e1, e1)));
+        }
+        uint32x4_t jv = vdupq_n_u32((uint32_t)j);
+        uint32x4_t lt0 = vcltq_f32(s0, b0), lt1 = vcltq_f32(s1, b1);
+        b0 = vbslq_f32(lt0, s0, b0); i0 = vbslq_u32(lt0, jv, i0);
+        b1 = vbslq_f32(lt1, s1, b1); i1 = vbslq_u32(lt1, jv, i1);
+    }
+    vst1q_u32(out, i0);
+    vst1q_u32(out + 4, i1);
+}
+
+static void neon_nearest(const float *x, const float *w, const float *c, int64_t m, int d, int ncent, int64_t *out)
+{
+    float xs[VQM_NEAREST_MAX_D * 8], ws[VQM_NEAREST_MAX_D * 8]; /* [t][lane] */
+    uint32_t idx[8];
+    for (int64_t i0 = 0; i0 < m; i0 += 8) {
+        int cnt = m - i0 < 8 ? (int)(m - i0) : 8;
+        for (int l = 0; l < 8; l++)  /* lanes past the end: zero weight, results dropped */
+            for (int t = 0; t < d; t++) {
+                xs[t * 8 + l] = l < cnt ? x[(i0 + l) * d + t] : 0.0f;
+                ws[t * 8 + l] = l < cnt ? w[(i0 + l) * d + t] : 0.0f;
+            }
+        switch (d) {
+        case 1: nearest8(xs, ws, c, 1, ncent, idx); break;
+        case 2: nearest8(xs, ws, c, 2, ncent, idx); break;
+        case 3: nearest8(xs, ws, c, 3, ncent, idx); break;
+        case 4: nearest8(xs, ws, c, 4, ncent, idx); break;
+        case 5: nearest8(xs, ws, c, 5, ncent, idx); break;
+        case 6: nearest8(xs, ws, c, 6, ncent, idx); break;
+        case 7: nearest8(xs, ws, c, 7, ncent, idx); break;
+        default: nearest8(xs, ws, c, 8, ncent, idx); break; /* d <= 8 is checked by the caller */
+        }
+        for (int l = 0; l < cnt; l++) out[i0 + l] = idx[l];
+    }
+}
+
+const vqm_path_ops OPS_NAME = { neon_vq_plan, neon_vq_rows, neon_int_plan, neon_int_rows, neon_nearest };
 
 #ifdef VQM_NEON_DOT
 #pragma GCC pop_options

@@ -2,6 +2,7 @@
  * reproduce: exactly in int8-activation mode (same integer block sums, same
  * float operation order), within a documented tolerance in float mode. */
 #include "internal.h"
+#include <math.h>
 
 float vqm_fp16_to_float_ref(uint16_t h)
 {
@@ -142,4 +143,23 @@ static void ref_int_rows(const vqm_int_weight *w, const vqm_layout *lay, const v
     }
 }
 
-const vqm_path_ops vqm_ops_ref = { ref_vq_plan, ref_vq_rows, ref_int_plan, ref_int_rows };
+static void ref_nearest(const float *x, const float *w, const float *c, int64_t m, int d, int ncent, int64_t *out)
+{
+    for (int64_t i = 0; i < m; i++) {
+        const float *xi = x + i * d, *wi = w + i * d;
+        float best = INFINITY;
+        int64_t bj = 0;
+        for (int j = 0; j < ncent; j++) {
+            const float *cj = c + (int64_t)j * d;
+            float s = 0.0f;
+            for (int t = 0; t < d; t++) {
+                float df = xi[t] - cj[t];
+                s = s + wi[t] * (df * df);
+            }
+            if (s < best) { best = s; bj = j; }
+        }
+        out[i] = bj;
+    }
+}
+
+const vqm_path_ops vqm_ops_ref = { ref_vq_plan, ref_vq_rows, ref_int_plan, ref_int_rows, ref_nearest };

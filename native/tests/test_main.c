@@ -346,6 +346,85 @@ static void test_validation(void)
     if (vqm_vq_validate(&bad, NULL, NULL) != VQM_EINVAL) { printf("FAIL bad ncent accepted\n"); g_fail++; }
 }
 
+/* Every path returns the reference's indices exactly; the reference returns the first minimum of the distances
+ * computed here independently. Values on a coarse grid, duplicated centroids and zero weights make ties common. */
+static void test_nearest(int d, int ncent, long nb, long m)
+{
+    long nx = nb * m * d, nc = nb * ncent * d;
+    float *x = malloc(sizeof(float) * (size_t)nx), *w = malloc(sizeof(float) * (size_t)nx);
+    float *c = malloc(sizeof(float) * (size_t)nc);
+    int64_t *ref = malloc(sizeof(int64_t) * (size_t)(nb * m)), *got = malloc(sizeof(int64_t) * (size_t)(nb * m));
+    for (long i = 0; i < nx; i++) {
+        x[i] = (float)((int)(rnd() % 17) - 8) * 0.25f;
+        w[i] = rnd() % 5 == 0 ? 0.0f : (float)(1 + rnd() % 4) * 0.5f;
+    }
+    for (long i = 0; i < nc; i++) c[i] = (i / d) % 3 == 2 ? c[i - d] : (float)((int)(rnd() % 9) - 4) * 0.5f;
+    g_checks++;
+    if (vqm_nearest_path(VQM_PATH_REF, x, w, c, nb, m, d, ncent, ref, 2) != VQM_OK) {
+        printf("FAIL nearest ref d=%d k=%d\n", d, ncent);
+        g_fail++;
+    }
+    for (long p = 0; p < nb; p++)
+        for (long i = 0; i < m; i++) {
+            const float *xi = x + (p * m + i) * d, *wi = w + (p * m + i) * d;
+            float best = INFINITY;
+            long bj = 0;
+            for (long j = 0; j < ncent; j++) {
+                float s = 0.0f;
+                for (int t = 0; t < d; t++) {
+                    float df = xi[t] - c[(p * ncent + j) * d + t];
+                    s = s + wi[t] * (df * df);
+                }
+                if (s < best) { best = s; bj = j; }
+            }
+            if (ref[p * m + i] != bj) {
+                printf("FAIL nearest ref d=%d k=%d p=%ld i=%ld: %ld != %ld\n", d, ncent, p, i, (long)ref[p * m + i], bj);
+                g_fail++;
+                p = nb;
+                break;
+            }
+        }
+    for (int path = 1; path < VQM_NPATHS; path++) {
+        if (!vqm_path_available(path)) continue;
+        for (int threads = 1; threads <= 3; threads += 2) {
+            memset(got, 0xff, sizeof(int64_t) * (size_t)(nb * m));
+            g_checks++;
+            if (vqm_nearest_path(path, x, w, c, nb, m, d, ncent, got, threads) != VQM_OK ||
+                memcmp(got, ref, sizeof(int64_t) * (size_t)(nb * m))) {
+                printf("FAIL nearest %s d=%d k=%d nb=%ld m=%ld threads=%d\n", vqm_path_name(path), d, ncent, nb, m,
+                       threads);
+                g_fail++;
+            }
+        }
+    }
+    free(x); free(w); free(c); free(ref); free(got);
+}
+
+static void test_nearest_args(void)
+{
+    float v[8] = { 0 };
+    int64_t o[1];
+    g_checks++;
+    if (vqm_nearest(v, v, v, 1, 1, 9, 1, o, 1) != VQM_EINVAL || vqm_nearest(v, v, v, 1, 1, 2, 0, o, 1) != VQM_EINVAL ||
+        vqm_nearest(v, v, v, 1, 1, 2, 257, o, 1) != VQM_EINVAL || vqm_nearest(NULL, v, v, 1, 1, 1, 1, o, 1) != VQM_EINVAL ||
+        vqm_nearest(v, v, v, 1, -1, 1, 1, o, 1) != VQM_EINVAL || vqm_nearest(NULL, NULL, NULL, 0, 5, 1, 1, NULL, 1) != VQM_OK) {
+        printf("FAIL nearest argument checks\n");
+        g_fail++;
+    }
+    /* NaN distances never win; all-NaN gives 0 on every path */
+    float x[2] = { NAN, 1.0f }, w[2] = { 1.0f, 1.0f }, c[18];
+    for (int i = 0; i < 18; i++) c[i] = (float)i;
+    for (int path = 0; path < VQM_NPATHS; path++) {
+        if (!vqm_path_available(path)) continue;
+        int64_t out[1] = { -1 };
+        g_checks++;
+        if (vqm_nearest_path(path, x, w, c, 1, 1, 2, 9, out, 1) != VQM_OK || out[0] != 0) {
+            printf("FAIL nearest NaN %s: %ld\n", vqm_path_name(path), (long)out[0]);
+            g_fail++;
+        }
+    }
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -402,6 +481,11 @@ int main(int argc, char **argv)
             }
     test_extreme();
     test_extreme8();
+    test_nearest_args();
+    static const int ncfg[][2] = { { 1, 4 }, { 1, 8 }, { 2, 16 }, { 2, 64 }, { 2, 7 }, { 3, 13 }, { 4, 256 },
+                                   { 8, 16 }, { 5, 1 }, { 2, 255 }, { 6, 33 } };
+    for (size_t c = 0; c < sizeof ncfg / sizeof ncfg[0]; c++)
+        test_nearest(ncfg[c][0], ncfg[c][1], 1 + (long)(c % 3) * 2, quick ? 300 : 1100);
     /* batch > 8 (tiled) */
     test_vq(2, 16, 4, 256, 10, 300, 11, 1);
     test_int(4, 32, 1, 10, 300, 13, 1);
