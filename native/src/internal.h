@@ -75,6 +75,17 @@ static inline unsigned vqm_get_code(const uint8_t *row, int64_t j, int b)
 
 float vqm_fp16_to_float_ref(uint16_t h);
 
+/* vqm_nearest's SIMD paths take `lanes` vectors at a time, component-major: xs[t * lanes + l] = x[l][t]. Lanes past
+ * `cnt` get x = 0 and weight 0 (their results are dropped). */
+static inline void vqm_nearest_lanes(const float *x, const float *w, int cnt, int lanes, int d, float *xs, float *ws)
+{
+    for (int l = 0; l < lanes; l++)
+        for (int t = 0; t < d; t++) {
+            xs[t * lanes + l] = l < cnt ? x[(int64_t)l * d + t] : 0.0f;
+            ws[t * lanes + l] = l < cnt ? w[(int64_t)l * d + t] : 0.0f;
+        }
+}
+
 /* thread pool: runs fn(ctx, i) for i in [0, ntasks) using up to nthreads
  * threads (the caller included). */
 void vqm_pool_run(int nthreads, int ntasks, void (*fn)(void *ctx, int i), void *ctx);

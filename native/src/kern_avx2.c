@@ -1277,11 +1277,7 @@ static void avx2_nearest(const float *x, const float *w, const float *c, int64_t
     int32_t idx[16];
     for (int64_t i0 = 0; i0 < m; i0 += 16) {
         int cnt = m - i0 < 16 ? (int)(m - i0) : 16;
-        for (int l = 0; l < 16; l++)  /* lanes past the end: zero weight, results dropped */
-            for (int t = 0; t < d; t++) {
-                xs[t * 16 + l] = l < cnt ? x[(i0 + l) * d + t] : 0.0f;
-                ws[t * 16 + l] = l < cnt ? w[(i0 + l) * d + t] : 0.0f;
-            }
+        vqm_nearest_lanes(x + i0 * d, w + i0 * d, cnt, 16, d, xs, ws);
         switch (d) {
         case 1: nearest16(xs, ws, c, 1, ncent, idx); break;
         case 2: nearest16(xs, ws, c, 2, ncent, idx); break;

@@ -473,11 +473,7 @@ static void neon_nearest(const float *x, const float *w, const float *c, int64_t
     uint32_t idx[8];
     for (int64_t i0 = 0; i0 < m; i0 += 8) {
         int cnt = m - i0 < 8 ? (int)(m - i0) : 8;
-        for (int l = 0; l < 8; l++)  /* lanes past the end: zero weight, results dropped */
-            for (int t = 0; t < d; t++) {
-                xs[t * 8 + l] = l < cnt ? x[(i0 + l) * d + t] : 0.0f;
-                ws[t * 8 + l] = l < cnt ? w[(i0 + l) * d + t] : 0.0f;
-            }
+        vqm_nearest_lanes(x + i0 * d, w + i0 * d, cnt, 8, d, xs, ws);
         switch (d) {
         case 1: nearest8(xs, ws, c, 1, ncent, idx); break;
         case 2: nearest8(xs, ws, c, 2, ncent, idx); break;
