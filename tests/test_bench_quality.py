@@ -25,6 +25,13 @@ def test_rows_and_resume(tmp_path, capsys):
     second = json.loads(out.read_text())
     assert second["rows"][:2] == first["rows"] and second["rows"][2]["row"] == "gptq:bits=4,group=32"
 
+    # a new row ahead of kept ones: the kept rows after it stay in the file
+    rows = ["fp", "rtn:bits=3,group=32", "rtn:bits=4,group=32", "gptq:bits=4,group=32"]
+    assert quality.main([*common(), "--resume", "--rows", *rows]) == 0
+    third = json.loads(out.read_text())
+    assert [r["row"] for r in third["rows"]] == rows and third["rows"][2:] == second["rows"][1:]
+    capsys.readouterr()
+
     # other settings (here: window count) make earlier rows stale: they run again
     assert quality.main([*common(3), "--resume", "--rows", "fp"]) == 0
     assert "kept from" not in capsys.readouterr().out and json.loads(out.read_text())["rows"][0]["windows"] == 3

@@ -123,6 +123,12 @@ def _print_table(records: list[dict]) -> None:
               f"{r['quantize_s']:8.1f} {'-' if qmb is None else f'{qmb:.0f}':>8s} {r['peak_rss_mb']:8.0f}")
 
 
+def _write(out: Path, settings: dict, records: list[dict]) -> None:
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "settings": settings, "rows": records}, indent=1))
+    os.replace(tmp, out)
+
+
 def run(args: argparse.Namespace) -> int:
     records = []
     out = Path(args.json)
@@ -151,9 +157,9 @@ def run(args: argparse.Namespace) -> int:
         records.append(record)
         print(f"[{time.strftime('%H:%M:%S')}] {row}: ppl {record['ppl']:.3f}, bpw {record['bpw']:.3f} "
               f"({time.time() - t0:.0f} s)", flush=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "settings": settings, "rows": records}, indent=1))
-        os.replace(tmp, out)
+        _write(out, settings, records)
+    # Once more at the end: rows kept after the last measured one must reach the file too.
+    _write(out, settings, records)
     _print_table(records)
     print(f"wrote {out}")
     return 0 if len(records) == len(args.rows) else 1
