@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from vqmobile import atomic
 from vqmobile.errors import FormatError, UserError
 from vqmobile.hashing import sha256_file
 
@@ -256,7 +257,7 @@ def export_bundle(model_spec: str, out: str, *, target: str, formats: list[str],
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         result.update(manifest)
 
-    ckpt.atomic_directory(out_path, write)
+    atomic.directory(out_path, write)
     result["out"] = str(out_path)
     result["warnings"] = warnings_out
     return result

@@ -20,15 +20,14 @@ whose int8 and float logits differ by as much). Top-1 agreement and perplexity s
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from vqmobile import atomic
 
 from .bundle import CHECKPOINT_DIR, open_bundle
 
@@ -151,9 +150,5 @@ def check_bundle(bundle: str, *, windows: int, json_path: str | None = None, dat
         "rows": rows,
     }
     if json_path:
-        p = Path(json_path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, p)
+        atomic.write_json(json_path, record)
     return ok, table, record

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import intweight, vqweight  # noqa: F401  (importing a format registers its kind for loading)
+from . import atomic, intweight, vqweight  # noqa: F401  (importing a format registers its kind for loading)
 from .embedding import QuantEmbedding, tied_head, use_quantized_embedding
 from .intweight import IntWeight
 from .errors import FormatError, UserError
@@ -87,24 +85,6 @@ def prepare_output_dir(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
-def atomic_directory(out: Path, write) -> None:
-    """Call write(tmp_dir) on a temporary sibling of `out`, then move it into place; nothing is left on failure."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        write(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save(model: torch.nn.Module, tokenizer, out: str | Path, *, config: dict[str, Any], source: dict[str, Any],
          calibration: dict[str, Any] | None, report: dict[str, Any] | None = None, overwrite: bool = False) -> dict:
     """Write the checkpoint of an already-quantized model; returns the manifest."""
@@ -156,7 +136,7 @@ def save(model: torch.nn.Module, tokenizer, out: str | Path, *, config: dict[str
         manifest["sha256"] = {f: sha256_file(tmp / f) for f in (QUANTIZED_FILE, FLOAT_FILE)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
-    atomic_directory(out, write)
+    atomic.directory(out, write)
     return manifest
 
 

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-from pathlib import Path
 
-from . import gptvq
+from . import atomic, gptvq
 from .errors import UserError
 
 
@@ -86,17 +83,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         record = {"model": args.model, "kind": opened.kind, "bits_per_weight": opened.bits_per_weight,
                   **result.to_dict()}
-        _write_json(args.json, record)
+        atomic.write_json(args.json, record)
         print(f"wrote {args.json}")
     return 0
-
-
-def _write_json(path: str, record) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, p)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -152,7 +141,7 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
         print(f"{name:24s} {tps:9.2f} {r['pte_bytes'][name] / 1e6:8.1f}")
     print(f"speedup vqmobile / torchao 8da4w g32: {r['speedup']:.3f}x (median of {r['repeats']}, "
           f"{r['decode_tokens']} decode tokens, engine {r['engine']}, threads {r['threads']})")
-    _write_json(args.json, r)
+    atomic.write_json(args.json, r)
     print(f"wrote {args.json}")
     return 0
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
-import json
 import os
 import platform
 import statistics
@@ -34,6 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+
+from vqmobile import atomic
 
 DEFAULT_SHAPES = "4096x4096,11008x4096,4096x11008"
 
@@ -328,9 +329,7 @@ def run(args: argparse.Namespace) -> int:
     out = {"info": info, "stream_gbps": {str(t): v for t, v in stream.items()}, "records": records,
            "targets": {k: v for k, v in targets.items() if k != "lines"}}
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        atomic.write_json(args.json, out)
         print(f"# wrote {args.json} ({info['seconds']} s, load {info['loadavg_start']} -> {info['loadavg_end']})")
     return 0
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from vqmobile import atomic
 
 
 def _parse_value(v: str):
@@ -124,9 +125,7 @@ def _print_table(records: list[dict]) -> None:
 
 
 def _write(out: Path, settings: dict, records: list[dict]) -> None:
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "settings": settings, "rows": records}, indent=1))
-    os.replace(tmp, out)
+    atomic.write_json(out, {"date": time.strftime("%Y-%m-%d"), "settings": settings, "rows": records})
 
 
 def run(args: argparse.Namespace) -> int:
