@@ -232,6 +232,9 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
+        from .kernels import check_env_path
+
+        check_env_path()
         return args.func(args)
     except UserError as e:
         print(f"vqmobile: error: {e}", file=sys.stderr)

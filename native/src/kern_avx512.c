@@ -32,6 +32,9 @@
 #include <simde/x86/avx512.h>
 #include <simde/x86/f16c.h>
 #include <simde/x86/fma.h>
+/* names Debian's SIMDe defines without their native aliases */
+#define _mm512_shuffle_i64x2 simde_mm512_shuffle_i64x2
+typedef simde__mmask16 __mmask16;
 #elif defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,avx2,fma,f16c"))), \
                              apply_to = function)
