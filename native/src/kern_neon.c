@@ -191,6 +191,7 @@ vq_rows_impl(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1
                 else facc[bi] = vdupq_n_f32(0.0f);
             }
             for (int64_t h = 0; h < nchunk; h++) {
+                VQM_MCA_BEGIN("neon.vq_rows.loop", BE, DE, NB, INT8);
                 const int64_t cs = code0 + 32 * h;
                 const int64_t nvalid = code1 - cs;
                 if (nvalid <= 0) break;
@@ -214,7 +215,9 @@ vq_rows_impl(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1
                         }
                     }
                 }
+                VQM_MCA_END("neon.vq_rows.loop", BE, DE, NB, INT8);
             }
+            VQM_MCA_BEGIN("neon.vq_rows.finish", BE, DE, NB, INT8);
             for (int bi = 0; bi < nb; bi++) {
                 if (INT8) {
                     float v = (float)vaddvq_s32(iacc[bi]) * xp->xs[bi * xp->nblk + cb];
@@ -224,6 +227,7 @@ vq_rows_impl(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1
                     acc[bi] = acc[bi] + vaddvq_f32(facc[bi]) * s;
                 }
             }
+            VQM_MCA_END("neon.vq_rows.finish", BE, DE, NB, INT8);
         }
         for (int bi = 0; bi < nb; bi++) y[bi * n + r] = bias ? acc[bi] + bias[r] : acc[bi];
     }
@@ -310,6 +314,7 @@ int_rows_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1
             float32x4_t acc = vdupq_n_f32(0.0f);
             const int8_t *xqb = xp->xq + bi * xp->stride;
             for (int64_t g = 0; g < ng; g++) {
+                VQM_MCA_BEGIN("neon.int_rows.loop", BITS, 0, 0, 0);
                 const int64_t c0 = g * G;
                 const int64_t c1 = c0 + G < k ? c0 + G : k;
                 int32x4_t a[4] = { vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0) };
@@ -348,6 +353,7 @@ int_rows_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1
                 float32x4_t v = vmulq_n_f32(vcvtq_f32_s32(isum), xp->xs[bi * xp->nblk + g]);
                 v = vmulq_f32(v, s);
                 acc = vaddq_f32(acc, v);
+                VQM_MCA_END("neon.int_rows.loop", BITS, 0, 0, 0);
             }
             float out[4];
             vst1q_f32(out, acc);
