@@ -147,16 +147,25 @@ def kernel(path: str, row: Row) -> Kernel:
         return Kernel(path, "int_rows_i8", (Unit((Part("avx512.int_g32.loop", (row.bits, 0, 0, 0), loop=True),), 256,
                                                  "4 rows x 2 groups of 32"),), "software prefetch")
     if path in ("neon", "neon_dot"):
-        if row.vq:
+        if row.vq and row.ncent == 256:  # vq_rows_impl, one row at a time
             be, de, ke = _vq_cfg(row)
-            n = row.C // de // 32
-            return Kernel(path, "vq_rows_impl", (Unit((Part("neon.vq_rows.loop", (be, de, 1, 1), n, loop=True,
-                                                            ),
+            return Kernel(path, "vq_rows_impl", (Unit((Part("neon.vq_rows.loop", (be, de, 1, 1), row.C // de // 64,
+                                                            loop=True),
                                                        Part("neon.vq_rows.finish", (be, de, 1, 1))),
                                                       row.C, f"1 row x {row.C}-column block"),),
-                          "tables (rebuilt every R rows), software prefetch, partial chunks")
-        return Kernel(path, "int_rows_i8", (Unit((Part("neon.int_rows.loop", (row.bits, 0, 0, 0), loop=True),), 128,
-                                                 "4 rows x 1 group of 32"),), "software prefetch")
+                          "software prefetch, partial chunks, tables (rebuilt every R rows)")
+        if row.vq:  # vq_tile4: R % 4 == 0 in every row; tables in registers
+            be, de, ke = _vq_cfg(row)
+            nr = 2 if ke == 64 else 4  # rows per pass over a block's chunks
+            n = row.C // de // 64 * (4 // nr)
+            return Kernel(path, "vq_tile4", (Unit((Part("neon.vq_tile.tables", (be, de, ke, 0)),
+                                                   Part("neon.vq_tile.loop", (be, de, ke, nr), n, loop=True),
+                                                   Part("neon.vq_tile.finish", (be, de, ke, 0))),
+                                                  4 * row.C, f"4-row tile x {row.C}-column block"),),
+                          "software prefetch, partial chunks" + (", tables (rebuilt every R rows)"
+                                                                 if ke != 16 else ""))
+        return Kernel(path, "int_g32_i8", (Unit((Part("neon.int_g32.loop", (row.bits, 0, 0, 0), loop=True),), 128,
+                                                "4 rows x 1 group of 32"),), "nothing")
     raise ValueError(path)
 
 
