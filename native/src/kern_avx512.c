@@ -322,6 +322,7 @@ tile_chunks(const uint8_t *const rows[4], int64_t off0, int64_t h0, int64_t h1, 
     __m512 fa0 = acc->fa[0], fa1 = acc->fa[1], fa2 = acc->fa[2], fa3 = acc->fa[3];
     __m512 fb0 = acc->fb[0], fb1 = acc->fb[1], fb2 = acc->fb[2], fb3 = acc->fb[3];
     for (int64_t h = h0; h < h1; h++) {
+        VQM_MCA_BEGIN("avx512.vq_tile.loop", BE, DE, KE, SAME + 2 * INT8 + 4 * PARTIAL);
         const int64_t off = off0 + h * 8 * BE;
         __m512i X[4];
         if (INT8)
@@ -331,6 +332,7 @@ tile_chunks(const uint8_t *const rows[4], int64_t off0, int64_t h0, int64_t h1, 
         tile_chunk_row(rows[1] + off, tab[1], T, X, xh, &a1, &fa1, &fb1, SAME, BE, DE, KE, INT8, PARTIAL, nvalid_last);
         tile_chunk_row(rows[2] + off, tab[2], T, X, xh, &a2, &fa2, &fb2, SAME, BE, DE, KE, INT8, PARTIAL, nvalid_last);
         tile_chunk_row(rows[3] + off, tab[3], T, X, xh, &a3, &fa3, &fb3, SAME, BE, DE, KE, INT8, PARTIAL, nvalid_last);
+        VQM_MCA_END("avx512.vq_tile.loop", BE, DE, KE, SAME + 2 * INT8 + 4 * PARTIAL);
     }
     acc->a[0] = a0; acc->a[1] = a1; acc->a[2] = a2; acc->a[3] = a3;
     acc->fa[0] = fa0; acc->fa[1] = fa1; acc->fa[2] = fa2; acc->fa[3] = fa3;
@@ -402,12 +404,14 @@ vq_tile4(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, co
                             : fp16x4(w->scale[rb[0] * ncb + cb], w->scale[rb[1] * ncb + cb],
                                      w->scale[rb[2] * ncb + cb], w->scale[rb[3] * ncb + cb]);
             if (INT8) {
+                VQM_MCA_BEGIN("avx512.vq_tile.finish", BE, DE, KE, 1);
                 __m128i isum = hsum4_i32(fold512_i32(ta.a[0]), fold512_i32(ta.a[1]), fold512_i32(ta.a[2]),
                                          fold512_i32(ta.a[3]));
                 isum = _mm_sub_epi32(isum, _mm_set1_epi32(128 * xp->xsum[cb]));
                 __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(isum), _mm_set1_ps(xp->xs[cb]));
                 v = _mm_mul_ps(v, s);
                 acc = _mm_add_ps(acc, v);
+                VQM_MCA_END("avx512.vq_tile.finish", BE, DE, KE, 1);
             } else {
                 __m128 bs = hsum4_ps(fold512_ps(_mm512_add_ps(ta.fa[0], ta.fb[0])),
                                      fold512_ps(_mm512_add_ps(ta.fa[1], ta.fb[1])),
@@ -620,6 +624,7 @@ int_rows_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1
             if (G == 32) { /* two groups per vector: [rows 0-3 of g | rows 0-3 of g + 1] after the reduction */
                 const int8_t *xb = xp->xq + bi * xp->stride;
                 for (; g + 2 <= ng && (g + 2) * 32 <= k; g += 2) {
+                    VQM_MCA_BEGIN("avx512.int_g32.loop", BITS, 0, 0, 0);
                     if (bi == 0 && r + 8 < n) {
                         const uint8_t *pf = w->codes + (r + 8) * rowbytes + g * pf_grp;
                         for (int64_t o = 0; o < 2 * pf_grp; o += 64) _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
@@ -635,6 +640,7 @@ int_rows_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1
                     __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(h[0], h[1]), _mm256_hadd_epi32(h[2], h[3]));
                     acc = _mm_add_ps(acc, int_finish4(w, xp, rr, g, bi, _mm256_castsi256_si128(s), BITS));
                     acc = _mm_add_ps(acc, int_finish4(w, xp, rr, g + 1, bi, _mm256_extracti128_si256(s, 1), BITS));
+                    VQM_MCA_END("avx512.int_g32.loop", BITS, 0, 0, 0);
                 }
             }
             for (; g < ng; g++) {
