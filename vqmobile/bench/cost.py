@@ -144,8 +144,8 @@ def kernel(path: str, row: Row) -> Kernel:
                                                    Part("avx512.vq_tile.finish", (be, de, ke, 1))),
                                                   4 * row.C, f"4-row tile x {row.C}-column block"),),
                           "tables (rebuilt every R rows), software prefetch, partial chunks")
-        return Kernel(path, "int_rows_i8", (Unit((Part("avx512.int_g32.loop", (row.bits, 0, 0, 0), loop=True),), 256,
-                                                 "4 rows x 2 groups of 32"),), "software prefetch")
+        return Kernel(path, "int_rows_i8", (Unit((Part("avx512.int_tile.loop", (row.bits, 32, 0, 0), loop=True),), 512,
+                                                 "4 rows x 4 groups of 32"),), "software prefetch")
     if path in ("neon", "neon_dot"):
         if row.vq and row.ncent == 256:  # vq_rows_impl, one row at a time
             be, de, ke = _vq_cfg(row)
