@@ -81,6 +81,23 @@ static inline __m512 cvt_ph_ps(__m256i h) /* 16 fp16 -> 16 floats (exact) */
 #endif
 }
 
+static inline float half_to_float(uint16_t h)
+{
+    return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)));
+}
+
+/* the first n (< 64) bytes at p, the rest zero, reading nothing past p + n */
+static inline __m512i load_partial(const uint8_t *p, int n)
+{
+#if defined(VQM_SIMDE)
+    uint8_t tmp[64] = { 0 };
+    memcpy(tmp, p, (size_t)n);
+    return _mm512_loadu_si512((const void *)tmp);
+#else
+    return _mm512_maskz_loadu_epi8((1ull << n) - 1, p); /* masked-off bytes are never read (n < 64) */
+#endif
+}
+
 static inline __m256i ld256(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
 static inline __m512i ld512(const void *p) { return _mm512_loadu_si512(p); }
 
@@ -227,8 +244,7 @@ static inline __attribute__((always_inline)) __m512i unpack64(const uint8_t *p, 
 static inline __attribute__((always_inline)) __m512i unpack64_tail(const uint8_t *p, int nvalid, const int BE)
 {
     uint8_t tmp[64];
-    memset(tmp, 0, sizeof tmp);
-    memcpy(tmp, p, (size_t)((nvalid * BE + 7) / 8));
+    _mm512_storeu_si512((void *)tmp, load_partial(p, (nvalid * BE + 7) / 8));
     return unpack64(tmp, BE);
 }
 
@@ -378,6 +394,7 @@ vq_tile4(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, co
         }
         const int same = rb[0] == rb[3];
         __m128 acc = _mm_setzero_ps();
+        __m512 racc[4] = { _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps() };
         for (int64_t cb = 0; cb < ncb; cb++) {
             const int64_t c0 = cb * C, c1 = c0 + C < k ? c0 + C : k;
             const int64_t code0 = c0 / DE, code1 = vqm_cdiv(c1, DE);
@@ -415,10 +432,10 @@ vq_tile4(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, co
                     }
                 }
             }
-            __m128 s = same ? _mm_set1_ps(vqm_fp16_to_float_ref(w->scale[rb[0] * ncb + cb]))
-                            : fp16x4(w->scale[rb[0] * ncb + cb], w->scale[rb[1] * ncb + cb],
-                                     w->scale[rb[2] * ncb + cb], w->scale[rb[3] * ncb + cb]);
             if (INT8) {
+                __m128 s = same ? _mm_set1_ps(half_to_float(w->scale[rb[0] * ncb + cb]))
+                                : fp16x4(w->scale[rb[0] * ncb + cb], w->scale[rb[1] * ncb + cb],
+                                         w->scale[rb[2] * ncb + cb], w->scale[rb[3] * ncb + cb]);
                 VQM_MCA_BEGIN("avx512.vq_tile.finish", BE, DE, KE, 1);
                 __m128i isum = hsum4_i32(fold512_i32(ta.a[0]), fold512_i32(ta.a[1]), fold512_i32(ta.a[2]),
                                          fold512_i32(ta.a[3]));
@@ -427,14 +444,13 @@ vq_tile4(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, co
                 v = _mm_mul_ps(v, s);
                 acc = _mm_add_ps(acc, v);
                 VQM_MCA_END("avx512.vq_tile.finish", BE, DE, KE, 1);
-            } else {
-                __m128 bs = hsum4_ps(fold512_ps(_mm512_add_ps(ta.fa[0], ta.fb[0])),
-                                     fold512_ps(_mm512_add_ps(ta.fa[1], ta.fb[1])),
-                                     fold512_ps(_mm512_add_ps(ta.fa[2], ta.fb[2])),
-                                     fold512_ps(_mm512_add_ps(ta.fa[3], ta.fb[3])));
-                acc = _mm_add_ps(acc, _mm_mul_ps(bs, s));
+            } else { /* the block's sums stay vectors: scaled into the rows' accumulators, reduced once per row */
+                for (int i = 0; i < 4; i++)
+                    racc[i] = _mm512_fmadd_ps(_mm512_add_ps(ta.fa[i], ta.fb[i]),
+                                              _mm512_set1_ps(half_to_float(w->scale[rb[i] * ncb + cb])), racc[i]);
             }
         }
+        if (!INT8) acc = hsum4_ps(fold512_ps(racc[0]), fold512_ps(racc[1]), fold512_ps(racc[2]), fold512_ps(racc[3]));
         float out[4];
         _mm_storeu_ps(out, acc);
         for (int i = 0; i < 4 && r + i < r1; i++) y[r + i] = bias ? out[i] + bias[r + i] : out[i];
@@ -489,7 +505,7 @@ vq_rows(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, con
                     }
                 }
             }
-            const float s = vqm_fp16_to_float_ref(w->scale[rb * ncb + cb]);
+            const float s = half_to_float(w->scale[rb * ncb + cb]);
             for (int bi = 0; bi < nb; bi++) {
                 if (INT8) {
                     int32_t isum = hsum_i32(a[bi]) - 128 * xp->xsum[bi * xp->nblk + cb];
@@ -760,6 +776,97 @@ int_rows_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1
     }
 }
 
+/* float activations, batch 1: 4-row tiles, for codes whose q - z fits a signed byte (4-bit, symmetric 8-bit). Per
+ * row and group the products accumulate in a float vector that folds into the row's vector accumulator with one FMA
+ * by the group scale; each row reduces once at the end (float tolerance). With G = 32 one 64-column load serves
+ * two groups. */
+static inline __attribute__((always_inline)) __m512i int_signed64(__m512i q, __m512i z, const int BITS)
+{
+    return BITS == 8 ? _mm512_xor_si512(q, _mm512_set1_epi8((char)0x80)) : _mm512_sub_epi8(q, z);
+}
+
+static inline __attribute__((always_inline)) void f32_quarters(__m512i wq, __m512 f[4])
+{
+    f[0] = cvt_i32_ps(cvt_i8_i32(_mm512_castsi512_si128(wq)));
+    f[1] = cvt_i32_ps(cvt_i8_i32(_mm512_extracti32x4_epi32(wq, 1)));
+    f[2] = cvt_i32_ps(cvt_i8_i32(_mm512_extracti32x4_epi32(wq, 2)));
+    f[3] = cvt_i32_ps(cvt_i8_i32(_mm512_extracti32x4_epi32(wq, 3)));
+}
+
+static inline __attribute__((always_inline)) void
+int_tile_f32(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, const float *bias, float *y,
+             const int BITS)
+{
+    const int64_t k = w->k, G = w->group;
+    const int64_t ng = vqm_cdiv(k, G);
+    const int64_t rowbytes = vqm_int_row_bytes(w);
+    const int64_t pf_grp = ((vqm_cdiv(4 * rowbytes, ng) + 63) / 64) * 64;
+    const float *xf = xp->xf;
+    for (int64_t r = r0; r < r1; r += 4) {
+        int64_t rr[4];
+        const uint8_t *rows[4];
+        for (int i = 0; i < 4; i++) {
+            rr[i] = r + i < r1 ? r + i : r1 - 1;
+            rows[i] = w->codes + rr[i] * rowbytes;
+        }
+        __m512 ra[4] = { _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps() };
+        int64_t g = 0;
+        if (G == 32)
+            for (; (g + 2) * 32 <= k; g += 2) { /* groups g and g + 1: quarters 0-1 and 2-3 */
+                if (r + 8 < w->n) {
+                    const uint8_t *pf = w->codes + (r + 8) * rowbytes + g * pf_grp;
+                    for (int64_t o = 0; o < 2 * pf_grp; o += 64) _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
+                }
+                const float *xg = xf + g * 32;
+                const __m512 x0 = _mm512_loadu_ps(xg), x1 = _mm512_loadu_ps(xg + 16);
+                const __m512 x2 = _mm512_loadu_ps(xg + 32), x3 = _mm512_loadu_ps(xg + 48);
+                for (int i = 0; i < 4; i++) {
+                    __m512i z = _mm512_set1_epi8((char)(1 << (BITS - 1)));
+                    __m512i q = int_codes64(rows[i], g * 32, BITS);
+                    if (w->zeros) /* 4-bit: the two groups' zero points, each over its 32 columns */
+                        z = _mm512_mask_blend_epi8(0xffffffff00000000ull, _mm512_set1_epi8((char)w->zeros[rr[i] * ng + g]),
+                                                   _mm512_set1_epi8((char)w->zeros[rr[i] * ng + g + 1]));
+                    __m512 f[4];
+                    f32_quarters(int_signed64(q, z, BITS), f);
+                    __m512 pa = _mm512_fmadd_ps(f[1], x1, _mm512_mul_ps(f[0], x0));
+                    __m512 pb = _mm512_fmadd_ps(f[3], x3, _mm512_mul_ps(f[2], x2));
+                    ra[i] = _mm512_fmadd_ps(pa, _mm512_set1_ps(half_to_float(w->scales[rr[i] * ng + g])), ra[i]);
+                    ra[i] = _mm512_fmadd_ps(pb, _mm512_set1_ps(half_to_float(w->scales[rr[i] * ng + g + 1])), ra[i]);
+                }
+            }
+        for (; g < ng; g++) {
+            const int64_t c0 = g * G, c1 = c0 + G < k ? c0 + G : k;
+            if (r + 8 < w->n) {
+                const uint8_t *pf = w->codes + (r + 8) * rowbytes + g * pf_grp;
+                for (int64_t o = 0; o < pf_grp; o += 64) _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
+            }
+            __m512 pg[4] = { _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps() };
+            for (int64_t c = c0; c < c1; c += 64) {
+                /* the group's activations end 32 columns into this vector when G % 64 == 32 */
+                const int nx = xp->blk_pad - (c - c0) >= 64 ? 4 : 2;
+                const float *xc = xf + g * xp->blk_pad + (c - c0);
+                __m512 x[4];
+                for (int j = 0; j < 4; j++) x[j] = j < nx ? _mm512_loadu_ps(xc + 16 * j) : _mm512_setzero_ps();
+                for (int i = 0; i < 4; i++) {
+                    __m512i q = c + 64 <= k ? int_codes64(rows[i], c, BITS) : int_codes64_tail(rows[i], c, k, BITS);
+                    const int zi = w->zeros ? w->zeros[rr[i] * ng + g] : 1 << (BITS - 1);
+                    __m512 f[4];
+                    f32_quarters(int_signed64(q, _mm512_set1_epi8((char)zi), BITS), f);
+                    pg[i] = _mm512_fmadd_ps(f[0], x[0], pg[i]);
+                    pg[i] = _mm512_fmadd_ps(f[1], x[1], pg[i]);
+                    pg[i] = _mm512_fmadd_ps(f[2], x[2], pg[i]);
+                    pg[i] = _mm512_fmadd_ps(f[3], x[3], pg[i]);
+                }
+            }
+            for (int i = 0; i < 4; i++)
+                ra[i] = _mm512_fmadd_ps(pg[i], _mm512_set1_ps(half_to_float(w->scales[rr[i] * ng + g])), ra[i]);
+        }
+        float out[4];
+        _mm_storeu_ps(out, hsum4_ps(fold512_ps(ra[0]), fold512_ps(ra[1]), fold512_ps(ra[2]), fold512_ps(ra[3])));
+        for (int i = 0; i < 4 && r + i < r1; i++) y[r + i] = bias ? out[i] + bias[r + i] : out[i];
+    }
+}
+
 /* float activations: one row at a time, every activation vector; q - z converted to float and FMA'd */
 static inline __attribute__((always_inline)) void
 int_rows_f32(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, const float *bias, float *y,
@@ -776,7 +883,7 @@ int_rows_f32(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r
         for (int64_t g = 0; g < ng; g++) {
             const int64_t c0 = g * G, c1 = c0 + G < k ? c0 + G : k;
             const int z = w->zeros ? w->zeros[r * ng + g] : 1 << (BITS - 1);
-            const float s = vqm_fp16_to_float_ref(w->scales[r * ng + g]);
+            const float s = half_to_float(w->scales[r * ng + g]);
             __m512 fa[VQM_BATCH_TILE], fb[VQM_BATCH_TILE];
             for (int bi = 0; bi < nb; bi++) fa[bi] = fb[bi] = _mm512_setzero_ps();
             for (int64_t c = c0; c < c1; c += 64) {
@@ -819,6 +926,9 @@ static void avx512_int_rows(const vqm_int_weight *w, const vqm_layout *lay, cons
 #define I8(BITS, GK) if (w->bits == BITS && gk == GK) { int_rows_i8(w, xp, r0, r1, bias, y, BITS, GK); return; }
         I8(8, 32) I8(8, 64) I8(8, 128) I8(8, 0) I8(4, 32) I8(4, 64) I8(4, 128) I8(4, 0)
 #undef I8
+    } else if (xp->batch == 1 && (w->bits == 4 || !w->zeros)) {
+        if (w->bits == 8) int_tile_f32(w, xp, r0, r1, bias, y, 8);
+        else int_tile_f32(w, xp, r0, r1, bias, y, 4);
     } else {
         if (w->bits == 8) int_rows_f32(w, xp, r0, r1, bias, y, 8);
         else int_rows_f32(w, xp, r0, r1, bias, y, 4);
