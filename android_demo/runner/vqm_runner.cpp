@@ -130,7 +130,9 @@ double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-// Resident set size now and at its peak, in MB. ru_maxrss is in kilobytes on Linux and Android.
+// Resident set size now and at its peak (this process's own high-water mark, VmHWM), in MB. Not getrusage's
+// ru_maxrss where /proc exists: Linux carries the launching process's high-water mark into ru_maxrss across
+// fork and exec, so a runner started by a big process (a Python benchmark) would report that process's peak.
 double rss_now_mb() {
   long pages = 0, resident = 0;
   if (FILE* f = std::fopen("/proc/self/statm", "r")) {
@@ -141,9 +143,17 @@ double rss_now_mb() {
 }
 
 double rss_peak_mb() {
+  if (FILE* f = std::fopen("/proc/self/status", "r")) {
+    char line[256];
+    long kb = -1;
+    while (std::fgets(line, sizeof line, f))
+      if (std::sscanf(line, "VmHWM: %ld kB", &kb) == 1) break;
+    std::fclose(f);
+    if (kb >= 0) return (double)kb * 1024.0 / 1e6;
+  }
   struct rusage ru;
   getrusage(RUSAGE_SELF, &ru);
-  return (double)ru.ru_maxrss * 1024.0 / 1e6;
+  return (double)ru.ru_maxrss * 1024.0 / 1e6;  // kilobytes on Linux and Android
 }
 
 // One forward call; returns the logits of the last position (valid until the next call).
