@@ -63,7 +63,7 @@ def dense_copy(model: nn.Module) -> nn.Module:
     """The model with every QuantLinear replaced by an nn.Linear holding its dequantized weight, and a quantized
     embedding by an nn.Embedding (a head tied to it shares that weight, as in the float model)."""
     from vqmobile.embedding import QuantEmbedding
-    from vqmobile.qweight import QuantLinear
+    from vqmobile.layers import QuantLinear
 
     emb = model.get_input_embeddings()
     if isinstance(emb, QuantEmbedding):
@@ -96,7 +96,7 @@ def export_torchao_baseline(checkpoint: str | Path, out: str | Path, max_seq: in
 
     from vqmobile.checkpoint import is_checkpoint, load
     from vqmobile.model import load_model
-    from vqmobile.qweight import QuantLinear
+    from vqmobile.layers import QuantLinear
 
     from .executorch_export import export_program, lower_to_executorch, program_summary
     from .model import StaticLlama

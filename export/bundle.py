@@ -134,7 +134,7 @@ def _resolve_checkpoint(model_spec: str, tmp: Path, calibration, progress) -> tu
     if path.is_dir() and checkpoint.is_checkpoint(path):
         return path, False
     try:
-        from vqmobile.gptvq import GPTVQConfig
+        from vqmobile.quantizers.gptvq import GPTVQConfig
 
         config = GPTVQConfig.from_target(preset="mobile")
     except (ImportError, AttributeError) as e:
@@ -160,7 +160,7 @@ def export_bundle(model_spec: str, out: str, *, target: str, formats: list[str],
     (the kernels' integer dot products, the fast mode; see export/check.py for how it is checked); the ONNX file
     always defines float activations."""
     from vqmobile import checkpoint as ckpt
-    from vqmobile.qweight import check_activations, set_activations
+    from vqmobile.layers import check_activations, set_activations
 
     from .runtime.build import RUNTIME_LIBS, _compilers, build_adapter, build_runner, host_target, runtime_lib_dir
 

@@ -70,7 +70,7 @@ def check_bundle(bundle: str, *, windows: int, json_path: str | None = None, dat
     from vqmobile.checkpoint import load
     from vqmobile.data import wikitext_test_ids
     from vqmobile.errors import UserError
-    from vqmobile.qweight import set_activations
+    from vqmobile.layers import set_activations
 
     if windows < 1:
         raise UserError(f"--windows {windows} must be at least 1")

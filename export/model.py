@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqmobile import ops
-from vqmobile.qweight import QuantLinear
+from vqmobile.layers import QuantLinear
 
 
 def linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -54,7 +54,7 @@ class StaticLlama(nn.Module):
         with torch.no_grad():  # layers without an operator: their dense weight is made now, not while tracing
             for mod in hf_model.modules():
                 if isinstance(mod, QuantLinear) and ops.op_support(mod.qweight)[0] is None:
-                    ops._dense(mod.qweight)
+                    ops.dense_weight(mod.qweight)
         rot = self.model.rotary_emb
         pos = torch.arange(self.max_seq, dtype=torch.float32)
         freqs = pos[:, None] * rot.inv_freq.float()[None, :]

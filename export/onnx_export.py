@@ -216,7 +216,7 @@ def export_onnx(hf_model: torch.nn.Module, path: str | Path, max_seq: int) -> di
 
     The file always defines float activations (its functions multiply the float input), whatever activation mode
     `hf_model` is set to: the model is traced in float mode and left as it was."""
-    from vqmobile.qweight import activations_set
+    from vqmobile.layers import activations_set
 
     _register_symbolics()
     with activations_set(hf_model, "float"):

@@ -12,9 +12,9 @@ from vqmobile import checkpoint
 from vqmobile.embedding import QuantEmbedding, quantize_embedding, quantize_embeddings_, tied_head
 from vqmobile.errors import FormatError
 from vqmobile.evaluate import perplexity
-from vqmobile.intweight import RTNConfig
+from vqmobile.quantizers.rtn import RTNConfig
 from vqmobile.pipeline import quantize_
-from vqmobile.qweight import QuantLinear
+from vqmobile.layers import QuantLinear
 
 
 def test_q8_0_source_round_trips_exactly():

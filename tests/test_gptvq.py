@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from vqmobile import checkpoint
-from vqmobile import codebook as cbk
+from vqmobile.quantizers import codebook as cbk
 from vqmobile.data import calibration_data
 from vqmobile.errors import FormatError, UserError
 from vqmobile.evaluate import perplexity
-from vqmobile.gptq import GPTQConfig
-from vqmobile.gptvq import GPTVQConfig, add_cli_arguments, config_from_args, gptvq_quantize, nominal_bpv
+from vqmobile.quantizers.gptq import GPTQConfig
+from vqmobile.quantizers.gptvq import GPTVQConfig, add_cli_arguments, config_from_args, gptvq_quantize, nominal_bpv
 from vqmobile.pipeline import quantize_
-from vqmobile.qweight import QuantLinear
-from vqmobile.vqweight import VQGeometry, VQWeight, expand, expand_adjoint
+from vqmobile.layers import QuantLinear
+from vqmobile.formats.vqweight import VQGeometry, VQWeight, expand, expand_adjoint
 
 from conftest import WIKITEXT
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from vqmobile.errors import FormatError, UserError
-from vqmobile.gptq import GPTQConfig
+from vqmobile.quantizers.gptq import GPTQConfig
 from vqmobile.hessian import HessianAccumulator
-from vqmobile.intweight import IntWeight, RTNConfig
+from vqmobile.formats.intweight import IntWeight
+from vqmobile.quantizers.rtn import RTNConfig
 
 
 @pytest.fixture(scope="module")

@@ -191,8 +191,8 @@ def test_large_shapes_batches_and_torch_io():
 
 
 def test_matches_checkpoint_classes_dequantize():
-    vqw = pytest.importorskip("vqmobile.vqweight")
-    intw = pytest.importorskip("vqmobile.intweight")
+    vqw = pytest.importorskip("vqmobile.formats.vqweight")
+    intw = pytest.importorskip("vqmobile.formats.intweight")
     rng = np.random.default_rng(11)
     n, k, d, ncent, R, C = 24, 172, 2, 64, 8, 64
     geom = vqw.VQGeometry(n, k, d, ncent, R, C)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vqmobile.pack import pack_rows, row_bytes, unpack_rows
+from vqmobile.formats.pack import pack_rows, row_bytes, unpack_rows
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

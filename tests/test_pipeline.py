@@ -9,10 +9,10 @@ import torch
 
 from vqmobile import checkpoint
 from vqmobile.evaluate import perplexity
-from vqmobile.gptq import GPTQConfig
-from vqmobile.intweight import RTNConfig
+from vqmobile.quantizers.gptq import GPTQConfig
+from vqmobile.quantizers.rtn import RTNConfig
 from vqmobile.pipeline import quantize_
-from vqmobile.qweight import QuantLinear
+from vqmobile.layers import QuantLinear
 
 WINDOWS = 40
 

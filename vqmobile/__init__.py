@@ -12,12 +12,12 @@ linears with the kernels' int8 activations.
 from .api import CalibrationSpec, evaluate, load, open_model, quantize
 from .checkpoint import load as load_checkpoint
 from .errors import FormatError, UserError
-from .gptq import GPTQConfig
-from .gptvq import GPTVQConfig
-from .intweight import RTNConfig
+from .layers import set_activations
 from .model import load_model, prepare_default_model
 from .pipeline import quantize_
-from .qweight import set_activations
+from .quantizers.gptq import GPTQConfig
+from .quantizers.gptvq import GPTVQConfig
+from .quantizers.rtn import RTNConfig
 
 __all__ = [
     "CalibrationSpec", "FormatError", "GPTQConfig", "GPTVQConfig", "RTNConfig", "UserError", "evaluate", "load", "load_checkpoint",

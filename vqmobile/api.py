@@ -13,12 +13,12 @@ from typing import Any
 import torch
 
 from . import checkpoint
-from .config import QuantConfig
 from .data import calibration_data, wikitext_test_ids
 from .errors import UserError
 from .evaluate import Perplexity, perplexity
 from .model import load_model, resolve
 from .pipeline import QuantizeReport, quantize_
+from .quantizers.base import QuantConfig
 
 
 @dataclass

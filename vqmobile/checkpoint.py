@@ -23,12 +23,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import atomic, intweight, vqweight  # noqa: F401  (importing a format registers its kind for loading)
+from . import atomic
 from .embedding import QuantEmbedding, tied_head, use_quantized_embedding
-from .intweight import IntWeight
 from .errors import FormatError, UserError
+from .formats import weight_from_stored
+from .formats.intweight import IntWeight
 from .hashing import sha256_file
-from .qweight import QuantLinear, weight_from_stored
+from .layers import QuantLinear
 
 FORMAT_VERSION = 1
 MANIFEST = "vqmobile.json"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import atomic, gptvq
+from . import atomic
+from .quantizers import gptvq
 from .errors import UserError
 
 
@@ -28,8 +29,8 @@ def _add_int_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace):
-    from .gptq import GPTQConfig
-    from .intweight import RTNConfig
+    from .quantizers.gptq import GPTQConfig
+    from .quantizers.rtn import RTNConfig
 
     if args.method == "rtn":
         return RTNConfig(bits=args.bits, group=args.group, symmetric=args.symmetric, clip_search=args.clip_search,

@@ -4,7 +4,7 @@ The embedding matrix is the largest tensor of a small LLM (SmolLM2-135M: 49152 x
 the 30 quantized decoder layers together), and a tied lm_head reads all of it for every generated token. It is stored
 as 8-bit integers in groups of 32 with an fp16 absmax scale per group, W = (q - 128) * scale with |q - 128| <= 127:
 llama.cpp's Q8_0 grid, so a Q8_0 source (the default SmolLM2 GGUF's token_embd) round-trips exactly, and any other
-source loses about 0.4 % of a group's range at most. The stored format is the integer format of intweight.py, so
+source loses about 0.4 % of a group's range at most. The stored format is the integer format of formats/intweight.py, so
 the int kernels, operators and exporters run the head without anything new.
 
 QuantEmbedding gathers and dequantizes only the rows it looks up (standard ops, so it exports as-is); a head tied to
@@ -16,17 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import UserError
-from .intweight import IntGrid, IntWeight, n_groups, quantize_to_grid
-from .qweight import QuantLinear
+from .formats.intweight import IntGrid, IntWeight, n_groups, quantize_to_grid
+from .layers import QuantLinear
 
-EMBEDDINGS = ("int8", "float")
 BITS, GROUP = 8, 32
-
-
-def check_embedding(kind: str) -> None:
-    if kind not in EMBEDDINGS:
-        raise UserError(f"--embedding {kind} is not supported: use {' or '.join(EMBEDDINGS)}")
 
 
 def quantize_embedding(weight: torch.Tensor) -> IntWeight:

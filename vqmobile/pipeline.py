@@ -16,11 +16,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .config import QuantConfig
 from .embedding import quantize_embeddings_
 from .hessian import HessianAccumulator
+from .layers import QuantLinear
 from .model import decoder_layers
-from .qweight import QuantLinear
+from .quantizers.base import QuantConfig
 
 
 @dataclass

@@ -6,7 +6,7 @@
 //                            int n, int k, int bits, int group, bool act_int8=False, *, Tensor(a!) out)
 //   vqmobile::dense_linear.out(Tensor x, Tensor weight, Tensor? bias, *, Tensor(a!) out)
 // Both call the native C kernels (native/include/vqmobile.h) with the activation mode recorded in the program
-// (act_int8 -> VQM_ACT_INT8), the same calls the Python operators make (vqmobile/ops.py), so the runtime computes
+// (act_int8 -> VQM_ACT_INT8), the same calls the Python operators make (vqmobile/ops/), so the runtime computes
 // what eager PyTorch computes.
 //
 // Registration: the same boxing as EXECUTORCH_LIBRARY (make_boxed_kernel + register_kernel), done once at load

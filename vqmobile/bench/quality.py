@@ -34,8 +34,8 @@ def _parse_value(v: str):
 
 
 def make_config(row: str):
-    from ..gptq import GPTQConfig
-    from ..intweight import RTNConfig
+    from ..quantizers.gptq import GPTQConfig
+    from ..quantizers.rtn import RTNConfig
 
     method, _, rest = row.partition(":")
     kwargs = {k: _parse_value(v) for k, v in (kv.split("=", 1) for kv in rest.split(",") if kv)}
@@ -44,7 +44,7 @@ def make_config(row: str):
     if method == "gptq":
         return GPTQConfig(**kwargs)
     if method == "gptvq":
-        from ..gptvq import GPTVQConfig
+        from ..quantizers.gptvq import GPTVQConfig
 
         return GPTVQConfig.from_target(**kwargs)
     raise SystemExit(f"unknown row {row!r}: use fp or rtn:/gptq:/gptvq: with key=value options")

@@ -40,13 +40,13 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError
+from ..formats.pack import pack_rows
+from ..formats.vqweight import CODEBOOK_KINDS, MAX_INDEX_BITS, VQGeometry, VQWeight, norm_scale_values
+from ..hessian import inverse_cholesky
+from ..threads import column_pass, num_threads
 from . import codebook as cbk
-from .config import QuantConfig
-from .errors import UserError
-from .hessian import inverse_cholesky
-from .pack import pack_rows
-from .threads import column_pass, num_threads
-from .vqweight import CODEBOOK_KINDS, MAX_INDEX_BITS, VQGeometry, VQWeight, norm_scale_values
+from .base import QuantConfig
 
 MAX_COLS_PER_BLOCK = 256  # groups span at most 256 columns (paper)
 VQ_DIMS = (1, 2, 3, 4, 5, 6, 7, 8)

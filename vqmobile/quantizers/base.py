@@ -12,21 +12,25 @@ from typing import Any, ClassVar
 
 import torch
 
-from .qweight import QuantizedWeight
+from ..errors import UserError
+from ..formats.base import QuantizedWeight
+
+# The token embedding (and a head tied to it): int8 groups of 32 (vqmobile/embedding.py), or float as loaded.
+EMBEDDINGS = ("int8", "float")
 
 
 @dataclasses.dataclass
 class QuantConfig(ABC):
+    """Options common to every method; `embedding` is one of EMBEDDINGS."""
+
     method: ClassVar[str]
     needs_hessian: ClassVar[bool] = True
 
-    # The token embedding (and a head tied to it): "int8" groups of 32 (embedding.py), or "float" as loaded.
     embedding: str = "int8"
 
     def __post_init__(self) -> None:
-        from .embedding import check_embedding
-
-        check_embedding(self.embedding)
+        if self.embedding not in EMBEDDINGS:
+            raise UserError(f"--embedding {self.embedding} is not supported: use {' or '.join(EMBEDDINGS)}")
         self.check()
 
     def check(self) -> None:

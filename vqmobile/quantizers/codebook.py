@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import kernels
-from .vqweight import INT_MAX, VQGeometry, expand, expand_adjoint
+from .. import kernels
+from ..formats.vqweight import INT_MAX, VQGeometry, expand, expand_adjoint
 
 # ------------------------------------------------------------------------------------------------ initialization
 def mahalanobis_seed(x: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
@@ -183,7 +183,7 @@ def update_lstsq(obj: Objective, theta: torch.Tensor, iters: int = 50, rtol: flo
 def update_adam(obj: Objective, theta: torch.Tensor, steps: int = 25, lr: float = 1e-3) -> torch.Tensor:
     """The paper's codebook update: `steps` Adam steps on f from the current codebooks, restarting with a 10x smaller
     learning rate whenever a step increases the loss (as the public GPTVQ code does). Kept for comparison only: the
-    least-squares update reaches a lower loss in similar time (see the report in gptvq.py)."""
+    least-squares update reaches a lower loss in similar time (see the report in quantizers/gptvq.py)."""
     start_loss = obj.loss(theta)
     while True:
         x = theta.clone()

@@ -1,20 +1,18 @@
-"""The quantized-weight interface shared by every format, its registry, and the QuantLinear module that runs it.
+"""The quantized-weight interface every stored format implements, and the registry the checkpoint loads kinds from.
 
 A format (integer groups, VQ codebooks, ...) subclasses QuantizedWeight: it knows how to dequantize itself, which
 tensors it stores and how to rebuild and validate itself from them. The checkpoint code only talks to this interface,
-so a new method adds a format here without touching the pipeline or the file layout.
+so a new method adds a format module without touching the pipeline or the file layout.
 """
 
 from __future__ import annotations
 
-import contextlib
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
-from .errors import FormatError, UserError
+from ..errors import FormatError
 
 _FORMATS: dict[str, type["QuantizedWeight"]] = {}
 
@@ -63,10 +61,10 @@ class QuantizedWeight(ABC):
         return 8 * self.stored_bytes() / (n * k)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None, act_int8: bool = False) -> torch.Tensor:
-        """y = x W^T + b through this format's vqmobile operator (ops.py), the one definition that eager PyTorch,
+        """y = x W^T + b through this format's vqmobile operator (vqmobile/ops/), the one definition that eager PyTorch,
         export and the runtimes share; formats without an operator run a dense matmul with the dequantized weight.
         act_int8: int8 activations per block (ops.quantize_activations) where the operator supports them."""
-        from .ops import op_forward
+        from ..ops import op_forward
 
         return op_forward(self, x, bias, act_int8)
 
@@ -81,53 +79,3 @@ def expect_tensor(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtyp
             f"tensor '{name}' is {t.dtype} {tuple(t.shape)}, the manifest implies {dtype} {tuple(shape)}"
         )
     return t
-
-
-class QuantLinear(nn.Module):
-    """Drop-in replacement for nn.Linear whose weight lives in a QuantizedWeight. `act_int8` (an execution
-    setting, not part of the stored weight; see set_activations) selects int8 activations."""
-
-    def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.qweight = qweight
-        self.out_features, self.in_features = qweight.shape
-        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
-        self.act_int8 = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.qweight.linear(x, self.bias, self.act_int8)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, kind={self.qweight.kind}, "
-            f"bpw={self.qweight.bits_per_weight():.3f}{', act_int8' if self.act_int8 else ''}"
-        )
-
-
-ACTIVATIONS = ("float", "int8")
-
-
-def check_activations(activations: str) -> None:
-    if activations not in ACTIVATIONS:
-        raise UserError(f"--activations {activations} is not supported: use {' or '.join(ACTIVATIONS)}")
-
-
-def set_activations(model: nn.Module, activations: str) -> nn.Module:
-    """Run every quantized linear of `model` with float or int8 activations (ops.quantize_activations); returns
-    the model. int8 is the kernels' fast mode (integer dot products); float is the exact product."""
-    check_activations(activations)
-    for mod in model.modules():
-        if isinstance(mod, QuantLinear):
-            mod.act_int8 = activations == "int8"
-    return model
-
-
-@contextlib.contextmanager
-def activations_set(model: nn.Module, activations: str) -> Iterator[nn.Module]:
-    """set_activations for the duration of the block; every layer gets its own setting back afterwards."""
-    saved = {mod: mod.act_int8 for mod in model.modules() if isinstance(mod, QuantLinear)}
-    try:
-        yield set_activations(model, activations)
-    finally:
-        for mod, act_int8 in saved.items():
-            mod.act_int8 = act_int8

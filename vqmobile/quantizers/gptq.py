@@ -7,9 +7,10 @@ import dataclasses
 
 import torch
 
-from .hessian import inverse_cholesky
-from .intweight import IntConfigBase, IntGrid, IntWeight, fit_grid, quantize_to_grid
-from .threads import column_pass, num_threads
+from ..formats.intweight import IntGrid, IntWeight, quantize_to_grid
+from ..hessian import inverse_cholesky
+from ..threads import column_pass, num_threads
+from .rtn import IntConfigBase, fit_grid
 
 
 @dataclasses.dataclass

@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
-from .errors import FormatError
+from ..errors import FormatError
+from .base import QuantizedWeight, expect_tensor, register_format
 from .pack import pack_rows, row_bytes, unpack_rows
-from .qweight import QuantizedWeight, expect_tensor, register_format
 
 CODEBOOK_KINDS = ("int8", "int4", "fp16")
 MAX_INDEX_BITS = 8
