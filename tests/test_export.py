@@ -44,7 +44,7 @@ def _import_export():
 ve = _import_export()
 
 import vqmobile  # noqa: E402
-from vqmobile import ops  # noqa: E402
+from vqmobile import kernels, ops  # noqa: E402
 from vqmobile.errors import FormatError, UserError  # noqa: E402
 from vqmobile.quantizers.rtn import RTNConfig  # noqa: E402
 from vqmobile.layers import QuantLinear  # noqa: E402
@@ -418,22 +418,39 @@ def test_arm64_runner_under_qemu_equals_host(bundle):
         assert res == host, cpu
 
 
-def test_bench_decode_both_engines(bundle, tmp_path):
-    """The decode benchmark times ours and the torchao baseline in one run, through Python or the C++ runner."""
+def test_bench_decode_both_engines(bundle, tmp_path, monkeypatch):
+    """The decode race times ours and the torchao baseline in one run, through the C++ runner (one process per run,
+    with its own peak RSS) or Python; without llama_cpp its rows are skipped with the reason."""
     path, _ = bundle
     # any program with the same inputs and outputs can stand in for the baseline: the bundle's own copy spares the
     # test a torchao export, and then both sides must decode the same tokens
     base = tmp_path / "base.pte"
     shutil.copy2(path / "model.pte", base)
-    for engine in ("python", "runner"):
-        r = ve.bench_decode(str(path), baseline_pte=str(base), new_tokens=6, repeats=2, threads=1, engine=engine,
-                            progress=None)
-        assert r["engine"] == engine
-        assert all(len(v) == 2 and min(v) > 0 for v in r["tokens_per_s"].values()), r["tokens_per_s"]
-        assert r["speedup"] == r["median_tokens_per_s"]["vqmobile"] / r["median_tokens_per_s"]["torchao_8da4w_g32"]
-        assert r["greedy_token_agreement"] == 1.0
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # what a machine without the `peers` extra has
+    for engine in ("runner", "python"):
+        r = ve.bench_decode(str(path), baseline_pte=str(base), prompt_tokens=5, new_tokens=6, repeats=2,
+                            threads=[1, 2], engine=engine, progress=None)
+        assert r["engine"] == engine and len(r["prompt_ids"]) == 5
+        assert [(row["name"], row["threads"]) for row in r["rows"]] == [
+            ("vqmobile", 1), ("torchao 8da4w g32", 1), ("vqmobile", 2), ("torchao 8da4w g32", 2)]
+        for row in r["rows"]:
+            assert len(row["runs"]) == 2 and row["prefill_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0
+            assert row["greedy_agreement_vs_torchao"] == 1.0 and row["tokens_same_every_run"]
+            assert row["vs_llamacpp_q4_0"] is None
+            if engine == "runner":  # its own high-water mark, not the Python parent's (hundreds of MB)
+                assert 0 < row["rss_before_load_mb"] < row["peak_rss_mb"] < 200, row
+            else:
+                assert row["peak_rss_mb"] is None
+        ours, theirs = r["rows"][0], r["rows"][1]
+        assert ours["vs_torchao"] == ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"]
+        assert "pip install" in r["llama_cpp"]["skipped"]
+        assert r["machine"]["kernel_path"]["vqmobile_adapter"] in kernels.available_paths()
+        table = ve.bench.format_table(r)
+        assert "llama.cpp rows skipped" in table and table.count("vqmobile ") >= 2
     with pytest.raises(UserError, match="unknown engine"):
         ve.bench_decode(str(path), baseline_pte=str(base), engine="jit", progress=None)
+    with pytest.raises(UserError, match="max_seq"):
+        ve.bench_decode(str(path), baseline_pte=str(base), prompt_tokens=MAX_SEQ, progress=None)
 
 
 def test_decomposed_export_uses_standard_ops(reference):
@@ -537,3 +554,80 @@ def test_arm64_adapter_cross_builds():
         pytest.skip(str(e))
     head = lib.read_bytes()[:20]
     assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64
+
+
+def test_benchmark_runner_prefill_rss_and_logits(bundle, tmp_path):
+    """The runner reports prefill tokens/s, its peak RSS and kernel path; --logits writes [ntokens, vocab] float32
+    logits of one decode call per token, which pick the tokens the Python runtime picks for the same .pte."""
+    import numpy as np
+
+    from vqmobile.export.et_runtime import ETDecoder
+
+    path, _ = bundle
+    runner, pte = str(path / "bin" / "vqm_runner"), str(path / "model.pte")
+    ids = ",".join(map(str, RUNNER_PROMPT.tolist()))
+    out = tmp_path / "r.json"
+    res = subprocess.run([runner, pte, "--tokens", ids, "--new-tokens", "4", "--repeats", "1", "--threads", "1",
+                          "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["prefill_tokens_per_s_median"] > 0 and r["warmup"] == 1
+    assert r["prefill_tokens_per_s_median"] == pytest.approx(len(RUNNER_PROMPT) / r["prefill_ms_median"] * 1e3,
+                                                             rel=1e-3)
+    assert 0 < r["rss_before_load_mb"] < r["peak_rss_mb"] and "peak RSS" in res.stdout
+    assert r["kernel_path"] in kernels.available_paths()
+
+    logits = tmp_path / "logits.f32"
+    res = subprocess.run([runner, pte, "--tokens", ids, "--logits", str(logits), "--threads", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("\n") == 1 and f"{len(RUNNER_PROMPT)} x 512 float32 logits" in res.stdout
+    got = np.fromfile(logits, dtype="<f4")
+    assert got.size == len(RUNNER_PROMPT) * 512
+    got = got.reshape(len(RUNNER_PROMPT), 512)
+    dec = ETDecoder(path / "model.pte", path / "lib" / "libvqmobile_executorch.so")
+    want = torch.cat([dec(torch.tensor([[t]]), i)[0] for i, t in enumerate(RUNNER_PROMPT.tolist())]).numpy()
+    assert (got.argmax(1) == want.argmax(1)).all()
+    assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
+
+    for args, msg in ((["--logits", str(tmp_path / "x.f32")], "--logits needs the token ids"),
+                      (["--tokens", "1,2", "--logits", str(tmp_path / "no" / "x.f32")], "cannot write"),
+                      (["--tokens", "1,99999", "--logits", str(tmp_path / "x.f32")], "forward failed")):
+        bad = subprocess.run([runner, pte, *args], capture_output=True, text=True, timeout=300)
+        last = bad.stderr.strip().splitlines()[-1]
+        assert bad.returncode == 2 and last.startswith("vqm_runner: error: ") and msg in last, bad.stderr
+    assert not list(tmp_path.glob("x.f32*")) and not (tmp_path / "no").exists()
+
+
+def test_llamacpp_peer_on_stories(bundle, stories, tmp_path):
+    """With the `peers` extra installed: the F32 GGUF of stories260k decodes in llama.cpp what PyTorch decodes,
+    llama.cpp's quantizer makes the Q4_0 file, and the race runs its row beside ours."""
+    pytest.importorskip("llama_cpp", reason="the optional extra `peers` (llama-cpp-python) is not installed")
+    from conftest import STORIES
+    from vqmobile.export import llamacpp
+    from vqmobile.export.et_runtime import greedy_torch
+    from vqmobile.export.gguf_float import write_f32_gguf
+    from vqmobile.model import cache_dir
+
+    f32 = write_f32_gguf(stories.model, tmp_path / "s.gguf", vocab_dir=STORIES)
+    res = subprocess.run(llamacpp.command(f32, RUNNER_PROMPT.tolist(), 12, 1), capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    want = greedy_torch(stories.model, RUNNER_PROMPT, 12, 512)
+    # llama.cpp's own kernels and f16 KV cache: a statistical bound (a wrong rotary layout agrees on ~nothing)
+    assert got["tokens"][0] == want[0] and sum(a == b for a, b in zip(got["tokens"], want)) >= 9, (got, want)
+    assert 0 < got["rss_before_load_mb"] < got["peak_rss_mb"]
+
+    path, _ = bundle
+    base = tmp_path / "base.pte"
+    shutil.copy2(path / "model.pte", base)
+    r = ve.bench_decode(str(path), baseline_pte=str(base), prompt_tokens=5, new_tokens=4, repeats=1, threads=[1],
+                        gguf_kinds=["Q4_0"], source=str(STORIES), progress=None)
+    g = r["llama_cpp"]["gguf"]["Q4_0"]
+    assert Path(g["path"]).parent == cache_dir() / "gguf" and Path(g["path"]).is_file()  # keyed by the source sha
+    assert g["tensor_types"]["attn_q"] == ["Q4_0"] and 4.5 <= g["bits_per_weight"] < 16
+    assert r["llama_cpp"]["vocabulary"]["same"]
+    row = r["rows"][-1]
+    assert row["name"] == "llama.cpp Q4_0" and row["vs_llamacpp_q4_0"] == 1.0 and row["decode_tokens_per_s"] > 0
+    assert 0 < row["rss_before_load_mb"] < row["peak_rss_mb"]

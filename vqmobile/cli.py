@@ -134,16 +134,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_bench_decode(args: argparse.Namespace) -> int:
     from .export import bench_decode
+    from .export.bench import format_table
 
-    r = bench_decode(args.bundle, new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads,
-                     engine=args.engine, progress=None if args.quiet else print)
-    print(f"{'program':24s} {'tokens/s':>9s} {'pte MB':>8s}")
-    for name, tps in r["median_tokens_per_s"].items():
-        print(f"{name:24s} {tps:9.2f} {r['pte_bytes'][name] / 1e6:8.1f}")
-    print(f"speedup vqmobile / torchao 8da4w g32: {r['speedup']:.3f}x (median of {r['repeats']}, "
-          f"{r['decode_tokens']} decode tokens, engine {r['engine']}, threads {r['threads']})")
-    atomic.write_json(args.json, r)
-    print(f"wrote {args.json}")
+    try:
+        threads = [int(t) for t in args.threads.split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"--threads {args.threads!r}: give comma-separated thread counts, e.g. 1,2") from None
+    kinds = [k.strip() for k in args.gguf.split(",") if k.strip()]
+    r = bench_decode(args.bundle, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                     repeats=args.repeats, threads=threads, engine=args.engine, gguf_kinds=kinds, source=args.source,
+                     progress=None if args.quiet else print)
+    print(format_table(r))
+    if args.json:
+        atomic.write_json(args.json, r)
+        print(f"wrote {args.json}")
+    else:
+        print("JSON not written (pass --json FILE to keep it)")
     return 0
 
 
@@ -217,15 +223,21 @@ def make_parser() -> argparse.ArgumentParser:
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(bp)
         bp.set_defaults(func=cmd_bench, bench_run=module.run)
-    bp = bench_sub.add_parser("decode", help="ExecuTorch decode tokens/s of a bundle vs the same model exported with "
-                                             "torchao 8da4w g32 + XNNPACK, in one run")
+    bp = bench_sub.add_parser("decode", help="decode race: the bundle's .pte vs torchao 8da4w g32 + XNNPACK and "
+                                             "llama.cpp Q4_0/Q4_K_M of the same model: prefill and decode tokens/s, "
+                                             "peak RSS, in one run")
     bp.add_argument("bundle")
-    bp.add_argument("--new-tokens", type=int, default=64)
-    bp.add_argument("--repeats", type=int, default=3)
-    bp.add_argument("--threads", type=int, default=None)
-    bp.add_argument("--engine", default="python",  # bench_decode validates it against its ENGINES
-                    help="python: the ExecuTorch Python runtime; runner: the C++ benchmark runner (android_demo)")
-    bp.add_argument("--json", default="bench_results/decode.json")
+    bp.add_argument("--prompt-tokens", type=int, default=64, help="prompt length P (default 64)")
+    bp.add_argument("--new-tokens", type=int, default=64, help="greedy tokens generated N (default 64)")
+    bp.add_argument("--repeats", type=int, default=3, help="fresh processes per contender and thread count")
+    bp.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    bp.add_argument("--engine", default="runner",  # bench_decode validates it against its ENGINES
+                    help="runner: the C++ benchmark runner (android_demo), one process per run (default); python: "
+                         "the ExecuTorch Python runtime in this process, a quick check")
+    bp.add_argument("--gguf", default="Q4_0,Q4_K_M",
+                    help="llama.cpp quantizations to race (needs the optional extra `peers`; '' for none)")
+    bp.add_argument("--source", help="float model the GGUFs are made from (default: the checkpoint's source)")
+    bp.add_argument("--json", help="write the results as JSON to this file (default: not written)")
     bp.set_defaults(func=cmd_bench_decode)
     return parser
 

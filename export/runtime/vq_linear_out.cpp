@@ -240,3 +240,7 @@ extern "C" __attribute__((visibility("default"))) const char* vqmobile_et_versio
 // the environment also works, read at start-up).
 extern "C" __attribute__((visibility("default"))) void vqmobile_et_set_num_threads(int n) { vqm_set_num_threads(n); }
 extern "C" __attribute__((visibility("default"))) int vqmobile_et_get_num_threads(void) { return vqm_get_num_threads(); }
+// The kernel path this copy picked ("ref", "avx2", "avx512", "neon", "neon_dot"); the cffi module's may differ.
+extern "C" __attribute__((visibility("default"))) const char* vqmobile_et_kernel_path(void) {
+  return vqm_path_name(vqm_get_path());
+}
