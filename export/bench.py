@@ -164,7 +164,9 @@ def _python_contender(name: str, dec: ETDecoder, ids: list[int], new_tokens: int
 
     def run(threads: int) -> dict:
         kernels.set_num_threads(threads)
-        portable_lib()._unsafe_reset_threadpool(threads)
+        pl = portable_lib()
+        if pl._threadpool_get_thread_count() != threads:  # a reset under loaded programs is unsafe: once, first
+            pl._unsafe_reset_threadpool(threads)
         set_adapter_threads(threads)
         # torch's OpenMP pool must match too: its idle workers spin on the other cores otherwise
         with num_threads(threads):
@@ -331,6 +333,9 @@ def bench_decode(bundle: str, *, baseline_pte: str | None = None, prompt_tokens:
     threads = [int(t) for t in threads]
     if not threads or min(threads) < 1:
         raise UserError(f"threads must be positive integers, got {threads}")
+    if engine == "python" and len(set(threads)) > 1:
+        raise UserError("the python engine times one thread count per run (ExecuTorch's thread pool cannot be "
+                        "resized safely while programs are loaded): pass one --threads value, or use --engine runner")
     if repeats < 1 or prompt_tokens < 1 or new_tokens < 2:
         raise UserError("need at least 1 repeat, 1 prompt token and 2 new tokens (a prefill and a decode step)")
     gguf_kinds = list(llamacpp.DEFAULT_KINDS if gguf_kinds is None else gguf_kinds)

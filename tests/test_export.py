@@ -396,9 +396,11 @@ def test_benchmark_runner_equals_python_runtime(bundle, tmp_path):
     assert bad.stderr.count("\n") == 1
 
 
-def test_arm64_runner_under_qemu_equals_host(bundle):
-    """The arm64 runner and kernels (what an arm64 bundle ships) decode the same tokens as the host runner, with
-    and without the dotprod extension."""
+def test_arm64_runner_under_qemu_follows_host(bundle, stories_test_ids, tmp_path):
+    """The arm64 runner and kernels (what an arm64 bundle ships) compute what the host runner computes, with and
+    without the dotprod extension: teacher-forced logits of 40 real tokens through the decode path (`--logits`).
+    XNNPACK runs other float kernels on arm64, and the bundle rounds activations to int8, so the bounds are
+    statistical: the same next token almost everywhere and logits that differ far less than they vary."""
     from vqmobile.export.runtime import build
 
     if shutil.which("aarch64-linux-gnu-g++") is None or shutil.which("qemu-aarch64") is None:
@@ -408,14 +410,23 @@ def test_arm64_runner_under_qemu_equals_host(bundle):
         runner = build.build_runner("arm64", progress=None)
     except UserError as e:  # no registry access for the aarch64 executorch wheel
         pytest.skip(str(e))
-    host = _run_runner([str(path / "bin" / "vqm_runner"), str(path / "model.pte")], RUNNER_PROMPT, 12)
+    ids = ",".join(str(int(t)) for t in stories_test_ids[:40])
+
+    def logits(cmd, name):
+        out = tmp_path / f"{name}.f32"
+        res = subprocess.run([*cmd, str(path / "model.pte"), "--tokens", ids, "--logits", str(out), "--threads", "1"],
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return torch.from_numpy(__import__("numpy").fromfile(out, dtype="<f4")).view(40, -1)
+
+    host = logits([str(path / "bin" / "vqm_runner")], "host")
+    env_lib = build.runtime_lib_dir("arm64")  # the runner finds its libraries in ../lib; the aarch64 ones are cached
     for cpu in ("cortex-a72", "max"):
-        cmd = ["qemu-aarch64", "-cpu", cpu, "-L", "/usr/aarch64-linux-gnu", str(runner), str(path / "model.pte")]
-        # the runner finds its libraries in ../lib or beside itself; the aarch64 runtime is elsewhere in the cache
-        env_lib = build.runtime_lib_dir("arm64")
-        res = _run_runner(["env", f"QEMU_SET_ENV=LD_LIBRARY_PATH={env_lib}", *cmd], RUNNER_PROMPT,
-                          12)
-        assert res == host, cpu
+        arm = logits(["env", f"QEMU_SET_ENV=LD_LIBRARY_PATH={env_lib}", "qemu-aarch64", "-cpu", cpu, "-L",
+                      "/usr/aarch64-linux-gnu", str(runner)], cpu)
+        agree = (arm.argmax(-1) == host.argmax(-1)).float().mean()
+        assert agree >= 0.95, (cpu, agree)
+        assert (arm - host).abs().mean() < 0.05 * host.std(), cpu
 
 
 def test_bench_decode_both_engines(bundle, tmp_path, monkeypatch):
@@ -427,12 +438,12 @@ def test_bench_decode_both_engines(bundle, tmp_path, monkeypatch):
     base = tmp_path / "base.pte"
     shutil.copy2(path / "model.pte", base)
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # what a machine without the `peers` extra has
-    for engine in ("runner", "python"):
+    for engine, threads in (("runner", [1, 2]), ("python", [1])):
         r = ve.bench_decode(str(path), baseline_pte=str(base), prompt_tokens=5, new_tokens=6, repeats=2,
-                            threads=[1, 2], engine=engine, progress=None)
+                            threads=threads, engine=engine, progress=None)
         assert r["engine"] == engine and len(r["prompt_ids"]) == 5
         assert [(row["name"], row["threads"]) for row in r["rows"]] == [
-            ("vqmobile", 1), ("torchao 8da4w g32", 1), ("vqmobile", 2), ("torchao 8da4w g32", 2)]
+            (name, t) for t in threads for name in ("vqmobile", "torchao 8da4w g32")]
         for row in r["rows"]:
             assert len(row["runs"]) == 2 and row["prefill_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0
             assert row["greedy_agreement_vs_torchao"] == 1.0 and row["tokens_same_every_run"]
@@ -449,6 +460,8 @@ def test_bench_decode_both_engines(bundle, tmp_path, monkeypatch):
         assert "llama.cpp rows skipped" in table and table.count("vqmobile ") >= 2
     with pytest.raises(UserError, match="unknown engine"):
         ve.bench_decode(str(path), baseline_pte=str(base), engine="jit", progress=None)
+    with pytest.raises(UserError, match="one thread count"):
+        ve.bench_decode(str(path), baseline_pte=str(base), engine="python", threads=[1, 2], progress=None)
     with pytest.raises(UserError, match="max_seq"):
         ve.bench_decode(str(path), baseline_pte=str(base), prompt_tokens=MAX_SEQ, progress=None)
 

@@ -305,17 +305,22 @@ static void tab_cache_init(tab_cache *tc, size_t tsz, int64_t ncb)
     for (int i = 0; i < 4; i++) tc->rb[i] = -1;
 }
 
+static __attribute__((noinline)) const uint8_t *tab_cache_fill(tab_cache *tc, const vqm_vq_weight *w,
+                                                                 const vqm_vcfg *c, int64_t rb, int64_t ncb, size_t tsz,
+                                                                 uint8_t flip)
+{
+    uint8_t *slot = tc->base + (size_t)(rb & 3) * tc->slot_bytes;
+    for (int64_t cb = 0; cb < ncb; cb++)
+        prep_tab(c, w->codebook + (rb * ncb + cb) * (int64_t)w->ncent * w->d, flip, slot + cb * tsz);
+    tc->rb[rb & 3] = rb;
+    return slot;
+}
+
 static inline const uint8_t *tab_cache_get(tab_cache *tc, const vqm_vq_weight *w, const vqm_vcfg *c, int64_t rb,
                                            int64_t ncb, size_t tsz, uint8_t flip)
 {
-    int s = (int)(rb & 3);
-    uint8_t *slot = tc->base + (size_t)s * tc->slot_bytes;
-    if (tc->rb[s] != rb) {
-        for (int64_t cb = 0; cb < ncb; cb++)
-            prep_tab(c, w->codebook + (rb * ncb + cb) * (int64_t)w->ncent * w->d, flip, slot + cb * tsz);
-        tc->rb[s] = rb;
-    }
-    return slot;
+    if (tc->rb[rb & 3] == rb) return tc->base + (size_t)(rb & 3) * tc->slot_bytes;
+    return tab_cache_fill(tc, w, c, rb, ncb, tsz, flip);
 }
 
 /* ---------------------------------------------------------------- VQ, batch 1: 4-row tiles
@@ -390,9 +395,10 @@ vq_tile4(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, co
             int64_t rr = r + i < r1 ? r + i : r1 - 1;
             rows[i] = w->indices + rr * rowbytes;
             rb[i] = rr / R;
-            tabs[i] = tab_cache_get(&tc, w, cfg, rb[i], ncb, tsz, INT8 ? 0x80 : 0);
         }
         const int same = rb[0] == rb[3];
+        for (int i = 0; i < 4; i++)
+            tabs[i] = same && i ? tabs[0] : tab_cache_get(&tc, w, cfg, rb[i], ncb, tsz, INT8 ? 0x80 : 0);
         __m128 acc = _mm_setzero_ps();
         __m512 racc[4] = { _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps() };
         for (int64_t cb = 0; cb < ncb; cb++) {
@@ -586,15 +592,15 @@ static inline __attribute__((always_inline)) __m512i int_codes64(const uint8_t *
     return _mm512_shuffle_i64x2(z, z, 0xd8); /* [lo 0-15, hi 0-15, lo 16-31, hi 16-31] */
 }
 
-/* 64 columns from c whose last ones lie past the row's end: the existing codes, the rest 0 (activations 0 too) */
-static inline __m512i int_codes64_tail(const uint8_t *row, int64_t c, int64_t k, const int BITS)
+/* 64 columns from c whose last ones lie past the row's end: the existing codes (a masked load of the row's last
+ * bytes, so nothing past the row is read), the rest 0 (their activations are 0 too) */
+static inline __attribute__((always_inline)) __m512i int_codes64_tail(const uint8_t *row, int64_t c, int64_t k,
+                                                                      const int BITS)
 {
-    uint8_t tmp[64];
-    for (int p = 0; p < 64; p++) {
-        int64_t col = c + (p & ~31) + (BITS == 4 ? (p & 31) < 16 ? 2 * (p & 15) : 2 * (p & 15) + 1 : (p & 31));
-        tmp[p] = col < k ? (uint8_t)vqm_get_code(row, col, BITS) : 0;
-    }
-    return ld512(tmp);
+    if (BITS == 8) return load_partial(row + c, (int)(k - c));
+    uint8_t tmp[32];
+    _mm256_storeu_si256((__m256i *)(void *)tmp, _mm512_castsi512_si256(load_partial(row + (c >> 1), (int)((k - c + 1) >> 1))));
+    return int_codes64(tmp, 0, BITS);
 }
 
 /* int32 sum of q * x over group g of one row and one activation vector, chunks of 64 columns */
