@@ -464,17 +464,20 @@ vq_tile4(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, co
 }
 
 /* ---------------------------------------------------------------- VQ, batch > 1: one row at a time
- * The row's codes decode once per chunk and meet every activation vector of the batch. */
+ * The row's codes decode once per chunk and meet every activation vector of the batch. NB: the batch as a
+ * compile-time constant (8, the prefill tile: the accumulators stay in registers) or 0 (any batch, in arrays).
+ * int8: the batch's block sums are reduced together and finished as two 4-lane vectors in the reference's order;
+ * float: the block sums fold into per-vector accumulators with one FMA by the scale, reduced once per row. */
 static inline __attribute__((always_inline)) void
 vq_rows(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, const float *bias, float *y,
-        const vqm_vcfg *cfg, const int BE, const int DE, const int KE, const int INT8)
+        const vqm_vcfg *cfg, const int BE, const int DE, const int KE, const int INT8, const int NB)
 {
     const int64_t n = w->n, k = w->k, R = w->rows_per_block, C = w->cols_per_block;
     const int64_t ncb = vqm_cdiv(k, C);
     const int64_t rowbytes = vqm_vq_row_bytes(w);
     const int64_t ccols = 64 * DE;
     const int64_t nchunk = xp->blk_pad / ccols;
-    const int nb = (int)xp->batch;
+    const int nb = NB ? NB : (int)xp->batch;
     const size_t tsz = tab_size(cfg);
     tab_cache tc;
     tab_cache_init(&tc, tsz, ncb);
@@ -482,8 +485,11 @@ vq_rows(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, con
         const int64_t rb = r / R;
         const uint8_t *tabs = tab_cache_get(&tc, w, cfg, rb, ncb, tsz, INT8 ? 0x80 : 0);
         const uint8_t *row = w->indices + r * rowbytes;
-        float acc[VQM_BATCH_TILE];
-        for (int bi = 0; bi < nb; bi++) acc[bi] = 0.0f;
+        __m128 acc[2] = { _mm_setzero_ps(), _mm_setzero_ps() };
+        __m512 racc[VQM_BATCH_TILE];
+#pragma GCC unroll 8
+        for (int bi = 0; bi < VQM_BATCH_TILE; bi++) racc[bi] = _mm512_setzero_ps();
+        if (r + 1 < r1) _mm_prefetch((const char *)(row + rowbytes), _MM_HINT_T0);
         for (int64_t cb = 0; cb < ncb; cb++) {
             const int64_t c0 = cb * C, c1 = c0 + C < k ? c0 + C : k;
             const int64_t code0 = c0 / DE, code1 = vqm_cdiv(c1, DE);
@@ -491,10 +497,11 @@ vq_rows(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, con
             const int64_t off0 = (code0 * BE) >> 3;
             const uint8_t *tab = tabs + cb * tsz;
             __m512i a[VQM_BATCH_TILE];
-            __m512 fa[VQM_BATCH_TILE], fb[VQM_BATCH_TILE];
-            for (int bi = 0; bi < nb; bi++) {
+            __m512 fa[VQM_BATCH_TILE];
+#pragma GCC unroll 8
+            for (int bi = 0; bi < VQM_BATCH_TILE; bi++) { /* all of them: the compiler then sees every one set */
                 a[bi] = _mm512_setzero_si512();
-                fa[bi] = fb[bi] = _mm512_setzero_ps();
+                fa[bi] = _mm512_setzero_ps();
             }
             for (int64_t h = 0; h < nchunk; h++) {
                 const int64_t cs = code0 + 64 * h, nvalid = code1 - cs;
@@ -502,28 +509,65 @@ vq_rows(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, con
                 const uint8_t *p = row + off0 + h * 8 * BE;
                 __m512i c = !aligned ? unpack_slow(row, cs, nvalid < 64 ? (int)nvalid : 64, BE)
                             : nvalid >= 64 ? unpack64(p, BE) : unpack64_tail(p, (int)nvalid, BE);
+#pragma GCC unroll 4
                 for (int t = 0; t < DE; t++) {
                     __m512i W = lookup(c, tab, t, KE);
+                    __m512 f[4];
+                    if (!INT8) {
+                        f[0] = cvt_i32_ps(cvt_i8_i32(_mm512_castsi512_si128(W)));
+                        f[1] = cvt_i32_ps(cvt_i8_i32(_mm512_extracti32x4_epi32(W, 1)));
+                        f[2] = cvt_i32_ps(cvt_i8_i32(_mm512_extracti32x4_epi32(W, 2)));
+                        f[3] = cvt_i32_ps(cvt_i8_i32(_mm512_extracti32x4_epi32(W, 3)));
+                    }
+#pragma GCC unroll 8
                     for (int bi = 0; bi < nb; bi++) {
                         const int64_t off = bi * xp->stride + cb * xp->blk_pad + h * ccols + 64 * t;
-                        if (INT8) a[bi] = _mm512_dpbusd_epi32(a[bi], W, ld512(xp->xq + off));
-                        else dot_f32(&fa[bi], &fb[bi], W, xp->xf + off);
+                        if (INT8) {
+                            a[bi] = _mm512_dpbusd_epi32(a[bi], W, ld512(xp->xq + off));
+                        } else {
+                            const float *x = xp->xf + off;
+                            __m512 v = fa[bi];
+                            v = _mm512_fmadd_ps(f[0], _mm512_loadu_ps(x), v);
+                            v = _mm512_fmadd_ps(f[1], _mm512_loadu_ps(x + 16), v);
+                            v = _mm512_fmadd_ps(f[2], _mm512_loadu_ps(x + 32), v);
+                            fa[bi] = _mm512_fmadd_ps(f[3], _mm512_loadu_ps(x + 48), v);
+                        }
                     }
                 }
             }
             const float s = half_to_float(w->scale[rb * ncb + cb]);
-            for (int bi = 0; bi < nb; bi++) {
-                if (INT8) {
-                    int32_t isum = hsum_i32(a[bi]) - 128 * xp->xsum[bi * xp->nblk + cb];
-                    float v = (float)isum * xp->xs[bi * xp->nblk + cb];
-                    v = v * s;
-                    acc[bi] = acc[bi] + v;
-                } else {
-                    acc[bi] = acc[bi] + hsum_ps(_mm512_add_ps(fa[bi], fb[bi])) * s;
+            if (INT8) {
+#pragma GCC unroll 2
+                for (int q = 0; q * 4 < nb; q++) { /* batch vectors 4q .. 4q + 3 in one 4-lane finish */
+                    int32_t xs_i[4];
+                    float xs_f[4];
+                    __m256i h4[4];
+#pragma GCC unroll 4
+                    for (int j = 0; j < 4; j++) {
+                        const int bi = 4 * q + j < nb ? 4 * q + j : nb - 1;
+                        h4[j] = fold512_i32(a[bi]);
+                        xs_i[j] = 128 * xp->xsum[bi * xp->nblk + cb];
+                        xs_f[j] = xp->xs[bi * xp->nblk + cb];
+                    }
+                    __m128i isum = _mm_sub_epi32(hsum4_i32(h4[0], h4[1], h4[2], h4[3]),
+                                                 _mm_loadu_si128((const __m128i *)(const void *)xs_i));
+                    __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(isum), _mm_loadu_ps(xs_f));
+                    v = _mm_mul_ps(v, _mm_set1_ps(s));
+                    acc[q] = _mm_add_ps(acc[q], v);
                 }
+            } else {
+#pragma GCC unroll 8
+                for (int bi = 0; bi < nb; bi++) racc[bi] = _mm512_fmadd_ps(fa[bi], _mm512_set1_ps(s), racc[bi]);
             }
         }
-        for (int bi = 0; bi < nb; bi++) y[bi * n + r] = bias ? acc[bi] + bias[r] : acc[bi];
+        float out[VQM_BATCH_TILE];
+        if (INT8) {
+            _mm_storeu_ps(out, acc[0]);
+            _mm_storeu_ps(out + 4, acc[1]);
+        } else {
+            for (int bi = 0; bi < nb; bi++) out[bi] = hsum_ps(racc[bi]);
+        }
+        for (int bi = 0; bi < nb; bi++) y[bi * n + r] = bias ? out[bi] + bias[r] : out[bi];
     }
 }
 
@@ -534,9 +578,12 @@ vq_rows(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, con
         if (xp->batch == 1) {                                                                                   \
             if (int8) vq_tile4(w, xp, r0, r1, bias, y, cfg, BE, DE, KE, 1);                                     \
             else vq_tile4(w, xp, r0, r1, bias, y, cfg, BE, DE, KE, 0);                                          \
+        } else if (xp->batch == VQM_BATCH_TILE) {                                                               \
+            if (int8) vq_rows(w, xp, r0, r1, bias, y, cfg, BE, DE, KE, 1, VQM_BATCH_TILE);                      \
+            else vq_rows(w, xp, r0, r1, bias, y, cfg, BE, DE, KE, 0, VQM_BATCH_TILE);                           \
         } else {                                                                                                \
-            if (int8) vq_rows(w, xp, r0, r1, bias, y, cfg, BE, DE, KE, 1);                                      \
-            else vq_rows(w, xp, r0, r1, bias, y, cfg, BE, DE, KE, 0);                                           \
+            if (int8) vq_rows(w, xp, r0, r1, bias, y, cfg, BE, DE, KE, 1, 0);                                   \
+            else vq_rows(w, xp, r0, r1, bias, y, cfg, BE, DE, KE, 0, 0);                                        \
         }                                                                                                       \
     }
 VQ_INST(4, 1, 16)
