@@ -117,6 +117,34 @@ def test_int8_activations_are_one_definition(kind):
     assert (ops.op_forward(qw, x[:4], b) - ref[:4]).abs().max() > 1e-3  # float activations differ
 
 
+@pytest.mark.parametrize("heads,kv,t,pos,window", [(9, 3, 1, 0, 0), (9, 3, 1, 40, 0), (4, 2, 6, 10, 0),
+                                                    (4, 1, 5, 20, 8), (2, 2, 3, 61, 1)])
+def test_attention_op_reads_only_the_positions_each_query_sees(heads, kv, t, pos, window):
+    """vqmobile::attention (native kernel) and its decomposition (masked attention over the whole cache) against an
+    explicit float64 attention over positions lo..p; positions past p hold garbage that must not matter."""
+    g = torch.Generator().manual_seed(heads * 100 + pos)
+    d, s = 16, 64
+    q, kc, vc = torch.randn(heads, t, d, generator=g), torch.randn(kv, d, s, generator=g), torch.randn(kv, s, d, generator=g)
+    kc[..., pos + t:] = 1e30  # not yet written: never read
+    vc[:, pos + t:] = float("nan")
+    ip, scale = torch.tensor([pos]), d ** -0.5
+    want = torch.empty(heads, t, d, dtype=torch.float64)
+    for hq in range(heads):
+        h = hq // (heads // kv)
+        for i in range(t):
+            p = pos + i
+            lo = max(0, p - window + 1) if window else 0
+            sc = (q[hq, i].double() @ kc[h, :, lo:p + 1].double()) * scale
+            want[hq, i] = torch.softmax(sc, -1) @ vc[h, lo:p + 1].double()
+    got = torch.ops.vqmobile.attention(q, kc, vc, ip, scale, window)
+    assert (got.double() - want).abs().max() < 1e-5
+    kc[..., pos + t:], vc[:, pos + t:] = 0.0, 0.0  # the decomposition multiplies masked positions by 0
+    dec = ops.attention.attention_decomposed(q, kc, vc, ip, scale, window)
+    assert (dec.double() - want).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="attention failed"):
+        torch.ops.vqmobile.attention(q, kc, vc, torch.tensor([s - t + 1]), scale, window)
+
+
 def test_unsupported_vq_variant_falls_back_to_dense():
     qw = _random_vq(48, 64, 2, 16, 16, 64, kind="fp16")
     op, why = ops.op_support(qw)
@@ -245,8 +273,8 @@ class _OneLinear(torch.nn.Module):
 
 def test_executorch_ops_are_bit_exact(bundle, reference, tmp_path):
     """Op level: every vqmobile operator, as the bundle's adapter library runs it inside ExecuTorch, returns exactly
-    what the PyTorch operator returns on the same inputs, for every weight kind the model holds, with int8 and float
-    activations, at decode (1 row) and prefill (5 rows) batch. Both sides call the native kernels, whose int8 results
+    what the PyTorch operator returns on the same inputs: the attention over a cache, and the linears for every weight
+    kind the model holds, with int8 and float activations, at decode (1 row) and prefill (5 rows) batch. Both sides call the native kernels, whose int8 results
     are defined bit for bit on every path and CPU, so this holds on any machine."""
     from vqmobile.export.et_runtime import load_adapter, portable_lib
     from vqmobile.export.executorch_export import lower_to_executorch
@@ -256,6 +284,18 @@ def test_executorch_ops_are_bit_exact(bundle, reference, tmp_path):
     layers = reference.model.model.layers
     cases = {"vq_linear": layers[1].self_attn.q_proj, "int_linear g32": layers[1].mlp.down_proj,
              "int_linear head (8-bit)": reference.model.lm_head}
+    class _Attention(torch.nn.Module):
+        def forward(self, q, kc, vc, ip):
+            return torch.ops.vqmobile.attention(q, kc, vc, ip, 0.25, 3)
+
+    gen = torch.Generator().manual_seed(5)
+    args = (torch.randn(4, 3, 16, generator=gen), torch.randn(2, 16, 32, generator=gen),
+            torch.randn(2, 32, 16, generator=gen), torch.tensor([7]))
+    with torch.no_grad():
+        ep = torch.export.export(_Attention(), args, strict=False)
+    pte = tmp_path / "attention.pte"
+    pte.write_bytes(lower_to_executorch(ep).buffer)
+    assert torch.equal(portable_lib()._load_for_executorch(str(pte)).forward(args)[0], _Attention()(*args))
     assert ops.op_support(cases["vq_linear"].qweight)[0] == "vq_linear"
     assert ops.op_support(cases["int_linear g32"].qweight)[0] == "int_linear"
     gen = torch.Generator().manual_seed(7)

@@ -433,3 +433,26 @@ def stream_read(buf: np.ndarray, threads: int = 1) -> int:
     if not isinstance(buf, np.ndarray) or not buf.flags.c_contiguous or buf.ctypes.data % 8:
         raise ValueError("buf must be a C-contiguous, 8-byte aligned numpy array")
     return int(lib.vqm_stream_read(ffi.cast("const void *", buf.ctypes.data), buf.nbytes, int(threads)))
+
+
+def attention(q: "torch.Tensor", k_cache: "torch.Tensor", v_cache: "torch.Tensor", pos: int, scale: float,
+              window: int = 0, *, threads: int | None = None) -> "torch.Tensor":
+    """Attention of queries q [heads, t, d] at positions pos .. pos+t-1 over a static KV cache, k_cache
+    [kv_heads, d, max_seq] (keys transposed) and v_cache [kv_heads, max_seq, d], reading only the positions each
+    query sees (window > 0: the last `window`); float32 [heads, t, d]. See vqm_attention in native/include/vqmobile.h."""
+    heads, t, d = q.shape
+    kv_heads, dk, max_seq = k_cache.shape
+    if dk != d or tuple(v_cache.shape) != (kv_heads, max_seq, d):
+        raise ValueError(f"attention: caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} do not fit q "
+                         f"{tuple(q.shape)}")
+    q = q.to(torch.float32).contiguous()
+    kc = _check(k_cache, "k_cache", ("float32",), None)
+    vc = _check(v_cache, "v_cache", ("float32",), None)
+    out = torch.empty_like(q)
+    rc = lib.vqm_attention(ffi.cast("const float *", q.data_ptr()), ffi.cast("const float *", kc),
+                           ffi.cast("const float *", vc), heads, kv_heads, t, d, max_seq, int(pos), float(scale),
+                           int(window), ffi.cast("float *", out.data_ptr()), _threads(threads))
+    if rc != 0:
+        raise ValueError(f"attention failed ({_ERRORS.get(rc, rc)}): heads={heads} kv_heads={kv_heads} t={t} "
+                         f"pos={pos} max_seq={max_seq}")
+    return out

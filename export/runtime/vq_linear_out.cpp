@@ -5,6 +5,8 @@
 //   vqmobile::int_linear.out(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor? bias,
 //                            int n, int k, int bits, int group, bool act_int8=False, *, Tensor(a!) out)
 //   vqmobile::dense_linear.out(Tensor x, Tensor weight, Tensor? bias, *, Tensor(a!) out)
+//   vqmobile::attention.out(Tensor q, Tensor k_cache, Tensor v_cache, Tensor input_pos, float scale, int window=0, *,
+//                           Tensor(a!) out)
 // Both call the native C kernels (native/include/vqmobile.h) with the activation mode recorded in the program
 // (act_int8 -> VQM_ACT_INT8), the same calls the Python operators make (vqmobile/ops/), so the runtime computes
 // what eager PyTorch computes.
@@ -198,8 +200,40 @@ Tensor& dense_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tenso
   return out;
 }
 
+// vqmobile::attention.out(Tensor q, Tensor k_cache, Tensor v_cache, Tensor input_pos, float scale, int window=0, *,
+// Tensor(a!) out): the decoder's attention over its static KV cache, read in place (vqm_attention).
+Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                      const Tensor& input_pos, double scale, int64_t window, Tensor& out) {
+  if (q.scalar_type() != ScalarType::Float || k_cache.scalar_type() != ScalarType::Float ||
+      v_cache.scalar_type() != ScalarType::Float || out.scalar_type() != ScalarType::Float || q.dim() != 3 ||
+      k_cache.dim() != 3 || v_cache.dim() != 3 || input_pos.scalar_type() != ScalarType::Long ||
+      input_pos.numel() != 1 || v_cache.size(0) != k_cache.size(0) || v_cache.size(1) != k_cache.size(2) ||
+      v_cache.size(2) != q.size(2) || k_cache.size(1) != q.size(2)) {
+    ET_LOG(Error, "vqmobile::attention: expected float32 q [H,T,D], k_cache [Hkv,D,S], v_cache [Hkv,S,D], "
+                  "int64 input_pos [1]");
+    ctx.fail(Error::InvalidArgument);
+    return out;
+  }
+  if (executorch::runtime::resize_tensor(out, q.sizes()) != Error::Ok) {
+    ET_LOG(Error, "vqmobile::attention: cannot resize the output");
+    ctx.fail(Error::InvalidArgument);
+    return out;
+  }
+  const int rc = vqm_attention(q.const_data_ptr<float>(), k_cache.const_data_ptr<float>(),
+                               v_cache.const_data_ptr<float>(), (int)q.size(0), (int)k_cache.size(0), (int)q.size(1),
+                               (int)q.size(2), (int)k_cache.size(2), input_pos.const_data_ptr<int64_t>()[0],
+                               (float)scale, (int)window, out.mutable_data_ptr<float>(), 0);
+  if (rc != VQM_OK) {
+    ET_LOG(Error, "vqmobile::attention: position %lld + %lld queries outside the %lld-position cache",
+           (long long)input_pos.const_data_ptr<int64_t>()[0], (long long)q.size(1), (long long)k_cache.size(2));
+    ctx.fail(Error::InvalidArgument);
+  }
+  return out;
+}
+
 namespace {
 
+constexpr char kAttentionName[] = "vqmobile::attention.out";
 constexpr char kDenseName[] = "vqmobile::dense_linear.out";
 constexpr char kVqName[] = "vqmobile::vq_linear.out";
 constexpr char kIntName[] = "vqmobile::int_linear.out";
@@ -224,6 +258,10 @@ int register_once() {
   if (!registered_already(kDenseName)) {
     (void)executorch::runtime::register_kernel(
         make_boxed_kernel(kDenseName, EXECUTORCH_FN(dense_linear_out, kDenseName)));
+  }
+  if (!registered_already(kAttentionName)) {
+    (void)executorch::runtime::register_kernel(
+        make_boxed_kernel(kAttentionName, EXECUTORCH_FN(attention_out, kAttentionName)));
   }
   return 0;
 }

@@ -120,6 +120,17 @@ int vqm_nearest_path(int path, const float *x, const float *w, const float *c, i
 #define VQM_NEAREST_MAX_D 8
 #define VQM_NEAREST_MAX_CENT 256
 
+/* ---- attention over a static KV cache (the exported decoders' layout) ------- */
+/* out[hq, i, :] = softmax_j(scale * q[hq, i, :] . K[h, :, j]) . V[h, j, :] over the positions j the query at
+ * position p = pos + i sees: lo..p, lo = max(0, p - window + 1) when window > 0, else 0. h = hq / (heads /
+ * kv_heads) (grouped-query attention).
+ *  q: float32 [heads, t, d];  k_cache: float32 [kv_heads, d, max_seq] (keys transposed);
+ *  v_cache: float32 [kv_heads, max_seq, d];  out: float32 [heads, t, d].
+ * Returns VQM_EINVAL for bad shapes or pos + t > max_seq. Plain C (no per-ISA variant); threads as for the linear
+ * functions, split over (kv head, query) pairs. */
+int vqm_attention(const float *q, const float *k_cache, const float *v_cache, int heads, int kv_heads, int t, int d,
+                  int max_seq, int64_t pos, float scale, int window, float *out, int threads);
+
 /* ---- dispatch ----------------------------------------------------------- */
 int vqm_path_available(int path);
 int vqm_get_path(void);                 /* currently selected path */

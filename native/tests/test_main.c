@@ -425,6 +425,63 @@ static void test_nearest_args(void)
     }
 }
 
+/* vqm_attention against a double-precision attention over the same cache (positions the query sees only), with
+ * grouped heads, a sliding window, several queries at once and threads; and its argument checks */
+static void test_attention(int heads, int kv, int t, int d, int S, long pos, int window)
+{
+    float *q = malloc(sizeof(float) * (size_t)(heads * t * d)), *kc = malloc(sizeof(float) * (size_t)(kv * d * S));
+    float *vc = malloc(sizeof(float) * (size_t)(kv * S * d)), *out = malloc(sizeof(float) * (size_t)(heads * t * d));
+    double *sc = malloc(sizeof(double) * (size_t)S);
+    for (int i = 0; i < heads * t * d; i++) q[i] = 2.0f * rndf();
+    for (int i = 0; i < kv * d * S; i++) kc[i] = rndf();
+    for (int i = 0; i < kv * S * d; i++) vc[i] = rndf();
+    const float scale = 1.0f / sqrtf((float)d);
+    for (int th = 1; th <= 2; th++) {
+        char what[160];
+        snprintf(what, sizeof what, "attention H=%d Hkv=%d T=%d D=%d S=%d pos=%ld window=%d threads=%d", heads, kv, t,
+                 d, S, pos, window, th);
+        g_checks++;
+        if (vqm_attention(q, kc, vc, heads, kv, t, d, S, pos, scale, window, out, th) != VQM_OK) {
+            printf("FAIL %s: rc\n", what);
+            g_fail++;
+            continue;
+        }
+        int bad = 0;
+        for (int hq = 0; hq < heads && !bad; hq++)
+            for (int i = 0; i < t && !bad; i++) {
+                const int h = hq / (heads / kv);
+                const long p = pos + i, lo = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+                double m = -1e300, sum = 0;
+                for (long j = lo; j <= p; j++) {
+                    double a = 0;
+                    for (int c = 0; c < d; c++) a += (double)q[(hq * t + i) * d + c] * kc[((long)h * d + c) * S + j];
+                    sc[j] = a * scale;
+                    m = sc[j] > m ? sc[j] : m;
+                }
+                for (long j = lo; j <= p; j++) sum += (sc[j] = exp(sc[j] - m));
+                for (int c = 0; c < d && !bad; c++) {
+                    double o = 0;
+                    for (long j = lo; j <= p; j++) o += sc[j] * vc[((long)h * S + j) * d + c];
+                    o /= sum;
+                    if (!(fabs(out[(hq * t + i) * d + c] - o) <= 1e-5 + 1e-5 * fabs(o))) {
+                        printf("FAIL %s: head %d query %d component %d got %.8g want %.8g\n", what, hq, i, c,
+                               out[(hq * t + i) * d + c], o);
+                        bad = 1;
+                    }
+                }
+            }
+        g_fail += bad;
+    }
+    g_checks++;
+    if (vqm_attention(q, kc, vc, heads, kv, t, d, S, S - t + 1, scale, window, out, 1) != VQM_EINVAL ||
+        vqm_attention(q, kc, vc, heads, heads + 1, t, d, S, 0, scale, window, out, 1) != VQM_EINVAL ||
+        vqm_attention(NULL, kc, vc, heads, kv, t, d, S, 0, scale, window, out, 1) != VQM_EINVAL) {
+        printf("FAIL attention argument checks\n");
+        g_fail++;
+    }
+    free(q); free(kc); free(vc); free(out); free(sc);
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -489,6 +546,11 @@ int main(int argc, char **argv)
                                    { 8, 16 }, { 5, 1 }, { 2, 255 }, { 6, 33 } };
     for (size_t c = 0; c < sizeof ncfg / sizeof ncfg[0]; c++)
         test_nearest(ncfg[c][0], ncfg[c][1], 1 + (long)(c % 3) * 2, quick ? 300 : 1100);
+    test_attention(9, 3, 1, 64, 512, 0, 0);
+    test_attention(9, 3, 1, 64, 512, 300, 0);
+    test_attention(4, 1, 5, 32, 64, 59, 0);
+    test_attention(4, 2, 7, 16, 100, 20, 8);
+    test_attention(2, 2, 3, 8, 40, 37, 1);
     /* batch > 8 (tiled) */
     test_vq(2, 16, 4, 256, 10, 300, 11, 1);
     test_int(4, 32, 1, 10, 300, 13, 1);

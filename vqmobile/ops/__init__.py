@@ -1,7 +1,8 @@
 """The ``vqmobile`` torch.library operators: quantized linear layers that keep their weights packed.
 
 One operator per stored format with a native kernel, each in its own module (``vq_linear`` in ops/vq.py,
-``int_linear`` in ops/intlinear.py), plus ``dense_linear`` (ops/dense.py) for a float head tied to the embedding.
+``int_linear`` in ops/intlinear.py), plus ``dense_linear`` (ops/dense.py) for a float head tied to the embedding and
+``attention`` (ops/attention.py), the exported decoders' attention over their static KV cache.
 Every operator has an ``.out`` overload (``..., *, Tensor(a!) out) -> Tensor(a!)``) that ExecuTorch's memory planning
 needs and that the C++ adapter in export/runtime/ implements, a fake kernel for torch.export, and a decomposition into
 standard aten ops (the portable export option, ``decompose=True``, traces those). ``x`` is float32 [..., k]; the
@@ -25,7 +26,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from . import dense, intlinear, vq  # noqa: F401  (each defines its operator and registers its binding)
+from . import attention, dense, intlinear, vq  # noqa: F401  (each defines its operator; a format's registers its binding)
 from .library import BINDINGS, KERNEL_MAX_ROWS, native_available, quantize_activations
 
 __all__ = ["KERNEL_MAX_ROWS", "decomposed", "decomposing", "decomposition_table", "dense_weight", "native_available",
@@ -82,7 +83,8 @@ def op_forward(qweight, x: torch.Tensor, bias: torch.Tensor | None, act_int8: bo
 
 def decomposition_table() -> dict:
     """{operator overload: standard-op implementation}, e.g. for ExportedProgram.run_decompositions."""
-    table = {torch.ops.vqmobile.dense_linear.default: dense.dense_linear_decomposed}
+    table = {torch.ops.vqmobile.dense_linear.default: dense.dense_linear_decomposed,
+             torch.ops.vqmobile.attention.default: attention.attention_decomposed}
     for binding in BINDINGS.values():
         table.update(binding.decomposition)
     return table

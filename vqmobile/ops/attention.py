@@ -1,0 +1,63 @@
+"""vqmobile::attention: grouped-query attention of the new queries over a static KV cache, reading the cache in place.
+
+    vqmobile::attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor input_pos, float scale, int window=0)
+        -> Tensor
+
+q float32 [heads, T, D] at positions input_pos .. input_pos+T-1; k_cache [kv_heads, D, max_seq] (keys transposed) and
+v_cache [kv_heads, max_seq, D] as the exported decoders keep them (export/model.py, which writes the new keys and
+values first); window > 0: a sliding-window layer's last `window` positions. Query head hq reads kv head
+hq // (heads / kv_heads). Result float32 [heads, T, D].
+
+CPU and the ExecuTorch adapter run the native kernel (vqm_attention), which reads only the positions each query sees;
+the decomposition (portable export, and CPU without the native module) is the masked attention over the whole cache
+in standard ops, one batch matmul per product for all of a kv head's query heads.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .library import NAMESPACE, lib, native, write_out
+
+lib.define("attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor input_pos, float scale, int window=0) -> Tensor")
+lib.define("attention.out(Tensor q, Tensor k_cache, Tensor v_cache, Tensor input_pos, float scale, int window=0, *, "
+           "Tensor(a!) out) -> Tensor(a!)")
+
+
+def attention_decomposed(q, k_cache, v_cache, input_pos, scale, window=0):
+    heads, t, d = q.shape
+    kv_heads, _, max_seq = k_cache.shape
+    groups = heads // kv_heads
+    pos = input_pos.reshape(1).to(torch.int64) + torch.arange(t, dtype=torch.int64)  # [T]
+    key = torch.arange(max_seq, dtype=torch.int64)
+    seen = key[None, :] <= pos[:, None]
+    if window:
+        seen = seen & (key[None, :] > pos[:, None] - window)
+    mask = torch.where(seen, 0.0, float("-inf")).repeat(groups, 1)  # [groups * T, S]: rows g * T + i
+    qg = q.to(torch.float32).reshape(kv_heads, groups * t, d)  # head hq = h * groups + g
+    scores = torch.bmm(qg, k_cache) * scale + mask
+    return torch.bmm(torch.softmax(scores, dim=-1), v_cache).reshape(heads, t, d)
+
+
+@torch.library.impl(lib, "attention", "CPU")
+def _attention_cpu(q, k_cache, v_cache, input_pos, scale, window=0):
+    if native is None:
+        return attention_decomposed(q, k_cache, v_cache, input_pos, scale, window)
+    return native.attention(q, k_cache.contiguous(), v_cache.contiguous(), int(input_pos.reshape(-1)[0]), scale,
+                            window)
+
+
+@torch.library.impl(lib, "attention.out", "CPU")
+def _attention_out_cpu(q, k_cache, v_cache, input_pos, scale, window=0, *, out):
+    return write_out(out, _attention_cpu(q, k_cache, v_cache, input_pos, scale, window))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::attention")
+def _attention_fake(q, k_cache, v_cache, input_pos, scale, window=0):
+    torch._check(q.shape[0] % k_cache.shape[0] == 0, lambda: "attention: heads must be a multiple of kv_heads")
+    return q.new_empty(q.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::attention.out")
+def _attention_out_fake(q, k_cache, v_cache, input_pos, scale, window=0, *, out):
+    return out
