@@ -96,7 +96,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     calib = CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed)
     res = export_bundle(args.model, args.out, target=args.target, formats=formats, overwrite=args.overwrite,
-                        decompose=args.decompose, calibration=calib, activations=args.activations,
+                        decompose=args.decompose, max_seq=args.max_seq, calibration=calib,
+                        activations=args.activations,
                         progress=None if args.quiet else print)
     for w in res.get("warnings", []):
         print(f"warning: {w}", file=sys.stderr)
@@ -190,6 +191,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--decompose", action="store_true",
                    help="export quantized layers as standard ops (portable, slow; no kernel library needed)")
+    p.add_argument("--max-seq", type=int, default=None,
+                   help="tokens the program's KV cache holds, prompt and generated (default 512, at most the model's "
+                        "maximum); longer than a sliding window for the window to matter")
     p.add_argument("--activations", choices=["float", "int8"], default="float",
                    help="activations of the .pte's quantized linears: int8 per block with integer dot products "
                         "(the fast mode) or float (default, exact); the ONNX file always uses float")
