@@ -61,14 +61,13 @@ CPU_FLAGS = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl
 
 def dense_copy(model: nn.Module) -> nn.Module:
     """The model with every QuantLinear replaced by an nn.Linear holding its dequantized weight, and a quantized
-    embedding by an nn.Embedding (a head tied to it shares that weight, as in the float model)."""
+    embedding by the float embedding it equals (a head tied to it shares that weight, as in the float model)."""
     from vqmobile.embedding import QuantEmbedding
     from vqmobile.layers import QuantLinear
 
     emb = model.get_input_embeddings()
     if isinstance(emb, QuantEmbedding):
-        dense = nn.Embedding(emb.num_embeddings, emb.embedding_dim)
-        dense.weight.data = emb.qweight.dequantize()
+        dense = emb.dequantized()  # keeps the embedding's output scale (Gemma)
         model.set_input_embeddings(dense)
         head = model.get_output_embeddings()
         if isinstance(head, QuantLinear) and head.qweight is emb.qweight:
@@ -99,7 +98,7 @@ def export_torchao_baseline(checkpoint: str | Path, out: str | Path, max_seq: in
     from vqmobile.layers import QuantLinear
 
     from .executorch_export import export_program, lower_to_executorch, program_summary
-    from .model import StaticLlama
+    from .model import StaticDecoder
 
     head_quantized = False
     if is_checkpoint(checkpoint):
@@ -112,7 +111,7 @@ def export_torchao_baseline(checkpoint: str | Path, out: str | Path, max_seq: in
     quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group)),
               filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and m.in_features % group == 0
               and (fqn.startswith("model.layers.") or (head_quantized and fqn == "lm_head")))
-    wrapper = StaticLlama(model, max_seq, cache=True, tied_head_op=False)
+    wrapper = StaticDecoder(model, max_seq, cache=True, tied_head_op=False)
     ep = export_program(model, max_seq, wrapper=wrapper)
     prog = lower_to_executorch(ep, [XnnpackDynamicallyQuantizedPartitioner(), XnnpackPartitioner()])
     out = Path(out)

@@ -20,7 +20,7 @@ import torch
 
 from vqmobile import ops
 
-from .model import StaticLlama
+from .model import StaticDecoder
 
 
 def _quiet():
@@ -37,7 +37,7 @@ def _quiet():
 def export_program(hf_model: torch.nn.Module, max_seq: int, *, decompose: bool = False,
                    wrapper: torch.nn.Module | None = None) -> torch.export.ExportedProgram:
     """torch.export of the static-cache decoder with a dynamic sequence length in [1, max_seq]."""
-    module = wrapper if wrapper is not None else StaticLlama(hf_model, max_seq, cache=True)
+    module = wrapper if wrapper is not None else StaticDecoder(hf_model, max_seq, cache=True)
     module.eval()
     seq = torch.export.Dim("seq", min=1, max=max_seq)
     example = (torch.zeros(1, 2, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))

@@ -1,13 +1,22 @@
-"""An export-friendly Llama decoder over a (quantized) Hugging Face LlamaForCausalLM.
+"""The export-friendly decoder: one model for every supported family (Llama, Qwen 2/2.5/3, Phi-3/4, Gemma 3) over a
+(quantized) Hugging Face causal LM, whose parts vqmobile.structure finds.
 
-It reuses the model's own modules and weights (embeddings, norms, projections) and re-states the forward pass with
-a static KV cache held in buffers, so that torch.export sees one graph with a dynamic sequence length:
+It reuses the model's own modules and weights (embedding, norms, projections, activation, rotary tables) and re-states
+the forward pass with a static KV cache held in buffers, so that torch.export sees one graph with a dynamic sequence
+length:
 
     forward(tokens int64 [1, T], input_pos int64 [1]) -> logits float32 [1, T, vocab]
 
 writes the keys/values of positions input_pos .. input_pos+T-1 into the cache and attends over every cached
-position <= the query's position (prefill: T tokens at input_pos 0; decode: T = 1). With ``cache=False`` the module
-is stateless (``forward(tokens) -> logits``, causal attention over the T tokens; used for ONNX).
+position <= the query's position, and, in a sliding-window layer, more recent than the window (prefill: T tokens at
+input_pos 0; decode: T = 1). With ``cache=False`` the module is stateless (``forward(tokens) -> logits``, causal
+attention over the T tokens; used for ONNX).
+
+What differs between the families is what the structure has, each handled where it occurs: per-head q/k norms,
+biases (they come with the linears), a sliding window per layer (its own mask), one RoPE table per layer type
+(Gemma 3's local and global bases) or a partial rotary dimension (Phi-4), an embedding that scales its rows, norms
+after attention and MLP, the MLP's activation. Every layer keeps the full max_seq cache, also where it only attends
+to a window: one cache layout and one graph for every layer.
 
 Quantized linears (QuantLinear) run through vqmobile.ops.op_forward, i.e. the vqmobile custom operators, or their
 standard-op decompositions when traced under ``vqmobile.ops.decomposed()``.
@@ -21,6 +30,7 @@ from torch import nn
 
 from vqmobile import ops
 from vqmobile.layers import QuantLinear
+from vqmobile.structure import Attention, decoder_structure, rotary_tables
 
 
 def linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -34,41 +44,45 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class StaticLlama(nn.Module):
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on the first cos.shape[-1] features of each head (all of them unless the rotary dim is partial)."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    xr = x[..., :rot]
+    return torch.cat((xr * cos + _rotate_half(xr) * sin, x[..., rot:]), dim=-1)
+
+
+class StaticDecoder(nn.Module):
     def __init__(self, hf_model: nn.Module, max_seq: int, cache: bool = True, tied_head_op: bool = True):
         super().__init__()
-        cfg = hf_model.config
-        self.cfg = cfg
-        self.model = hf_model.model
-        self.lm_head = hf_model.lm_head
+        self.hf_model = hf_model  # registers every weight of the model with this module
+        self.parts = decoder_structure(hf_model)
         self.max_seq = int(max_seq)
-        self.n_heads = int(cfg.num_attention_heads)
-        self.n_kv = int(cfg.num_key_value_heads)
-        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
         self.use_cache = cache
-        head_w = getattr(self.lm_head, "weight", None)
+        head, embed = self.parts.head, self.parts.embed
+        head_w, embed_w = getattr(head, "weight", None), getattr(embed, "weight", None)
         # A head tied to the embedding runs as vqmobile::dense_linear, which reads the shared [vocab, hidden] matrix
         # in place: the program then stores it once (an XNNPACK linear would keep its own copy).
-        self.tied_head = bool(tied_head_op and isinstance(self.lm_head, nn.Linear) and head_w is not None
-                              and head_w is self.model.embed_tokens.weight)
+        self.tied_head = bool(tied_head_op and isinstance(head, nn.Linear) and head_w is not None
+                              and head_w is embed_w)
         with torch.no_grad():  # layers without an operator: their dense weight is made now, not while tracing
             for mod in hf_model.modules():
                 if isinstance(mod, QuantLinear) and ops.op_support(mod.qweight)[0] is None:
                     ops.dense_weight(mod.qweight)
-        rot = self.model.rotary_emb
-        pos = torch.arange(self.max_seq, dtype=torch.float32)
-        freqs = pos[:, None] * rot.inv_freq.float()[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        scaling = float(getattr(rot, "attention_scaling", 1.0))
-        self.register_buffer("rope_cos", emb.cos() * scaling, persistent=False)
-        self.register_buffer("rope_sin", emb.sin() * scaling, persistent=False)
+        tables = rotary_tables(self.parts, self.max_seq)
+        self.rope_index = {key: j for j, key in enumerate(tables)}
+        for j, (cos, sin) in enumerate(tables.values()):
+            self.register_buffer(f"rope_cos_{j}", cos, persistent=False)
+            self.register_buffer(f"rope_sin_{j}", sin, persistent=False)
         if cache:
             # Keys are cached transposed ([kv heads, head_dim, positions]) so that both attention products read
             # the caches as they are: a transposed operand would be copied by the runtime at every step.
-            for i in range(len(self.model.layers)):
-                self.register_buffer(f"k_cache_{i}", torch.zeros(self.n_kv, self.head_dim, self.max_seq),
+            for i, layer in enumerate(self.parts.layers):
+                a = layer.attn
+                self.register_buffer(f"k_cache_{i}", torch.zeros(a.n_kv_heads, a.head_dim, self.max_seq),
                                      persistent=False)
-                self.register_buffer(f"v_cache_{i}", torch.zeros(self.n_kv, self.max_seq, self.head_dim),
+                self.register_buffer(f"v_cache_{i}", torch.zeros(a.n_kv_heads, self.max_seq, a.head_dim),
                                      persistent=False)
 
     def reset_cache(self) -> None:
@@ -76,54 +90,60 @@ class StaticLlama(nn.Module):
             if "_cache_" in name:
                 buf.zero_()
 
+    def _attention(self, i: int, a: Attention, x: torch.Tensor, cos, sin, mask, pos) -> torch.Tensor:
+        t, hd = x.shape[1], a.head_dim
+        q = linear(a.q, x).view(t, a.n_heads, hd)
+        k = linear(a.k, x).view(t, a.n_kv_heads, hd)
+        v = linear(a.v, x).view(t, a.n_kv_heads, hd).transpose(0, 1)
+        if a.q_norm is not None:
+            q, k = a.q_norm(q), a.k_norm(k)
+        q = _rope(q.transpose(0, 1), cos, sin)  # [H, T, D]
+        k = _rope(k.transpose(0, 1), cos, sin)
+        if self.use_cache:
+            kt, vc = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
+            kt.index_copy_(2, pos, k.transpose(1, 2))
+            vc.index_copy_(1, pos, v)
+            v = vc
+        else:
+            kt, v = k.transpose(1, 2).contiguous(), v.contiguous()
+        # Grouped-query attention without copying the cache for each query head: the query heads that share
+        # a key/value head (HF's repeat_kv order, head = kv * groups + g) attend to it one group at a time.
+        groups = a.n_heads // a.n_kv_heads
+        qg = q.reshape(a.n_kv_heads, groups, t, hd)
+        outs = []
+        for g in range(groups):
+            scores = torch.bmm(qg[:, g].contiguous(), kt) * a.scaling + mask
+            outs.append(torch.bmm(torch.softmax(scores, dim=-1), v))
+        o = torch.stack(outs, dim=1).view(a.n_heads, t, hd)
+        return linear(a.o, o.transpose(0, 1).reshape(1, t, a.n_heads * hd))
+
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         t = tokens.shape[1]
         steps = torch.arange(t, dtype=torch.int64)
         pos = steps if input_pos is None else input_pos + steps  # [T]
-        cos = self.rope_cos[pos][None]  # [1, T, D]
-        sin = self.rope_sin[pos][None]
-        if self.use_cache:
-            key_pos = torch.arange(self.max_seq, dtype=torch.int64)
-        else:
-            key_pos = steps
-        mask = torch.where(key_pos[None, :] <= pos[:, None], 0.0, float("-inf"))  # [T, S]
-        groups = self.n_heads // self.n_kv
-        scale = self.head_dim ** -0.5
-        h = self.model.embed_tokens(tokens)
-        for i, layer in enumerate(self.model.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = linear(attn.q_proj, x).view(t, self.n_heads, self.head_dim).transpose(0, 1)  # [H, T, D]
-            k = linear(attn.k_proj, x).view(t, self.n_kv, self.head_dim).transpose(0, 1)
-            v = linear(attn.v_proj, x).view(t, self.n_kv, self.head_dim).transpose(0, 1)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            if self.use_cache:
-                kt, vc = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
-                kt.index_copy_(2, pos, k.transpose(1, 2))
-                vc.index_copy_(1, pos, v)
-                v = vc
-            else:
-                kt, v = k.transpose(1, 2).contiguous(), v.contiguous()
-            # Grouped-query attention without copying the cache for each query head: the query heads that share
-            # a key/value head (HF's repeat_kv order, head = kv * groups + g) attend to it one group at a time.
-            qg = q.reshape(self.n_kv, groups, t, self.head_dim)
-            outs = []
-            for g in range(groups):
-                scores = torch.bmm(qg[:, g].contiguous(), kt) * scale + mask
-                outs.append(torch.bmm(torch.softmax(scores, dim=-1), v))
-            o = torch.stack(outs, dim=1).view(self.n_heads, t, self.head_dim)
-            o = o.transpose(0, 1).reshape(1, t, self.n_heads * self.head_dim)
-            h = h + linear(attn.o_proj, o)
-            x = layer.post_attention_layernorm(h)
-            mlp = layer.mlp
-            h = h + linear(mlp.down_proj, F.silu(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x))
-        h = self.model.norm(h)
+        key_pos = torch.arange(self.max_seq, dtype=torch.int64) if self.use_cache else steps
+        causal = key_pos[None, :] <= pos[:, None]  # [T, S]
+        masks = {}
+        for window in dict.fromkeys(layer.attn.window for layer in self.parts.layers):
+            seen = causal if window is None else causal & (key_pos[None, :] > pos[:, None] - window)
+            masks[window] = torch.where(seen, 0.0, float("-inf"))
+        ropes = {key: (getattr(self, f"rope_cos_{j}")[pos][None], getattr(self, f"rope_sin_{j}")[pos][None])
+                 for key, j in self.rope_index.items()}  # [1, T, rotary dim]
+        h = self.parts.embed(tokens)
+        for i, layer in enumerate(self.parts.layers):
+            cos, sin = ropes[layer.rope]
+            a = self._attention(i, layer.attn, layer.attn_norm(h), cos, sin, masks[layer.attn.window], pos)
+            h = h + (a if layer.attn_out_norm is None else layer.attn_out_norm(a))
+            x = layer.mlp_norm(h)
+            m = linear(layer.down, layer.act(linear(layer.gate, x)) * linear(layer.up, x))
+            h = h + (m if layer.mlp_out_norm is None else layer.mlp_out_norm(m))
+        h = self.parts.norm(h)
+        head = self.parts.head
         if self.tied_head:
             if ops.decomposing():
-                return F.linear(h, self.lm_head.weight, self.lm_head.bias)
-            return torch.ops.vqmobile.dense_linear(h, self.lm_head.weight, self.lm_head.bias)
-        return linear(self.lm_head, h)
+                return F.linear(h, head.weight, head.bias)
+            return torch.ops.vqmobile.dense_linear(h, head.weight, head.bias)
+        return linear(head, h)
 
 
 def unsupported_layers(model: nn.Module) -> dict[str, str]:

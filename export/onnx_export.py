@@ -26,7 +26,7 @@ import torch
 
 from vqmobile import ops  # noqa: F401  (registers the operators)
 
-from .model import StaticLlama
+from .model import StaticDecoder
 
 DOMAIN = "vqmobile"
 DOMAIN_VERSION = 1
@@ -226,7 +226,7 @@ def export_onnx(hf_model: torch.nn.Module, path: str | Path, max_seq: int) -> di
 def _export_onnx(hf_model: torch.nn.Module, path: str | Path, max_seq: int) -> dict:
     import onnx
 
-    module = StaticLlama(hf_model, max_seq, cache=False).eval()
+    module = StaticDecoder(hf_model, max_seq, cache=False).eval()
     example = torch.zeros(1, 8, dtype=torch.int64)
     path = Path(path)
     with warnings.catch_warnings(), torch.no_grad():

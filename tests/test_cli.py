@@ -89,4 +89,4 @@ def test_eval_context_out_of_range(capsys):
 def test_console_script_exit_code(tmp_path):
     res = subprocess.run([sys.executable, "-m", "vqmobile.cli", "eval", tmp_path / "missing"], capture_output=True,
                          text=True)
-    assert res.returncode == 2 and res.stderr.strip().endswith("or 'smollm2'") and "Traceback" not in res.stderr
+    assert res.returncode == 2 and res.stderr.strip().endswith("or one of smollm2, gemma3-270m") and "Traceback" not in res.stderr

@@ -508,7 +508,7 @@ def test_bench_decode_both_engines(bundle, tmp_path, monkeypatch):
 
 def test_decomposed_export_uses_standard_ops(reference):
     from vqmobile.export.executorch_export import export_program
-    from vqmobile.export.model import StaticLlama
+    from vqmobile.export.model import StaticDecoder
 
     ep = export_program(reference.model, 32, decompose=True)
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
@@ -516,7 +516,7 @@ def test_decomposed_export_uses_standard_ops(reference):
     ids = torch.randint(0, 512, (1, 9))
     with torch.no_grad():
         got = ep.module()(ids, torch.tensor([0]))
-        want = StaticLlama(reference.model, 32)(ids, torch.tensor([0]))
+        want = StaticDecoder(reference.model, 32)(ids, torch.tensor([0]))
     assert (got - want).abs().max() < 1e-3
 
 

@@ -38,7 +38,7 @@ def layers(stories, calib16x128):
 
     model = stories.model
     with torch.no_grad():
-        inputs = _run_layer(model.model.layers[0], _capture_layer_inputs(model, calib16x128, 8))
+        inputs = _run_layer(model.model.layers[0], _capture_layer_inputs(model, calib16x128, 8)[0])
         mods = linear_layers(model.model.layers[1])
         hessians = _collect_hessians(model.model.layers[1], mods, inputs)
     return {n: (m.weight.detach().float().clone(), hessians[n]) for n, m in mods.items()}

@@ -5,16 +5,16 @@ import torch
 
 from conftest import STORIES
 from vqmobile.errors import UserError
-from vqmobile.model import default_gguf_path, load_model, prepare_default_model
+from vqmobile.model import load_model, prepare_model, registry_gguf_path
 
 
 def test_default_model_from_registry_gguf(tmp_path, monkeypatch):
     monkeypatch.setenv("VQMOBILE_CACHE", str(tmp_path))
-    path = prepare_default_model(progress=lambda _msg: None)
+    path = prepare_model(progress=lambda _msg: None)
     assert path == tmp_path / "models" / "SmolLM2-135M-Instruct" and (path / "model.safetensors").is_file()
-    assert prepare_default_model(progress=pytest.fail) == path  # second call reuses the cache, no work
+    assert prepare_model(progress=pytest.fail) == path  # second call reuses the cache, no work
     from_dir = load_model("smollm2")
-    from_gguf = load_model(str(default_gguf_path()))
+    from_gguf = load_model(str(registry_gguf_path()))
     cfg = from_dir.model.config
     assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == ("llama", 30, 576, 1536)
     assert sum(p.numel() for p in from_dir.model.parameters()) == 134_515_008

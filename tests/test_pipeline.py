@@ -102,7 +102,7 @@ def test_hessians_match_float64_reference_and_are_shared(stories, stories_calib)
     from vqmobile.pipeline import _capture_layer_inputs, _collect_hessians, linear_layers
 
     model = stories.model
-    inputs = _capture_layer_inputs(model, stories_calib[:8], 4)
+    inputs, _ = _capture_layer_inputs(model, stories_calib[:8], 4)
     layer = model.model.layers[0]
     linears = linear_layers(layer)
     hessians = _collect_hessians(layer, linears, inputs)
@@ -133,14 +133,17 @@ def test_hessians_match_float64_reference_and_are_shared(stories, stories_calib)
 def test_layer_inputs_are_the_models_hidden_states(stories, stories_calib):
     """What the pipeline feeds each layer (captured at layer 0, then propagated layer by layer with the layer's own
     kwargs: rotary embeddings, mask, positions) is exactly what the full model computes there."""
-    from vqmobile.pipeline import _capture_layer_inputs, _run_layer
+    assert_layer_inputs_are_hidden_states(stories.model, stories_calib[:4])
 
-    model = stories.model
-    ids = stories_calib[:4]
+
+def assert_layer_inputs_are_hidden_states(model, ids):
+    from vqmobile.pipeline import _capture_layer_inputs, _run_layer, _with_kwargs
+
     with torch.no_grad():
         want = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
-        inputs = _capture_layer_inputs(model, ids, 2)
+        inputs, layer_kwargs = _capture_layer_inputs(model, ids, 2)
         for i, layer in enumerate(model.model.layers):
+            inputs = _with_kwargs(inputs, layer_kwargs[i])
             got = torch.cat([hidden for hidden, _ in inputs])
             assert torch.allclose(got, want[i], rtol=0, atol=1e-5 * float(want[i].abs().max())), f"layer {i}"
             inputs = _run_layer(layer, inputs)

@@ -13,7 +13,7 @@ from .api import CalibrationSpec, evaluate, load, open_model, quantize
 from .checkpoint import load as load_checkpoint
 from .errors import FormatError, UserError
 from .layers import set_activations
-from .model import load_model, prepare_default_model
+from .model import load_model, prepare_model
 from .pipeline import quantize_
 from .quantizers.gptq import GPTQConfig
 from .quantizers.gptvq import GPTVQConfig
@@ -21,5 +21,5 @@ from .quantizers.rtn import RTNConfig
 
 __all__ = [
     "CalibrationSpec", "FormatError", "GPTQConfig", "GPTVQConfig", "RTNConfig", "UserError", "evaluate", "load", "load_checkpoint",
-    "load_model", "open_model", "prepare_default_model", "quantize", "quantize_", "set_activations",
+    "load_model", "open_model", "prepare_model", "quantize", "quantize_", "set_activations",
 ]

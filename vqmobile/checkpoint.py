@@ -193,9 +193,9 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load(path: str | Path) -> Checkpoint:
     """Load a checkpoint as a working torch model whose quantized linears run from the packed representation."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    from .model import check_architecture, quiet_libraries
+    from .model import check_architecture, model_from_config, quiet_libraries
 
     quiet_libraries()
     path = Path(path)
@@ -204,8 +204,7 @@ def load(path: str | Path) -> Checkpoint:
     manifest = _read_manifest(path)
     hf_config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     check_architecture(getattr(hf_config, "model_type", None), path)
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-    model.eval()
+    model = model_from_config(hf_config)  # the structure the checkpoint's layer names refer to
 
     packed = _read_safetensors(path / QUANTIZED_FILE)
     layers = manifest.get("layers")

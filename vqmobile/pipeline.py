@@ -19,8 +19,8 @@ from tqdm import tqdm
 from .embedding import quantize_embeddings_
 from .hessian import HessianAccumulator
 from .layers import QuantLinear
-from .model import decoder_layers
 from .quantizers.base import QuantConfig
+from .structure import decoder_layers, layers_path
 
 
 @dataclass
@@ -55,17 +55,32 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
-def _capture_layer_inputs(model: nn.Module, calibration: torch.Tensor, batch_size: int):
-    """Run each calibration batch up to the first decoder layer and keep its inputs (hidden states and kwargs)."""
-    captured = []
+class _Recorder(nn.Module):
+    """Stands in for decoder layer `index` while the model's forward runs: records what the layer receives and
+    passes the hidden states through; the last one stops the forward (the norm and head are never computed)."""
 
-    def hook(_module, args, kwargs):
+    def __init__(self, index: int, last: bool, sink: list):
+        super().__init__()
+        self.index, self.last, self.sink = index, last, sink
+
+    def forward(self, *args, **kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
         kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
-        captured.append((hidden.detach(), kwargs))
-        raise _StopForward
+        self.sink.append((hidden.detach() if self.index == 0 else None, kwargs))
+        if self.last:
+            raise _StopForward
+        return hidden
 
-    handle = decoder_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
+
+def _capture_layer_inputs(model: nn.Module, calibration: torch.Tensor, batch_size: int):
+    """Run each calibration batch through the model with every decoder layer replaced by a recorder. Returns the
+    first layer's inputs [(hidden states, kwargs) per batch] and every layer's own kwargs [layer][batch]: layers of
+    different types get different ones (Gemma 3: the sliding-window mask and local RoPE, or the global ones)."""
+    layers = decoder_layers(model)
+    originals = list(layers)
+    seen: list[list] = [[] for _ in originals]
+    for i in range(len(layers)):
+        layers[i] = _Recorder(i, i == len(originals) - 1, seen[i])
     try:
         for batch in calibration.split(batch_size):
             try:
@@ -73,8 +88,15 @@ def _capture_layer_inputs(model: nn.Module, calibration: torch.Tensor, batch_siz
             except _StopForward:
                 pass
     finally:
-        handle.remove()
-    return captured
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    inputs = [(hidden, kwargs) for hidden, kwargs in seen[0]]
+    return inputs, [[kwargs for _, kwargs in per_layer] for per_layer in seen]
+
+
+def _with_kwargs(inputs, kwargs: list[dict]) -> list:
+    """The same hidden states with another layer's kwargs."""
+    return [(hidden, kw) for (hidden, _), kw in zip(inputs, kwargs)]
 
 
 def _run_layer(layer: nn.Module, inputs) -> list:
@@ -116,9 +138,10 @@ def _collect_hessians(layer: nn.Module, linears: dict[str, nn.Linear], inputs) -
 
 def check_model(model: nn.Module, config: QuantConfig) -> None:
     """Validate the config against every layer before any work starts."""
+    prefix = layers_path(model)
     for i, layer in enumerate(decoder_layers(model)):
         for name, lin in linear_layers(layer).items():
-            config.check_layer(f"model.layers.{i}.{name}", lin.out_features, lin.in_features)
+            config.check_layer(f"{prefix}.{i}.{name}", lin.out_features, lin.in_features)
 
 
 @torch.no_grad()
@@ -131,7 +154,7 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration: torch.Tensor |
         raise ValueError(f"method {config.method} needs calibration data")
     start = time.perf_counter()
     layers = decoder_layers(model)
-    inputs = _capture_layer_inputs(model, calibration, batch_size) if config.needs_hessian else None
+    inputs, layer_kwargs = _capture_layer_inputs(model, calibration, batch_size) if config.needs_hessian else (None, None)
     per_layer, nlinears = [], 0
     bar = tqdm(layers, desc=f"{config.method}", unit="layer", disable=not progress)
     for i, layer in enumerate(bar):
@@ -139,6 +162,7 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration: torch.Tensor |
         linears = linear_layers(layer)
         hessians: dict[str, torch.Tensor] = {}
         if inputs is not None:
+            inputs = _with_kwargs(inputs, layer_kwargs[i])
             hessians = _collect_hessians(layer, linears, inputs)
         for name, lin in linears.items():
             bar.set_postfix_str(f"layer {i} {name}")

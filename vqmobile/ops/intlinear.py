@@ -38,6 +38,24 @@ def int_linear_decomposed(x, codes, scales, zeros, bias, n, k, bits, group, act_
     return F.linear(quantize_activations(x, group) if act_int8 else x, w, bias)
 
 
+# Weight rows dequantized at once on the GEMM path: a 262,144-row head (Gemma 3's vocabulary, tied to the int8
+# embedding) then never exists in float32 as a whole (671 MB, several times that in temporaries).
+GEMM_ROWS = 16384
+
+
+def _int_linear_gemm(x, codes, scales, zeros, bias, n, k, bits, group, act_int8):
+    """The decomposition's arithmetic, GEMM_ROWS output features at a time."""
+    if n <= GEMM_ROWS:
+        return int_linear_decomposed(x, codes, scales, zeros, bias, n, k, bits, group, act_int8)
+    xa = quantize_activations(x, group) if act_int8 else x
+    out = x.new_empty((*x.shape[:-1], n))
+    for s in range(0, n, GEMM_ROWS):
+        e = min(n, s + GEMM_ROWS)
+        w = int_dequantize(codes[s:e], scales[s:e], None if zeros is None else zeros[s:e], e - s, k, bits, group)
+        out[..., s:e] = F.linear(xa, w, None if bias is None else bias[s:e])
+    return out
+
+
 @torch.library.impl(lib, "int_linear", "CPU")
 def _int_linear_cpu(x, codes, scales, zeros, bias, n, k, bits, group, act_int8=False):
     x = x.to(torch.float32).contiguous()
@@ -45,7 +63,7 @@ def _int_linear_cpu(x, codes, scales, zeros, bias, n, k, bits, group, act_int8=F
         return native.int_linear(x, codes.contiguous(), scales.contiguous(),
                                  None if zeros is None else zeros.contiguous(), n=n, k=k, bits=bits, group=group,
                                  bias=bias32(bias), act_int8=act_int8)
-    return int_linear_decomposed(x, codes, scales, zeros, bias, n, k, bits, group, act_int8)
+    return _int_linear_gemm(x, codes, scales, zeros, bias32(bias), n, k, bits, group, act_int8)
 
 
 @torch.library.impl(lib, "int_linear.out", "CPU")
