@@ -97,6 +97,8 @@ class IntWeight(QuantizedWeight):
         g = n_groups(k, group)
         codes = expect_tensor(tensors, "codes", torch.uint8, (n, row_bytes(k, bits)))
         scales = expect_tensor(tensors, "scales", torch.float16, (n, g))
+        if not bool(torch.isfinite(scales).all()):
+            raise FormatError("tensor 'scales' has non-finite values")
         zeros = None if sym else expect_tensor(tensors, "zeros", torch.uint8, (n, g))
         if zeros is not None and zeros.numel() and int(zeros.max()) >= (1 << bits):
             raise FormatError(f"zero point {int(zeros.max())} does not fit in {bits} bits")

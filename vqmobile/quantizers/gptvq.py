@@ -32,7 +32,6 @@ codebooks on layer loss: 2.125 bpv 0.0460 (r=2) vs 0.0429, 3.125 bpv 0.0133 (r=4
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import time
@@ -435,40 +434,3 @@ def _finish_svd(obj: cbk.Objective, cbooks: torch.Tensor, idx: torch.Tensor, geo
     }
     assert svd["svd_u"].shape == (geom.groups, r)
     return VQWeight.from_parts(geom, idx, codebook_kind="int8", svd=svd, norm=stats["norm"])
-
-
-# ---------------------------------------------------------------------------------------------------- CLI glue
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    """GPTVQ options for `vqmobile quantize --method gptvq` (none collides with the CLI's own options)."""
-    g = parser.add_argument_group("GPTVQ (--method gptvq)")
-    g.add_argument("--bpv", type=float, default=None,
-                   help="target bits per value, e.g. 3.125, 2.25, 2.125 (paper accounting: log2(k)/d + k*d*b_c/l)")
-    g.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="named configuration: mobile = 2D k=64, 32x256 blocks (3.125 bpv); 2.25; 2.125")
-    g.add_argument("--vq-dim", type=int, default=None, help="vector dimension d (default: 2D when it reaches --bpv)")
-    g.add_argument("--vq-k", type=int, default=None, help="centroids per codebook (overrides the target's choice)")
-    g.add_argument("--vq-rows", type=int, default=None, help="rows per codebook block R")
-    g.add_argument("--vq-cols", type=int, default=None, help=f"columns per codebook block C (<= {MAX_COLS_PER_BLOCK})")
-    g.add_argument("--codebook", choices=CODEBOOK_KINDS, default="int8", help="codebook storage (default int8)")
-    g.add_argument("--svd-rank", type=int, default=None, help="1D only: store codebooks as a rank-r SVD product")
-    g.add_argument("--no-codebook-update", action="store_true",
-                   help="skip the least-squares codebook refit after the column pass")
-    g.add_argument("--norm-block", type=int, default=None,
-                   help="blockwise normalization: one log-domain scale per this many columns of a row")
-    g.add_argument("--norm-bits", type=int, default=4, help="bits per normalization scale (default 4)")
-    g.add_argument("--em-iters", type=int, default=100, help="max EM iterations per codebook (default 100)")
-    g.add_argument("--vq-damp", type=float, default=0.01, help="Hessian dampening, fraction of the mean diagonal")
-    g.add_argument("--vq-block-size", type=int, default=128, help="lazy-batch width of the column pass")
-
-
-def config_from_args(args: argparse.Namespace) -> GPTVQConfig:
-    overrides: dict[str, Any] = {
-        "codebook": args.codebook, "codebook_update": not args.no_codebook_update, "svd_rank": args.svd_rank,
-        "norm_block": args.norm_block, "norm_bits": args.norm_bits, "em_iters": args.em_iters, "damp": args.vq_damp,
-        "block_size": args.vq_block_size, "seed": getattr(args, "seed", 0),  # --seed belongs to the CLI
-        "embedding": getattr(args, "embedding", GPTVQConfig.embedding),  # --embedding belongs to the CLI too
-    }
-    for arg, field in (("vq_k", "k"), ("vq_rows", "rows_per_block"), ("vq_cols", "cols_per_block")):
-        if getattr(args, arg) is not None:
-            overrides[field] = getattr(args, arg)
-    return GPTVQConfig.from_target(bpv=args.bpv, vq_dim=args.vq_dim, preset=args.preset, **overrides)
