@@ -195,3 +195,14 @@ def test_outputs_respect_the_umask(tmp_path, capsys):
                                                                tmp_path / "j", tmp_path / "j" / "e.json"]}
     assert modes.pop("new") == modes.pop("ck") == modes.pop("j") == 0o755
     assert set(modes.values()) == {0o644}, modes
+
+
+def test_gptvq_below_the_floor_is_refused_and_below_two_bits_warned(tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "--quiet", "quantize", STORIES, "--method", "gptvq", "--bpv", "0.5",
+                         "--out", tmp_path / "a", *SMALL)
+    assert rc == 2 and "4D k=2" in err and "0.25 index bits per weight" in err and err.count("\n") == 1
+    rc, out, err = run_cli(capsys, "--quiet", "quantize", STORIES, "--method", "gptvq", "--bpv", "1", "--em-iters", "3",
+                           "--out", tmp_path / "b", *SMALL)
+    assert rc == 0 and f"wrote {tmp_path / 'b'}" in out
+    assert err.startswith("vqmobile: warning: GPTVQ 1 bpv = 4D k=8") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]

@@ -35,11 +35,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from typing import Any
 
 import torch
 
-from ..errors import UserError
+from ..errors import QualityWarning, UserError
 from ..formats.pack import pack_rows
 from ..formats.vqweight import CODEBOOK_KINDS, MAX_INDEX_BITS, VQGeometry, VQWeight, norm_scale_values
 from ..hessian import inverse_cholesky
@@ -59,6 +60,14 @@ PRESETS = {
 # 0.125 or 0.25): beyond it, "reaching" a target means tiny blocks whose codebooks cost more than their indices.
 MAX_CODEBOOK_BPV = 0.25
 _DIM_PREFERENCE = (2, 4, 1, 8)  # which vector dimension a bare --bpv target picks first
+# Below half an index bit per weight (more than two weights share one bit: 4D or 8D with k=2, 8D with k<=8) the
+# model is destroyed: on stories260k (32 windows of 512, `vqmobile bench quality`, README "Errors and bad input")
+# --bpv 0.5 (4D k=2, 0.25 index bits) gave 153x the float perplexity where --bpv 0.75 (2D k=2, 0.5) gave 5.2x and
+# GPTQ 2-bit g32 7.2x. Such configurations are refused.
+MIN_INDEX_BITS = 0.5
+# Below 2 bits per value (the paper's lowest is 2.125, where SmolLM2-135M is already at 4.5x its float perplexity)
+# a configuration runs but gets a QualityWarning naming it.
+WARN_BPV = 2.0
 
 
 def nominal_bpv(d: int, k: int, l: int, codebook_bits: int = 8, svd_rank: int | None = None,
@@ -189,6 +198,19 @@ class GPTVQConfig(QuantConfig):
                          (self.norm_block, self.norm_bits) if self.norm_block else None)
 
     def check(self) -> None:
+        self._check_geometry()
+        index_bits = max(1, math.ceil(math.log2(self.k))) / self.vq_dim
+        if index_bits < MIN_INDEX_BITS:
+            raise UserError(f"GPTVQ {self.describe()} gives {index_bits:g} index bits per weight: below "
+                            f"{MIN_INDEX_BITS:g} the model is destroyed (stories260k: 153x its float perplexity at "
+                            f"--bpv 0.5); use --bpv 0.625 or more, or a smaller --vq-dim or larger --vq-k")
+        if self.nominal_bpv() < WARN_BPV:
+            warnings.warn(f"GPTVQ {self.describe()} is below {WARN_BPV:g} bits per value, under the 2.125 the paper "
+                          "evaluates: expect a much worse model (SmolLM2-135M is at 4.5x its float perplexity "
+                          "already at 2.125); measure it with `vqmobile eval` before you ship it",
+                          QualityWarning, stacklevel=4)
+
+    def _check_geometry(self) -> None:
         d, k, r, c = self.vq_dim, self.k, self.rows_per_block, self.cols_per_block
         if d not in VQ_DIMS:
             raise UserError(f"--vq-dim {d} is out of range: use one of {', '.join(map(str, VQ_DIMS))}")
