@@ -391,3 +391,23 @@ def test_fuzz_bundle_loader(bundle, tmp_path_factory, data):
     (bad / "bundle.json").write_text(json.dumps(m))
     _load_or_user_error(open_bundle, bad)
     shutil.rmtree(bad)
+
+
+def test_full_disk_names_the_output_and_leaves_nothing(tmp_path):
+    """A write that fails for a reason the user can fix (here ENOSPC, raised by the writer as the OS would) is a
+    one-line UserError naming the output, and removes the temporary folder and the parents it created."""
+    import errno
+
+    from vqmobile import atomic
+
+    out = tmp_path / "a" / "b" / "out"
+
+    def full(part: Path):
+        part.write_bytes(b"x")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(UserError, match=f"cannot write {out}: No space left on device"):
+        atomic.directory(out, lambda tmp: full(tmp / "part"))
+    with pytest.raises(UserError, match="cannot write .*chart.png: No space left on device"):
+        atomic.write_file(tmp_path / "c" / "chart.png", full)
+    assert list(tmp_path.iterdir()) == []

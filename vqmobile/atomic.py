@@ -6,6 +6,7 @@ an output location with it before loading anything heavy."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -55,9 +56,14 @@ def _apply_umask(path: Path) -> None:
         os.chmod(p, (0o777 if executable else 0o666) & ~mask)
 
 
+# What a user can fix when a write fails: space, quota, permissions, a read-only file system.
+_USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
 @contextmanager
-def _parents(folder: Path):
-    """Create `folder` and its missing parents for the duration of a write; on failure remove the ones made here."""
+def _parents(folder: Path, out: Path):
+    """Create `folder` and its missing parents for the duration of a write of `out`; on failure remove the ones
+    made here. A full disk or a permission error becomes a one-line UserError naming `out`, not our temporary path."""
     missing = []
     p = folder
     while not p.exists():
@@ -66,19 +72,22 @@ def _parents(folder: Path):
     try:
         folder.mkdir(parents=True, exist_ok=True)
         yield
-    except BaseException:
+    except BaseException as e:
         for d in missing:  # deepest first; a folder something else wrote into in the meantime stays
             try:
                 d.rmdir()
             except OSError:
                 break
+        if isinstance(e, OSError) and e.errno in _USER_OS_ERRORS:
+            raise UserError(f"cannot write {out}: {e.strerror}; nothing was written: free some space or choose "
+                            "another location") from None
         raise
 
 
 def write_json(path: str | Path, record) -> None:
     """Write `record` as JSON to a hidden sibling of `path`, then rename it into place."""
     p = Path(path).expanduser()
-    with _parents(p.parent):
+    with _parents(p.parent, p):
         tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
         try:
             tmp.write_text(json.dumps(record, indent=1))
@@ -92,7 +101,7 @@ def write_file(path: str | Path, write) -> None:
     """Call write(tmp_path) for a hidden sibling of `path` (same suffix, so format-sniffing writers such as
     matplotlib's savefig still work), then rename it into place."""
     p = Path(path).expanduser()
-    with _parents(p.parent):
+    with _parents(p.parent, p):
         tmp = p.with_name(f".{p.stem}.tmp-{os.getpid()}{p.suffix}")
         try:
             write(tmp)
@@ -105,7 +114,7 @@ def write_file(path: str | Path, write) -> None:
 
 def directory(out: Path, write) -> None:
     """Call write(tmp_dir) on a temporary sibling of `out`, then move it into place; nothing is left on failure."""
-    with _parents(out.parent):
+    with _parents(out.parent, out):
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
         try:
             write(tmp)

@@ -226,7 +226,7 @@ class _Steps:
 
         from tqdm import tqdm
 
-        self.bar = tqdm(desc=desc, unit="step", bar_format="{desc} {n_fmt} steps [{elapsed}]{postfix}", leave=False)
+        self.bar = tqdm(desc=desc, unit="step", bar_format="{desc} [{elapsed}] step {n_fmt}{postfix}", leave=False)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._tick, daemon=True)
         self.thread.start()
