@@ -25,23 +25,6 @@
 #endif
 #include <arm_neon.h>
 
-typedef struct {
-    int be, de, ke, virt;
-} vcfg;
-
-static int vq_cfg(const vqm_vq_weight *w, vcfg *c)
-{
-    int b = vqm_vq_index_bits(w->ncent);
-    if (w->d == 1 && w->ncent == 4) {
-        if (w->cols_per_block % 2) return 0;
-        c->be = 4; c->de = 2; c->ke = 16; c->virt = 1;
-        return 1;
-    }
-    if ((w->ncent != 16 && w->ncent != 64 && w->ncent != 256) || (1 << b) != w->ncent) return 0;
-    if (w->d != 1 && w->d != 2 && w->d != 4) return 0;
-    c->be = b; c->de = w->d; c->ke = w->ncent; c->virt = 0;
-    return 1;
-}
 
 static inline int ord_code(int be, int p)
 {
@@ -53,8 +36,8 @@ static inline int ord_code(int be, int p)
 static int neon_vq_plan(const vqm_vq_weight *w, int flags, vqm_layout *lay)
 {
     (void)flags;
-    vcfg c;
-    if (!vq_cfg(w, &c)) return 0;
+    vqm_vcfg c;
+    if (!vqm_vq_simd_cfg(w, &c)) return 0;
     lay->chunk_cols = 32 * c.de;
     lay->identity = 0;
     for (int t = 0; t < c.de; t++)
@@ -64,9 +47,9 @@ static int neon_vq_plan(const vqm_vq_weight *w, int flags, vqm_layout *lay)
 }
 
 /* tables: per dimension ke bytes (k=16: 16, k=64: 64, k=256: 256) */
-static size_t tab_size(const vcfg *c) { return (size_t)c->ke * (size_t)c->de; }
+static size_t tab_size(const vqm_vcfg *c) { return (size_t)c->ke * (size_t)c->de; }
 
-static void prep_tab(const vcfg *c, const int8_t *cbk, int d, uint8_t *tab)
+static void prep_tab(const vqm_vcfg *c, const int8_t *cbk, int d, uint8_t *tab)
 {
     if (c->virt) {
         for (int i = 0; i < 16; i++) {
@@ -172,7 +155,7 @@ static uint8_t *tab_scratch(size_t bytes)
 
 static inline __attribute__((always_inline)) void
 vq_rows_impl(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1,
-             const float *bias, float *y, const vcfg *cfg,
+             const float *bias, float *y, const vqm_vcfg *cfg,
              const int BE, const int DE, const int KE, const int NB, const int INT8)
 {
     const int64_t n = w->n, k = w->k, d = w->d, R = w->rows_per_block, C = w->cols_per_block;
@@ -248,7 +231,7 @@ vq_rows_impl(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1
 
 #define VQ_INST(BE, DE, KE)                                                                         \
     static void vq_##BE##_##DE##_##KE(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0,     \
-                                      int64_t r1, const float *bias, float *y, const vcfg *cfg,    \
+                                      int64_t r1, const float *bias, float *y, const vqm_vcfg *cfg,    \
                                       int int8)                                                     \
     {                                                                                               \
         if (int8) {                                                                                 \
@@ -273,8 +256,8 @@ static void neon_vq_rows(const vqm_vq_weight *w, const vqm_layout *lay, const vq
                          int64_t r0, int64_t r1, const float *bias, float *y, int flags)
 {
     (void)lay;
-    vcfg c;
-    if (!vq_cfg(w, &c)) abort();
+    vqm_vcfg c;
+    if (!vqm_vq_simd_cfg(w, &c)) abort();
     int i8 = (flags & VQM_ACT_INT8) != 0;
 #define CASE(BE, DE, KE) if (c.be == BE && c.de == DE) { vq_##BE##_##DE##_##KE(w, xp, r0, r1, bias, y, &c, i8); return; }
     CASE(4, 1, 16) CASE(4, 2, 16) CASE(4, 4, 16)
