@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 from vqmobile import atomic
-from vqmobile.errors import FormatError, UserError, VQMobileWarning
+from vqmobile.errors import FormatError, UserError, VQMobileWarning, first_line
 from vqmobile.hashing import sha256_file
 
 from .runtime.build import TARGETS, _compilers
@@ -116,7 +116,7 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
     try:
         manifest = json.loads(mf.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:
-        raise _damaged(p, f"cannot read {MANIFEST} ({str(e).splitlines()[0]})") from None
+        raise _damaged(p, f"cannot read {MANIFEST} ({first_line(e)})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise FormatError(f"{mf} is not a vqmobile bundle manifest: pass the --out folder of `vqmobile export`")
     if manifest.get("format_version") != FORMAT_VERSION:

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from . import atomic
 from .embedding import QuantEmbedding, tied_head, use_quantized_embedding
-from .errors import FormatError, UserError
+from .errors import FormatError, UserError, first_line
 from .formats import weight_from_stored
 from .formats.intweight import IntWeight
 from .hashing import sha256_file
@@ -160,7 +160,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     try:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:
-        raise _damaged(path, f"cannot read {MANIFEST} ({str(e).splitlines()[0]})") from None
+        raise _damaged(path, f"cannot read {MANIFEST} ({first_line(e)})") from None
     if not isinstance(manifest, dict):
         raise _damaged(path, f"{MANIFEST} is not a vqmobile manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -189,7 +189,7 @@ def _read_safetensors(path: Path, name: str) -> dict[str, torch.Tensor]:
         with safe_open(str(path / name), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises several error types for one user problem: a file it cannot parse
-        raise _damaged(path, f"{name} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+        raise _damaged(path, f"{name} is not a readable safetensors file ({first_line(e)})") from None
 
 
 def _stored_weight(path: Path, name: str, entry: Any, packed: dict[str, torch.Tensor]):
@@ -250,7 +250,7 @@ def load(path: str | Path) -> Checkpoint:
     try:
         hf_config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError... for one problem: a bad config.json
-        raise _damaged(path, f"cannot read config.json ({str(e).splitlines()[0]})") from None
+        raise _damaged(path, f"cannot read config.json ({first_line(e)})") from None
     check_architecture(getattr(hf_config, "model_type", None), path)
 
     packed = _read_safetensors(path, QUANTIZED_FILE)
@@ -259,8 +259,10 @@ def load(path: str | Path) -> Checkpoint:
     weights = {name: _stored_weight(path, name, entry, packed) for name, entry in layers.items()}
     try:
         _check_shapes(path, hf_config, layers, floats)
-    except (ValueError, TypeError, RuntimeError) as e:  # config values transformers cannot build a model from
-        raise _damaged(path, f"config.json does not describe a buildable model ({str(e).splitlines()[0]})") from None
+    except UserError:
+        raise
+    except Exception as e:  # config values transformers cannot build a model from, whatever it raises for them
+        raise _damaged(path, f"config.json does not describe a buildable model ({first_line(e)})") from None
     model = _build(hf_config)
     model.eval()
     for name, qw in weights.items():
@@ -284,5 +286,5 @@ def load(path: str | Path) -> Checkpoint:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # as for config.json: many error types, one problem
-        raise _damaged(path, f"cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+        raise _damaged(path, f"cannot load its tokenizer ({first_line(e)})") from None
     return Checkpoint(model, tokenizer, manifest, path)

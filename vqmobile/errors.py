@@ -19,3 +19,8 @@ class VQMobileWarning(UserWarning):
 
 class QualityWarning(VQMobileWarning):
     """A configuration that runs but is expected to give a poor model: the line says what to expect and instead."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (third-party errors can span many), never empty."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
