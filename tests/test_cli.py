@@ -206,3 +206,12 @@ def test_gptvq_below_the_floor_is_refused_and_below_two_bits_warned(tmp_path, ca
     assert rc == 0 and f"wrote {tmp_path / 'b'}" in out
     assert err.startswith("vqmobile: warning: GPTVQ 1 bpv = 4D k=8") and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_bench_kernels_plot(tmp_path, capsys):
+    png = tmp_path / "k.png"
+    rc, out, _ = run_cli(capsys, "bench", "kernels", "--quick", "--threads", "1", "--kernels", "vq2.25,ort-int4-b32",
+                         "--json", tmp_path / "k.json", "--plot", png)
+    assert rc == 0 and f"# wrote {png}" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.json", "k.png"]
