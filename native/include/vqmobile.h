@@ -124,10 +124,10 @@ int vqm_nearest_path(int path, const float *x, const float *w, const float *c, i
 int vqm_path_available(int path);
 int vqm_get_path(void);                 /* currently selected path */
 int vqm_set_path(int path);             /* VQM_PATH_AUTO restores the best available */
-/* The path the environment variable VQMOBILE_PATH forces: a VQM_PATH_* (VQM_PATH_AUTO when unset or "auto"),
- * VQM_EINVAL for an unknown name, VQM_EPATH for a path this CPU lacks. The selection ignores an unusable value
- * (it takes the best path); programs report it to the user. */
-int vqm_path_from_env(void);
+/* The path the environment variable VQMOBILE_PATH forces, in *path (VQM_PATH_AUTO when unset or "auto"); returns
+ * VQM_OK, VQM_EINVAL for an unknown name or VQM_EPATH for a path this CPU lacks. The selection ignores an unusable
+ * value (it takes the best path): programs report it to the user. */
+int vqm_path_from_env(int *path);
 const char *vqm_path_name(int path);    /* "ref", "avx2", "avx512", "neon", "neon_dot" */
 
 /* ---- threads ------------------------------------------------------------ */

@@ -109,12 +109,17 @@ static int best_path(void)
     return VQM_PATH_REF;
 }
 
-int vqm_path_from_env(void)
+int vqm_path_from_env(int *path)
 {
     const char *e = getenv("VQMOBILE_PATH");
-    if (!e || !*e || !strcmp(e, "auto")) return VQM_PATH_AUTO;
+    *path = VQM_PATH_AUTO;
+    if (!e || !*e || !strcmp(e, "auto")) return VQM_OK;
     for (int p = 0; p < VQM_NPATHS; p++)
-        if (!strcmp(e, vqm_path_name(p))) return detect(p) ? p : VQM_EPATH;
+        if (!strcmp(e, vqm_path_name(p))) {
+            if (!detect(p)) return VQM_EPATH;
+            *path = p;
+            return VQM_OK;
+        }
     return VQM_EINVAL;
 }
 
@@ -139,8 +144,8 @@ int vqm_get_path(void)
 {
     int p = atomic_load(&g_path);
     if (p == -2) {
-        p = vqm_path_from_env();
-        if (p < 0) p = best_path(); /* an unusable VQMOBILE_PATH is reported by the callers that read it */
+        /* an unusable VQMOBILE_PATH leaves the best path selected; programs report it (vqm_path_from_env) */
+        if (vqm_path_from_env(&p) != VQM_OK || p == VQM_PATH_AUTO) p = best_path();
         atomic_store(&g_path, p);
     }
     return p;

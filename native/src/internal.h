@@ -59,6 +59,19 @@ extern const vqm_path_ops vqm_ops_neon;
 extern const vqm_path_ops vqm_ops_neon_dot;
 #endif
 
+/* Region markers for the static cycle model (`vqmobile bench cost`, vqmobile/bench/cost.py). They expand to nothing
+ * in every build. The model compiles the kernels to assembly with -DVQM_MCA, where each pair becomes two comment
+ * lines around the instructions it measures, tagged with a name and four compile-time kernel parameters (an asm
+ * statement there also keeps the compiler from moving code across it; without VQM_MCA nothing changes). */
+#ifdef VQM_MCA
+#define VQM_MCA_MARK(what, tag, a, b, c, d) \
+    __asm__ volatile("# vqm-mca " what " " tag " %c0 %c1 %c2 %c3" ::"i"(a), "i"(b), "i"(c), "i"(d))
+#else
+#define VQM_MCA_MARK(what, tag, a, b, c, d) ((void)0)
+#endif
+#define VQM_MCA_BEGIN(tag, a, b, c, d) VQM_MCA_MARK("begin", tag, a, b, c, d)
+#define VQM_MCA_END(tag, a, b, c, d) VQM_MCA_MARK("end", tag, a, b, c, d)
+
 /* ---- helpers -------------------------------------------------------------- */
 static inline int64_t vqm_cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

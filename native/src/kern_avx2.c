@@ -596,6 +596,7 @@ same_chunks(const uint8_t *p0, const uint8_t *p1, const uint8_t *p2, const uint8
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i a0 = *A0, a1 = *A1, a2 = *A2, a3 = *A3;
     for (int64_t h = 0; h < nfull; h++) {
+        VQM_MCA_BEGIN("avx2.vq_same.loop", SAFE, BE, DE, KE);
         const int64_t off = h * 4 * BE;
         const int8_t *xh = xq + h * 32 * DE;
         const uint8_t *xah = xa + h * 32 * DE;
@@ -620,6 +621,7 @@ same_chunks(const uint8_t *p0, const uint8_t *p1, const uint8_t *p2, const uint8
         SAME_ROW(p2, a2)
         SAME_ROW(p3, a3)
 #undef SAME_ROW
+        VQM_MCA_END("avx2.vq_same.loop", SAFE, BE, DE, KE);
     }
     *A0 = a0; *A1 = a1; *A2 = a2; *A3 = a3;
 }
@@ -697,10 +699,12 @@ vq_same_impl(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1
                 }
                 a0 = at[0]; a1 = at[1]; a2 = at[2]; a3 = at[3];
             }
+            VQM_MCA_BEGIN("avx2.vq_same.finish", BE, DE, KE, 0);
             __m128i isum = hsum4_i32(a0, a1, a2, a3);
             __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(isum), _mm_set1_ps(xp->xs[cb]));
             v = _mm_mul_ps(v, _mm_set1_ps(_cvtsh_ss(w->scale[rb * ncb + cb])));
             acc = _mm_add_ps(acc, v);
+            VQM_MCA_END("avx2.vq_same.finish", BE, DE, KE, 0);
         }
         float out[4];
         _mm_storeu_ps(out, acc);
@@ -942,6 +946,7 @@ static void int4_g32_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0
             __m128i sA[4], sB[4];
             int64_t g = 0;
             for (; g + 1 < ngfull; g += 2) {
+                VQM_MCA_BEGIN("avx2.int4_g32.loop", 0, 0, 0, 0);
                 if (bi == 0 && r + 16 < n) {
                     const uint8_t *pf = w->codes + (r + 16) * rowbytes + g * pf_grp;
                     for (int64_t o = 0; o < 2 * pf_grp; o += 64) _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
@@ -1006,6 +1011,7 @@ static void int4_g32_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0
                 acc = _mm256_add_ps(acc, v0);
                 __m256 v1 = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(i1), _mm256_set1_ps(xsb[g + 1])), s1);
                 acc = _mm256_add_ps(acc, v1);
+                VQM_MCA_END("avx2.int4_g32.loop", 0, 0, 0, 0);
             }
             for (; g < ng; g++) {
                 __m128 va = int_group4(w, xp, rows, rr, g, bi, 4), vb = int_group4(w, xp, rows + 4, rr + 4, g, bi, 4);
@@ -1093,8 +1099,10 @@ int_rows_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1
                 }
             }
             for (; g < ng; g++) { /* other groups */
+                VQM_MCA_BEGIN("avx2.int_rows.loop", BITS, 0, 0, 0);
                 if (bi == 0) int_prefetch(w, r, g, ng, rowbytes, pf_grp);
                 acc = _mm_add_ps(acc, int_group4(w, xp, rows, rr, g, bi, BITS));
+                VQM_MCA_END("avx2.int_rows.loop", BITS, 0, 0, 0);
             }
             float out[4];
             _mm_storeu_ps(out, acc);

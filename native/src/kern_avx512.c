@@ -32,6 +32,9 @@
 #include <simde/x86/avx512.h>
 #include <simde/x86/f16c.h>
 #include <simde/x86/fma.h>
+/* names Debian's SIMDe defines without their native aliases */
+#define _mm512_shuffle_i64x2 simde_mm512_shuffle_i64x2
+typedef simde__mmask16 __mmask16;
 #elif defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,avx2,fma,f16c"))), \
                              apply_to = function)
@@ -60,6 +63,21 @@ static inline __m512 cvt_i32_ps(__m512i a)
                               _mm256_cvtepi32_ps(_mm512_extracti64x4_epi64(a, 1)), 1);
 #else
     return _mm512_cvtepi32_ps(a);
+#endif
+}
+
+static inline __m512i cvt_u8_i32(__m128i a) /* 16 unsigned bytes -> 16 dwords */
+{
+    return _mm512_add_epi32(cvt_i8_i32(_mm_xor_si128(a, _mm_set1_epi8((char)0x80))), _mm512_set1_epi32(128));
+}
+
+static inline __m512 cvt_ph_ps(__m256i h) /* 16 fp16 -> 16 floats (exact) */
+{
+#if defined(VQM_SIMDE)
+    return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_cvtph_ps(_mm256_castsi256_si128(h))),
+                              _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), 1);
+#else
+    return _mm512_cvtph_ps(h);
 #endif
 }
 
@@ -319,6 +337,7 @@ tile_chunks(const uint8_t *const rows[4], int64_t off0, int64_t h0, int64_t h1, 
     __m512 fa0 = acc->fa[0], fa1 = acc->fa[1], fa2 = acc->fa[2], fa3 = acc->fa[3];
     __m512 fb0 = acc->fb[0], fb1 = acc->fb[1], fb2 = acc->fb[2], fb3 = acc->fb[3];
     for (int64_t h = h0; h < h1; h++) {
+        VQM_MCA_BEGIN("avx512.vq_tile.loop", BE, DE, KE, SAME + 2 * INT8 + 4 * PARTIAL);
         const int64_t off = off0 + h * 8 * BE;
         __m512i X[4];
         if (INT8)
@@ -328,6 +347,7 @@ tile_chunks(const uint8_t *const rows[4], int64_t off0, int64_t h0, int64_t h1, 
         tile_chunk_row(rows[1] + off, tab[1], T, X, xh, &a1, &fa1, &fb1, SAME, BE, DE, KE, INT8, PARTIAL, nvalid_last);
         tile_chunk_row(rows[2] + off, tab[2], T, X, xh, &a2, &fa2, &fb2, SAME, BE, DE, KE, INT8, PARTIAL, nvalid_last);
         tile_chunk_row(rows[3] + off, tab[3], T, X, xh, &a3, &fa3, &fb3, SAME, BE, DE, KE, INT8, PARTIAL, nvalid_last);
+        VQM_MCA_END("avx512.vq_tile.loop", BE, DE, KE, SAME + 2 * INT8 + 4 * PARTIAL);
     }
     acc->a[0] = a0; acc->a[1] = a1; acc->a[2] = a2; acc->a[3] = a3;
     acc->fa[0] = fa0; acc->fa[1] = fa1; acc->fa[2] = fa2; acc->fa[3] = fa3;
@@ -399,12 +419,14 @@ vq_tile4(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, co
                             : fp16x4(w->scale[rb[0] * ncb + cb], w->scale[rb[1] * ncb + cb],
                                      w->scale[rb[2] * ncb + cb], w->scale[rb[3] * ncb + cb]);
             if (INT8) {
+                VQM_MCA_BEGIN("avx512.vq_tile.finish", BE, DE, KE, 1);
                 __m128i isum = hsum4_i32(fold512_i32(ta.a[0]), fold512_i32(ta.a[1]), fold512_i32(ta.a[2]),
                                          fold512_i32(ta.a[3]));
                 isum = _mm_sub_epi32(isum, _mm_set1_epi32(128 * xp->xsum[cb]));
                 __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(isum), _mm_set1_ps(xp->xs[cb]));
                 v = _mm_mul_ps(v, s);
                 acc = _mm_add_ps(acc, v);
+                VQM_MCA_END("avx512.vq_tile.finish", BE, DE, KE, 1);
             } else {
                 __m128 bs = hsum4_ps(fold512_ps(_mm512_add_ps(ta.fa[0], ta.fb[0])),
                                      fold512_ps(_mm512_add_ps(ta.fa[1], ta.fb[1])),
@@ -595,15 +617,81 @@ static inline __m128 int_finish4(const vqm_int_weight *w, const vqm_xprep *xp, c
     return _mm_mul_ps(v, s);
 }
 
-/* int8 activations: 4-row tiles, one activation vector at a time (the tile's rows stay in L1 for the next one) */
+/* int_finish4 for groups g..g+3 at once: u holds [rows 0-3] of group g + j in lane j; the four groups' values are
+ * added to acc in group order, as the reference adds them */
+static inline __m128 int_finish_g4(const vqm_int_weight *w, const vqm_xprep *xp, const int64_t rr[4], int64_t g,
+                                   int64_t bi, __m512i u, __m128 acc, const int BITS)
+{
+    const int64_t ng = vqm_cdiv(w->k, w->group);
+    const __m512i lane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const __m512i xsum = _mm512_permutexvar_epi32(lane, _mm512_castsi128_si512(
+        _mm_loadu_si128((const __m128i *)(const void *)(xp->xsum + bi * xp->nblk + g))));
+    const __m512 xs = _mm512_permutexvar_ps(lane, _mm512_castps128_ps512(_mm_loadu_ps(xp->xs + bi * xp->nblk + g)));
+    if (w->zeros) {
+        uint32_t zr[4];
+        for (int i = 0; i < 4; i++) memcpy(&zr[i], w->zeros + rr[i] * ng + g, 4);
+        /* [row][group] bytes -> [group][row] */
+        __m128i zt = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(const void *)zr),
+                                      _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+        u = _mm512_sub_epi32(u, _mm512_mullo_epi32(cvt_u8_i32(zt), xsum));
+    } else {
+        u = _mm512_sub_epi32(u, _mm512_slli_epi32(xsum, BITS - 1));
+    }
+    uint64_t sr[4];
+    for (int i = 0; i < 4; i++) memcpy(&sr[i], w->scales + rr[i] * ng + g, 8);
+    const __m256i sidx = _mm256_setr_epi16(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m512 sc = cvt_ph_ps(_mm256_permutexvar_epi16(sidx, _mm256_loadu_si256((const __m256i *)(const void *)sr)));
+    __m512 v = _mm512_mul_ps(cvt_i32_ps(u), xs);
+    v = _mm512_mul_ps(v, sc);
+    acc = _mm_add_ps(acc, _mm512_castps512_ps128(v));
+    acc = _mm_add_ps(acc, _mm512_extractf32x4_ps(v, 1));
+    acc = _mm_add_ps(acc, _mm512_extractf32x4_ps(v, 2));
+    return _mm_add_ps(acc, _mm512_extractf32x4_ps(v, 3));
+}
+
+/* [row 0, row 1, row 2, row 3] sums of each 128-bit lane of a0..a3: lane j of the result sums lane j of each */
+static inline __m512i transpose4_sum(__m512i a0, __m512i a1, __m512i a2, __m512i a3)
+{
+    __m512i t01 = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1));
+    __m512i t23 = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
+    return _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23), _mm512_unpackhi_epi64(t01, t23));
+}
+
+/* q * x summed over 128 columns of one row, one 128-bit lane per 32-column chunk (chunk j in lane j). xe/xo: the
+ * chunks' activations as the codes meet them (4-bit: even columns, odd columns; 8-bit: columns 0-63, 64-127). */
+static inline __attribute__((always_inline)) __m512i int_step(const uint8_t *row, int64_t c, __m512i xe, __m512i xo,
+                                                              __m512i acc, const int BITS)
+{
+    if (BITS == 4) {
+        const __m512i m = _mm512_set1_epi8(0x0f);
+        __m512i v = ld512(row + (c >> 1));
+        acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(v, m), xe);
+        return _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(v, 4), m), xo);
+    }
+    __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ld512(row + c), xe);
+    __m512i q = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ld512(row + c + 64), xo);
+    /* lanes of p are columns 0-15, 16-31, 32-47, 48-63: pairs make the chunks */
+    return _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_shuffle_i64x2(p, q, 0x88), _mm512_shuffle_i64x2(p, q, 0xdd)));
+}
+
+/* int8 activations: 4-row tiles, one activation vector at a time (the tile's rows stay in L1 for the next one),
+ * 128 columns per step: a 64-byte load of 4-bit codes (two for 8-bit) per row, whose nibbles meet the activations
+ * regrouped once per step for the four rows. Each step leaves one lane per 32-column chunk and row; one transpose
+ * turns four rows' lanes into [row 0..3] per chunk, which finish per group (G = 32: four groups a step, 64: two;
+ * G a multiple of 128: the rows' lanes add up over the group's steps first). Groups the steps do not cover whole
+ * (k % 128 columns at the end) take the per-group loop. */
 static inline __attribute__((always_inline)) void
 int_rows_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, const float *bias, float *y,
-            const int BITS)
+            const int BITS, const int GK /* 32, 64, 128 (any multiple of 128), 0: no whole steps */)
 {
     const int64_t n = w->n, k = w->k, G = w->group;
     const int64_t ng = vqm_cdiv(k, G);
     const int64_t rowbytes = vqm_int_row_bytes(w);
-    const int64_t pf_grp = ((vqm_cdiv(4 * rowbytes, ng) + 63) / 64) * 64;
+    const int64_t nsteps = k / 128;
+    const int64_t pf_step = ((vqm_cdiv(4 * rowbytes, nsteps > 0 ? nsteps : 1) + 63) / 64) * 64;
+    /* groups the 128-column steps cover whole */
+    const int64_t gsteps = GK == 0 ? 0 : GK <= 64 ? nsteps * (128 / G)
+                                    : (nsteps * 128) / G + ((nsteps * 128) % G && nsteps * 128 == k);
     for (int64_t r = r0; r < r1; r += 4) {
         int64_t rr[4];
         const uint8_t *rows[4];
@@ -613,32 +701,53 @@ int_rows_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1
         }
         for (int64_t bi = 0; bi < xp->batch; bi++) {
             __m128 acc = _mm_setzero_ps();
-            int64_t g = 0;
-            if (G == 32) { /* two groups per vector: [rows 0-3 of g | rows 0-3 of g + 1] after the reduction */
-                const int8_t *xb = xp->xq + bi * xp->stride;
-                for (; g + 2 <= ng && (g + 2) * 32 <= k; g += 2) {
-                    if (bi == 0 && r + 8 < n) {
-                        const uint8_t *pf = w->codes + (r + 8) * rowbytes + g * pf_grp;
-                        for (int64_t o = 0; o < 2 * pf_grp; o += 64) _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
-                    }
-                    const __m512i x = ld512(xb + g * 32);
-                    __m256i h[4];
-                    for (int i = 0; i < 4; i++) {
-                        __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), int_codes64(rows[i], g * 32, BITS), x);
-                        /* [lanes 0-1 | lanes 2-3] -> group g in dwords 0-3, group g + 1 in dwords 4-7 */
-                        a = _mm512_shuffle_i64x2(a, a, 0xd8);
-                        h[i] = fold512_i32(a);
-                    }
-                    __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(h[0], h[1]), _mm256_hadd_epi32(h[2], h[3]));
-                    acc = _mm_add_ps(acc, int_finish4(w, xp, rr, g, bi, _mm256_castsi256_si128(s), BITS));
-                    acc = _mm_add_ps(acc, int_finish4(w, xp, rr, g + 1, bi, _mm256_extracti128_si256(s, 1), BITS));
-                }
-            }
-            for (; g < ng; g++) {
+            const int8_t *xb = xp->xq + bi * xp->stride;
+            int64_t g = 0, s = 0;
+            __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+            while (g < gsteps) {
+                VQM_MCA_BEGIN("avx512.int_tile.loop", BITS, GK, 0, 0);
+                const int64_t c = 128 * s;
                 if (bi == 0 && r + 8 < n) {
-                    const uint8_t *pf = w->codes + (r + 8) * rowbytes + g * pf_grp;
-                    for (int64_t o = 0; o < pf_grp; o += 64) _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
+                    const uint8_t *pf = w->codes + (r + 8) * rowbytes + s * pf_step;
+                    for (int64_t o = 0; o < pf_step; o += 64) _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
                 }
+                const __m512i xa = ld512(xb + c), xc = ld512(xb + c + 64);
+                const __m512i xe = BITS == 4 ? _mm512_shuffle_i64x2(xa, xc, 0x88) : xa;
+                const __m512i xo = BITS == 4 ? _mm512_shuffle_i64x2(xa, xc, 0xdd) : xc;
+                if (GK == 128) { /* the group's steps add up first */
+                    a0 = int_step(rows[0], c, xe, xo, a0, BITS);
+                    a1 = int_step(rows[1], c, xe, xo, a1, BITS);
+                    a2 = int_step(rows[2], c, xe, xo, a2, BITS);
+                    a3 = int_step(rows[3], c, xe, xo, a3, BITS);
+                    s++;
+                    if (128 * s < (g + 1) * G && 128 * s < k) {
+                        VQM_MCA_END("avx512.int_tile.loop", BITS, GK, 0, 0);
+                        continue;
+                    }
+                    __m512i u = transpose4_sum(a0, a1, a2, a3);
+                    u = _mm512_add_epi32(u, _mm512_shuffle_i64x2(u, u, 0x4e));
+                    u = _mm512_add_epi32(u, _mm512_shuffle_i64x2(u, u, 0xb1));
+                    acc = _mm_add_ps(acc, int_finish4(w, xp, rr, g, bi, _mm512_castsi512_si128(u), BITS));
+                    a0 = a1 = a2 = a3 = _mm512_setzero_si512();
+                    g++;
+                } else {
+                    const __m512i z = _mm512_setzero_si512();
+                    __m512i u = transpose4_sum(int_step(rows[0], c, xe, xo, z, BITS), int_step(rows[1], c, xe, xo, z, BITS),
+                                               int_step(rows[2], c, xe, xo, z, BITS), int_step(rows[3], c, xe, xo, z, BITS));
+                    if (GK == 32) {
+                        acc = int_finish_g4(w, xp, rr, g, bi, u, acc, BITS);
+                        g += 4;
+                    } else {
+                        u = _mm512_add_epi32(u, _mm512_shuffle_i64x2(u, u, 0xb1));
+                        acc = _mm_add_ps(acc, int_finish4(w, xp, rr, g, bi, _mm512_castsi512_si128(u), BITS));
+                        acc = _mm_add_ps(acc, int_finish4(w, xp, rr, g + 1, bi, _mm512_extracti32x4_epi32(u, 2), BITS));
+                        g += 2;
+                    }
+                    s++;
+                }
+                VQM_MCA_END("avx512.int_tile.loop", BITS, GK, 0, 0);
+            }
+            for (; g < ng; g++) { /* groups past the last whole step */
                 __m512i a[4];
                 for (int i = 0; i < 4; i++) a[i] = int_group_acc(w, xp, rows[i], g, bi, BITS);
                 __m128i isum = hsum4_i32(fold512_i32(a[0]), fold512_i32(a[1]), fold512_i32(a[2]), fold512_i32(a[3]));
@@ -706,8 +815,10 @@ static void avx512_int_rows(const vqm_int_weight *w, const vqm_layout *lay, cons
 {
     (void)lay;
     if (flags & VQM_ACT_INT8) {
-        if (w->bits == 8) int_rows_i8(w, xp, r0, r1, bias, y, 8);
-        else int_rows_i8(w, xp, r0, r1, bias, y, 4);
+        const int gk = w->group == 32 ? 32 : w->group == 64 ? 64 : w->group % 128 == 0 ? 128 : 0;
+#define I8(BITS, GK) if (w->bits == BITS && gk == GK) { int_rows_i8(w, xp, r0, r1, bias, y, BITS, GK); return; }
+        I8(8, 32) I8(8, 64) I8(8, 128) I8(8, 0) I8(4, 32) I8(4, 64) I8(4, 128) I8(4, 0)
+#undef I8
     } else {
         if (w->bits == 8) int_rows_f32(w, xp, r0, r1, bias, y, 8);
         else int_rows_f32(w, xp, r0, r1, bias, y, 4);
