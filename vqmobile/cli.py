@@ -458,9 +458,10 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     _quiet_other_libraries()
     try:
-        from .kernels import check_env_path
+        if os.environ.get("VQMOBILE_PATH"):  # vqmobile.kernels loads torch: only when there is a choice to check
+            from .kernels import check_env_path
 
-        check_env_path()
+            check_env_path()
         return args.func(args)
     except UserError as e:
         print(f"vqmobile: error: {_one_line(e)}", file=sys.stderr)
