@@ -90,7 +90,7 @@ class IntWeight(QuantizedWeight):
         try:
             bits, group, sym = int(spec["bits"]), int(spec["group"]), bool(spec["symmetric"])
             n, k = (int(v) for v in spec["shape"])
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:  # OverflowError: int(inf)
             raise FormatError(f"integer weight spec is malformed ({e!r})") from None
         if bits not in VALID_BITS or group < 1 or n < 1 or k < 1:
             raise FormatError(f"integer weight spec is out of range: bits={bits} group={group} shape={n}x{k}")
