@@ -62,8 +62,8 @@ MAX_CODEBOOK_BPV = 0.25
 _DIM_PREFERENCE = (2, 4, 1, 8)  # which vector dimension a bare --bpv target picks first
 # Below half an index bit per weight (more than two weights share one bit: 4D or 8D with k=2, 8D with k<=8) the
 # model is destroyed: on stories260k (32 windows of 512, `vqmobile bench quality`, README "Errors and bad input")
-# --bpv 0.5 (4D k=2, 0.25 index bits) gave 153x the float perplexity where --bpv 0.75 (2D k=2, 0.5) gave 5.2x and
-# GPTQ 2-bit g32 7.2x. Such configurations are refused.
+# --bpv 0.5 (4D k=2, 0.25 index bits) gave 153x the float perplexity where --bpv 0.75 and 0.625 (2D k=2, 0.5) gave
+# 5.2x and 18.9x and GPTQ 2-bit g32 7.2x. Such configurations are refused.
 MIN_INDEX_BITS = 0.5
 # Below 2 bits per value (the paper's lowest is 2.125, where SmolLM2-135M is already at 4.5x its float perplexity)
 # a configuration runs but gets a QualityWarning naming it.
