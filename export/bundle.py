@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
+import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 from vqmobile import atomic
-from vqmobile.errors import FormatError, UserError
+from vqmobile.errors import FormatError, UserError, VQMobileWarning, first_line
 from vqmobile.hashing import sha256_file
+
+from .runtime.build import TARGETS, _compilers
 
 MANIFEST = "bundle.json"
 FORMAT = "vqmobile-bundle"
@@ -88,40 +90,88 @@ class Bundle:
         return AutoTokenizer.from_pretrained(self.path / TOKENIZER_DIR, local_files_only=True)
 
 
+def _damaged(p: Path, what: str) -> FormatError:
+    return FormatError(f"bundle {p}: {what}; the bundle is damaged or was modified: export it again")
+
+
+def _relative_file(p: Path, rel: Any) -> Path:
+    """A path the manifest names, kept inside the bundle (a tampered manifest must not send us elsewhere)."""
+    parts = PurePosixPath(rel).parts if isinstance(rel, str) else ()
+    if not parts or PurePosixPath(rel).is_absolute() or ".." in parts or "\\" in rel:
+        raise _damaged(p, f"{MANIFEST} names a file outside the bundle: {rel!r}")
+    return p / rel
+
+
 def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
-    """Open and validate a bundle: manifest readable and of this format, every listed file present with its
-    sha256, the kernel library present when the program needs it. Raises a one-line FormatError / UserError."""
+    """Open and validate a bundle: manifest readable and of this format, every listed file present (with its
+    sha256 when verify), the kernel library present when the program needs it. verify=False skips only the hashes
+    (the CLI's first check, before the heavy imports). Raises a one-line FormatError / UserError."""
     p = Path(path).expanduser()
     if not p.is_dir():
-        raise UserError(f"bundle {p} does not exist or is not a directory")
+        raise UserError(f"bundle {p} does not exist or is not a folder: pass the --out folder of `vqmobile export`")
     mf = p / MANIFEST
     if not mf.is_file():
-        raise FormatError(f"{p} is not a vqmobile bundle: it has no {MANIFEST} (incomplete export?)")
+        raise FormatError(f"{p} is not a vqmobile bundle: it has no {MANIFEST} (an incomplete export?); "
+                          "export it again")
     try:
-        manifest = json.loads(mf.read_text())
-    except (OSError, ValueError) as e:
-        raise FormatError(f"cannot read {mf}: {str(e).splitlines()[0]}") from None
+        manifest = json.loads(mf.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise _damaged(p, f"cannot read {MANIFEST} ({first_line(e)})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise FormatError(f"{mf} is not a vqmobile bundle manifest")
+        raise FormatError(f"{mf} is not a vqmobile bundle manifest: pass the --out folder of `vqmobile export`")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise FormatError(f"{p} has bundle format version {manifest.get('format_version')}, "
-                          f"this vqmobile reads version {FORMAT_VERSION}")
+        raise FormatError(f"bundle {p} has format version {manifest.get('format_version')!r}, this vqmobile reads "
+                          f"version {FORMAT_VERSION}: export it again with this version")
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
-        raise FormatError(f"{mf} lists no files")
-    for key in ("target", "formats", "max_seq"):
-        if key not in manifest:
-            raise FormatError(f"{mf} has no '{key}' entry")
+        raise _damaged(p, f"{MANIFEST} lists no files")
+    formats = manifest.get("formats")
+    if not isinstance(formats, list) or not formats or not all(f in FORMATS for f in formats):
+        raise _damaged(p, f"{MANIFEST} has no valid 'formats' entry (a list of {', '.join(FORMATS)})")
+    if manifest.get("target") not in TARGETS:
+        raise _damaged(p, f"{MANIFEST} has no valid 'target' entry ({' or '.join(TARGETS)})")
+    max_seq = manifest.get("max_seq")
+    if not isinstance(max_seq, int) or isinstance(max_seq, bool) or max_seq < 2:
+        raise _damaged(p, f"{MANIFEST} has no valid 'max_seq' entry")
+    activations = manifest.get("activations", {})
+    if not isinstance(activations, dict) or activations.get("executorch", "float") not in ("float", "int8"):
+        raise _damaged(p, f"{MANIFEST} has no valid 'activations' entry")
+    for fmt, name in (("executorch", PTE), ("onnx", ONNX)):
+        if fmt in formats and name not in files:
+            raise _damaged(p, f"{MANIFEST} lists the {fmt} format but not its file {name}")
     lib = manifest.get("library")
-    if lib and not (p / lib["path"]).is_file():
-        raise FormatError(f"bundle {p} is missing its kernel library {lib['path']}: re-export the bundle")
+    if lib is not None:
+        if not isinstance(lib, dict) or not isinstance(lib.get("path"), str) or lib["path"] not in files:
+            raise _damaged(p, f"{MANIFEST} has no valid 'library' entry")
+        if not _relative_file(p, lib["path"]).is_file():
+            raise FormatError(f"bundle {p} is missing its kernel library {lib['path']}: export the bundle again")
     for rel, entry in files.items():
-        f = p / rel
+        f = _relative_file(p, rel)
+        if not isinstance(entry, dict):
+            raise _damaged(p, f"{MANIFEST} has no size and sha256 for {rel}")
         if not f.is_file():
-            raise FormatError(f"bundle {p} is incomplete: {rel} is missing")
+            raise FormatError(f"bundle {p} is incomplete: {rel} is missing; export it again")
         if verify and (f.stat().st_size != entry.get("bytes") or sha256_file(f) != entry.get("sha256")):
-            raise FormatError(f"bundle file {f} does not match the manifest's sha256: it is corrupt or was modified")
+            raise _damaged(p, f"{rel} does not match the manifest's sha256")
     return Bundle(p, manifest)
+
+
+def check_export(formats: list[str], target: str, *, decompose: bool, max_seq: int | None, out: str | Path,
+                 overwrite: bool) -> tuple[list[str], str, Path]:
+    """The export's own arguments, checked before any heavy import or work: formats, target, the cross compiler
+    the kernel library needs, --max-seq and the output location. Returns (formats, target, absolute out)."""
+    formats = list(dict.fromkeys(f.strip().lower() for f in formats if f.strip()))
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise UserError(f"unknown format {', '.join(bad) or '(none)'}: use executorch, onnx or both")
+    target = {"aarch64": "arm64", "amd64": "x86_64", "x86-64": "x86_64"}.get(target, target)
+    if target not in TARGETS:
+        raise UserError(f"unknown target {target}: use {' or '.join(TARGETS)}")
+    if "executorch" in formats and not decompose:
+        _compilers(target)  # a missing cross compiler fails now, not after the export
+    if max_seq is not None and max_seq < 2:
+        raise UserError(f"--max-seq {max_seq} must be at least 2")
+    return formats, target, atomic.check_output(out, overwrite=overwrite)
 
 
 def _resolve_checkpoint(model_spec: str, tmp: Path, calibration, progress) -> tuple[Path, bool]:
@@ -162,29 +212,21 @@ def export_bundle(model_spec: str, out: str, *, target: str, formats: list[str],
     from vqmobile import checkpoint as ckpt
     from vqmobile.layers import check_activations, set_activations
 
-    from .runtime.build import RUNTIME_LIBS, _compilers, build_adapter, build_runner, host_target, runtime_lib_dir
+    from .runtime.build import RUNTIME_LIBS, build_adapter, build_runner, host_target, runtime_lib_dir
 
     check_activations(activations)  # before any work
-    formats = list(dict.fromkeys(f.strip().lower() for f in formats if f.strip()))
-    bad = [f for f in formats if f not in FORMATS]
-    if bad or not formats:
-        raise UserError(f"unknown format {', '.join(bad) or '(none)'}: use executorch, onnx or both")
-    target = {"aarch64": "arm64", "amd64": "x86_64", "x86-64": "x86_64"}.get(target, target)
+    formats, target, out_path = check_export(formats, target, decompose=decompose, max_seq=max_seq, out=out,
+                                             overwrite=overwrite)
     needs_lib = "executorch" in formats and not decompose
-    if needs_lib:
-        _compilers(target)  # a missing cross compiler fails now, not after the export
-    if max_seq is not None and max_seq < 2:
-        raise UserError(f"--max-seq {max_seq} must be at least 2")
-    out_path = ckpt.prepare_output_dir(out, overwrite)
     say = progress or (lambda _msg: None)
     warnings_out: list[str] = []
     result: dict[str, Any] = {}
 
     def write(tmp: Path) -> None:
         src, quantized_here = _resolve_checkpoint(model_spec, tmp, calibration, progress)
+        ck = ckpt.load(src)  # the user's checkpoint itself, so that an error names it and not our temporary copy
         if not quantized_here:
             shutil.copytree(src, tmp / CHECKPOINT_DIR)
-        ck = ckpt.load(tmp / CHECKPOINT_DIR)
         model = ck.model
         from .model import unsupported_layers
 
@@ -192,7 +234,7 @@ def export_bundle(model_spec: str, out: str, *, target: str, formats: list[str],
         for name, why in fallback.items():
             msg = f"layer {name} is exported with standard ops (dequantized weight): {why}"
             warnings_out.append(msg)
-            print(f"vqmobile: warning: {msg}", file=sys.stderr)
+            warnings.warn(msg, VQMobileWarning)
         limit = int(getattr(model.config, "max_position_embeddings", DEFAULT_MAX_SEQ))
         seq = min(max_seq or DEFAULT_MAX_SEQ, limit)
         info: dict[str, Any] = {}

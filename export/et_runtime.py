@@ -6,15 +6,43 @@ must be loaded (once; loading it again is harmless) before a program that uses t
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import re
+import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
+from vqmobile.errors import VQMobileWarning
+
 _LOADED: dict[str, ctypes.CDLL] = {}
+# ExecuTorch's threadpool logs its CPU probing straight to file descriptor 2 the first time a program runs
+# ("[cpuinfo_utils.cpp:87] Failed to open midr file ...": ARM register files, absent and irrelevant on x86).
+_NATIVE_NOISE = re.compile(rb"^\[cpuinfo_utils\.cpp:\d+\] ")
+_ran_once = False
+
+
+@contextlib.contextmanager
+def _without_native_noise():
+    """Hold back the runtime's _NATIVE_NOISE lines written to fd 2 inside the block; pass every other line on."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [line for line in tmp.read().splitlines(keepends=True) if not _NATIVE_NOISE.match(line)]
+            if kept:
+                os.write(2, b"".join(kept))
 
 
 def portable_lib():
@@ -33,7 +61,7 @@ def load_adapter(path: str | Path) -> None:
     if other is not None:
         # the runtime keeps the first registration of an op, so this library's kernels would silently go unused
         warnings.warn(f"{key} differs from the adapter library already loaded ({other}); programs in this process "
-                      "run the first one's kernels: use one process per bundle")
+                      "run the first one's kernels: use one process per bundle", VQMobileWarning)
     portable_lib()  # the runtime (libexecutorch.so) first, so the adapter registers into its registry
     lib = ctypes.CDLL(key, mode=ctypes.RTLD_GLOBAL)
     lib.vqmobile_et_register()
@@ -68,7 +96,14 @@ class ETDecoder:
         tokens = tokens.to(torch.int64).contiguous()
         if tokens.dim() == 1:
             tokens = tokens[None]
-        out = self.module.forward((tokens, torch.tensor([int(start_pos)], dtype=torch.int64)))
+        inputs = (tokens, torch.tensor([int(start_pos)], dtype=torch.int64))
+        global _ran_once
+        if _ran_once:
+            out = self.module.forward(inputs)
+        else:
+            with _without_native_noise():
+                out = self.module.forward(inputs)
+            _ran_once = True
         return out[0].clone()
 
 

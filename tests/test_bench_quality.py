@@ -33,5 +33,8 @@ def test_rows_and_resume(tmp_path, capsys):
     capsys.readouterr()
 
     # other settings (here: window count) make earlier rows stale: they run again
-    assert quality.main([*common(3), "--resume", "--rows", "fp"]) == 0
+    png = tmp_path / "charts" / "q.png"
+    assert quality.main([*common(3), "--resume", "--rows", "fp", "--plot", str(png)]) == 0
     assert "kept from" not in capsys.readouterr().out and json.loads(out.read_text())["rows"][0]["windows"] == 3
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the chart, written atomically beside no leftovers
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["charts", "q.json", "q.png"]

@@ -3,7 +3,6 @@ end to end through the layer-wise pipeline and the checkpoint (every Hessian com
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import os
@@ -17,7 +16,7 @@ from vqmobile.data import calibration_data
 from vqmobile.errors import FormatError, UserError
 from vqmobile.evaluate import perplexity
 from vqmobile.quantizers.gptq import GPTQConfig
-from vqmobile.quantizers.gptvq import GPTVQConfig, add_cli_arguments, config_from_args, gptvq_quantize, nominal_bpv
+from vqmobile.quantizers.gptvq import GPTVQConfig, gptvq_quantize, nominal_bpv
 from vqmobile.pipeline import quantize_
 from vqmobile.layers import QuantLinear
 from vqmobile.formats.vqweight import VQGeometry, VQWeight, expand, expand_adjoint
@@ -382,21 +381,6 @@ def test_impossible_configurations_name_valid_ones():
     _user_error(GPTVQConfig, k=512)
     _user_error(GPTVQConfig, codebook="int2")
     _user_error(GPTVQConfig, cols_per_block=512)
-
-
-def test_cli_arguments_do_not_collide_and_build_the_config():
-    parser = argparse.ArgumentParser()
-    for opt in ("--bits", "--group", "--calib", "--nsamples", "--seqlen", "--out", "--method", "--seed"):
-        parser.add_argument(opt)
-    for flag in ("--symmetric", "--act-order"):
-        parser.add_argument(flag, action="store_true")
-    add_cli_arguments(parser)
-    cfg = config_from_args(parser.parse_args(["--bpv", "2.25", "--vq-dim", "4", "--no-codebook-update"]))
-    assert (cfg.vq_dim, cfg.k, cfg.rows_per_block, cfg.codebook_update) == (4, 256, 128, False)
-    cfg = config_from_args(parser.parse_args(["--preset", "mobile", "--codebook", "fp16"]))
-    assert (cfg.vq_dim, cfg.k, cfg.codebook) == (2, 64, "fp16")
-    cfg = config_from_args(parser.parse_args(["--bpv", "2.125", "--vq-dim", "1", "--svd-rank", "2"]))
-    assert (cfg.k, cfg.cols_per_block, cfg.svd_rank) == (4, 128, 2)
 
 
 # ------------------------------------------------------------------------------------------------ end to end

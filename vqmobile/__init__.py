@@ -9,17 +9,47 @@ an in-memory model in place with the same layer-wise pipeline; `set_activations(
 linears with the kernels' int8 activations.
 """
 
-from .api import CalibrationSpec, evaluate, load, open_model, quantize
-from .checkpoint import load as load_checkpoint
-from .errors import FormatError, UserError
-from .layers import set_activations
-from .model import load_model, prepare_model
-from .pipeline import quantize_
-from .quantizers.gptq import GPTQConfig
-from .quantizers.gptvq import GPTVQConfig
-from .quantizers.rtn import RTNConfig
+from __future__ import annotations
 
-__all__ = [
-    "CalibrationSpec", "FormatError", "GPTQConfig", "GPTVQConfig", "RTNConfig", "UserError", "evaluate", "load", "load_checkpoint",
-    "load_model", "open_model", "prepare_model", "quantize", "quantize_", "set_activations",
-]
+import importlib
+import sys
+import types
+
+# name -> (module, attribute). Imported on first use (PEP 562), so that `import vqmobile.cli` or vqmobile.errors
+# does not load torch: the command line answers a mistyped path before paying for the heavy imports.
+_EXPORTS = {
+    "CalibrationSpec": (".api", "CalibrationSpec"), "evaluate": (".api", "evaluate"), "load": (".api", "load"),
+    "open_model": (".api", "open_model"), "quantize": (".api", "quantize"),
+    "load_checkpoint": (".checkpoint", "load"),
+    "FormatError": (".errors", "FormatError"), "UserError": (".errors", "UserError"),
+    "set_activations": (".layers", "set_activations"),
+    "load_model": (".model", "load_model"), "prepare_model": (".model", "prepare_model"),
+    "quantize_": (".pipeline", "quantize_"),
+    "GPTQConfig": (".quantizers.gptq", "GPTQConfig"), "GPTVQConfig": (".quantizers.gptvq", "GPTVQConfig"),
+    "RTNConfig": (".quantizers.rtn", "RTNConfig"),
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vqmobile' has no attribute '{name}'")
+    module, attr = _EXPORTS[name]
+    value = getattr(importlib.import_module(module, __name__), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value) -> None:
+        # Importing the submodule vqmobile.evaluate binds it on the package; the public name is the function.
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from . import checkpoint
+from . import atomic, checkpoint
 from .data import calibration_data, wikitext_test_ids
 from .errors import UserError
 from .evaluate import Perplexity, perplexity
@@ -64,7 +64,7 @@ class QuantizeResult:
 def quantize(model_spec: str, config: QuantConfig, out: str | Path, calibration: CalibrationSpec | None = None,
              *, overwrite: bool = False, progress: bool = True) -> QuantizeResult:
     """Load a float model, quantize it layer by layer with `config`, and write a packed checkpoint to `out`."""
-    out = checkpoint.prepare_output_dir(out, overwrite)
+    out = atomic.check_output(out, overwrite=overwrite)
     calibration = calibration or CalibrationSpec()
     if checkpoint.is_checkpoint(resolve(model_spec)):
         raise UserError(f"{model_spec} is already a quantized checkpoint: quantize the float model instead")

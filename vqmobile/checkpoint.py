@@ -3,7 +3,8 @@ the tokenizer and a JSON manifest. Written atomically (a temporary sibling renam
 
 Layout:
   vqmobile.json          manifest: format version, method and config, per-layer kind/spec/bits, totals, source
-                         fingerprint, calibration settings, sha256 of both tensor files
+                         fingerprint, calibration settings, sha256 of every other file (older checkpoints:
+                         of the two tensor files only)
   quantized.safetensors  packed tensors of every quantized linear and of a quantized embedding (whose tied head
                          shares them), keyed "<module path>.<tensor name>"
   model.safetensors      every other tensor (a float embedding, norms, biases), tied weights stored once
@@ -13,7 +14,6 @@ Layout:
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from . import atomic
 from .embedding import QuantEmbedding, tied_head, use_quantized_embedding
-from .errors import FormatError, UserError
+from .errors import FormatError, UserError, first_line
 from .formats import weight_from_stored
 from .formats.intweight import IntWeight
 from .hashing import sha256_file
@@ -69,27 +69,10 @@ def _float_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def prepare_output_dir(out: str | Path, overwrite: bool) -> Path:
-    """Check where a result will go before any long work starts, so a bad --out fails in the first second."""
-    out = Path(out).expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise UserError(f"output {out} already exists: choose another --out or pass --overwrite")
-    # Missing parent folders are created when the result is written (like mkdir -p), not now: a run that fails
-    # before then leaves nothing behind. The nearest existing ancestor decides whether that can work.
-    base = out.parent
-    while not base.exists():
-        base = base.parent
-    if not base.is_dir():
-        raise UserError(f"{base} is not a folder: choose another --out")
-    if not os.access(base, os.W_OK):
-        raise UserError(f"cannot write to {base}: choose another --out")
-    return out
-
-
 def save(model: torch.nn.Module, tokenizer, out: str | Path, *, config: dict[str, Any], source: dict[str, Any],
          calibration: dict[str, Any] | None, report: dict[str, Any] | None = None, overwrite: bool = False) -> dict:
     """Write the checkpoint of an already-quantized model; returns the manifest."""
-    out = prepare_output_dir(out, overwrite)
+    out = atomic.check_output(out, overwrite=overwrite)
     emb_name, emb = _embedding_module(model)
     emb_qw = emb.qweight if isinstance(emb, QuantEmbedding) else None
     qmods = quantized_modules(model)
@@ -134,7 +117,8 @@ def save(model: torch.nn.Module, tokenizer, out: str | Path, *, config: dict[str
         save_file(floats, str(tmp / FLOAT_FILE), metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        manifest["sha256"] = {f: sha256_file(tmp / f) for f in (QUANTIZED_FILE, FLOAT_FILE)}
+        # every file the folder holds, config and tokenizer included: loading trusts none that does not match
+        manifest["sha256"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
     atomic.directory(out, write)
@@ -153,89 +137,154 @@ def _load_embedding(model: torch.nn.Module, entry: Any, packed: dict[str, torch.
         return False
     name, emb = _embedding_module(model)
     if not isinstance(entry, dict) or entry.get("module") != name:
-        raise FormatError(f"{path / MANIFEST}: its embedding entry does not name this model's embedding {name}")
+        raise _damaged(path, f"its embedding entry does not name this model's embedding {name}")
     if bool(entry.get("tied_head")) != tie_config:  # a tied head has no float weight of its own to fall back on
-        raise FormatError(f"{path / MANIFEST}: its embedding entry says tied_head={entry.get('tied_head')}, "
-                          f"config.json says tie_word_embeddings={tie_config}")
-    tensors = {k[len(name) + 1:]: v for k, v in packed.items() if k.startswith(f"{name}.")}
-    qw = weight_from_stored(entry.get("kind"), entry.get("spec", {}), tensors)
+        raise _damaged(path, f"its embedding entry says tied_head={entry.get('tied_head')}, config.json says "
+                             f"tie_word_embeddings={tie_config}")
+    qw = _stored_weight(path, name, entry, packed)
     if not isinstance(qw, IntWeight) or qw.bits != 8 or not qw.symmetric or qw.shape != tuple(emb.weight.shape):
-        raise FormatError(f"{path / MANIFEST}: the embedding must be 8-bit symmetric integers of shape "
-                          f"{tuple(emb.weight.shape)}")
+        raise _damaged(path, f"the embedding {name} must be 8-bit symmetric integers of shape {tuple(emb.weight.shape)}")
     use_quantized_embedding(model, qw, bool(entry.get("tied_head")))
     return True
 
 
+_WHAT_TO_DO = "the checkpoint is damaged or was modified: quantize the model again (or restore the folder from a copy)"
+
+
+def _damaged(path: Path, what: str) -> FormatError:
+    """A one-line error naming the checkpoint, what is wrong in it, and what to do."""
+    return FormatError(f"checkpoint {path}: {what}; {_WHAT_TO_DO}")
+
+
 def _read_manifest(path: Path) -> dict[str, Any]:
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError) as e:
-        raise FormatError(f"cannot read {path / MANIFEST}: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        raise FormatError(f"{path} has checkpoint format version {manifest.get('format_version') if isinstance(manifest, dict) else '?'}, "
-                          f"this vqmobile reads version {FORMAT_VERSION}")
-    for f in (QUANTIZED_FILE, FLOAT_FILE):
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise _damaged(path, f"cannot read {MANIFEST} ({first_line(e)})") from None
+    if not isinstance(manifest, dict):
+        raise _damaged(path, f"{MANIFEST} is not a vqmobile manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise FormatError(f"checkpoint {path} has format version {manifest.get('format_version')!r}; this vqmobile "
+                          f"reads version {FORMAT_VERSION}: quantize the model again with this version")
+    hashes = manifest.get("sha256")
+    if not isinstance(hashes, dict) or not {QUANTIZED_FILE, FLOAT_FILE} <= set(hashes):
+        raise _damaged(path, f"{MANIFEST} has no sha256 of {QUANTIZED_FILE} and {FLOAT_FILE}")
+    for f, expected in hashes.items():  # the tensor files, and config and tokenizer files in newer checkpoints
+        if not isinstance(f, str) or Path(f).name != f or f in ("", ".", ".."):
+            raise _damaged(path, f"{MANIFEST} lists a file outside the checkpoint folder: {f!r}")
         if not (path / f).is_file():
-            raise FormatError(f"checkpoint {path} is incomplete: {f} is missing")
-        expected = manifest.get("sha256", {}).get(f)
+            raise _damaged(path, f"{f} is missing")
         if expected != sha256_file(path / f):
-            raise FormatError(f"checkpoint file {path / f} does not match the manifest's sha256: it is corrupt or was modified")
+            raise _damaged(path, f"{f} does not match the manifest's sha256")
+    for key, kind in (("method", str), ("layers", dict), ("bits_per_weight", (int, float))):
+        if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
+            raise _damaged(path, f"{MANIFEST} has no valid '{key}' entry")
+    if not manifest["layers"]:
+        raise _damaged(path, f"{MANIFEST} lists no quantized layers")
     return manifest
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: Path, name: str) -> dict[str, torch.Tensor]:
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path / name), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise FormatError(f"corrupt safetensors file {path}: {e}") from None
+    except Exception as e:  # safetensors raises several error types for one user problem: a file it cannot parse
+        raise _damaged(path, f"{name} is not a readable safetensors file ({first_line(e)})") from None
+
+
+def _stored_weight(path: Path, name: str, entry: Any, packed: dict[str, torch.Tensor]):
+    """The quantized weight of module `name` from its manifest entry and packed tensors, validated by its format."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("kind"), str) or not isinstance(entry.get("spec"), dict):
+        raise _damaged(path, f"layer {name}: its manifest entry has no valid 'kind' and 'spec'")
+    prefix = f"{name}."
+    tensors = {k[len(prefix):]: v for k, v in packed.items() if k.startswith(prefix)}
+    try:
+        return weight_from_stored(entry["kind"], entry["spec"], tensors)
+    except FormatError as e:
+        raise _damaged(path, f"layer {name}: {e}") from None
+
+
+def _build(hf_config) -> torch.nn.Module:
+    """The model structure the checkpoint's module names refer to (fused projections split), in float32."""
+    from .model import model_from_config
+
+    return model_from_config(hf_config)
+
+
+def _check_shapes(path: Path, hf_config, layers: dict[str, Any], floats: dict[str, torch.Tensor]) -> None:
+    """Match config.json against what the files hold before allocating anything: a config that does not fit the
+    tensors (or asks for an enormous model) fails here in a second, with the first mismatch named."""
+    with torch.device("meta"):
+        meta = _build(hf_config)
+    implied = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    for name in layers:
+        try:
+            target = meta.get_submodule(name)
+        except AttributeError:
+            raise _damaged(path, f"the manifest names layer {name}, which this model (config.json) does not have") \
+                from None
+        if not isinstance(target, torch.nn.Linear):
+            raise _damaged(path, f"the manifest names {name}, which is not a linear layer of this model")
+    for key, t in floats.items():
+        if key not in implied:
+            raise _damaged(path, f"{FLOAT_FILE} holds {key}, which this model (config.json) does not have")
+        if tuple(t.shape) != implied[key]:
+            raise _damaged(path, f"{FLOAT_FILE} holds {key} as {tuple(t.shape)}, config.json implies {implied[key]}")
 
 
 def load(path: str | Path) -> Checkpoint:
-    """Load a checkpoint as a working torch model whose quantized linears run from the packed representation."""
+    """Load a checkpoint as a working torch model whose quantized linears run from the packed representation.
+
+    Every file is untrusted: hashes, the manifest's entries, every tensor's shape, dtype and code range, and the fit
+    of config.json to the stored tensors are checked before the model runs; any failure is one FormatError line that
+    names the checkpoint (and the layer) and says what to do."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from .model import check_architecture, model_from_config, quiet_libraries
+    from .model import check_architecture, quiet_libraries
 
     quiet_libraries()
     path = Path(path)
     if not is_checkpoint(path):
         raise UserError(f"{path} is not a vqmobile checkpoint: it has no {MANIFEST}")
     manifest = _read_manifest(path)
-    hf_config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    try:
+        hf_config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # transformers raises OSError, ValueError, KeyError... for one problem: a bad config.json
+        raise _damaged(path, f"cannot read config.json ({first_line(e)})") from None
     check_architecture(getattr(hf_config, "model_type", None), path)
-    model = model_from_config(hf_config)  # the structure the checkpoint's layer names refer to
 
-    packed = _read_safetensors(path / QUANTIZED_FILE)
-    layers = manifest.get("layers")
-    if not isinstance(layers, dict) or not layers:
-        raise FormatError(f"{path / MANIFEST} lists no quantized layers")
-    for name, entry in layers.items():
-        try:
-            target = model.get_submodule(name)
-        except AttributeError:
-            raise FormatError(f"the manifest names layer {name}, which this model does not have") from None
-        if not isinstance(target, torch.nn.Linear):
-            raise FormatError(f"the manifest names {name}, which is not a linear layer")
-        prefix = f"{name}."
-        tensors = {k[len(prefix):]: v for k, v in packed.items() if k.startswith(prefix)}
-        qw = weight_from_stored(entry.get("kind"), entry.get("spec", {}), tensors)
+    packed = _read_safetensors(path, QUANTIZED_FILE)
+    floats = _read_safetensors(path, FLOAT_FILE)
+    layers = manifest["layers"]
+    weights = {name: _stored_weight(path, name, entry, packed) for name, entry in layers.items()}
+    try:
+        _check_shapes(path, hf_config, layers, floats)
+    except UserError:
+        raise
+    except Exception as e:  # config values transformers cannot build a model from, whatever it raises for them
+        raise _damaged(path, f"config.json does not describe a buildable model ({first_line(e)})") from None
+    model = _build(hf_config)
+    model.eval()
+    for name, qw in weights.items():
+        target = model.get_submodule(name)
         if qw.shape != (target.out_features, target.in_features):
-            raise FormatError(f"layer {name} is stored as {qw.shape}, the model config implies "
-                              f"{(target.out_features, target.in_features)}")
+            raise _damaged(path, f"layer {name} is stored as {qw.shape}, config.json implies "
+                                 f"{(target.out_features, target.in_features)}")
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, QuantLinear(qw, target.bias))
 
     tie_config = bool(getattr(hf_config, "tie_word_embeddings", False))
     quantized_embedding = _load_embedding(model, manifest.get("embedding"), packed, tie_config, path)
 
-    floats = _read_safetensors(path / FLOAT_FILE)
     missing, unexpected = model.load_state_dict(floats, strict=False)
     tied = {"lm_head.weight"} if tie_config else set()
     if unexpected or set(missing) - tied:
-        raise FormatError(f"{path / FLOAT_FILE} does not match the model: missing {sorted(set(missing) - tied)[:3]}, "
-                          f"unexpected {sorted(unexpected)[:3]}")
+        raise _damaged(path, f"{FLOAT_FILE} does not match the model: missing {sorted(set(missing) - tied)[:3]}, "
+                             f"unexpected {sorted(unexpected)[:3]}")
     if tied and not quantized_embedding:
         model.tie_weights()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # as for config.json: many error types, one problem
+        raise _damaged(path, f"cannot load its tokenizer ({first_line(e)})") from None
     return Checkpoint(model, tokenizer, manifest, path)

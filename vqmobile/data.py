@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI checks data paths before loading it
+    import torch
 
 
 def default_data_dir() -> Path:
@@ -28,6 +30,18 @@ def _data_file(path: str | Path | None, default_name: str, what: str) -> Path:
     return p
 
 
+def calibration_file(path: str | Path | None, nsamples: int, seqlen: int) -> Path:
+    """The calibration text file (default: WikiText-2 validation), once the sample counts are checked."""
+    if nsamples < 1 or seqlen < 2:
+        raise UserError(f"calibration needs at least 1 sample of 2 tokens, got {nsamples} x {seqlen}")
+    return _data_file(path, "wiki.valid.tokens", "calibration")
+
+
+def evaluation_file(path: str | Path | None) -> Path:
+    """The evaluation text file (default: the WikiText-2 raw test split)."""
+    return _data_file(path, "wiki.test.raw", "evaluation")
+
+
 def _tokenize(tokenizer, text: str) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt").input_ids[0]
 
@@ -35,9 +49,9 @@ def _tokenize(tokenizer, text: str) -> torch.Tensor:
 def calibration_data(tokenizer, path: str | Path | None = None, nsamples: int = 128, seqlen: int = 512,
                      seed: int = 0) -> torch.Tensor:
     """`nsamples` windows of `seqlen` tokens at seeded random offsets of the file (default: WikiText-2 validation)."""
-    if nsamples < 1 or seqlen < 2:
-        raise UserError(f"calibration needs at least 1 sample of 2 tokens, got {nsamples} x {seqlen}")
-    p = _data_file(path, "wiki.valid.tokens", "calibration")
+    import torch
+
+    p = calibration_file(path, nsamples, seqlen)
     ids = _tokenize(tokenizer, p.read_text(encoding="utf-8", errors="replace"))
     if ids.numel() <= seqlen:
         raise UserError(f"calibration file {p} has {ids.numel()} tokens, fewer than one window of {seqlen}; "
@@ -49,6 +63,6 @@ def calibration_data(tokenizer, path: str | Path | None = None, nsamples: int = 
 
 def wikitext_test_ids(tokenizer, path: str | Path | None = None) -> torch.Tensor:
     """The whole WikiText-2 raw test split as one token stream [T]."""
-    p = _data_file(path, "wiki.test.raw", "evaluation")
+    p = evaluation_file(path)
     rows = p.read_text(encoding="utf-8").splitlines(keepends=True)
     return _tokenize(tokenizer, "\n\n".join(rows))

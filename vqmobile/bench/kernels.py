@@ -50,6 +50,7 @@ VQ_EXTRA = {
     "vq2.25-f32act": dict(d=2, ncent=16, R=4, C=256, float_act=True),
 }
 INT_ROWS = {"int4-g32": 32, "int4-g128": 128}
+PEERS = ("ort-int4-b32", "torch-int4-g32")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 1024x1024, 32 MB stacks, 2 passes (numbers are not meaningful)")
     parser.add_argument("--json", default="bench_results/kernels.json", help="output JSON path")
+    parser.add_argument("--plot", help="also draw time per product for each kernel, beside onnxruntime's, with the "
+                                       "streaming-bandwidth limit of each marked, to this image (.png, .svg, .pdf)")
 
 
 # ------------------------------------------------------------------------------------------------------ impls
@@ -242,9 +245,51 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def plot(result: dict[str, Any], path: str) -> None:
+    """Time per product (bars, one group per shape, one panel per thread count) for every kernel, peers hatched;
+    the red tick on each bar is the time the kernel's bytes take at the measured streaming read bandwidth."""
+    from matplotlib.figure import Figure
+
+    records, info = result["records"], result["info"]
+    threads = sorted({r["threads"] for r in records})
+    shapes = list(dict.fromkeys(tuple(r["shape"]) for r in records))
+    kernels = list(dict.fromkeys(r["kernel"] for r in records))
+    by = {(r["kernel"], tuple(r["shape"]), r["threads"]): r for r in records}
+    fig = Figure(figsize=(max(7.0, 0.35 * len(kernels) * len(shapes) + 2), 3.6 * len(threads)), layout="constrained")
+    axes = fig.subplots(len(threads), 1, squeeze=False)[:, 0]
+    width = 0.8 / len(kernels)
+    colors = {k: f"C{i}" for i, k in enumerate(kernels)}
+    for ax, t in zip(axes, threads):
+        for i, kern in enumerate(kernels):
+            pts = [(j + (i - (len(kernels) - 1) / 2) * width, by[(kern, s, t)]) for j, s in enumerate(shapes)
+                   if (kern, s, t) in by]
+            if not pts:
+                continue
+            xs = [x for x, _ in pts]
+            ax.bar(xs, [r["us"] for _, r in pts], width, label=kern, color=colors[kern],
+                   hatch="//" if kern in PEERS else None, edgecolor="black" if kern in PEERS else None, linewidth=0.5)
+            # bytes / bandwidth = us * (GB/s achieved) / (GB/s streaming) = us * pct_stream / 100
+            ax.hlines([r["us"] * r["pct_stream"] / 100 for _, r in pts], [x - width / 2 for x in xs],
+                      [x + width / 2 for x in xs], colors="red", linewidth=1.5,
+                      label="bandwidth limit" if i == 0 else None)
+        ax.set_xticks(range(len(shapes)), [f"{n}x{k}" for n, k in shapes])
+        ax.set_ylabel("µs per product y = W x")
+        ax.set_title(f"{t} thread{'s' if t > 1 else ''}: streaming read {result['stream_gbps'][str(t)]} GB/s",
+                     fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=min(4, len(kernels) + 1))
+    fig.suptitle(f"{info['cpu']} ({info['path']} path), {info['stack_mb']:.0f} MB stacks, {info['date']}", fontsize=9)
+    atomic.write_file(path, lambda tmp: fig.savefig(tmp, dpi=130))
+
+
 def run(args: argparse.Namespace) -> int:
     from vqmobile import kernels as K
 
+    if args.json:
+        atomic.check_output(args.json, overwrite=True, folder=False, option="--json")
+    if args.plot:  # before the run, not after
+        atomic.check_output(args.plot, overwrite=True, folder=False, option="--plot")
+        import matplotlib  # noqa: F401  (a missing dependency fails now too)
     if args.quick:
         shapes = [(1024, 1024)]
         stack_bytes, repeats, stream_bytes = 32e6, 2, 256 << 20
@@ -254,14 +299,14 @@ def run(args: argparse.Namespace) -> int:
     threads_list = [int(t) for t in str(args.threads).split(",") if t]
     rows = list(VQ_ROWS) + (list(VQ_EXTRA) if args.extra else []) + list(INT_ROWS)
     if not args.no_peers:
-        rows += ["ort-int4-b32", "torch-int4-g32"]
+        rows += list(PEERS)
     if args.kernels:
         want = set(args.kernels.split(","))
         unknown = want - set(rows) - set(VQ_EXTRA)
         if unknown:
             print(f"unknown kernels: {sorted(unknown)}; known: {rows + list(VQ_EXTRA)}", file=sys.stderr)
             return 2
-        rows = [r for r in list(VQ_ROWS) + list(VQ_EXTRA) + list(INT_ROWS) + ["ort-int4-b32", "torch-int4-g32"]
+        rows = [r for r in list(VQ_ROWS) + list(VQ_EXTRA) + list(INT_ROWS) + list(PEERS)
                 if r in want]
 
     started = _dt.datetime.now(_dt.timezone.utc)
@@ -331,6 +376,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         atomic.write_json(args.json, out)
         print(f"# wrote {args.json} ({info['seconds']} s, load {info['loadavg_start']} -> {info['loadavg_end']})")
+    if args.plot:
+        plot(out, args.plot)
+        print(f"# wrote {args.plot}")
     return 0
 
 

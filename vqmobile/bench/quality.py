@@ -83,17 +83,22 @@ def run_row(args: argparse.Namespace) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--rows", nargs="+", default=["fp", "rtn:bits=4,group=128", "gptq:bits=4,group=128"])
-    p.add_argument("--ctx", type=int, default=2048)
+    p.add_argument("--model", default="smollm2", help="model every row starts from (default smollm2)")
+    p.add_argument("--rows", nargs="+", default=["fp", "rtn:bits=4,group=128", "gptq:bits=4,group=128"],
+                   help="fp or METHOD:key=value,... (default: fp rtn:bits=4,group=128 gptq:bits=4,group=128)")
+    p.add_argument("--ctx", type=int, default=2048, help="evaluation context length (default 2048)")
     p.add_argument("--windows", type=int, default=None, help="first N windows only (default: all)")
-    p.add_argument("--calib", default=None)
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default="bench_results/quality.json")
+    p.add_argument("--calib", default=None, help="calibration text file (default: WikiText-2 validation)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default 128)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed for drawing the calibration windows (default 0)")
+    p.add_argument("--json", default="bench_results/quality.json",
+                   help="results file, rewritten after every row (default bench_results/quality.json)")
     p.add_argument("--resume", action="store_true",
-                   help="keep the rows --json already holds for the same settings instead of re-running them")
+                   help="keep the rows --json already holds for the same settings instead of re-running them "
+                        "(with every row kept, this only redraws the table and the --plot)")
+    p.add_argument("--plot", help="also draw perplexity against stored bits per weight to this image (.png, .svg, "
+                                  ".pdf): log scale, one series per method, the fp line")
 
 
 def _settings(args: argparse.Namespace) -> dict:
@@ -128,10 +133,52 @@ def _write(out: Path, settings: dict, records: list[dict]) -> None:
     atomic.write_json(out, {"date": time.strftime("%Y-%m-%d"), "settings": settings, "rows": records})
 
 
+def _label(record: dict) -> str:
+    """A point's short name on the chart: the geometry of a GPTVQ row, bits and group of an integer one."""
+    c = record.get("config") or {}
+    if "vq_dim" in c:
+        return f"{c['vq_dim']}D k={c['k']} {c['rows_per_block']}x{c['cols_per_block']}"
+    if "bits" in c:
+        return f"{c['bits']}b g{c['group']}" + (" sym" if c.get("symmetric") else "")
+    return record["row"].partition(":")[2]
+
+
+def plot(records: list[dict], settings: dict, path: str | Path) -> None:
+    """Perplexity (log scale) against stored bits per weight: one series per method, fp as a horizontal line."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    ax = fig.subplots()
+    methods: dict[str, list[dict]] = {}
+    for r in records:
+        if r["row"] != "fp" and r.get("ppl") is not None and r["ppl"] == r["ppl"]:
+            methods.setdefault(r["row"].partition(":")[0], []).append(r)
+    for marker, (method, rows) in zip("osD^v<>p*h", methods.items()):
+        rows = sorted(rows, key=lambda r: r["bpw"])
+        ax.plot([r["bpw"] for r in rows], [r["ppl"] for r in rows], marker=marker, linewidth=1, label=method)
+        for r in rows:
+            ax.annotate(_label(r), (r["bpw"], r["ppl"]), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    fp = next((r["ppl"] for r in records if r["row"] == "fp"), None)
+    if fp is not None:
+        ax.axhline(fp, color="black", linestyle="--", linewidth=1, label=f"fp32 ({fp:.3g})")
+    ax.set_yscale("log")
+    ax.set_xlabel("stored bits per weight (every byte of the quantized linears)")
+    ax.set_ylabel("perplexity (log scale)")
+    windows = settings.get("windows") or "all"
+    ax.set_title(f"{Path(str(settings['model'])).name}: WikiText-2 test, context {settings['ctx']}, {windows} windows; "
+                 f"calibration {settings['nsamples']}x{settings['seqlen']}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    atomic.write_file(path, lambda tmp: fig.savefig(tmp, dpi=130))
+
+
 def run(args: argparse.Namespace) -> int:
     records = []
     out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic.check_output(out, overwrite=True, folder=False, option="--json")
+    if args.plot:  # before hours of rows, not after
+        atomic.check_output(args.plot, overwrite=True, folder=False, option="--plot")
+        import matplotlib  # noqa: F401  (a missing dependency fails now too)
     settings = _settings(args)
     previous = _previous_rows(out, settings) if args.resume else {}
     for row in args.rows:
@@ -161,6 +208,9 @@ def run(args: argparse.Namespace) -> int:
     _write(out, settings, records)
     _print_table(records)
     print(f"wrote {out}")
+    if args.plot:
+        plot(records, settings, args.plot)
+        print(f"wrote {args.plot}")
     return 0 if len(records) == len(args.rows) else 1
 
 

@@ -90,13 +90,15 @@ class IntWeight(QuantizedWeight):
         try:
             bits, group, sym = int(spec["bits"]), int(spec["group"]), bool(spec["symmetric"])
             n, k = (int(v) for v in spec["shape"])
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:  # OverflowError: int(inf)
             raise FormatError(f"integer weight spec is malformed ({e!r})") from None
         if bits not in VALID_BITS or group < 1 or n < 1 or k < 1:
             raise FormatError(f"integer weight spec is out of range: bits={bits} group={group} shape={n}x{k}")
         g = n_groups(k, group)
         codes = expect_tensor(tensors, "codes", torch.uint8, (n, row_bytes(k, bits)))
         scales = expect_tensor(tensors, "scales", torch.float16, (n, g))
+        if not bool(torch.isfinite(scales).all()):
+            raise FormatError("tensor 'scales' has non-finite values")
         zeros = None if sym else expect_tensor(tensors, "zeros", torch.uint8, (n, g))
         if zeros is not None and zeros.numel() and int(zeros.max()) >= (1 << bits):
             raise FormatError(f"zero point {int(zeros.max())} does not fit in {bits} bits")

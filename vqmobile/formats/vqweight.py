@@ -241,7 +241,7 @@ class VQWeight(QuantizedWeight):
             svd_rank = None if spec.get("svd_rank") is None else int(spec["svd_rank"])
             norm_block = None if spec.get("norm_block") is None else int(spec["norm_block"])
             norm_bits = None if spec.get("norm_bits") is None else int(spec["norm_bits"])
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:  # OverflowError: int(inf)
             raise FormatError(f"vq weight spec is malformed ({e!r})") from None
         if n < 1 or cols < 1 or not 1 <= d <= 64 or rpb < 1 or cpb < d or cpb % d:
             raise FormatError(f"vq weight spec is out of range: shape={n}x{cols} dim={d} block={rpb}x{cpb}")

@@ -32,15 +32,15 @@ codebooks on layer loss: 2.125 bpv 0.0460 (r=2) vs 0.0429, 3.125 bpv 0.0133 (r=4
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import time
+import warnings
 from typing import Any
 
 import torch
 
-from ..errors import UserError
+from ..errors import QualityWarning, UserError
 from ..formats.pack import pack_rows
 from ..formats.vqweight import CODEBOOK_KINDS, MAX_INDEX_BITS, VQGeometry, VQWeight, norm_scale_values
 from ..hessian import inverse_cholesky
@@ -60,6 +60,14 @@ PRESETS = {
 # 0.125 or 0.25): beyond it, "reaching" a target means tiny blocks whose codebooks cost more than their indices.
 MAX_CODEBOOK_BPV = 0.25
 _DIM_PREFERENCE = (2, 4, 1, 8)  # which vector dimension a bare --bpv target picks first
+# Below half an index bit per weight (more than two weights share one bit: 4D or 8D with k=2, 8D with k<=8) the
+# model is destroyed: on stories260k (32 windows of 512, `vqmobile bench quality`, README "Errors and bad input")
+# --bpv 0.5 (4D k=2, 0.25 index bits) gave 153x the float perplexity where --bpv 0.75 and 0.625 (2D k=2, 0.5) gave
+# 5.2x and 18.9x and GPTQ 2-bit g32 7.2x. Such configurations are refused.
+MIN_INDEX_BITS = 0.5
+# Below 2 bits per value (the paper's lowest is 2.125, where SmolLM2-135M is already at 4.5x its float perplexity)
+# a configuration runs but gets a QualityWarning naming it.
+WARN_BPV = 2.0
 
 
 def nominal_bpv(d: int, k: int, l: int, codebook_bits: int = 8, svd_rank: int | None = None,
@@ -190,6 +198,19 @@ class GPTVQConfig(QuantConfig):
                          (self.norm_block, self.norm_bits) if self.norm_block else None)
 
     def check(self) -> None:
+        self._check_geometry()
+        index_bits = max(1, math.ceil(math.log2(self.k))) / self.vq_dim
+        if index_bits < MIN_INDEX_BITS:
+            raise UserError(f"GPTVQ {self.describe()} gives {index_bits:g} index bits per weight: below "
+                            f"{MIN_INDEX_BITS:g} the model is destroyed (stories260k: 153x its float perplexity at "
+                            f"--bpv 0.5); use --bpv 0.625 or more, or a smaller --vq-dim or larger --vq-k")
+        if self.nominal_bpv() < WARN_BPV:
+            warnings.warn(f"GPTVQ {self.describe()} is below {WARN_BPV:g} bits per value, under the 2.125 the paper "
+                          "evaluates: expect a much worse model (SmolLM2-135M is at 4.5x its float perplexity "
+                          "already at 2.125); measure it with `vqmobile eval` before you ship it",
+                          QualityWarning, stacklevel=4)
+
+    def _check_geometry(self) -> None:
         d, k, r, c = self.vq_dim, self.k, self.rows_per_block, self.cols_per_block
         if d not in VQ_DIMS:
             raise UserError(f"--vq-dim {d} is out of range: use one of {', '.join(map(str, VQ_DIMS))}")
@@ -435,40 +456,3 @@ def _finish_svd(obj: cbk.Objective, cbooks: torch.Tensor, idx: torch.Tensor, geo
     }
     assert svd["svd_u"].shape == (geom.groups, r)
     return VQWeight.from_parts(geom, idx, codebook_kind="int8", svd=svd, norm=stats["norm"])
-
-
-# ---------------------------------------------------------------------------------------------------- CLI glue
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    """GPTVQ options for `vqmobile quantize --method gptvq` (none collides with the CLI's own options)."""
-    g = parser.add_argument_group("GPTVQ (--method gptvq)")
-    g.add_argument("--bpv", type=float, default=None,
-                   help="target bits per value, e.g. 3.125, 2.25, 2.125 (paper accounting: log2(k)/d + k*d*b_c/l)")
-    g.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="named configuration: mobile = 2D k=64, 32x256 blocks (3.125 bpv); 2.25; 2.125")
-    g.add_argument("--vq-dim", type=int, default=None, help="vector dimension d (default: 2D when it reaches --bpv)")
-    g.add_argument("--vq-k", type=int, default=None, help="centroids per codebook (overrides the target's choice)")
-    g.add_argument("--vq-rows", type=int, default=None, help="rows per codebook block R")
-    g.add_argument("--vq-cols", type=int, default=None, help=f"columns per codebook block C (<= {MAX_COLS_PER_BLOCK})")
-    g.add_argument("--codebook", choices=CODEBOOK_KINDS, default="int8", help="codebook storage (default int8)")
-    g.add_argument("--svd-rank", type=int, default=None, help="1D only: store codebooks as a rank-r SVD product")
-    g.add_argument("--no-codebook-update", action="store_true",
-                   help="skip the least-squares codebook refit after the column pass")
-    g.add_argument("--norm-block", type=int, default=None,
-                   help="blockwise normalization: one log-domain scale per this many columns of a row")
-    g.add_argument("--norm-bits", type=int, default=4, help="bits per normalization scale (default 4)")
-    g.add_argument("--em-iters", type=int, default=100, help="max EM iterations per codebook (default 100)")
-    g.add_argument("--vq-damp", type=float, default=0.01, help="Hessian dampening, fraction of the mean diagonal")
-    g.add_argument("--vq-block-size", type=int, default=128, help="lazy-batch width of the column pass")
-
-
-def config_from_args(args: argparse.Namespace) -> GPTVQConfig:
-    overrides: dict[str, Any] = {
-        "codebook": args.codebook, "codebook_update": not args.no_codebook_update, "svd_rank": args.svd_rank,
-        "norm_block": args.norm_block, "norm_bits": args.norm_bits, "em_iters": args.em_iters, "damp": args.vq_damp,
-        "block_size": args.vq_block_size, "seed": getattr(args, "seed", 0),  # --seed belongs to the CLI
-        "embedding": getattr(args, "embedding", GPTVQConfig.embedding),  # --embedding belongs to the CLI too
-    }
-    for arg, field in (("vq_k", "k"), ("vq_rows", "rows_per_block"), ("vq_cols", "cols_per_block")):
-        if getattr(args, arg) is not None:
-            overrides[field] = getattr(args, arg)
-    return GPTVQConfig.from_target(bpv=args.bpv, vq_dim=args.vq_dim, preset=args.preset, **overrides)
