@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from . import atomic
-from .quantizers import gptvq
+from .quantizers import gptvq, quip
 from .errors import UserError
 
 
@@ -20,7 +20,8 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
 
 def _add_int_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("integer methods (rtn, gptq)")
-    g.add_argument("--bits", type=int, default=4, help="bits per weight code: 2..8 (default 4)")
+    g.add_argument("--bits", type=int, default=None,
+                   help="bits per weight code: 2..8 (default 4); QuIP#: 2, 3 or 4 (default 2)")
     g.add_argument("--group", type=int, default=128, help="group size along the input: 16..1024, 0 = per-channel (default 128)")
     g.add_argument("--symmetric", action="store_true", help="symmetric grid (no zero points)")
     g.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in decreasing Hessian-diagonal order")
@@ -32,14 +33,17 @@ def build_config(args: argparse.Namespace):
     from .quantizers.gptq import GPTQConfig
     from .quantizers.rtn import RTNConfig
 
+    shared = {"embedding": args.embedding, **({"incoherence": args.incoherence} if args.incoherence else {})}
+    if args.method == "quip":
+        return quip.config_from_args(args, **shared)
+    bits = 4 if args.bits is None else args.bits
     if args.method == "rtn":
-        return RTNConfig(bits=args.bits, group=args.group, symmetric=args.symmetric, clip_search=args.clip_search,
-                         embedding=args.embedding)
+        return RTNConfig(bits=bits, group=args.group, symmetric=args.symmetric, clip_search=args.clip_search, **shared)
     if args.method == "gptq":
-        return GPTQConfig(bits=args.bits, group=args.group, symmetric=args.symmetric, act_order=args.act_order,
-                          clip_search=args.clip_search, embedding=args.embedding)
+        return GPTQConfig(bits=bits, group=args.group, symmetric=args.symmetric, act_order=args.act_order,
+                          clip_search=args.clip_search, **shared)
     if args.method == "gptvq":
-        return gptvq.config_from_args(args)
+        return gptvq.config_from_args(args, **shared)
     raise UserError(f"unknown method {args.method}")
 
 
@@ -157,15 +161,19 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="quantize a model into a packed checkpoint")
     p.add_argument("model", help="Hugging Face model directory, .gguf file, or 'smollm2'")
-    p.add_argument("--method", choices=["rtn", "gptq", "gptvq"], required=True)
+    p.add_argument("--method", choices=["rtn", "gptq", "gptvq", "quip"], required=True)
     p.add_argument("--out", required=True, help="checkpoint directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the new one is complete)")
     p.add_argument("--eval-windows", type=int, default=0, help="afterwards, WikiText-2 perplexity over this many windows")
     p.add_argument("--embedding", choices=["int8", "float"], default="int8",
                    help="token embedding (and a head tied to it): int8 groups of 32, lossless for a Q8_0 GGUF "
                         "(default), or float as loaded")
+    p.add_argument("--incoherence", choices=["none", "hadamard"], default=None,
+                   help="incoherence processing (QuIP#'s random Hadamard transforms around each layer, undone at "
+                        "run time), for any method (default: hadamard for quip, none otherwise)")
     _add_int_args(p)
     gptvq.add_cli_arguments(p)
+    quip.add_cli_arguments(p)
     _add_calibration_args(p)
     p.set_defaults(func=cmd_quantize)
 
