@@ -36,6 +36,8 @@ def test_c_unit_tests_native(tmp_path):
     _make("tests", "bench", "lib", "shared", build=build)
     out = _run([f"{build}/vqm_test"])
     assert "SIMD kernel configurations exercised" in out
+    out = _run([f"{build}/vqm_test_quip"])  # QuIP#: Hadamard transform, E8P
+    assert "SIMD kernel configurations exercised" in out
 
 
 def test_c_unit_tests_asan_ubsan(tmp_path):
@@ -48,8 +50,9 @@ def test_c_unit_tests_asan_ubsan(tmp_path):
             pytest.skip(f"sanitizer runtime not available: {e.stderr[-300:]}")
         raise
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1", UBSAN_OPTIONS="print_stacktrace=1")
-    p = subprocess.run([f"{build}/vqm_test", "--quick"], capture_output=True, text=True, timeout=300, env=env)
-    assert p.returncode == 0 and "0 failures" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+    for binary in ("vqm_test", "vqm_test_quip"):
+        p = subprocess.run([f"{build}/{binary}", "--quick"], capture_output=True, text=True, timeout=300, env=env)
+        assert p.returncode == 0 and "0 failures" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -66,5 +69,6 @@ def aarch64_build(tmp_path_factory):
 @pytest.mark.parametrize("cpu,paths", [("max", "ref neon neon_dot"), ("cortex-a72", "ref neon (")],
                          ids=["dotprod", "no-dotprod"])
 def test_c_unit_tests_aarch64_qemu(aarch64_build, cpu, paths):
-    out = _run(["qemu-aarch64", "-L", QEMU_SYSROOT, "-cpu", cpu, f"{aarch64_build}/vqm_test"])
-    assert f"paths: {paths}" in out, out.splitlines()[0]
+    for binary in ("vqm_test", "vqm_test_quip"):
+        out = _run(["qemu-aarch64", "-L", QEMU_SYSROOT, "-cpu", cpu, f"{aarch64_build}/{binary}"])
+        assert f"paths: {paths}" in out, out.splitlines()[0]

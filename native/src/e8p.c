@@ -155,10 +155,11 @@ static int prep(const float *x, int64_t batch, int64_t k, int flags, int chunk_o
     xp->kpad = kpad;
     xp->nblk = vqm_cdiv(k, VQM_E8P_ACT_BLOCK);
     const size_t nq = int8 ? a64((size_t)(batch * kpad)) : 0, nqp = int8 && chunk_order ? nq : 0;
-    const size_t n8 = int8 ? a64(sizeof(int16_t) * (size_t)(batch * nc)) : 0;
+    const int64_t ncp = nch * VQM_E8P_CHUNK; /* codes per row, padded to whole chunks */
+    const size_t n8 = int8 ? a64(sizeof(int16_t) * (size_t)(batch * ncp)) : 0;
     const size_t nxs = int8 ? a64(sizeof(float) * (size_t)(batch * xp->nblk)) : 0;
     const size_t nf = int8 ? 0 : a64(sizeof(float) * (size_t)(batch * kpad));
-    const size_t nf8 = int8 ? 0 : a64(sizeof(float) * (size_t)(batch * nc));
+    const size_t nf8 = int8 ? 0 : a64(sizeof(float) * (size_t)(batch * ncp));
     const size_t total = nq + 2 * nqp + n8 + nxs + nf + nf8;
     if (total > t_cap) {
         free(t_buf);
@@ -186,10 +187,10 @@ static int prep(const float *x, int64_t batch, int64_t k, int flags, int chunk_o
             int8_t *q = xp->q + b * kpad;
             vqm_quantize_act(xr, k, VQM_E8P_ACT_BLOCK, q, xp->xs + b * xp->nblk);
             memset(q + k, 0, (size_t)(kpad - k));
-            for (int64_t c = 0; c < nc; c++) {
+            for (int64_t c = 0; c < ncp; c++) {
                 int s = 0;
                 for (int t = 0; t < 8; t++) s += q[8 * c + t];
-                xp->x8[b * nc + c] = (int16_t)s;
+                xp->x8[b * ncp + c] = (int16_t)s;
             }
             if (chunk_order) {
                 int8_t *qp = xp->qp + b * kpad, *nq2 = xp->nq + b * kpad;
@@ -205,10 +206,10 @@ static int prep(const float *x, int64_t batch, int64_t k, int flags, int chunk_o
             float *f = xp->xf + b * kpad;
             memcpy(f, xr, sizeof(float) * (size_t)k);
             for (int64_t c = k; c < kpad; c++) f[c] = 0.0f;
-            for (int64_t c = 0; c < nc; c++) {
+            for (int64_t c = 0; c < ncp; c++) {
                 float s = 0.0f;
                 for (int t = 0; t < 8; t++) s += f[8 * c + t];
-                xp->f8[b * nc + c] = s;
+                xp->f8[b * ncp + c] = s;
             }
         }
     }

@@ -23,9 +23,9 @@ const vqm_e8p_tab *vqm_e8p_init(void);
  *  int8 mode: q [kpad] natural column order; qp [kpad] and nq [kpad] (= -qp)
  *             in chunk order (when the path asks for it: within each 32-code
  *             chunk, position t * 32 + c holds column 8 c + t); xs [nblk];
- *             x8 [ncodes] int16: the sum of each code's 8 quantized activations.
- *  float mode: xf [kpad] natural order; f8 [ncodes]: each code's sum of x.
- * kpad = nchunk * 256; columns >= k are 0. */
+ *             x8 [nchunk * 32] int16: the sum of each code's 8 quantized activations.
+ *  float mode: xf [kpad] natural order; f8 [nchunk * 32]: each code's sum of x.
+ * kpad = nchunk * 256; columns >= k (and codes past the row) are 0. */
 typedef struct {
     int64_t batch, k, ncodes, nchunk, kpad, nblk;
     int8_t *q, *qp, *nq;
