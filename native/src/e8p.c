@@ -114,7 +114,8 @@ static const vqm_e8p_ops *e8p_ops(int path)
 {
     switch (path) {
 #if defined(__x86_64__)
-    case VQM_PATH_AVX2: return &vqm_e8p_avx2;
+    case VQM_PATH_AVX2:
+    case VQM_PATH_AVX512: return &vqm_e8p_avx2;
 #endif
 #if defined(__aarch64__)
     case VQM_PATH_NEON: return &vqm_e8p_neon;

@@ -9,6 +9,7 @@ static const vqm_had_ops *had_ops(int path)
     switch (path) {
 #if defined(__x86_64__)
     case VQM_PATH_AVX2: return &vqm_had_avx2;
+    case VQM_PATH_AVX512: return &vqm_had_avx512;
 #endif
 #if defined(__aarch64__)
     case VQM_PATH_NEON:

@@ -51,8 +51,9 @@ typedef struct {
 extern const vqm_e8p_ops vqm_e8p_ref;
 extern const vqm_had_ops vqm_had_ref;
 #if defined(__x86_64__) || defined(_M_X64)
-extern const vqm_e8p_ops vqm_e8p_avx2;
+extern const vqm_e8p_ops vqm_e8p_avx2; /* also the AVX-512 path's */
 extern const vqm_had_ops vqm_had_avx2;
+extern const vqm_had_ops vqm_had_avx512;
 #endif
 #if defined(__aarch64__)
 extern const vqm_e8p_ops vqm_e8p_neon;
