@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
 import torch
 
 MAX_SMALL = 256  # largest dense factor m: its product costs m operations per element
@@ -39,35 +40,34 @@ def _is_prime(q: int) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _paley(m: int) -> torch.Tensor | None:
+def _paley(m: int) -> np.ndarray | None:
     """A Hadamard matrix of order m from Paley's construction over a prime field, or None."""
     q = m - 1
     if m % 4 == 0 and _is_prime(q) and q % 4 == 3:  # construction I: skew, order q + 1
         chi = _quadratic_character(q)
-        idx = torch.arange(q)
+        idx = np.arange(q)
         jac = chi[(idx[None, :] - idx[:, None]) % q]  # Jacobsthal matrix, skew-symmetric
-        h = torch.ones(m, m, dtype=torch.int64)
+        h = np.ones((m, m), np.int64)
         h[1:, 0] = -1
-        h[1:, 1:] = jac + torch.eye(q, dtype=torch.int64)
+        h[1:, 1:] = jac + np.eye(q, dtype=np.int64)
         return h
     q = m // 2 - 1
     if m % 4 == 0 and _is_prime(q) and q % 4 == 1:  # construction II: order 2 (q + 1)
         chi = _quadratic_character(q)
-        idx = torch.arange(q)
-        conf = torch.zeros(q + 1, q + 1, dtype=torch.int64)  # symmetric conference matrix
+        idx = np.arange(q)
+        conf = np.zeros((q + 1, q + 1), np.int64)  # symmetric conference matrix
         conf[0, 1:] = 1
         conf[1:, 0] = 1
         conf[1:, 1:] = chi[(idx[None, :] - idx[:, None]) % q]
-        a = torch.tensor([[1, 1], [1, -1]])
-        b = torch.tensor([[1, -1], [-1, -1]])
-        return torch.kron(conf, a) + torch.kron(torch.eye(q + 1, dtype=torch.int64), b)
+        return np.kron(conf, np.array([[1, 1], [1, -1]])) + np.kron(np.eye(q + 1, dtype=np.int64),
+                                                                    np.array([[1, -1], [-1, -1]]))
     return None
 
 
-def _quadratic_character(q: int) -> torch.Tensor:
-    chi = -torch.ones(q, dtype=torch.int64)
+def _quadratic_character(q: int) -> np.ndarray:
+    chi = -np.ones(q, np.int64)
     chi[0] = 0
-    chi[torch.tensor(sorted({(i * i) % q for i in range(1, q)}))] = 1
+    chi[sorted({(i * i) % q for i in range(1, q)})] = 1
     return chi
 
 
@@ -118,27 +118,33 @@ def _split(n: int, k: int, cap: int) -> tuple[int, ...] | None:
 
 def small(m: int) -> torch.Tensor:
     """The dense factor H_m as int8 [m, m] (entries +-1); [[1]] for m = 1."""
-    return _small_int8(m)
+    return torch.from_numpy(_small_int8(m))
 
 
 @functools.lru_cache(maxsize=None)
-def _small_int8(m: int) -> torch.Tensor:
+def _small_int8(m: int) -> np.ndarray:
     if m == 1:
-        return torch.ones(1, 1, dtype=torch.int8)
+        return np.ones((1, 1), np.int8)
     h = _paley(m)
     if h is None:
         raise ValueError(f"no Hadamard matrix of order {m} is built here")
-    return h.to(torch.int8)
+    return h.astype(np.int8)
 
 
-@functools.lru_cache(maxsize=None)
 def sylvester(p: int) -> torch.Tensor:
     """H_p (Sylvester, natural order) as float32 [p, p]: H[i, j] = (-1)^popcount(i & j)."""
+    return torch.from_numpy(_sylvester(p))
+
+
+# The caches hold numpy arrays, turned into tensors on each call: a tensor first made inside a torch.export trace
+# would be a fake one, and cached it would poison every later export.
+@functools.lru_cache(maxsize=None)
+def _sylvester(p: int) -> np.ndarray:
     if not is_pow2(p):
         raise ValueError(f"Sylvester Hadamard needs a power of two, got {p}")
-    h = torch.ones(1, 1)
+    h = np.ones((1, 1), np.float32)
     while h.shape[0] < p:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        h = np.block([[h, h], [h, -h]])
     return h
 
 

@@ -45,9 +45,12 @@ _NORM12_HALVES = (
 )
 
 
-@functools.lru_cache(maxsize=None)
 def abs_grid() -> torch.Tensor:
     """float32 [256, 8]: the absolute patterns (multiples of 1/2), lexicographic, then the 29 of norm^2 12."""
+    return _ABS_GRID
+
+
+def _abs_grid() -> torch.Tensor:
     levels = torch.tensor([0.5, 1.5, 2.5, 3.5])
     allv = torch.cartesian_prod(*[levels] * DIM)
     small = allv[(allv ** 2).sum(1) <= 10]  # cartesian_prod is already lexicographic
@@ -59,19 +62,25 @@ def abs_grid() -> torch.Tensor:
     return grid
 
 
-@functools.lru_cache(maxsize=None)
 def abs4_table() -> torch.Tensor:
     """int8 [256, 8]: A4 = 4 |v|, coordinate 7 negated where sum |v| is odd (values +-2, 6, 10, 14)."""
-    g = abs_grid()
+    return _ABS4
+
+
+def _abs4_table() -> torch.Tensor:
+    g = _ABS_GRID
     a4 = (4 * g).to(torch.int64)
     odd = (g.sum(1).round().to(torch.int64) % 2) == 1
     a4[odd, 7] = -a4[odd, 7]
     return a4.to(torch.int8)
 
 
-@functools.lru_cache(maxsize=None)
 def sign_tables() -> tuple[torch.Tensor, torch.Tensor]:
     """(signs int8 [256, 8] of +-1, sigma int8 [256] of +-1), indexed by the sign byte."""
+    return _SIGNS
+
+
+def _sign_tables() -> tuple[torch.Tensor, torch.Tensor]:
     b = torch.arange(256)
     bits = (b[:, None] >> torch.arange(DIM)) & 1
     parity = bits.sum(1) % 2
@@ -89,9 +98,12 @@ def e8p_table() -> torch.Tensor:
     return pts.reshape(65536, DIM).to(torch.int8)
 
 
-@functools.lru_cache(maxsize=None)
 def e81_table() -> torch.Tensor:
     """int8 [256, 8]: the 1-bit E8 codebook times 2: 0 and the 240 roots (lexicographic), then +2e_i, -2e_i (i < 7)."""
+    return _E81
+
+
+def _e81_table() -> torch.Tensor:
     ints = torch.cartesian_prod(*[torch.tensor([-2, 0, 2])] * DIM)  # 2x the integer points with entries in {-1,0,1}
     ints = ints[((ints ** 2).sum(1) <= 8) & (ints.sum(1) % 4 == 0)]  # D8: 0 and the 112 roots +-e_i +-e_j
     halves = torch.cartesian_prod(*[torch.tensor([-1, 1])] * DIM)  # 2x (+-1/2)^8
@@ -109,6 +121,13 @@ def _lex_key(rows: torch.Tensor) -> torch.Tensor:
     for t in range(rows.shape[1]):
         key = key * 16 + (rows[:, t] + 8)
     return key
+
+
+# Built at import, not on first use: a first use inside a torch.export trace would cache fake tensors.
+_ABS_GRID = _abs_grid()
+_ABS4 = _abs4_table()
+_SIGNS = _sign_tables()
+_E81 = _e81_table()
 
 
 def stage_kinds(bits: int) -> tuple[str, ...]:

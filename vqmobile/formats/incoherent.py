@@ -12,6 +12,7 @@ inner weight's kind and spec. Bits per weight count the signs with the inner wei
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -32,6 +33,29 @@ def unpack_signs(packed: torch.Tensor, n: int) -> torch.Tensor:
     return unpack_rows(packed[None], 1, n)[0].bool()
 
 
+# Equal constants are one tensor: layers that read the same input carry the same input signs, and sharing the object
+# lets an exported graph compute that transform once (ops/incoherent.py). Weak values: nothing outlives its weights.
+_INTERNED: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+def _intern(t: torch.Tensor) -> torch.Tensor:
+    key = (str(t.dtype), tuple(t.shape), t.numpy().tobytes())
+    found = _INTERNED.get(key)
+    if found is None:
+        _INTERNED[key] = found = t
+    return found
+
+
+def _per_block(packed: torch.Tensor, n: int, blocks) -> list[torch.Tensor]:
+    if len(blocks) == 1:
+        return [_intern(packed)]
+    signs, out, off = unpack_signs(packed, n), [], 0
+    for m, p in blocks:
+        out.append(_intern(pack_signs(signs[off:off + m * p])))
+        off += m * p
+    return out
+
+
 @register_format
 class IncoherentWeight(QuantizedWeight):
     kind = "incoherent"
@@ -44,6 +68,11 @@ class IncoherentWeight(QuantizedWeight):
         self.in_signs, self.out_signs = in_signs, out_signs
         self.in_blocks = hadamard.plan(k) if in_blocks is None else tuple(in_blocks)
         self.out_blocks = hadamard.plan(n) if out_blocks is None else tuple(out_blocks)
+        # what an operator takes per block, made now (tracing cannot unpack bits): packed signs, H_m
+        self.in_block_signs = _per_block(in_signs, k, self.in_blocks)
+        self.out_block_signs = _per_block(out_signs, n, self.out_blocks)
+        self.in_block_had = [_intern(hadamard.small(m)) for m, _ in self.in_blocks]
+        self.out_block_had = [_intern(hadamard.small(m)) for m, _ in self.out_blocks]
 
     @classmethod
     def from_signs(cls, inner: QuantizedWeight, in_signs: torch.Tensor, out_signs: torch.Tensor) -> "IncoherentWeight":

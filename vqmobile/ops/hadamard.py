@@ -63,15 +63,34 @@ def _hadamard_out_fake(x, signs, had, m, p, transpose=False, *, out):
     return out
 
 
-def transform(x: torch.Tensor, blocks, block_signs, transpose: bool, decompose: bool) -> torch.Tensor:
-    """The whole transform of a width covered by `blocks`, one operator call per block; block_signs: the packed
-    signs of each block."""
-    from ..hadamard import small
-
+def transform(x: torch.Tensor, blocks, block_signs, block_had, transpose: bool, decompose: bool) -> torch.Tensor:
+    """The whole transform of a width covered by `blocks`, one operator call per block, with each block's packed
+    signs and H_m."""
     run = hadamard_decomposed if decompose else torch.ops.vqmobile.hadamard
     outs, off = [], 0
-    for (m, p), s in zip(blocks, block_signs):
+    for (m, p), s, h in zip(blocks, block_signs, block_had):
         xb = x if len(blocks) == 1 else x[..., off:off + m * p]
-        outs.append(run(xb, s, small(m), m, p, transpose))
+        outs.append(run(xb, s, h, m, p, transpose))
         off += m * p
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+def share_transforms(graph_module: torch.fx.GraphModule) -> int:
+    """Merge vqmobile::hadamard calls with identical arguments (linears that read one input and carry the same signs,
+    e.g. q/k/v or gate/up) into one, in place; returns how many calls were removed. The operator is a pure function
+    of its arguments, so this is exact."""
+    target = torch.ops.vqmobile.hadamard.default
+    seen: dict = {}
+    removed = 0
+    for node in list(graph_module.graph.nodes):
+        if node.op != "call_function" or node.target != target:
+            continue
+        key = (tuple(node.args), tuple(sorted(node.kwargs.items())))
+        first = seen.setdefault(key, node)
+        if first is not node:
+            node.replace_all_uses_with(first)
+            graph_module.graph.erase_node(node)
+            removed += 1
+    if removed:
+        graph_module.recompile()
+    return removed
