@@ -4,8 +4,8 @@
 
 x float32 [..., m * p]; signs uint8 [ceil(m p / 8)] (bit j set: negate element j); had int8 [m, m] (+-1, [[1]] for
 m = 1); p a power of two. transpose=False computes H (s * x), transpose=True s * (H^T x), with H = (H_m (x) H_p) /
-sqrt(m p) on the [m, p] view of x. Plus its ``.out`` overload. CPU: the native fast Walsh-Hadamard transform (any number
-of rows), else the decomposition (a product with H_p and one with H_m).
+sqrt(m p) on the [m, p] view of x. Plus its ``.out`` overload. CPU: the native fast Walsh-Hadamard transform for
+decode-sized inputs, else the decomposition (a product with H_p and one with H_m, which BLAS runs faster on many rows).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import math
 import torch
 
 from ..hadamard import sylvester
-from .library import NAMESPACE, lib, native, unpack_bits, write_out
+from .library import NAMESPACE, kernel_rows_ok, lib, native, unpack_bits, write_out
 
 _ARGS = "int m, int p, bool transpose=False"
 
@@ -41,7 +41,7 @@ def hadamard_decomposed(x, signs, had, m, p, transpose=False):
 
 @torch.library.impl(lib, "hadamard", "CPU")
 def _hadamard_cpu(x, signs, had, m, p, transpose=False):
-    if native is not None:
+    if kernel_rows_ok(x, m * p):
         return native.hadamard(x.to(torch.float32).contiguous(), signs.contiguous(), had.contiguous(), m=m, p=p,
                                transpose=transpose)
     return hadamard_decomposed(x, signs, had, m, p, transpose)
