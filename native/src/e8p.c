@@ -114,8 +114,8 @@ static const vqm_e8p_ops *e8p_ops(int path)
 {
     switch (path) {
 #if defined(__x86_64__)
-    case VQM_PATH_AVX2:
-    case VQM_PATH_AVX512: return &vqm_e8p_avx2;
+    case VQM_PATH_AVX2: return &vqm_e8p_avx2;
+    case VQM_PATH_AVX512: return &vqm_e8p_avx512;
 #endif
 #if defined(__aarch64__)
     case VQM_PATH_NEON: return &vqm_e8p_neon;
@@ -134,9 +134,9 @@ static int check_e8p(const vqm_e8p_weight *w)
 
 int vqm_e8p_path_has_kernel(int path, const vqm_e8p_weight *w)
 {
-    int order;
+    int chunk;
     if (check_e8p(w) || !vqm_path_available(path) || path == VQM_PATH_REF) return 0;
-    return e8p_ops(path)->plan(w, 0, &order) && e8p_ops(path)->plan(w, VQM_ACT_INT8, &order);
+    return e8p_ops(path)->plan(w, 0, &chunk) && e8p_ops(path)->plan(w, VQM_ACT_INT8, &chunk);
 }
 
 /* ---------------------------------------------------------------- activations */
@@ -145,18 +145,20 @@ static __thread size_t t_cap;
 
 static size_t a64(size_t v) { return (v + 63) & ~(size_t)63; }
 
-static int prep(const float *x, int64_t batch, int64_t k, int flags, int chunk_order, vqm_e8p_xprep *xp)
+static int prep(const float *x, int64_t batch, int64_t k, int flags, int chunk, vqm_e8p_xprep *xp)
 {
-    const int64_t nc = vqm_cdiv(k, 8), nch = vqm_cdiv(nc, VQM_E8P_CHUNK), kpad = nch * 8 * VQM_E8P_CHUNK;
+    const int cs = chunk ? chunk : VQM_E8P_CHUNK; /* codes per chunk */
+    const int64_t nc = vqm_cdiv(k, 8), nch = vqm_cdiv(nc, cs), kpad = nch * 8 * cs;
     const int int8 = (flags & VQM_ACT_INT8) != 0;
     xp->batch = batch;
     xp->k = k;
     xp->ncodes = nc;
     xp->nchunk = nch;
+    xp->chunk = cs;
     xp->kpad = kpad;
     xp->nblk = vqm_cdiv(k, VQM_E8P_ACT_BLOCK);
-    const size_t nq = int8 ? a64((size_t)(batch * kpad)) : 0, nqp = int8 && chunk_order ? nq : 0;
-    const int64_t ncp = nch * VQM_E8P_CHUNK; /* codes per row, padded to whole chunks */
+    const size_t nq = int8 ? a64((size_t)(batch * kpad)) : 0, nqp = int8 && chunk ? nq : 0;
+    const int64_t ncp = nch * cs; /* codes per row, padded to whole chunks */
     const size_t n8 = int8 ? a64(sizeof(int16_t) * (size_t)(batch * ncp)) : 0;
     const size_t nxs = int8 ? a64(sizeof(float) * (size_t)(batch * xp->nblk)) : 0;
     const size_t nf = int8 ? 0 : a64(sizeof(float) * (size_t)(batch * kpad));
@@ -193,14 +195,14 @@ static int prep(const float *x, int64_t batch, int64_t k, int flags, int chunk_o
                 for (int t = 0; t < 8; t++) s += q[8 * c + t];
                 xp->x8[b * ncp + c] = (int16_t)s;
             }
-            if (chunk_order) {
+            if (chunk) {
                 int8_t *qp = xp->qp + b * kpad, *nq2 = xp->nq + b * kpad;
                 for (int64_t ch = 0; ch < nch; ch++)
                     for (int t = 0; t < 8; t++)
-                        for (int c = 0; c < VQM_E8P_CHUNK; c++) {
-                            const int8_t v = q[ch * 256 + 8 * c + t];
-                            qp[ch * 256 + t * VQM_E8P_CHUNK + c] = v;
-                            nq2[ch * 256 + t * VQM_E8P_CHUNK + c] = (int8_t)-v;
+                        for (int c = 0; c < cs; c++) {
+                            const int8_t v = q[ch * 8 * cs + 8 * c + t];
+                            qp[ch * 8 * cs + t * cs + c] = v;
+                            nq2[ch * 8 * cs + t * cs + c] = (int8_t)-v;
                         }
             }
         } else {
@@ -248,10 +250,10 @@ int vqm_e8p_linear_path(int path, const vqm_e8p_weight *w, const float *x, int64
     if (batch == 0) return VQM_OK;
     const vqm_e8p_tab *tab = vqm_e8p_init();
     const vqm_e8p_ops *ops = e8p_ops(path);
-    int order = 0;
-    if (!ops->plan(w, flags, &order)) {
+    int chunk = 0;
+    if (!ops->plan(w, flags, &chunk)) {
         ops = &vqm_e8p_ref;
-        ops->plan(w, flags, &order);
+        ops->plan(w, flags, &chunk);
     }
     if (threads <= 0) threads = vqm_get_num_threads();
     if (threads > 64) threads = 64;
@@ -260,7 +262,7 @@ int vqm_e8p_linear_path(int path, const vqm_e8p_weight *w, const float *x, int64
     for (int64_t b0 = 0; b0 < batch; b0 += VQM_BATCH_TILE) {
         const int64_t nb = batch - b0 < VQM_BATCH_TILE ? batch - b0 : VQM_BATCH_TILE;
         vqm_e8p_xprep xp;
-        rc = prep(x + b0 * w->k, nb, w->k, flags, order, &xp);
+        rc = prep(x + b0 * w->k, nb, w->k, flags, chunk, &xp);
         if (rc) return rc;
         const int ntasks = threads == 1 ? 1 : (int)(units < 4 * threads ? units : 4 * threads);
         e8p_ctx c = { ops, w, tab, &xp, bias, y + b0 * w->n, flags, ntasks };

@@ -24,10 +24,10 @@
 #endif
 #include <immintrin.h>
 
-static int avx2_plan(const vqm_e8p_weight *w, int flags, int *chunk_order)
+static int avx2_plan(const vqm_e8p_weight *w, int flags, int *chunk)
 {
     (void)w;
-    *chunk_order = (flags & VQM_ACT_INT8) != 0;
+    *chunk = (flags & VQM_ACT_INT8) ? VQM_E8P_CHUNK : 0;
     return 1;
 }
 

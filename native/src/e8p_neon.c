@@ -21,10 +21,10 @@
 #endif
 #include <arm_neon.h>
 
-static int neon_plan(const vqm_e8p_weight *w, int flags, int *chunk_order)
+static int neon_plan(const vqm_e8p_weight *w, int flags, int *chunk)
 {
     (void)w;
-    *chunk_order = (flags & VQM_ACT_INT8) != 0;
+    *chunk = (flags & VQM_ACT_INT8) ? VQM_E8P_CHUNK : 0;
     return 1;
 }
 

@@ -18,10 +18,10 @@ static void stage_code(const vqm_e8p_tab *tab, const uint8_t *p0, const uint8_t 
     }
 }
 
-static int ref_plan(const vqm_e8p_weight *w, int flags, int *chunk_order)
+static int ref_plan(const vqm_e8p_weight *w, int flags, int *chunk)
 {
     (void)w; (void)flags;
-    *chunk_order = 0;
+    *chunk = 0;
     return 1;
 }
 

@@ -19,15 +19,17 @@ typedef struct {
 } vqm_e8p_tab;
 const vqm_e8p_tab *vqm_e8p_init(void);
 
-/* Activations prepared once per call for up to VQM_BATCH_TILE rows. Per row:
+/* Activations prepared once per call for up to VQM_BATCH_TILE rows, in
+ * chunks of `chunk` codes (the path's choice, 32 or 64; 32 when it wants
+ * natural order only). Per row:
  *  int8 mode: q [kpad] natural column order; qp [kpad] and nq [kpad] (= -qp)
- *             in chunk order (when the path asks for it: within each 32-code
- *             chunk, position t * 32 + c holds column 8 c + t); xs [nblk];
- *             x8 [nchunk * 32] int16: the sum of each code's 8 quantized activations.
- *  float mode: xf [kpad] natural order; f8 [nchunk * 32]: each code's sum of x.
- * kpad = nchunk * 256; columns >= k (and codes past the row) are 0. */
+ *             in chunk order (when the path asks for it: within each chunk,
+ *             position t * chunk + c holds column 8 c + t); xs [nblk];
+ *             x8 [nchunk * chunk] int16: the sum of each code's 8 quantized activations.
+ *  float mode: xf [kpad] natural order; f8 [nchunk * chunk]: each code's sum of x.
+ * kpad = nchunk * chunk * 8; columns >= k (and codes past the row) are 0. */
 typedef struct {
-    int64_t batch, k, ncodes, nchunk, kpad, nblk;
+    int64_t batch, k, ncodes, nchunk, chunk, kpad, nblk;
     int8_t *q, *qp, *nq;
     int16_t *x8;
     float *xs, *xf, *f8;
@@ -35,8 +37,9 @@ typedef struct {
 
 /* A path's E8P kernels. */
 typedef struct {
-    /* 1 if the path runs this weight (else the reference does); *chunk_order = 1 if it reads qp/nq */
-    int (*plan)(const vqm_e8p_weight *w, int flags, int *chunk_order);
+    /* 1 if the path runs this weight (else the reference does); *chunk = the codes per chunk of the chunk-ordered
+     * activations it reads (qp, nq), 0 if it reads natural order only */
+    int (*plan)(const vqm_e8p_weight *w, int flags, int *chunk);
     void (*rows)(const vqm_e8p_weight *w, const vqm_e8p_tab *tab, const vqm_e8p_xprep *xp, int64_t r0, int64_t r1,
                  const float *bias, float *y, int flags);
 } vqm_e8p_ops;
@@ -51,7 +54,8 @@ typedef struct {
 extern const vqm_e8p_ops vqm_e8p_ref;
 extern const vqm_had_ops vqm_had_ref;
 #if defined(__x86_64__) || defined(_M_X64)
-extern const vqm_e8p_ops vqm_e8p_avx2; /* also the AVX-512 path's */
+extern const vqm_e8p_ops vqm_e8p_avx2;
+extern const vqm_e8p_ops vqm_e8p_avx512;
 extern const vqm_had_ops vqm_had_avx2;
 extern const vqm_had_ops vqm_had_avx512;
 #endif
