@@ -98,6 +98,7 @@ static inline void decode_e8p(const vqm_e8p_tab *tab, const uint8_t *ab, const u
     const __m256i alut = _mm256_setr_epi8(2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
                                           2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
     const __m256i three = _mm256_set1_epi8(3);
+#pragma GCC unroll 8
     for (int t = 0; t < 8; t++) {
         const __m256i src = t < 4 ? lo : hi;
         const int sh = 2 * (t & 3);
@@ -116,6 +117,7 @@ static inline void decode_e8p(const vqm_e8p_tab *tab, const uint8_t *ab, const u
 static inline int32_t dot_e8p(const e8p_chunk *d, const int8_t *qp, const int8_t *nq, const int16_t *x8)
 {
     __m256i s16 = _mm256_setzero_si256();
+#pragma GCC unroll 8
     for (int t = 0; t < 8; t++) {
         const __m256i x = _mm256_loadu_si256((const __m256i *)(const void *)(qp + t * VQM_E8P_CHUNK));
         const __m256i nx = _mm256_loadu_si256((const __m256i *)(const void *)(nq + t * VQM_E8P_CHUNK));
@@ -134,6 +136,7 @@ static inline int32_t dot_e81(const vqm_e8p_tab *tab, const uint8_t *ib, const i
 {
     const long long *rows = (const long long *)(const void *)tab->e81;
     __m256i s16 = _mm256_setzero_si256();
+#pragma GCC unroll 8
     for (int c = 0; c < VQM_E8P_CHUNK; c += 4) {
         uint32_t i4;
         memcpy(&i4, ib + c, 4);
@@ -178,14 +181,95 @@ static float fdot(const vqm_e8p_tab *tab, const uint8_t *p0, const uint8_t *p1, 
     return hsumf(_mm256_add_ps(a0, a1)) + sig;
 }
 
+/* Batch 1, int8 activations: chunks [ch0, nchunk) of row r added to acc (the partial last chunk). */
+static float chunks(const vqm_e8p_weight *w, const vqm_e8p_tab *tab, const vqm_e8p_xprep *xp, int64_t r, int64_t ch0,
+                    float acc)
+{
+    const int64_t nc = xp->ncodes;
+    const int nstage = w->bits == 2 ? 1 : 2;
+    uint8_t pad[2][VQM_E8P_CHUNK];
+    e8p_chunk d;
+    for (int64_t ch = ch0; ch < xp->nchunk; ch++) {
+        const int64_t c0 = ch * VQM_E8P_CHUNK;
+        for (int s = 0; s < nstage; s++) {
+            const int e81 = s == 1 && w->bits == 3;
+            const uint8_t *ab, *sb;
+            chunk_bytes(vqm_e8p_plane(w, nc, r, 2 * s), c0, nc, pad[0], &ab);
+            int32_t isum;
+            if (e81) {
+                isum = dot_e81(tab, ab, xp->q + ch * 256);
+            } else {
+                chunk_bytes(vqm_e8p_plane(w, nc, r, 2 * s + 1), c0, nc, pad[1], &sb);
+                decode_e8p(tab, ab, sb, &d);
+                isum = dot_e8p(&d, xp->qp + ch * 256, xp->nq + ch * 256, xp->x8 + c0);
+            }
+            float v = (float)isum * xp->xs[ch];
+            v = v * w->scales[s];
+            acc = acc + v;
+        }
+    }
+    return acc;
+}
+
+/* Batch 1, int8 activations, the full chunks of one row: straight-line chunk bodies (BITS a compile-time constant),
+ * the reference's finish per chunk. Returns the accumulator. */
+static inline __attribute__((always_inline)) float
+row_b1(const vqm_e8p_weight *w, const vqm_e8p_tab *tab, const vqm_e8p_xprep *xp, int64_t r, int64_t nfull,
+       const int BITS)
+{
+    const int64_t nc = xp->ncodes;
+    const uint8_t *a0 = vqm_e8p_plane(w, nc, r, 0), *b0 = vqm_e8p_plane(w, nc, r, 1);
+    const uint8_t *a1 = BITS > 2 ? vqm_e8p_plane(w, nc, r, 2) : NULL, *b1 = BITS == 4 ? vqm_e8p_plane(w, nc, r, 3) : NULL;
+    const float s0 = w->scales[0], s1 = BITS > 2 ? w->scales[1] : 0.0f;
+    float acc = 0.0f;
+    e8p_chunk d;
+    for (int64_t ch = 0; ch < nfull; ch++) {
+        VQM_MCA_BEGIN("avx2.e8p.loop", BITS, 0, 0, 0);
+        const int64_t c0 = ch * VQM_E8P_CHUNK;
+        const int8_t *qp = xp->qp + ch * 256, *nq = xp->nq + ch * 256;
+        decode_e8p(tab, a0 + c0, b0 + c0, &d);
+        const int32_t i0 = dot_e8p(&d, qp, nq, xp->x8 + c0);
+        int32_t i1 = 0;
+        if (BITS == 4) {
+            decode_e8p(tab, a1 + c0, b1 + c0, &d);
+            i1 = dot_e8p(&d, qp, nq, xp->x8 + c0);
+        } else if (BITS == 3) {
+            i1 = dot_e81(tab, a1 + c0, xp->q + ch * 256);
+        }
+        const float xs = xp->xs[ch];
+        float v = (float)i0 * xs;
+        v = v * s0;
+        acc = acc + v;
+        if (BITS > 2) {
+            v = (float)i1 * xs;
+            v = v * s1;
+            acc = acc + v;
+        }
+        VQM_MCA_END("avx2.e8p.loop", BITS, 0, 0, 0);
+    }
+    return acc;
+}
+
 static void avx2_rows(const vqm_e8p_weight *w, const vqm_e8p_tab *tab, const vqm_e8p_xprep *xp, int64_t r0,
                       int64_t r1, const float *bias, float *y, int flags)
 {
+    if (xp->batch == 1 && (flags & VQM_ACT_INT8)) {
+        /* full chunks straight-line, then the partial one (if any) through the general loop below */
+        const int64_t nfull = xp->ncodes / VQM_E8P_CHUNK;
+        for (int64_t r = r0; r < r1; r++) {
+            float acc = w->bits == 2 ? row_b1(w, tab, xp, r, nfull, 2)
+                      : w->bits == 3 ? row_b1(w, tab, xp, r, nfull, 3) : row_b1(w, tab, xp, r, nfull, 4);
+            if (nfull < xp->nchunk) acc = chunks(w, tab, xp, r, nfull, acc);
+            y[r] = bias ? acc + bias[r] : acc;
+        }
+        return;
+    }
     const int64_t nc = xp->ncodes, ncp = xp->nchunk * VQM_E8P_CHUNK, nb = xp->batch;
     const int nstage = w->bits == 2 ? 1 : 2;
     const int int8 = (flags & VQM_ACT_INT8) != 0;
     uint8_t pad[3][VQM_E8P_CHUNK];
     e8p_chunk d;
+    memset(&d, 0, sizeof d); /* decoded before use; the compiler cannot see it through the stage switch */
     for (int64_t r = r0; r < r1; r++) {
         float acc[VQM_BATCH_TILE] = { 0 };
         for (int64_t ch = 0; ch < xp->nchunk; ch++) {

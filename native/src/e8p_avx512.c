@@ -139,6 +139,7 @@ static inline void dot(const e8p_chunk *d, const int8_t *qp, const int16_t *x8, 
     const __m512i alut = _mm512_broadcast_i32x4(_mm_setr_epi8(2, 6, 10, 14, 2, 6, 10, 14, 2, 6, 10, 14, 2, 6, 10, 14));
     const __m512i zero = _mm512_setzero_si512();
     __m512i acc = zero;
+#pragma GCC unroll 8
     for (int t = 0; t < 8; t++) {
         const __m512i src = t < 4 ? d->lo : d->hi;
         const __m512i lev = (t & 3) ? _mm512_srli_epi16(src, 2 * (t & 3)) : src;
@@ -160,6 +161,7 @@ static inline int32_t dot_e81(const vqm_e8p_tab *tab, const uint8_t *ib, const i
 {
     const long long *rows = (const long long *)(const void *)tab->e81;
     __m512i acc = _mm512_setzero_si512();
+#pragma GCC unroll 4
     for (int c = 0; c < 32; c += 8) {
         uint64_t i8;
         memcpy(&i8, ib + c, 8);
@@ -180,6 +182,51 @@ static inline const uint8_t *chunk_bytes(const uint8_t *plane, int64_t c0, int64
     return pad;
 }
 
+/* Batch 1: the full chunks of row r (both activation blocks present) as straight-line bodies, BITS a compile-time
+ * constant, the reference's finish per block. */
+static inline __attribute__((always_inline)) float
+row_b1(const vqm_e8p_weight *w, const vqm_e8p_tab *tab, const lv_tables *t, const vqm_e8p_xprep *xp, int64_t r,
+       int64_t nfull, const int BITS)
+{
+    const int64_t nc = xp->ncodes;
+    const uint8_t *a0 = vqm_e8p_plane(w, nc, r, 0), *b0 = vqm_e8p_plane(w, nc, r, 1);
+    const uint8_t *a1 = BITS > 2 ? vqm_e8p_plane(w, nc, r, 2) : NULL, *b1 = BITS == 4 ? vqm_e8p_plane(w, nc, r, 3) : NULL;
+    const float s0 = w->scales[0], s1 = BITS > 2 ? w->scales[1] : 0.0f;
+    float acc = 0.0f;
+    e8p_chunk d;
+    for (int64_t ch = 0; ch < nfull; ch++) {
+        VQM_MCA_BEGIN("avx512.e8p.loop", BITS, 0, 0, 0);
+        const int64_t c0 = ch * CH;
+        const int8_t *qp = xp->qp + ch * 8 * CH;
+        int32_t i0[2], i1[2] = { 0, 0 };
+        decode(t, a0 + c0, b0 + c0, &d);
+        dot(&d, qp, xp->x8 + c0, i0);
+        if (BITS == 4) {
+            decode(t, a1 + c0, b1 + c0, &d);
+            dot(&d, qp, xp->x8 + c0, i1);
+        } else if (BITS == 3) {
+            i1[0] = dot_e81(tab, a1 + c0, xp->q + ch * 8 * CH);
+            i1[1] = dot_e81(tab, a1 + c0 + 32, xp->q + ch * 8 * CH + 256);
+        }
+        for (int h = 0; h < 2; h++) {
+            const float xs = xp->xs[2 * ch + h];
+            float v = (float)i0[h] * xs;
+            v = v * s0;
+            acc = acc + v;
+            if (BITS > 2) {
+                v = (float)i1[h] * xs;
+                v = v * s1;
+                acc = acc + v;
+            }
+        }
+        VQM_MCA_END("avx512.e8p.loop", BITS, 0, 0, 0);
+    }
+    return acc;
+}
+
+static void rows_general(const vqm_e8p_weight *w, const vqm_e8p_tab *tab, const lv_tables *t, const vqm_e8p_xprep *xp,
+                         int64_t r0, int64_t r1, int64_t ch0, const float *bias, float *y, const float *acc0);
+
 static void avx512_rows(const vqm_e8p_weight *w, const vqm_e8p_tab *tab, const vqm_e8p_xprep *xp, int64_t r0,
                         int64_t r1, const float *bias, float *y, int flags)
 {
@@ -187,15 +234,32 @@ static void avx512_rows(const vqm_e8p_weight *w, const vqm_e8p_tab *tab, const v
         vqm_e8p_avx2.rows(w, tab, xp, r0, r1, bias, y, flags);
         return;
     }
-    const int64_t nc = xp->ncodes, ncp = xp->nchunk * CH, nb = xp->batch;
-    const int nstage = w->bits == 2 ? 1 : 2;
     lv_tables t;
     load_tables(tab, &t);
+    if (xp->batch == 1) {
+        const int64_t nfull = xp->k / (8 * CH); /* chunks whose columns all exist: both blocks whole */
+        for (int64_t r = r0; r < r1; r++) {
+            const float acc = w->bits == 2 ? row_b1(w, tab, &t, xp, r, nfull, 2)
+                            : w->bits == 3 ? row_b1(w, tab, &t, xp, r, nfull, 3) : row_b1(w, tab, &t, xp, r, nfull, 4);
+            rows_general(w, tab, &t, xp, r, r + 1, nfull, bias, y, &acc);
+        }
+        return;
+    }
+    rows_general(w, tab, &t, xp, r0, r1, 0, bias, y, NULL);
+}
+
+/* Any batch: chunks [ch0, nchunk) of rows [r0, r1), starting from acc0 (batch 1) or 0. */
+static void rows_general(const vqm_e8p_weight *w, const vqm_e8p_tab *tab, const lv_tables *tl, const vqm_e8p_xprep *xp,
+                         int64_t r0, int64_t r1, int64_t ch0, const float *bias, float *y, const float *acc0)
+{
+    const int64_t nc = xp->ncodes, ncp = xp->nchunk * CH, nb = xp->batch;
+    const int nstage = w->bits == 2 ? 1 : 2;
     uint8_t pad[2][CH];
     e8p_chunk d;
     for (int64_t r = r0; r < r1; r++) {
         float acc[VQM_BATCH_TILE] = { 0 };
-        for (int64_t ch = 0; ch < xp->nchunk; ch++) {
+        if (acc0) acc[0] = *acc0;
+        for (int64_t ch = ch0; ch < xp->nchunk; ch++) {
             const int64_t c0 = ch * CH;
             int32_t isum[2][2][VQM_BATCH_TILE]; /* [stage][block][row] */
             for (int s = 0; s < nstage; s++) {
@@ -207,7 +271,7 @@ static void avx512_rows(const vqm_e8p_weight *w, const vqm_e8p_tab *tab, const v
                             isum[s][h][bi] = dot_e81(tab, ab + 32 * h, xp->q + bi * xp->kpad + ch * 8 * CH + 256 * h);
                     continue;
                 }
-                decode(&t, ab, chunk_bytes(vqm_e8p_plane(w, nc, r, 2 * s + 1), c0, nc, pad[1]), &d);
+                decode(tl, ab, chunk_bytes(vqm_e8p_plane(w, nc, r, 2 * s + 1), c0, nc, pad[1]), &d);
                 for (int64_t bi = 0; bi < nb; bi++) {
                     int32_t two[2];
                     dot(&d, xp->qp + bi * xp->kpad + ch * 8 * CH, xp->x8 + bi * ncp + c0, two);

@@ -1,9 +1,9 @@
 /* aarch64 NEON E8P kernels. Compiled twice: as is (int8 products with SMULL/SMLAL2 + SADALP) -> vqm_e8p_neon, and
  * from e8p_neon_dot.c with VQM_NEON_DOT (SDOT) -> vqm_e8p_neon_dot.
  *
- * int8 activations, E8P stages: chunks of 32 codes as two halves of 16. The abs indices fetch the 16-bit level words
- * with lane loads; the low / high bytes hold the 2-bit levels of coordinates 0-3 / 4-7 (|A4| = 4 L + 2 through one
- * TBL). CNT gives the sign byte's parity and the parity of the level sum (A4's negated coordinate 7), so that
+ * int8 activations, E8P stages: chunks of 32 codes as two halves of 16. The abs indices fetch their 16-bit level
+ * words with scalar loads; the low / high bytes hold the 2-bit levels of coordinates 0-3 / 4-7 (|A4| = 4 L + 2
+ * through one TBL). CNT gives the sign byte's parity and the parity of the level sum (A4's negated coordinate 7), so that
  * c = b' ^ (P_a << 7) holds every coordinate's sign; per coordinate t, TST selects +-x (chunk-ordered activations,
  * prepared negated too) and |A4| * (+-x) accumulates in int32; sigma adds sum_c sigma_c * x8_c. E81B stages load the
  * 8-byte table rows and multiply natural-order activations. Float activations: one code at a time (A4 row XOR the
@@ -21,6 +21,8 @@
 #endif
 #include <arm_neon.h>
 
+#define INLINE static inline __attribute__((always_inline))
+
 static int neon_plan(const vqm_e8p_weight *w, int flags, int *chunk)
 {
     (void)w;
@@ -29,7 +31,7 @@ static int neon_plan(const vqm_e8p_weight *w, int flags, int *chunk)
 }
 
 /* acc + sum of 16 products a * x (|a| small enough that pairs fit int16) */
-static inline int32x4_t dot16(int32x4_t acc, int8x16_t a, int8x16_t x)
+INLINE int32x4_t dot16(int32x4_t acc, int8x16_t a, int8x16_t x)
 {
 #ifdef VQM_NEON_DOT
     return vdotq_s32(acc, a, x);
@@ -58,9 +60,12 @@ typedef struct {
     int16x8_t sig_lo, sig_hi;
 } e8p_half;
 
-static inline void decode_half(const vqm_e8p_tab *tab, const uint8_t *ab, const uint8_t *sb, e8p_half *d)
+INLINE void decode_half(const vqm_e8p_tab *tab, const uint8_t *ab, const uint8_t *sb, e8p_half *d)
 {
+    /* the level words of 16 abs indices: scalar table loads (a 256-entry TBL/TBX lookup is slower on the modelled
+     * cores: `vqmobile bench cost`) */
     uint16_t w16[16];
+#pragma GCC unroll 16
     for (int i = 0; i < 16; i++) w16[i] = (uint16_t)tab->lv[ab[i]];
     const uint16x8_t w0 = vld1q_u16(w16), w1 = vld1q_u16(w16 + 8);
     const uint8x16_t lo = vcombine_u8(vmovn_u16(w0), vmovn_u16(w1));
@@ -72,6 +77,7 @@ static inline void decode_half(const vqm_e8p_tab *tab, const uint8_t *ab, const 
     d->c = veorq_u8(veorq_u8(b, par), vshlq_n_u8(pa, 7));
     static const uint8_t lut[16] = { 2, 6, 10, 14 };
     const uint8x16_t alut = vld1q_u8(lut), three = vdupq_n_u8(3);
+#pragma GCC unroll 8
     for (int t = 0; t < 8; t++) {
         const uint8x16_t src = t < 4 ? lo : hi;
         const uint8x16_t l = vandq_u8(vshlq_u8(src, vdupq_n_s8((int8_t)(-2 * (t & 3)))), three);
@@ -84,9 +90,10 @@ static inline void decode_half(const vqm_e8p_tab *tab, const uint8_t *ab, const 
 }
 
 /* sum over a half chunk of w4 * q: qp/nq chunk-ordered (position t * 32 + c), x8 the codes' q sums */
-static inline int32x4_t dot_half(int32x4_t acc, const e8p_half *d, const int8_t *qp, const int8_t *nq,
+INLINE int32x4_t dot_half(int32x4_t acc, const e8p_half *d, const int8_t *qp, const int8_t *nq,
                                  const int16_t *x8)
 {
+#pragma GCC unroll 8
     for (int t = 0; t < 8; t++) {
         const uint8x16_t neg = vtstq_u8(d->c, vdupq_n_u8((uint8_t)(1u << t)));
         const int8x16_t x = vbslq_s8(neg, vld1q_s8(nq + t * VQM_E8P_CHUNK), vld1q_s8(qp + t * VQM_E8P_CHUNK));
@@ -99,8 +106,9 @@ static inline int32x4_t dot_half(int32x4_t acc, const e8p_half *d, const int8_t 
     return vmlal_high_s16(acc, d->sig_hi, x1);
 }
 
-static inline int32x4_t dot_e81(int32x4_t acc, const vqm_e8p_tab *tab, const uint8_t *ib, const int8_t *q)
+INLINE int32x4_t dot_e81(int32x4_t acc, const vqm_e8p_tab *tab, const uint8_t *ib, const int8_t *q)
 {
+#pragma GCC unroll 16
     for (int c = 0; c < VQM_E8P_CHUNK; c += 2) {
         const int8x16_t e = vcombine_s8(vld1_s8(tab->e81[ib[c]]), vld1_s8(tab->e81[ib[c + 1]]));
         acc = dot16(acc, e, vld1q_s8(q + 8 * c));
@@ -132,17 +140,81 @@ static float fdot(const vqm_e8p_tab *tab, const uint8_t *p0, const uint8_t *p1, 
     return vaddvq_f32(vaddq_f32(a0, a1)) + sig;
 }
 
+/* Batch 1, int8 activations, the full chunks of row r: straight-line chunk bodies (BITS a compile-time constant),
+ * the reference's finish per chunk. */
+static inline __attribute__((always_inline)) float
+row_b1(const vqm_e8p_weight *w, const vqm_e8p_tab *tab, const vqm_e8p_xprep *xp, int64_t r, int64_t nfull,
+       const int BITS)
+{
+    const int64_t nc = xp->ncodes;
+    const uint8_t *a0 = vqm_e8p_plane(w, nc, r, 0), *b0 = vqm_e8p_plane(w, nc, r, 1);
+    const uint8_t *a1 = BITS > 2 ? vqm_e8p_plane(w, nc, r, 2) : NULL, *b1 = BITS == 4 ? vqm_e8p_plane(w, nc, r, 3) : NULL;
+    const float s0 = w->scales[0], s1 = BITS > 2 ? w->scales[1] : 0.0f;
+    float acc = 0.0f;
+    e8p_half d0, d1;
+    for (int64_t ch = 0; ch < nfull; ch++) {
+        VQM_MCA_BEGIN("neon.e8p.loop", BITS, 0, 0, 0);
+        const int64_t c0 = ch * VQM_E8P_CHUNK;
+        const int8_t *qp = xp->qp + ch * 256, *nq = xp->nq + ch * 256;
+        const int16_t *x8 = xp->x8 + c0;
+        decode_half(tab, a0 + c0, b0 + c0, &d0);
+        decode_half(tab, a0 + c0 + 16, b0 + c0 + 16, &d1);
+        const int32_t i0 = vaddvq_s32(dot_half(dot_half(vdupq_n_s32(0), &d0, qp, nq, x8), &d1, qp + 16, nq + 16,
+                                               x8 + 16));
+        int32_t i1 = 0;
+        if (BITS == 4) {
+            decode_half(tab, a1 + c0, b1 + c0, &d0);
+            decode_half(tab, a1 + c0 + 16, b1 + c0 + 16, &d1);
+            i1 = vaddvq_s32(dot_half(dot_half(vdupq_n_s32(0), &d0, qp, nq, x8), &d1, qp + 16, nq + 16, x8 + 16));
+        } else if (BITS == 3) {
+            i1 = vaddvq_s32(dot_e81(vdupq_n_s32(0), tab, a1 + c0, xp->q + ch * 256));
+        }
+        const float xs = xp->xs[ch];
+        float v = (float)i0 * xs;
+        v = v * s0;
+        acc = acc + v;
+        if (BITS > 2) {
+            v = (float)i1 * xs;
+            v = v * s1;
+            acc = acc + v;
+        }
+        VQM_MCA_END("neon.e8p.loop", BITS, 0, 0, 0);
+    }
+    return acc;
+}
+
+static void neon_rows_general(const vqm_e8p_weight *w, const vqm_e8p_tab *tab, const vqm_e8p_xprep *xp, int64_t r0,
+                              int64_t r1, int64_t ch0, const float *acc0, const float *bias, float *y, int flags);
+
 static void neon_rows(const vqm_e8p_weight *w, const vqm_e8p_tab *tab, const vqm_e8p_xprep *xp, int64_t r0,
                       int64_t r1, const float *bias, float *y, int flags)
+{
+    if (xp->batch == 1 && (flags & VQM_ACT_INT8)) {
+        const int64_t nfull = xp->ncodes / VQM_E8P_CHUNK;
+        for (int64_t r = r0; r < r1; r++) {
+            const float acc = w->bits == 2 ? row_b1(w, tab, xp, r, nfull, 2)
+                            : w->bits == 3 ? row_b1(w, tab, xp, r, nfull, 3) : row_b1(w, tab, xp, r, nfull, 4);
+            neon_rows_general(w, tab, xp, r, r + 1, nfull, &acc, bias, y, flags);
+        }
+        return;
+    }
+    neon_rows_general(w, tab, xp, r0, r1, 0, NULL, bias, y, flags);
+}
+
+/* Any batch: chunks [ch0, nchunk) of rows [r0, r1), starting from acc0 (batch 1) or 0. */
+static void neon_rows_general(const vqm_e8p_weight *w, const vqm_e8p_tab *tab, const vqm_e8p_xprep *xp, int64_t r0,
+                              int64_t r1, int64_t ch0, const float *acc0, const float *bias, float *y, int flags)
 {
     const int64_t nc = xp->ncodes, ncp = xp->nchunk * VQM_E8P_CHUNK, nb = xp->batch;
     const int nstage = w->bits == 2 ? 1 : 2;
     const int int8 = (flags & VQM_ACT_INT8) != 0;
     uint8_t pad[2][VQM_E8P_CHUNK];
     e8p_half d[2];
+    memset(d, 0, sizeof d); /* decoded before use; the compiler cannot see it through the stage switch */
     for (int64_t r = r0; r < r1; r++) {
         float acc[VQM_BATCH_TILE] = { 0 };
-        for (int64_t ch = 0; ch < xp->nchunk; ch++) {
+        if (acc0) acc[0] = *acc0;
+        for (int64_t ch = ch0; ch < xp->nchunk; ch++) {
             const int64_t c0 = ch * VQM_E8P_CHUNK;
             for (int s = 0; s < nstage; s++) {
                 const int e81 = s == 1 && w->bits == 3;
