@@ -96,38 +96,73 @@ def export_torchao_baseline(checkpoint: str | Path, out: str | Path, max_seq: in
     return {"bytes": len(prog.buffer), **program_summary(prog)}
 
 
+def export_without_transforms(checkpoint: str | Path, out: str | Path, max_seq: int, activations: str = "float"
+                              ) -> dict:
+    """Write the .pte of a checkpoint whose incoherent layers run their inner weight alone: the same program minus
+    the online Hadamard transforms (wrong outputs, the same work otherwise), to time what the transforms cost."""
+    from vqmobile.checkpoint import load
+    from vqmobile.layers import QuantLinear, set_activations
+
+    from .executorch_export import export_program, lower_to_executorch, program_summary
+
+    model = load(checkpoint).model
+    stripped = 0
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear) and mod.qweight.kind == "incoherent":
+            mod.qweight = mod.qweight.inner
+            stripped += 1
+    if not stripped:
+        raise UserError(f"{checkpoint} has no incoherent layers: there are no transforms to leave out")
+    set_activations(model, activations)
+    prog = lower_to_executorch(export_program(model, max_seq))
+    Path(out).write_bytes(prog.buffer)
+    return {"bytes": len(prog.buffer), "layers_without_transforms": stripped, **program_summary(prog)}
+
+
 ENGINES = ("python", "runner")
+BASELINES = {"torchao": "torchao_8da4w_g32", "no-transforms": "vqmobile_no_transforms"}
 
 
 def bench_decode(bundle: str, *, baseline_pte: str | None = None, prompt: str = "Once upon a time, there was",
                  new_tokens: int = 64, repeats: int = 3, threads: int | None = None, engine: str = "python",
-                 progress=print) -> dict:
-    """Decode tokens/s of the bundle's .pte versus the torchao 8da4w g32 XNNPACK .pte of the same model.
+                 baseline: str = "torchao", progress=print) -> dict:
+    """Decode tokens/s of the bundle's .pte versus a baseline program: the torchao 8da4w g32 XNNPACK .pte of the same
+    model (baseline 'torchao'), or the bundle's own model without the online Hadamard transforms of its incoherent
+    layers ('no-transforms': what those transforms cost).
 
     baseline_pte: where the baseline program is (re)used; exported there first when it does not exist
-    (default: baseline_8da4w_g32.pte beside the bundle). threads: kernel and XNNPACK threads (default: all).
+    (default: beside the bundle). threads: kernel and XNNPACK threads (default: all).
     engine: 'python' drives both programs from the ExecuTorch Python runtime; 'runner' runs each in the C++
     benchmark runner (android_demo/runner, built for the host), one process per repeat, without Python's overhead."""
     if engine not in ENGINES:
         raise UserError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
+    if baseline not in BASELINES:
+        raise UserError(f"unknown baseline {baseline!r}: use one of {', '.join(BASELINES)}")
     from vqmobile import kernels
 
     b = open_bundle(bundle)
     if b.pte is None:
         raise ValueError("the bundle has no ExecuTorch program")
-    base_path = Path(baseline_pte) if baseline_pte else b.path.parent / f"{b.path.name}.baseline_8da4w_g32.pte"
+    base_name = BASELINES[baseline]
+    suffix = "baseline_8da4w_g32" if baseline == "torchao" else "no_transforms"
+    base_path = Path(baseline_pte) if baseline_pte else b.path.parent / f"{b.path.name}.{suffix}.pte"
     base_info = None
     if not base_path.is_file():
-        if progress:
-            progress(f"exporting the torchao 8da4w g32 XNNPACK baseline to {base_path} ...")
-        base_info = export_torchao_baseline(b.path / CHECKPOINT_DIR, base_path, b.max_seq)
+        if baseline == "torchao":
+            if progress:
+                progress(f"exporting the torchao 8da4w g32 XNNPACK baseline to {base_path} ...")
+            base_info = export_torchao_baseline(b.path / CHECKPOINT_DIR, base_path, b.max_seq)
+        else:
+            if progress:
+                progress(f"exporting the program without its online transforms to {base_path} ...")
+            base_info = export_without_transforms(b.path / CHECKPOINT_DIR, base_path, b.max_seq, b.activations)
     tok = b.tokenizer()
     ids = tok(prompt, return_tensors="pt").input_ids[0]
     budget = min(new_tokens, b.max_seq - ids.numel())
     if engine == "runner":
         runner = build_runner(host_target(), progress=progress)
         programs = {"vqmobile": _runner_decode(runner, b.pte, ids, budget, threads),
-                    "torchao_8da4w_g32": _runner_decode(runner, base_path, ids, budget, threads)}
+                    base_name: _runner_decode(runner, base_path, ids, budget, threads)}
         thread_info: dict = {"runner": threads or "all"}
     else:
         pl = portable_lib()
@@ -145,7 +180,7 @@ def bench_decode(bundle: str, *, baseline_pte: str | None = None, prompt: str = 
                 return res["tokens_per_s"], res["new_tokens"]
             return run
 
-        programs = {"vqmobile": python_decode(ours), "torchao_8da4w_g32": python_decode(base)}
+        programs = {"vqmobile": python_decode(ours), base_name: python_decode(base)}
         thread_info = {"vqmobile_kernels": adapter_threads(), "xnnpack": pl._threadpool_get_thread_count()}
     runs: dict[str, list[float]] = {name: [] for name in programs}
     tokens = {}
@@ -157,15 +192,16 @@ def bench_decode(bundle: str, *, baseline_pte: str | None = None, prompt: str = 
                 tps, tokens[name] = run()
                 runs[name].append(tps)
     med = {k: statistics.median(v) for k, v in runs.items()}
-    agree = sum(a == c for a, c in zip(tokens["vqmobile"], tokens["torchao_8da4w_g32"]))
+    agree = sum(a == c for a, c in zip(tokens["vqmobile"], tokens[base_name]))
     return {
         "bundle": str(b.path), "baseline_pte": str(base_path), "baseline_export": base_info,
-        "pte_bytes": {"vqmobile": b.pte.stat().st_size, "torchao_8da4w_g32": base_path.stat().st_size},
+        "baseline": baseline, "baseline_name": base_name,
+        "pte_bytes": {"vqmobile": b.pte.stat().st_size, base_name: base_path.stat().st_size},
         "bits_per_weight": b.manifest.get("bits_per_weight"), "prompt_tokens": int(ids.numel()),
         "decode_tokens": budget, "repeats": repeats,
         "engine": engine, "threads": thread_info,
         "tokens_per_s": runs, "median_tokens_per_s": med,
-        "speedup": med["vqmobile"] / med["torchao_8da4w_g32"],
+        "speedup": med["vqmobile"] / med[base_name],
         "greedy_token_agreement": agree / max(1, budget),
         "machine": _machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -370,3 +370,8 @@ def test_full_bundle_of_quip_passes_check(quip2, tmp_path):
     assert res["pte"]["custom_ops"]["vqmobile.hadamard.out"] == 5 * (5 + 9) and not res["warnings"]
     ok, table, _ = ve.check_bundle(str(out), windows=2, progress=None)
     assert ok, table
+    # what the online transforms cost: the same program without them, timed in the same run
+    r = ve.bench_decode(str(out), baseline="no-transforms", new_tokens=4, repeats=1, threads=1, progress=None)
+    info = r["baseline_export"]
+    assert info["layers_without_transforms"] == 35 and "vqmobile.hadamard.out" not in info["custom_ops"]
+    assert info["custom_ops"]["vqmobile.e8p_linear.out"] == 35 and r["speedup"] > 0

@@ -140,11 +140,12 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
     from .export import bench_decode
 
     r = bench_decode(args.bundle, new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads,
-                     engine=args.engine, progress=None if args.quiet else print)
+                     engine=args.engine, baseline=args.baseline, progress=None if args.quiet else print)
     print(f"{'program':24s} {'tokens/s':>9s} {'pte MB':>8s}")
     for name, tps in r["median_tokens_per_s"].items():
         print(f"{name:24s} {tps:9.2f} {r['pte_bytes'][name] / 1e6:8.1f}")
-    print(f"speedup vqmobile / torchao 8da4w g32: {r['speedup']:.3f}x (median of {r['repeats']}, "
+    base = r["baseline_name"].replace("_", " ")
+    print(f"speedup vqmobile / {base}: {r['speedup']:.3f}x (median of {r['repeats']}, "
           f"{r['decode_tokens']} decode tokens, engine {r['engine']}, threads {r['threads']})")
     atomic.write_json(args.json, r)
     print(f"wrote {args.json}")
@@ -233,6 +234,9 @@ def make_parser() -> argparse.ArgumentParser:
     bp.add_argument("--threads", type=int, default=None)
     bp.add_argument("--engine", default="python",  # bench_decode validates it against its ENGINES
                     help="python: the ExecuTorch Python runtime; runner: the C++ benchmark runner (android_demo)")
+    bp.add_argument("--baseline", default="torchao",  # bench_decode validates it against its BASELINES
+                    help="torchao: the same model with torchao 8da4w g32 + XNNPACK (default); no-transforms: this "
+                         "bundle's program without the online Hadamard transforms of its incoherent layers")
     bp.add_argument("--json", default="bench_results/decode.json")
     bp.set_defaults(func=cmd_bench_decode)
     return parser

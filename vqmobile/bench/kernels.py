@@ -179,7 +179,8 @@ def _ours_e8p(name, cfg, n, k, stack_bytes, rng, x):
                 keep.append((signs, had))
                 transforms.append((flag, ffi.cast("const float *", src.ctypes.data + 4 * off),
                                    ffi.cast("float *", dst.ctypes.data + 4 * off), mm, pp,
-                                   ffi.cast("const int8_t *", had.ctypes.data), ffi.cast("const uint8_t *", signs.ctypes.data)))
+                                   ffi.cast("const int8_t *", had.ctypes.data),
+                                   ffi.cast("const uint8_t *", signs.ctypes.data)))
                 off += mm * pp
         xp = ffi.cast("const float *", xt.ctypes.data)
         yp = ffi.cast("float *", yt.ctypes.data)

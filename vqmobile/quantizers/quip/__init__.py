@@ -1,11 +1,12 @@
 """QuIP# (Tseng, Chee, Sun, Kuleshov, De Sa, ICML 2024): incoherence processing, the E8P lattice codebook, BlockLDLQ
 and residual stages, without the paper's fine-tuning.
 
-A layer is rotated (quantizers/incoherence.py, on by default for this method), scaled so that its entries have the RMS
-the codebook is tuned for, then quantized 8 columns at a time by GPTQ's column pass (quantizers/columnpass.py: with d = 8
-over a fixed codebook it is BlockLDLQ), each 8-vector rounded to its nearest E8P point (quantizers/quip/lattice.py,
-exact, weighted by the column's Hessian weight 1 / U_pp^2 like GPTVQ's search). 3 and 4 bits quantize the residual of
-that point, times `resid_scale`, with a second codebook (1-bit E8 for 3 bits, E8P again for 4) before the error feedback.
+A layer is rotated (quantizers/incoherence.py, on by default for this method), scaled so that its entries have the
+RMS the codebook is tuned for, then quantized 8 columns at a time by GPTQ's column pass (quantizers/columnpass.py: with
+d = 8 over a fixed codebook it is BlockLDLQ), each 8-vector rounded to its nearest E8P point
+(quantizers/quip/lattice.py, exact, weighted by the column's Hessian weight 1 / U_pp^2 like GPTVQ's search). 3 and 4
+bits quantize the residual of that point, times `resid_scale`, with a second codebook (1-bit E8 for 3 bits, E8P again
+for 4) before the error feedback.
 
 Bits per weight (stored, every overhead included): 2, 3 or 4 per weight + one fp32 scale per stage + the sign vectors
 of the incoherence transforms (1 bit per row and per column): 2.0035 bpw for a 576 x 576 layer.
