@@ -48,6 +48,7 @@ from .runtime.build import build_runner, cache_root, host_target
 
 ENGINES = ("runner", "python")
 OURS, BASELINE = "vqmobile", "torchao 8da4w g32"
+BARE = "vqmobile no transforms"  # the bundle's model without its online Hadamard transforms
 PEER_PREFIX = "llama.cpp "
 GROUP = 32
 # the prompt's text, repeated until it gives P tokens
@@ -120,6 +121,29 @@ def export_torchao_baseline(checkpoint: str | Path, out: str | Path, max_seq: in
     tmp.write_bytes(prog.buffer)
     os.replace(tmp, out)
     return {"bytes": len(prog.buffer), **program_summary(prog)}
+
+
+def export_without_transforms(checkpoint: str | Path, out: str | Path, max_seq: int, activations: str = "float"
+                              ) -> dict:
+    """Write the .pte of a checkpoint whose incoherent layers run their inner weight alone: the same program minus
+    the online Hadamard transforms (wrong outputs, the same work otherwise), to time what the transforms cost."""
+    from vqmobile.checkpoint import load
+    from vqmobile.layers import QuantLinear, set_activations
+
+    from .executorch_export import export_program, lower_to_executorch, program_summary
+
+    model = load(checkpoint).model
+    stripped = 0
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear) and mod.qweight.kind == "incoherent":
+            mod.qweight = mod.qweight.inner
+            stripped += 1
+    if not stripped:
+        raise UserError(f"{checkpoint} has no incoherent layers: there are no transforms to leave out")
+    set_activations(model, activations)
+    prog = lower_to_executorch(export_program(model, max_seq))
+    Path(out).write_bytes(prog.buffer)
+    return {"bytes": len(prog.buffer), "layers_without_transforms": stripped, **program_summary(prog)}
 
 
 @dataclass
@@ -314,12 +338,15 @@ def _summarize(c: Contender, threads: int, runs: list[dict]) -> dict:
 
 def bench_decode(bundle: str, *, baseline_pte: str | None = None, prompt_tokens: int = 64, new_tokens: int = 64,
                  repeats: int = 3, threads: tuple[int, ...] | list[int] = (1, 2), engine: str = "runner",
-                 gguf_kinds=None, source: str | None = None, progress=print) -> dict:
+                 gguf_kinds=None, source: str | None = None, without_transforms: bool = False,
+                 progress=print) -> dict:
     """Race the bundle's .pte against the torchao 8da4w g32 .pte and llama.cpp GGUFs of the same model.
 
     baseline_pte: the baseline program to (re)use, exported there first when missing (default: the cache,
     baseline_cache_path). gguf_kinds: llama.cpp quantizations (default Q4_0 and Q4_K_M; empty: none).
     source: the float model the llama.cpp GGUFs are made from (default: the checkpoint's recorded source).
+    without_transforms: also time the bundle's model without the online Hadamard transforms of its incoherent layers
+    (exported beside the bundle once), which says what the transforms cost.
     Returns the record that the CLI prints as a table and may write as JSON."""
     from tqdm import tqdm
 
@@ -353,6 +380,10 @@ def bench_decode(bundle: str, *, baseline_pte: str | None = None, prompt_tokens:
     if not base_path.is_file():
         say(f"exporting the torchao 8da4w g{GROUP} XNNPACK baseline to {base_path} ...")
         base_info = export_torchao_baseline(b.path / CHECKPOINT_DIR, base_path, b.max_seq)
+    bare_path = b.path.parent / f"{b.path.name}.no_transforms.pte"
+    if without_transforms and not bare_path.is_file():
+        say(f"exporting the program without its online transforms to {bare_path} ...")
+        export_without_transforms(b.path / CHECKPOINT_DIR, bare_path, b.max_seq, b.activations)
     tok = b.tokenizer()
     ids = prompt_ids(tok, prompt_tokens)
     manifest = json.loads((b.path / CHECKPOINT_DIR / MANIFEST).read_text())
@@ -364,11 +395,16 @@ def bench_decode(bundle: str, *, baseline_pte: str | None = None, prompt_tokens:
         runner = build_runner(host_target(), progress=progress)
         contenders = [_runner_contender(OURS, runner, b.pte, ids, new_tokens, ours_bits),
                       _runner_contender(BASELINE, runner, base_path, ids, new_tokens, base_bits)]
+        if without_transforms:
+            contenders.append(_runner_contender(BARE, runner, bare_path, ids, new_tokens, ours_bits))
         adapter_path = None  # read from the runner's output below
     else:
         contenders = [_python_contender(OURS, ETDecoder(b.pte, b.host_library()), ids, new_tokens, b.max_seq,
                                         ours_bits),
                       _python_contender(BASELINE, ETDecoder(base_path, None), ids, new_tokens, b.max_seq, base_bits)]
+        if without_transforms:
+            contenders.append(_python_contender(BARE, ETDecoder(bare_path, b.host_library()), ids, new_tokens,
+                                                b.max_seq, ours_bits))
         adapter_path = _adapter_kernel_path(b.host_library())
     peers, peer_info = _llamacpp_contenders(source, gguf_kinds, tok, ids, new_tokens, progress)
     if "skipped" in peer_info:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from vqmobile import ops
+from vqmobile.ops.hadamard import share_transforms
 
 from .model import StaticDecoder
 
@@ -43,7 +44,9 @@ def export_program(hf_model: torch.nn.Module, max_seq: int, *, decompose: bool =
     example = (torch.zeros(1, 2, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
     ctx = ops.decomposed() if decompose else contextlib.nullcontext()
     with ctx, torch.no_grad():
-        return torch.export.export(module, example, dynamic_shapes=({1: seq}, None), strict=False)
+        ep = torch.export.export(module, example, dynamic_shapes=({1: seq}, None), strict=False)
+    share_transforms(ep.graph_module)  # incoherent linears reading one input share its Hadamard transform
+    return ep
 
 
 def lower_to_executorch(ep: torch.export.ExportedProgram, partitioners: list | None = None):

@@ -5,6 +5,8 @@ every quantized linear as one node of the custom domain ``vqmobile``:
         attributes n, k, d, rows_per_block, cols_per_block, bits (index bits)
     vqmobile.IntLinear(x, codes uint8, scales fp16, zeros uint8, bias float) -> y
         attributes n, k, bits, group  (symmetric weights get zeros = 2^(bits-1) as a [1, groups] constant)
+    vqmobile.E8PLinear2 / 3 / 4(x, codes uint8, scales float, bias float) -> y   attributes n, k (QuIP#)
+    vqmobile.Hadamard / HadamardT(x, signs uint8, had int8) -> y   attributes m, p (incoherent weights)
 
 The packed tensors are the node's initializers, so the file keeps the weights compressed. The semantics of both ops
 are given by ONNX model-local functions (BitShift / Gather / Reshape / MatMul ...), so stock onnxruntime runs the
@@ -77,9 +79,23 @@ def _register_symbolics() -> None:
         y = g.op("MatMul", x, g.op("Transpose", weight, perm_i=[1, 0]))
         return y if sh._is_none(bias) else g.op("Add", y, bias)
 
+    @sh.parse_args("v", "v", "v", "v", "i", "i", "b")
+    def e8p_linear(g, x, codes, scales, bias, n, k, act_int8):
+        _float_activations(act_int8)
+        bits = int(sh._get_tensor_sizes(codes)[1])
+        return _typed(g.op(f"{DOMAIN}::E8PLinear{bits}", x, codes, scales, _bias(g, bias, n), n_i=n, k_i=k), x, n)
+
+    @sh.parse_args("v", "v", "v", "i", "i", "b")
+    def hadamard(g, x, signs, had, m, p, transpose):
+        y = g.op(f"{DOMAIN}::{'HadamardT' if transpose else 'Hadamard'}", x, signs, had, m_i=m, p_i=p)
+        y.setType(x.type())
+        return y
+
     register_custom_op_symbolic(f"{DOMAIN}::dense_linear", dense_linear, OPSET)
     register_custom_op_symbolic(f"{DOMAIN}::vq_linear", vq_linear, OPSET)
     register_custom_op_symbolic(f"{DOMAIN}::int_linear", int_linear, OPSET)
+    register_custom_op_symbolic(f"{DOMAIN}::e8p_linear", e8p_linear, OPSET)
+    register_custom_op_symbolic(f"{DOMAIN}::hadamard", hadamard, OPSET)
     _registered = True
 
 
@@ -197,13 +213,80 @@ def int_function():
         [helper.make_opsetid("", OPSET)], attributes=["n", "k", "bits", "group"])
 
 
+def e8p_function(bits: int):
+    """vqmobile.E8PLinear{bits}(x, codes uint8 [n, bits, V], scales float [stages], bias) -> y, attributes n, k: the
+    stage integers decoded by Gather from the E8P / E81B tables (constants of the body, vqmobile/formats/e8p.py)."""
+    from onnx import helper
+
+    from vqmobile.formats import e8p
+
+    b = _Body("e8p")
+    k = b.attr_int("k")
+    signs, sigma = e8p.sign_tables()
+    a4 = b.const(e8p.abs4_table().numpy(), "float32", "a4")
+    sgn = b.const(signs.numpy(), "float32", "sgn")
+    sig = b.const(sigma.numpy(), "float32", "sigma")
+    e81 = b.const(e8p.e81_table().numpy(), "float32", "e81")
+    flat = b.const([0, -1], "int64")
+    w, plane = None, 0
+    for s, kind in enumerate(e8p.stage_kinds(bits)):
+        def idx(i):
+            return b.op("Cast", b.op("Gather", "codes", b.const(i, "int64"), axis=1), to=7)  # int64 [n, V]
+        if kind == "e8p":
+            a, sb = idx(plane), idx(plane + 1)
+            plane += 2
+            vals = b.op("Add", b.op("Mul", b.op("Gather", a4, a, axis=0), b.op("Gather", sgn, sb, axis=0)),
+                        b.op("Unsqueeze", b.op("Gather", sig, sb, axis=0), b.const([-1], "int64")))
+        else:
+            vals = b.op("Gather", e81, idx(plane), axis=0)
+            plane += 1
+        vals = b.op("Slice", b.op("Reshape", vals, flat), b.const([0], "int64"), b.unsqueeze0(k),
+                    b.const([1], "int64"))  # [n, k]
+        part = b.op("Mul", vals, b.op("Gather", "scales", b.const(s, "int64"), axis=0))
+        w = part if w is None else b.op("Add", w, part)
+    _linear_tail(b, "x", w, "bias")
+    return helper.make_function(DOMAIN, f"E8PLinear{bits}", ["x", "codes", "scales", "bias"], ["y"], b.nodes,
+                                [helper.make_opsetid("", OPSET)], attributes=["n", "k"])
+
+
+def hadamard_function(transpose: bool):
+    """vqmobile.Hadamard / HadamardT(x, signs uint8, had int8 [m, m]) -> y, attributes m, p: one block of the random
+    Hadamard transform (vqmobile/ops/hadamard.py); H_p is built in the body as (-1)^popcount(i & j)."""
+    from onnx import helper
+
+    b = _Body("had")
+    m, p = b.attr_int("m"), b.attr_int("p")
+    one, zero = b.const(1, "int64"), b.const(0, "int64")
+    n = b.op("Mul", m, p)
+    s = b.op("Sub", b.const(1.0, "float32"),
+             b.op("Mul", b.const(2.0, "float32"),
+                  b.op("Reshape", b.unpack(b.unsqueeze0("signs"), n, one), b.const([-1], "int64"))))  # +-1 [n]
+    x = "x" if transpose else b.op("Mul", "x", s)
+    r = b.op("Cast", b.op("Range", zero, p, one), to=13)  # uint64
+    v = b.op("BitwiseAnd", b.op("Unsqueeze", r, b.const([1], "int64")), b.op("Unsqueeze", r, b.const([0], "int64")))
+    for sh in (8, 4, 2, 1):  # p <= 65536: 16 bits fold to their parity
+        v = b.op("BitwiseXor", v, b.op("BitShift", v, b.const(sh, "uint64"), direction="RIGHT"))
+    v = b.op("BitwiseXor", v, b.op("BitShift", v, b.const(16, "uint64"), direction="RIGHT"))
+    hp = b.op("Sub", b.const(1.0, "float32"),
+              b.op("Mul", b.const(2.0, "float32"), b.op("Cast", b.op("BitwiseAnd", v, b.const(1, "uint64")), to=1)))
+    xr = b.op("Reshape", x, b.op("Concat", b.const([-1], "int64"), b.unsqueeze0(m), b.unsqueeze0(p), axis=0))
+    hm = b.op("Cast", "had", to=1)
+    y = b.op("MatMul", hm if not transpose else b.op("Transpose", hm, perm=[1, 0]), b.op("MatMul", xr, hp))
+    y = b.op("Div", b.op("Reshape", y, b.op("Shape", "x")), b.op("Sqrt", b.op("Cast", n, to=1)))
+    b.nodes.append(helper.make_node("Mul" if transpose else "Identity", [y, s] if transpose else [y], ["y"]))
+    return helper.make_function(DOMAIN, "HadamardT" if transpose else "Hadamard", ["x", "signs", "had"], ["y"],
+                                b.nodes, [helper.make_opsetid("", OPSET)], attributes=["m", "p"])
+
+
 def attach_functions(model) -> None:
     """Add the model-local functions for the vqmobile nodes the graph uses, the domain import and IR version."""
     from onnx import helper
 
     used = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
     have = {(f.domain, f.name) for f in model.functions}
-    for fn in (vq_function(), int_function()):
+    extra = [e8p_function(bits) for bits in (2, 3, 4) if f"E8PLinear{bits}" in used]
+    extra += [hadamard_function(t) for t in (False, True) if ("HadamardT" if t else "Hadamard") in used]
+    for fn in (vq_function(), int_function(), *extra):
         if fn.name in used and (fn.domain, fn.name) not in have:
             model.functions.append(fn)
     if not any(o.domain == DOMAIN for o in model.opset_import):

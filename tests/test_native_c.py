@@ -39,6 +39,8 @@ def test_c_unit_tests_native(tmp_path):
     out = _run([f"{build}/vqm_test"])
     assert "SIMD kernel configurations exercised" in out and "SIMDe" not in out
     print(out.splitlines()[0])
+    out = _run([f"{build}/vqm_test_quip"])  # QuIP#: Hadamard transform, E8P
+    assert "SIMD kernel configurations exercised" in out
 
 
 def test_c_unit_tests_asan_ubsan(tmp_path):
@@ -51,14 +53,17 @@ def test_c_unit_tests_asan_ubsan(tmp_path):
             pytest.skip(f"sanitizer runtime not available: {e.stderr[-300:]}")
         raise
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1", UBSAN_OPTIONS="print_stacktrace=1")
-    p = subprocess.run([f"{build}/vqm_test", "--quick"], capture_output=True, text=True, timeout=300, env=env)
-    assert p.returncode == 0 and "0 failures" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+    for binary in ("vqm_test", "vqm_test_quip"):
+        p = subprocess.run([f"{build}/{binary}", "--quick"], capture_output=True, text=True, timeout=300, env=env)
+        assert p.returncode == 0 and "0 failures" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
 
 
 def test_c_unit_tests_avx512_through_simde(simde_build):
     """The AVX-512 kernels compiled against SIMDe: the same C tests, on any x86-64 CPU."""
     out = _run([f"{simde_build}/vqm_test"])
     assert out.splitlines()[0].startswith("paths: ref avx2 avx512") and "avx512 runs through SIMDe" in out, out[:300]
+    out = _run([f"{simde_build}/vqm_test_quip"])  # the AVX-512 Hadamard transform
+    assert out.splitlines()[0].startswith("paths: ref avx2 avx512"), out[:300]
 
 
 @pytest.fixture(scope="module")
@@ -75,5 +80,6 @@ def aarch64_build(tmp_path_factory):
 @pytest.mark.parametrize("cpu,paths", [("max", "ref neon neon_dot"), ("cortex-a72", "ref neon (")],
                          ids=["dotprod", "no-dotprod"])
 def test_c_unit_tests_aarch64_qemu(aarch64_build, cpu, paths):
-    out = _run(["qemu-aarch64", "-L", QEMU_SYSROOT, "-cpu", cpu, f"{aarch64_build}/vqm_test"])
-    assert f"paths: {paths}" in out, out.splitlines()[0]
+    for binary in ("vqm_test", "vqm_test_quip"):
+        out = _run(["qemu-aarch64", "-L", QEMU_SYSROOT, "-cpu", cpu, f"{aarch64_build}/{binary}"])
+        assert f"paths: {paths}" in out, out.splitlines()[0]

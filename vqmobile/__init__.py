@@ -4,7 +4,8 @@
     result = vqmobile.quantize("smollm2", vqmobile.GPTQConfig(bits=4, group=128), "out/smollm2-gptq4")
     model = vqmobile.load("out/smollm2-gptq4")
 
-Configs are dataclasses (RTNConfig, GPTQConfig, GPTVQConfig; GPTVQConfig.from_target(bpv=..., preset=...)); `quantize_(model, config, calibration_ids)` quantizes
+Configs are dataclasses (RTNConfig, GPTQConfig, GPTVQConfig, QuIPConfig; GPTVQConfig.from_target(bpv=..., preset=...);
+every one takes incoherence="hadamard"); `quantize_(model, config, calibration_ids)` quantizes
 an in-memory model in place with the same layer-wise pipeline; `set_activations(model, "int8")` runs its quantized
 linears with the kernels' int8 activations.
 """
@@ -26,7 +27,7 @@ _EXPORTS = {
     "load_model": (".model", "load_model"), "prepare_model": (".model", "prepare_model"),
     "quantize_": (".pipeline", "quantize_"),
     "GPTQConfig": (".quantizers.gptq", "GPTQConfig"), "GPTVQConfig": (".quantizers.gptvq", "GPTVQConfig"),
-    "RTNConfig": (".quantizers.rtn", "RTNConfig"),
+    "QuIPConfig": (".quantizers.quip", "QuIPConfig"), "RTNConfig": (".quantizers.rtn", "RTNConfig"),
 }
 __all__ = sorted(_EXPORTS)
 

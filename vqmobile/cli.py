@@ -28,9 +28,15 @@ from .registry import DEFAULT_MODEL, REGISTRY_MODELS
 # A new method adds a function declaring its option group (if it has options of its own), a function building its
 # config, and one METHODS entry.
 
+def _add_bits_arg(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    g = p.add_argument_group("bit width (--method rtn, gptq, quip)")
+    g.add_argument("--bits", type=int, default=None,
+                   help="bits per weight code: 2..8 (default 4); QuIP#: 2, 3 or 4 (default 2)")
+    return g
+
+
 def _add_int_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     g = p.add_argument_group("integer methods (--method rtn, gptq)")
-    g.add_argument("--bits", type=int, default=4, help="bits per weight code: 2..8 (default 4)")
     g.add_argument("--group", type=int, default=128, help="group size along the input: 16..1024, 0 = per-channel (default 128)")
     g.add_argument("--symmetric", action="store_true", help="symmetric grid (no zero points)")
     g.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in decreasing Hessian-diagonal order")
@@ -62,18 +68,41 @@ def _add_gptvq_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     return g
 
 
+def _add_quip_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    g = p.add_argument_group("QuIP# (--method quip; --bits 2, 3 or 4)")
+    g.add_argument("--quip-rms", type=float, default=None,
+                   help="RMS of the scaled weight in codebook units (default 1.03 / 0.98 / 0.9 for 2 / 3 / 4 bits)")
+    g.add_argument("--quip-resid-scale", type=float, default=None,
+                   help="3/4 bits: residual magnification before the second stage (default 2.04 / 3.45)")
+    g.add_argument("--quip-damp", type=float, default=0.01, help="Hessian dampening, fraction of the mean diagonal")
+    g.add_argument("--quip-block-size", type=int, default=128, help="lazy-batch width of the column pass")
+    return g
+
+
+def _shared(args: argparse.Namespace) -> dict[str, Any]:
+    """The options every method takes."""
+    return {"embedding": args.embedding, **({"incoherence": args.incoherence} if args.incoherence else {})}
+
+
 def _rtn_config(args: argparse.Namespace):
     from .quantizers.rtn import RTNConfig
 
-    return RTNConfig(bits=args.bits, group=args.group, symmetric=args.symmetric, clip_search=args.clip_search,
-                     embedding=args.embedding)
+    return RTNConfig(bits=4 if args.bits is None else args.bits, group=args.group, symmetric=args.symmetric,
+                     clip_search=args.clip_search, **_shared(args))
 
 
 def _gptq_config(args: argparse.Namespace):
     from .quantizers.gptq import GPTQConfig
 
-    return GPTQConfig(bits=args.bits, group=args.group, symmetric=args.symmetric, act_order=args.act_order,
-                      clip_search=args.clip_search, embedding=args.embedding)
+    return GPTQConfig(bits=4 if args.bits is None else args.bits, group=args.group, symmetric=args.symmetric,
+                      act_order=args.act_order, clip_search=args.clip_search, **_shared(args))
+
+
+def _quip_config(args: argparse.Namespace):
+    from .quantizers.quip import QuIPConfig
+
+    return QuIPConfig(bits=2 if args.bits is None else args.bits, rms=args.quip_rms, resid_scale=args.quip_resid_scale,
+                      damp=args.quip_damp, block_size=args.quip_block_size, **_shared(args))
 
 
 def _gptvq_config(args: argparse.Namespace):
@@ -82,7 +111,7 @@ def _gptvq_config(args: argparse.Namespace):
     overrides: dict[str, Any] = {
         "codebook": args.codebook, "codebook_update": not args.no_codebook_update, "svd_rank": args.svd_rank,
         "norm_block": args.norm_block, "norm_bits": args.norm_bits, "em_iters": args.em_iters, "damp": args.vq_damp,
-        "block_size": args.vq_block_size, "seed": args.seed, "embedding": args.embedding,
+        "block_size": args.vq_block_size, "seed": args.seed, **_shared(args),
     }
     for arg, field in (("vq_k", "k"), ("vq_rows", "rows_per_block"), ("vq_cols", "cols_per_block")):
         if getattr(args, arg) is not None:
@@ -98,13 +127,16 @@ class Method:
 
 
 OPTION_GROUPS: dict[str, Callable[[argparse.ArgumentParser], argparse._ArgumentGroup]] = {
+    "bits": _add_bits_arg,
     "integer": _add_int_args,
     "gptvq": _add_gptvq_args,
+    "quip": _add_quip_args,
 }
 METHODS: dict[str, Method] = {
-    "rtn": Method(("integer",), _rtn_config, calibrated=False),
-    "gptq": Method(("integer",), _gptq_config),
+    "rtn": Method(("bits", "integer"), _rtn_config, calibrated=False),
+    "gptq": Method(("bits", "integer"), _gptq_config),
     "gptvq": Method(("gptvq",), _gptvq_config),
+    "quip": Method(("bits", "quip"), _quip_config),
 }
 
 
@@ -323,6 +355,7 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
     kinds = [k.strip() for k in args.gguf.split(",") if k.strip()]
     r = bench_decode(args.bundle, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                      repeats=args.repeats, threads=threads, engine=args.engine, gguf_kinds=kinds, source=args.source,
+                     without_transforms=args.without_transforms,
                      progress=None if args.quiet else print)
     print(format_table(r))
     if args.json:
@@ -371,6 +404,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding", choices=["int8", "float"], default="int8",
                    help="token embedding (and a head tied to it): int8 groups of 32, lossless for a Q8_0 GGUF "
                         "(default), or float as loaded")
+    p.add_argument("--incoherence", choices=["none", "hadamard"], default=None,
+                   help="incoherence processing (QuIP#'s random Hadamard transforms around each layer, undone at "
+                        "run time), for any method (default: hadamard for quip, none otherwise)")
     groups = {name: add(p) for name, add in OPTION_GROUPS.items()}
     _add_calibration_args(p)
     p.set_defaults(func=cmd_quantize, option_groups={
@@ -444,6 +480,9 @@ def make_parser() -> argparse.ArgumentParser:
     bp.add_argument("--gguf", default="Q4_0,Q4_K_M",
                     help="llama.cpp quantizations to race (needs the optional extra `peers`; '' for none)")
     bp.add_argument("--source", help="float model the GGUFs are made from (default: the checkpoint's source)")
+    bp.add_argument("--without-transforms", action="store_true",
+                    help="also time the bundle's model without the online Hadamard transforms of its incoherent "
+                         "layers (what the transforms cost)")
     bp.add_argument("--json", help="write the results as JSON to this file (default: not written)")
     bp.set_defaults(func=cmd_bench_decode)
     return parser

@@ -1,8 +1,9 @@
 """Python boundary of the native kernels (``vqmobile._native``, built by cffi from native/).
 
 This module owns: the calls into the C kernels for ``y = W x + b`` with vector-quantized (GPTVQ) weights
-(:func:`vq_linear`) and group-wise integer weights (:func:`int_linear`), GPTVQ's nearest-centroid search
-(:func:`nearest`), their one-time validation
+(:func:`vq_linear`), group-wise integer weights (:func:`int_linear`) and E8P lattice-codebook weights (QuIP#,
+:func:`e8p_linear`), the random Hadamard transform of incoherent weights (:func:`hadamard`), GPTVQ's
+nearest-centroid search (:func:`nearest`), their one-time validation
 (:func:`validate_vq`, :func:`validate_int`), the thread and implementation-path controls
 (:func:`set_num_threads`, :func:`available_paths`, :func:`active_path`, :func:`set_path`, :func:`force_path`), and
 plain numpy reference decoders (:func:`dequantize_vq`, :func:`dequantize_int`) used by tests and benchmarks.
@@ -63,7 +64,7 @@ __all__ = [
     "vq_linear", "int_linear", "validate_vq", "validate_int", "set_num_threads", "get_num_threads",
     "available_paths", "active_path", "set_path", "force_path", "has_kernel", "vq_index_bits",
     "vq_row_bytes", "int_row_bytes", "dequantize_vq", "dequantize_int", "quantize_act", "stream_read",
-    "MAX_KERNEL_BATCH", "nearest",
+    "MAX_KERNEL_BATCH", "nearest", "e8p_linear", "hadamard", "e8p_tables",
 ]
 
 MAX_KERNEL_BATCH = 8
@@ -337,6 +338,71 @@ def nearest(x: "torch.Tensor", w: "torch.Tensor", centroids: "torch.Tensor", *, 
     return out
 
 
+def _e8p_struct(codes, scales, n, k):
+    for nm, v in (("n", n), ("k", k)):
+        if not isinstance(v, (int, np.integer)) or v < 1 or v >= 2**31:
+            raise ValueError(f"{nm} must be a positive int < 2**31, got {v!r}")
+    _, cs, _, _ = _info(codes, "codes")
+    if len(cs) != 3 or cs[1] not in (2, 3, 4):
+        raise ValueError(f"codes must be uint8 [n, bits (2..4), ceil(k/8)], got shape {tuple(cs)}")
+    bits = int(cs[1])
+    p_c = _check(codes, "codes", ("uint8",), (n, bits, _cdiv(k, 8)))
+    p_s = _check(scales, "scales", ("float32",), (1 if bits == 2 else 2,))
+    w = ffi.new("vqm_e8p_weight *")
+    w.n, w.k, w.bits = int(n), int(k), bits
+    w.codes = ffi.cast("const uint8_t *", p_c)
+    w.scales = ffi.cast("const float *", p_s)
+    return w
+
+
+def e8p_linear(x: Any, codes: Any, scales: Any, *, n: int, k: int, bias: Any = None, act_int8: bool = False,
+               threads: int | None = None, path: str | None = None) -> Any:
+    """y = x @ W.T + bias for an E8P weight W [n, k] (QuIP#; vqmobile/formats/e8p.py): codes uint8
+    [n, bits, ceil(k/8)], scales float32 [stages]. act_int8: int8 activations per 256 columns. Every byte is a
+    valid code, so there is nothing to validate beyond the shapes."""
+    w = _e8p_struct(codes, scales, n, k)
+    batch, xp, bp, y, yp = _prep_x(x, k, n, bias)
+    p = -1 if path is None else _path_id(path)
+    rc = lib.vqm_e8p_linear_path(p, w, xp, batch, bp, yp, 1 if act_int8 else 0, _threads(threads))
+    if rc != 0:
+        raise ValueError(f"e8p_linear failed: {_ERRORS.get(rc, rc)}")
+    return y
+
+
+def hadamard(x: Any, signs: Any, had: Any, *, m: int, p: int, transpose: bool = False,
+             path: str | None = None) -> Any:
+    """One block of the random Hadamard transform along the last dimension of x float32 [..., m*p]: H (s * x), or
+    s * (H^T x) with transpose (native/include/vqmobile.h). signs uint8 [ceil(m p / 8)], had int8 [m, m]."""
+    dt, sh, contig, ptr = _info(x, "x")
+    n = int(m) * int(p)
+    if dt != "float32" or not sh or sh[-1] != n or not contig:
+        raise ValueError(f"x must be C-contiguous float32 [..., {n}], got {dt} {tuple(sh)}")
+    p_s = _check(signs, "signs", ("uint8",), (_cdiv(n, 8),))
+    p_h = _check(had, "had", ("int8",), (m, m))
+    batch = int(np.prod(sh[:-1], dtype=np.int64)) if len(sh) > 1 else 1
+    if torch is not None and isinstance(x, torch.Tensor):
+        y = torch.empty(tuple(sh), dtype=torch.float32)
+        yptr = y.data_ptr()
+    else:
+        y = np.empty(tuple(sh), dtype=np.float32)
+        yptr = y.ctypes.data
+    pid = -1 if path is None else _path_id(path)
+    rc = lib.vqm_hadamard_path(pid, ffi.cast("const float *", ptr), ffi.cast("float *", yptr), batch, int(m), int(p),
+                               ffi.cast("const int8_t *", p_h), ffi.cast("const uint8_t *", p_s),
+                               1 if transpose else 0)
+    if rc != 0:
+        raise ValueError(f"hadamard failed ({_ERRORS.get(rc, rc)}): m={m} p={p}")
+    return y
+
+
+def e8p_tables() -> tuple[np.ndarray, np.ndarray]:
+    """The kernels' decode tables: (A4 int8 [256, 8], 2x E81B int8 [256, 8])."""
+    a = np.empty((256, 8), np.int8)
+    e = np.empty((256, 8), np.int8)
+    lib.vqm_e8p_tables(ffi.cast("int8_t *", a.ctypes.data), ffi.cast("int8_t *", e.ctypes.data))
+    return a, e
+
+
 def _path_id(name: str) -> int:
     if name not in _PATHS:
         raise ValueError(f"unknown kernel path {name!r}; known: {sorted(_PATHS)}")
@@ -345,11 +411,17 @@ def _path_id(name: str) -> int:
     return _PATHS[name]
 
 
-def has_kernel(path: str, *, vq: dict | None = None, int_: dict | None = None) -> bool:
+def has_kernel(path: str, *, vq: dict | None = None, int_: dict | None = None, e8p_bits: int | None = None) -> bool:
     """Whether ``path`` has a specialised kernel for a configuration (else it runs the reference).
 
-    vq: dict(d=, ncent=, rows_per_block=, cols_per_block=); int_: dict(bits=, group=)."""
+    vq: dict(d=, ncent=, rows_per_block=, cols_per_block=); int_: dict(bits=, group=); e8p_bits: 2, 3 or 4."""
     pid = _path_id(path)
+    if e8p_bits is not None:
+        w = ffi.new("vqm_e8p_weight *")
+        w.n, w.k, w.bits = 1, 256, int(e8p_bits)
+        dummy = ffi.new("uint8_t[4]")
+        w.codes, w.scales = dummy, ffi.cast("float *", dummy)
+        return bool(lib.vqm_e8p_path_has_kernel(pid, w))
     if vq is not None:
         w = ffi.new("vqm_vq_weight *")
         w.n, w.k, w.d, w.ncent = 1, vq["cols_per_block"], vq["d"], vq["ncent"]

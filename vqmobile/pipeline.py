@@ -164,9 +164,12 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration: torch.Tensor |
         if inputs is not None:
             inputs = _with_kwargs(inputs, layer_kwargs[i])
             hessians = _collect_hessians(layer, linears, inputs)
+        readers: dict[int, str] = {}  # one Hessian per distinct input: the first linear reading it names that input
         for name, lin in linears.items():
             bar.set_postfix_str(f"layer {i} {name}")
-            qweight = config.quantize_weight(lin.weight.detach().float(), hessians.get(name))
+            h = hessians.get(name)
+            input_key = f"{i}.{readers.setdefault(id(h), name)}" if h is not None else None
+            qweight = config.quantize(lin.weight.detach().float(), h, key=f"{i}.{name}", input_key=input_key)
             _set_module(layer, name, QuantLinear(qweight, lin.bias))
             nlinears += 1
         hessians.clear()

@@ -7,7 +7,10 @@
 //   vqmobile::dense_linear.out(Tensor x, Tensor weight, Tensor? bias, *, Tensor(a!) out)
 //   vqmobile::attention.out(Tensor q, Tensor k_cache, Tensor v_cache, Tensor input_pos, float scale, int window=0, *,
 //                           Tensor(a!) out)
-// Both call the native C kernels (native/include/vqmobile.h) with the activation mode recorded in the program
+//   vqmobile::e8p_linear.out(Tensor x, Tensor codes, Tensor scales, Tensor? bias, int n, int k, bool act_int8=False,
+//                            *, Tensor(a!) out)
+//   vqmobile::hadamard.out(Tensor x, Tensor signs, Tensor had, int m, int p, bool transpose=False, *, Tensor(a!) out)
+// Each calls the native C kernels (native/include/vqmobile.h) with the activation mode recorded in the program
 // (act_int8 -> VQM_ACT_INT8), the same calls the Python operators make (vqmobile/ops/), so the runtime computes
 // what eager PyTorch computes.
 //
@@ -231,12 +234,69 @@ Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& 
   return out;
 }
 
+// vqmobile::e8p_linear.out(Tensor x, Tensor codes, Tensor scales, Tensor? bias, int n, int k, bool act_int8=False, *,
+// Tensor(a!) out): an E8P lattice-codebook weight (QuIP#), codes uint8 [n, bits, ceil(k/8)], scales float32 [stages].
+Tensor& e8p_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& codes, const Tensor& scales,
+                       const std::optional<Tensor>& bias, int64_t n, int64_t k, bool act_int8, Tensor& out) {
+  const int64_t batch = prepare(ctx, x, n, k, out);
+  if (batch < 0) return out;
+  bool ok;
+  const float* b = bias_ptr(ctx, bias, n, &ok);
+  if (!ok) return out;
+  const int64_t bits = codes.dim() == 3 ? codes.size(1) : 0;
+  if (codes.scalar_type() != ScalarType::Byte || scales.scalar_type() != ScalarType::Float || bits < 2 || bits > 4 ||
+      codes.size(0) != n || codes.size(2) != (k + 7) / 8 || scales.numel() != (bits == 2 ? 1 : 2)) {
+    ET_LOG(Error, "vqmobile::e8p_linear: expected uint8 codes [n, 2..4, ceil(k/8)], float32 scales [stages]");
+    ctx.fail(Error::InvalidArgument);
+    return out;
+  }
+  vqm_e8p_weight w;
+  w.n = (int32_t)n;
+  w.k = (int32_t)k;
+  w.bits = (int32_t)bits;
+  w.codes = codes.const_data_ptr<uint8_t>();
+  w.scales = scales.const_data_ptr<float>();
+  if (batch == 0) return out;
+  int rc = vqm_e8p_linear(&w, x.const_data_ptr<float>(), batch, b, out.mutable_data_ptr<float>(),
+                          act_int8 ? VQM_ACT_INT8 : 0, 0);
+  if (rc != VQM_OK) {
+    ET_LOG(Error, "vqmobile::e8p_linear: native kernel failed (%d)", rc);
+    ctx.fail(Error::InvalidArgument);
+  }
+  return out;
+}
+
+// vqmobile::hadamard.out(Tensor x, Tensor signs, Tensor had, int m, int p, bool transpose=False, *, Tensor(a!) out):
+// one block of the random Hadamard transform of an incoherent weight (vqm_hadamard), over the last dimension.
+Tensor& hadamard_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& signs, const Tensor& had, int64_t m,
+                     int64_t p, bool transpose, Tensor& out) {
+  const int64_t n = m * p;
+  const int64_t batch = prepare(ctx, x, n, n, out);
+  if (batch < 0) return out;
+  if (signs.scalar_type() != ScalarType::Byte || signs.numel() != (n + 7) / 8 || had.scalar_type() != ScalarType::Char ||
+      had.numel() != m * m) {
+    ET_LOG(Error, "vqmobile::hadamard: expected uint8 signs [ceil(m p / 8)] and int8 had [m, m]");
+    ctx.fail(Error::InvalidArgument);
+    return out;
+  }
+  if (batch == 0) return out;
+  int rc = vqm_hadamard(x.const_data_ptr<float>(), out.mutable_data_ptr<float>(), batch, (int)m, (int)p,
+                        had.const_data_ptr<int8_t>(), signs.const_data_ptr<uint8_t>(), transpose ? VQM_HAD_TRANSPOSE : 0);
+  if (rc != VQM_OK) {
+    ET_LOG(Error, "vqmobile::hadamard: native kernel failed (%d)", rc);
+    ctx.fail(Error::InvalidArgument);
+  }
+  return out;
+}
+
 namespace {
 
 constexpr char kAttentionName[] = "vqmobile::attention.out";
 constexpr char kDenseName[] = "vqmobile::dense_linear.out";
 constexpr char kVqName[] = "vqmobile::vq_linear.out";
 constexpr char kIntName[] = "vqmobile::int_linear.out";
+constexpr char kE8pName[] = "vqmobile::e8p_linear.out";
+constexpr char kHadName[] = "vqmobile::hadamard.out";
 
 // registry_has_op_function logs an error for every op it does not find, which would print three alarming lines
 // on each start; scanning the registered kernels says the same silently.
@@ -262,6 +322,12 @@ int register_once() {
   if (!registered_already(kAttentionName)) {
     (void)executorch::runtime::register_kernel(
         make_boxed_kernel(kAttentionName, EXECUTORCH_FN(attention_out, kAttentionName)));
+  }
+  if (!registered_already(kE8pName)) {
+    (void)executorch::runtime::register_kernel(make_boxed_kernel(kE8pName, EXECUTORCH_FN(e8p_linear_out, kE8pName)));
+  }
+  if (!registered_already(kHadName)) {
+    (void)executorch::runtime::register_kernel(make_boxed_kernel(kHadName, EXECUTORCH_FN(hadamard_out, kHadName)));
   }
   return 0;
 }

@@ -156,6 +156,57 @@ void vqm_quantize_act(const float *x, int64_t k, int64_t blk, int8_t *q, float *
 /* fp16 bits -> float (reference conversion) */
 float vqm_fp16_to_float(uint16_t h);
 
+
+/* ---- QuIP#: random Hadamard transforms, E8P lattice-codebook weights ------ */
+/* One block of the orthonormal random Hadamard transform, for each of `batch`
+ * rows of n = m * p floats (x and y may be the same array):
+ *   flags 0:                 y = H (s * x)
+ *   flags VQM_HAD_TRANSPOSE: y = s * (H^T x)
+ * with H = (H_m (x) H_p) / sqrt(m p) on the [m, p] view of a row: H_p Sylvester
+ * (p a power of two, 1..65536), H_m = had (int8 +-1, [m, m], row-major; m in
+ * 1..VQM_HAD_MAX_M; may be NULL when m == 1), s_j = -1 where bit j of signs
+ * (LSB first, ceil(n/8) bytes) is set.
+ * Defined operation order (every path is bit-identical): signs (flags 0);
+ * per row of the [m, p] view the fast Walsh-Hadamard butterflies for
+ * h = 1, 2, .., p/2: (a, b) -> (a + b, a - b); then per column j
+ * acc = 0.0f; for l = 0..m-1: acc = H_m[i][l] > 0 ? acc + v[l][j] : acc - v[l][j]
+ * (H_m^T with the transpose flag); then y = v * (float)(1 / sqrt(m p));
+ * signs (VQM_HAD_TRANSPOSE). Runs on the calling thread. */
+#define VQM_HAD_TRANSPOSE 1
+#define VQM_HAD_MAX_M 256
+int vqm_hadamard(const float *x, float *y, int64_t batch, int m, int p, const int8_t *had,
+                 const uint8_t *signs, int flags);
+int vqm_hadamard_path(int path, const float *x, float *y, int64_t batch, int m, int p,
+                      const int8_t *had, const uint8_t *signs, int flags);
+
+/* E8P weight (QuIP#, format in native/README.md), W is n x k, V = ceil(k/8)
+ * codes per row, bits = 2, 3 or 4 byte planes per row:
+ *  codes : uint8 [n, bits, V]: plane 0 abs index a, plane 1 sign byte b
+ *          (bits 4: planes 2, 3 a second E8P stage; bits 3: plane 2 an E81B index)
+ *  scales: float [stages] (1 for bits 2, else 2)
+ *  E8P w4[t] = sgn(b', t) * A4[a][t] + sigma(b): sigma = +1 / -1 for even / odd
+ *  popcount(b), b' = b with bit 0 flipped when popcount(b) is odd, sgn = -1
+ *  where bit t of b' is set; A4 and the E81B table (x2) from vqm_e8p_tables.
+ *  W[r, c] = sum over stages s of scales[s] * w_s[r, c].
+ * int8 activations are quantized per block of VQM_E8P_ACT_BLOCK columns; per
+ * block and stage isum is exact, then v = (float)isum * xs; v = v * scale;
+ * acc = acc + v (blocks in order, stages in order), y = acc + bias. */
+#define VQM_E8P_ACT_BLOCK 256
+typedef struct vqm_e8p_weight {
+    int32_t n, k;
+    int32_t bits;
+    const uint8_t *codes;
+    const float *scales;
+} vqm_e8p_weight;
+int vqm_e8p_linear(const vqm_e8p_weight *w, const float *x, int64_t batch, const float *bias, float *y,
+                   int flags, int threads);
+int vqm_e8p_linear_path(int path, const vqm_e8p_weight *w, const float *x, int64_t batch,
+                        const float *bias, float *y, int flags, int threads);
+/* 1 if the path has a SIMD kernel for this weight (else the reference runs). */
+int vqm_e8p_path_has_kernel(int path, const vqm_e8p_weight *w);
+/* The decode tables: abs4 int8 [256][8] (A4) and e81 int8 [256][8] (2x E81B). */
+void vqm_e8p_tables(int8_t *abs4, int8_t *e81);
+
 #ifdef __cplusplus
 }
 #endif

@@ -46,7 +46,8 @@ ITERATIONS = 200
 # ---------------------------------------------------------------- what is measured
 @dataclass(frozen=True)
 class Row:
-    """A weight format: VQ (d, ncent, R x C codebook blocks) or group-wise int (bits, group)."""
+    """A weight format: VQ (d, ncent, R x C codebook blocks), group-wise int (bits, group) or E8P (QuIP#, e8p = 2, 3
+    or 4 bits)."""
 
     name: str
     d: int = 0
@@ -55,6 +56,7 @@ class Row:
     C: int = 0
     bits: int = 0
     group: int = 0
+    e8p: int = 0
 
     @property
     def vq(self) -> bool:
@@ -62,7 +64,10 @@ class Row:
 
     @property
     def bpw(self) -> float:
-        """Stored bits per weight: codes, codebooks and fp16 scales (int: fp16 scale per group, symmetric)."""
+        """Stored bits per weight: codes, codebooks and fp16 scales (int: fp16 scale per group, symmetric; E8P: its
+        codes, the per-layer scales and signs being negligible)."""
+        if self.e8p:
+            return float(self.e8p)
         if self.vq:
             b = max(1, (self.ncent - 1).bit_length())
             return b / self.d + (8 * self.ncent * self.d + 16) / (self.R * self.C)
@@ -76,6 +81,9 @@ ROWS = {r.name: r for r in (
     Row("vq3.125", d=2, ncent=64, R=32, C=256),
     Row("int4-g32", bits=4, group=32),
     Row("int8-g32", bits=8, group=32),
+    Row("e8p2", e8p=2),
+    Row("e8p3", e8p=3),
+    Row("e8p4", e8p=4),
 )}
 BASELINE = "int4-g32"
 
@@ -109,9 +117,11 @@ class Kernel:
     function: str
     units: tuple[Unit, ...]
     excluded: str
+    source: str | None = None  # the file holding it, when not SOURCES[path]
 
 
 SOURCES = {"avx2": "kern_avx2.c", "avx512": "kern_avx512.c", "neon": "kern_neon.c", "neon_dot": "kern_neon_dot.c"}
+E8P_SOURCES = {"avx2": "e8p_avx2.c", "avx512": "e8p_avx512.c", "neon": "e8p_neon.c", "neon_dot": "e8p_neon_dot.c"}
 ARCH = {"avx2": "x86_64", "avx512": "x86_64", "neon": "aarch64", "neon_dot": "aarch64"}
 
 
@@ -122,6 +132,12 @@ def _vq_cfg(row: Row) -> tuple[int, int, int]:
 
 def kernel(path: str, row: Row) -> Kernel:
     """The hot code the dispatcher runs for `row` on `path` (int8 activations, batch 1), as parts of the source."""
+    if row.e8p:  # row_b1: one row's full chunks, a chunk per iteration (both stages and the finish)
+        tag = {"avx2": "avx2", "avx512": "avx512", "neon": "neon", "neon_dot": "neon"}[path]
+        codes = 64 if path == "avx512" else 32
+        return Kernel(path, "e8p row_b1", (Unit((Part(f"{tag}.e8p.loop", (row.e8p, 0, 0, 0), loop=True),),
+                                                8 * codes, f"1 row x {codes} codes"),),
+                      "activation preparation (per call), partial last chunk", E8P_SOURCES[path])
     if path == "avx2":
         if row.vq:  # vq_same_impl: R % 4 == 0 in every row, codebooks without -128 (SAFE)
             be, de, ke = _vq_cfg(row)
@@ -218,17 +234,18 @@ def _compiler(arch: str) -> str | None:
     return next((shutil.which(n) for n in names if shutil.which(n)), None)
 
 
-def compile_asm(path: str, workdir: Path) -> str:
-    """The assembly of `path`'s kernel source with the markers on."""
+def compile_asm(path: str, workdir: Path, source: str | None = None) -> str:
+    """The assembly of `path`'s kernel source (or of `source`) with the markers on."""
+    source = source or SOURCES[path]
     cc = _compiler(ARCH[path])
     if cc is None:
         raise UserError(f"no C compiler for {ARCH[path]} (apt-get install gcc-aarch64-linux-gnu for arm64)")
-    if not (NATIVE / "src" / SOURCES[path]).is_file():
-        raise UserError(f"{NATIVE / 'src'} has no {SOURCES[path]}: the cost model needs the native/ sources "
+    if not (NATIVE / "src" / source).is_file():
+        raise UserError(f"{NATIVE / 'src'} has no {source}: the cost model needs the native/ sources "
                         "(a source checkout)")
-    out = workdir / f"{path}.s"
+    out = workdir / f"{Path(source).stem}.s"
     cmd = [cc, *CFLAGS, "-DVQM_MCA", f"-I{NATIVE / 'include'}", f"-I{NATIVE / 'src'}", "-S",
-           str(NATIVE / "src" / SOURCES[path]), "-o", str(out)]
+           str(NATIVE / "src" / source), "-o", str(out)]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-2000:]}")
@@ -404,18 +421,19 @@ def measure(rows: list[str], cores: list[str], paths: list[str] | None, mca: str
             for path in core.paths:
                 if paths and path not in paths:
                     continue
-                if path not in asm_cache:
-                    t0 = time.time()
-                    asm_cache[path] = parse_asm(compile_asm(path, Path(tmp)))
-                    progress(f"compiled {SOURCES[path]} for {ARCH[path]} ({time.time() - t0:.1f} s)")
                 for rname in rows:
                     row = ROWS[rname]
                     k = kernel(path, row)
+                    source = k.source or SOURCES[path]
+                    if source not in asm_cache:
+                        t0 = time.time()
+                        asm_cache[source] = parse_asm(compile_asm(path, Path(tmp), source))
+                        progress(f"compiled {source} for {ARCH[path]} ({time.time() - t0:.1f} s)")
                     cyc = rth = 0.0
                     units = []
                     for u in k.units:
                         trace = [ins for p in u.parts for _ in range(p.count)
-                                 for ins in extract(asm_cache[path], p, core.arch)]
+                                 for ins in extract(asm_cache[source], p, core.arch)]
                         if asm_dir:
                             asm_dir.mkdir(parents=True, exist_ok=True)
                             (asm_dir / f"{cname}_{path}_{rname}_{len(units)}.s").write_text("\n".join(trace) + "\n")

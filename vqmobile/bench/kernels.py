@@ -9,6 +9,10 @@ median is kept in the JSON). Rows:
 - ``vq2.125`` / ``vq2.25`` / ``vq3.125``: our VQ kernels (int8 activations) for the GPTVQ configs
   d=2 k=16 R=8 C=256, d=2 k=16 R=4 C=256, d=2 k=64 R=32 C=256; ``--extra`` adds d=4 k=256, 1-D k=4 and
   float-activation rows;
+- ``e8p2`` / ``e8p3`` / ``e8p4``: our E8P lattice-codebook kernels (QuIP#: 2 bits, 2 + 1-bit E8 residual, 2 + 2;
+  int8 activations, per-layer scales); ``e8p2+had``: the same 2-bit product with the two online Hadamard transforms
+  of an incoherent layer around it (input x -> H S x, output y -> S H^T y), i.e. what a QuIP# linear costs at run time;
+  ``--extra`` adds ``e8p2-f32act`` (float activations);
 - ``int4-g32`` / ``int4-g128``: our group-wise int4 kernels (symmetric fp16 scales, int8 activations);
 - ``ort-int4-b32``: onnxruntime ``MatMulNBits`` (com.microsoft, bits 4, block_size 32, accuracy_level 4);
 - ``torch-int4-g32``: ``aten._weight_int4pack_mm_for_cpu`` (bfloat16 activations and scale/zero, group 32;
@@ -51,6 +55,8 @@ VQ_EXTRA = {
 }
 INT_ROWS = {"int4-g32": 32, "int4-g128": 128}
 PEERS = ("ort-int4-b32", "torch-int4-g32")
+E8P_ROWS = {"e8p2": dict(bits=2), "e8p3": dict(bits=3), "e8p4": dict(bits=4), "e8p2+had": dict(bits=2, had=True)}
+E8P_EXTRA = {"e8p2-f32act": dict(bits=2, float_act=True)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -142,6 +148,66 @@ def _ours_int(name, group, n, k, stack_bytes, rng, x):
                 raise RuntimeError(f"vqm_int_linear failed: {rc}")
 
     return Impl(name, per * 8 / (n * k), per, m, run_pass, keep=[keep, structs, y])
+
+
+def _ours_e8p(name, cfg, n, k, stack_bytes, rng, x):
+    from vqmobile import hadamard
+    from vqmobile import kernels as K
+    from vqmobile.formats.incoherent import pack_signs
+
+    bits, v = cfg["bits"], -(-k // 8)
+    nstage = 1 if bits == 2 else 2
+    extra = (-(-n // 8) + -(-k // 8)) if cfg.get("had") else 0  # the sign vectors of an incoherent layer
+    per = n * bits * v + 4 * nstage + extra
+    m = _count(stack_bytes, per)
+    keep, structs = [], []
+    for _ in range(m):
+        codes = np.frombuffer(rng.bytes(n * bits * v), np.uint8).reshape(n, bits, v)  # every byte is a valid code
+        sc = rng.uniform(1e-3, 1e-2, nstage).astype(np.float32)
+        structs.append(K._e8p_struct(codes, sc, n, k))
+        keep.append((codes, sc))
+    y = np.empty((1, n), np.float32)
+    xp, yp = K.ffi.cast("const float *", x.ctypes.data), K.ffi.cast("float *", y.ctypes.data)
+    flags = 0 if cfg.get("float_act") else 1
+    lib, ffi, null = K.lib, K.ffi, K.ffi.NULL
+    transforms = []
+    if cfg.get("had"):  # the blocks of both transforms, with random signs (a layer's in_signs / out_signs)
+        xt = np.empty((1, k), np.float32)
+        yt = np.empty((1, n), np.float32)
+        for width, src, dst, flag in ((k, x, xt, 0), (n, yt, y, 1)):
+            off = 0
+            for mm, pp in hadamard.plan(width):
+                signs = pack_signs(torch_signs(rng, mm * pp)).numpy()
+                had = np.ascontiguousarray(hadamard.small(mm).numpy())
+                keep.append((signs, had))
+                transforms.append((flag, ffi.cast("const float *", src.ctypes.data + 4 * off),
+                                   ffi.cast("float *", dst.ctypes.data + 4 * off), mm, pp,
+                                   ffi.cast("const int8_t *", had.ctypes.data),
+                                   ffi.cast("const uint8_t *", signs.ctypes.data)))
+                off += mm * pp
+        xp = ffi.cast("const float *", xt.ctypes.data)
+        yp = ffi.cast("float *", yt.ctypes.data)
+        keep.append((xt, yt))
+    pre = [t for t in transforms if t[0] == 0]
+    post = [t for t in transforms if t[0] == 1]
+
+    def run_pass(threads: int) -> None:
+        for w in structs:
+            for flag, src, dst, mm, pp, had, signs in pre:
+                lib.vqm_hadamard(src, dst, 1, mm, pp, had, signs, flag)
+            rc = lib.vqm_e8p_linear(w, xp, 1, null, yp, flags, threads)
+            if rc:
+                raise RuntimeError(f"vqm_e8p_linear failed: {rc}")
+            for flag, src, dst, mm, pp, had, signs in post:
+                lib.vqm_hadamard(src, dst, 1, mm, pp, had, signs, flag)
+
+    return Impl(name, per * 8 / (n * k), per, m, run_pass, keep=[keep, structs, y])
+
+
+def torch_signs(rng, n: int):
+    import torch
+
+    return torch.from_numpy(rng.integers(0, 2, n).astype(bool))
 
 
 def _ort(name, n, k, stack_bytes, rng, x):
@@ -297,17 +363,19 @@ def run(args: argparse.Namespace) -> int:
         shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",") if s]
         stack_bytes, repeats, stream_bytes = args.stack_mb * 1e6, max(1, args.repeats), 1536 << 20
     threads_list = [int(t) for t in str(args.threads).split(",") if t]
-    rows = list(VQ_ROWS) + (list(VQ_EXTRA) if args.extra else []) + list(INT_ROWS)
+    rows = (list(VQ_ROWS) + (list(VQ_EXTRA) if args.extra else []) + list(E8P_ROWS)
+            + (list(E8P_EXTRA) if args.extra else []) + list(INT_ROWS))
     if not args.no_peers:
         rows += list(PEERS)
     if args.kernels:
         want = set(args.kernels.split(","))
-        unknown = want - set(rows) - set(VQ_EXTRA)
+        unknown = want - set(rows) - set(VQ_EXTRA) - set(E8P_EXTRA)
         if unknown:
-            print(f"unknown kernels: {sorted(unknown)}; known: {rows + list(VQ_EXTRA)}", file=sys.stderr)
+            print(f"unknown kernels: {sorted(unknown)}; known: {rows + list(VQ_EXTRA) + list(E8P_EXTRA)}",
+                  file=sys.stderr)
             return 2
-        rows = [r for r in list(VQ_ROWS) + list(VQ_EXTRA) + list(INT_ROWS) + list(PEERS)
-                if r in want]
+        rows = [r for r in list(VQ_ROWS) + list(VQ_EXTRA) + list(E8P_ROWS) + list(E8P_EXTRA) + list(INT_ROWS)
+                + list(PEERS) if r in want]
 
     started = _dt.datetime.now(_dt.timezone.utc)
     info = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "cpu": _cpu_model(), "cpus": os.cpu_count(),
@@ -330,6 +398,8 @@ def run(args: argparse.Namespace) -> int:
         for r in rows:
             if r in VQ_ROWS or r in VQ_EXTRA:
                 impls.append(_ours_vq(r, {**VQ_ROWS, **VQ_EXTRA}[r], n, k, stack_bytes, rng, x))
+            elif r in E8P_ROWS or r in E8P_EXTRA:
+                impls.append(_ours_e8p(r, {**E8P_ROWS, **E8P_EXTRA}[r], n, k, stack_bytes, rng, x))
             elif r in INT_ROWS:
                 impls.append(_ours_int(r, INT_ROWS[r], n, k, stack_bytes, rng, x))
             elif r == "ort-int4-b32":

@@ -6,8 +6,9 @@ one model, all in one run. Each row runs in its own process so its peak RSS is i
 A full-test-set table takes hours on a small CPU: the JSON is rewritten after every row, and --resume keeps the rows
 it already holds for the same settings (model, context, windows, calibration), so an interrupted run continues.
 
-A row is `fp` or `METHOD:key=value,...` with METHOD in rtn, gptq, gptvq and keys of that method's config
-(gptvq takes GPTVQConfig.from_target's keywords, e.g. gptvq:preset=mobile or gptvq:bpv=2.25,vq_dim=4).
+A row is `fp` or `METHOD:key=value,...` with METHOD in rtn, gptq, gptvq, quip and keys of that method's config
+(gptvq takes GPTVQConfig.from_target's keywords, e.g. gptvq:preset=mobile or gptvq:bpv=2.25,vq_dim=4; every method
+takes incoherence=hadamard, e.g. gptq:bits=3,group=128,incoherence=hadamard; quip:bits=2).
 """
 
 from __future__ import annotations
@@ -47,7 +48,11 @@ def make_config(row: str):
         from ..quantizers.gptvq import GPTVQConfig
 
         return GPTVQConfig.from_target(**kwargs)
-    raise SystemExit(f"unknown row {row!r}: use fp or rtn:/gptq:/gptvq: with key=value options")
+    if method == "quip":
+        from ..quantizers.quip import QuIPConfig
+
+        return QuIPConfig(**kwargs)
+    raise SystemExit(f"unknown row {row!r}: use fp or rtn:/gptq:/gptvq:/quip: with key=value options")
 
 
 def run_row(args: argparse.Namespace) -> dict:

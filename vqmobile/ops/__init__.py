@@ -1,8 +1,10 @@
 """The ``vqmobile`` torch.library operators: quantized linear layers that keep their weights packed.
 
 One operator per stored format with a native kernel, each in its own module (``vq_linear`` in ops/vq.py,
-``int_linear`` in ops/intlinear.py), plus ``dense_linear`` (ops/dense.py) for a float head tied to the embedding and
-``attention`` (ops/attention.py), the exported decoders' attention over their static KV cache.
+``int_linear`` in ops/intlinear.py, ``e8p_linear`` in ops/e8p.py), ``hadamard`` (ops/hadamard.py) for the online
+transforms of incoherent weights (ops/incoherent.py runs them around the inner weight's operator), ``dense_linear``
+(ops/dense.py) for a float head tied to the embedding, and ``attention`` (ops/attention.py), the exported decoders'
+attention over their static KV cache.
 Every operator has an ``.out`` overload (``..., *, Tensor(a!) out) -> Tensor(a!)``) that ExecuTorch's memory planning
 needs and that the C++ adapter in export/runtime/ implements, a fake kernel for torch.export, and a decomposition into
 standard aten ops (the portable export option, ``decompose=True``, traces those). ``x`` is float32 [..., k]; the
@@ -26,7 +28,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from . import attention, dense, intlinear, vq  # noqa: F401  (each defines its operator; a format's registers its binding)
+# each module defines its operator and registers its binding
+from . import attention, dense, e8p, hadamard, incoherent, intlinear, vq  # noqa: F401
 from .library import BINDINGS, KERNEL_MAX_ROWS, native_available, quantize_activations
 
 __all__ = ["KERNEL_MAX_ROWS", "decomposed", "decomposing", "decomposition_table", "dense_weight", "native_available",

@@ -1,7 +1,8 @@
 """The base class every quantization method's configuration derives from.
 
 A config is a dataclass of user-facing options plus the one function that turns a float weight (and, for
-Hessian-aware methods, its layer's Hessian) into a QuantizedWeight. The layer-wise pipeline only sees this interface.
+Hessian-aware methods, its layer's Hessian) into a QuantizedWeight. The layer-wise pipeline only sees this interface:
+it calls quantize(), which adds the options every method shares (incoherence processing) around quantize_weight().
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from ..errors import UserError
 from ..formats.base import QuantizedWeight
+from . import incoherence as incoh
 
 # The token embedding (and a head tied to it): int8 groups of 32 (vqmobile/embedding.py), or float as loaded.
 EMBEDDINGS = ("int8", "float")
@@ -21,16 +23,20 @@ EMBEDDINGS = ("int8", "float")
 
 @dataclasses.dataclass
 class QuantConfig(ABC):
-    """Options common to every method; `embedding` is one of EMBEDDINGS."""
+    """Options common to every method: `embedding` is one of EMBEDDINGS, `incoherence` one of incoherence.MODES
+    (hadamard: quantize U W V^T against V H V^T and store the random Hadamard transforms with the result)."""
 
     method: ClassVar[str]
     needs_hessian: ClassVar[bool] = True
 
     embedding: str = "int8"
+    incoherence: str = "none"
 
     def __post_init__(self) -> None:
         if self.embedding not in EMBEDDINGS:
             raise UserError(f"--embedding {self.embedding} is not supported: use {' or '.join(EMBEDDINGS)}")
+        if self.incoherence not in incoh.MODES:
+            raise UserError(f"--incoherence {self.incoherence} is not supported: use {' or '.join(incoh.MODES)}")
         self.check()
 
     def check(self) -> None:
@@ -38,6 +44,15 @@ class QuantConfig(ABC):
 
     def check_layer(self, name: str, out_features: int, in_features: int) -> None:
         """Validate the options against one layer's shape before any work starts; raise UserError if they cannot fit."""
+
+    def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None, *, key: str = "",
+                 input_key: str | None = None) -> QuantizedWeight:
+        """Quantize one layer with this method and the shared options. key names the layer (it seeds the output
+        signs of incoherence processing); layers that read the same input pass the same input_key (default: key)."""
+        if self.incoherence == "hadamard":
+            return incoh.quantize_incoherent(self.quantize_weight, weight, hessian, f"in:{input_key or key}",
+                                             f"out:{key}")
+        return self.quantize_weight(weight, hessian)
 
     @abstractmethod
     def quantize_weight(self, weight: torch.Tensor, hessian: torch.Tensor | None) -> QuantizedWeight:

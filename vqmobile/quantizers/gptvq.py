@@ -47,6 +47,7 @@ from ..hessian import inverse_cholesky
 from ..threads import column_pass, num_threads
 from . import codebook as cbk
 from .base import QuantConfig
+from .columnpass import padded_problem, vector_pass
 
 MAX_COLS_PER_BLOCK = 256  # groups span at most 256 columns (paper)
 VQ_DIMS = (1, 2, 3, 4, 5, 6, 7, 8)
@@ -295,15 +296,8 @@ def _gptvq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTVQConfi
     kp, npad = V * d, nbr * R
 
     w0, u = inverse_cholesky(weight, hessian, cfg.damp)  # w0: dead columns zeroed
-    # Pad to whole vectors (missing components: zero weight, identity Hessian, never coupled) and whole row blocks
-    # (padding rows are excluded from EM and dropped at the end).
-    w = torch.zeros(npad, kp)
-    w[:n, :cols] = w0
-    up = torch.eye(kp)
-    up[:cols, :cols] = u
-    u = up
-    hw = 1.0 / u.diagonal() ** 2  # Hessian weight of each column
-    hw[cols:] = 0.0
+    # Whole vectors and whole row blocks (padding rows are excluded from EM and dropped at the end).
+    w, u, hw = padded_problem(w0, u, npad, kp)
     row_valid = torch.zeros(npad, dtype=torch.bool)
     row_valid[:n] = True
 
@@ -322,7 +316,6 @@ def _gptvq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTVQConfi
         norm_range = torch.tensor([lo, (hi - lo) / ((1 << nb) - 1)], dtype=torch.float32)
         norm_codes = torch.zeros(npad, nsub, dtype=torch.int64)
     stats: dict[str, Any] = {"em_iters": [], "pass_loss": 0.0}
-    bs = max(d, (cfg.block_size // d) * d)
     t_em = 0.0
     for g0 in range(0, kp, C):
         g1 = min(g0 + C, kp)
@@ -343,31 +336,19 @@ def _gptvq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTVQConfi
             cb = cbk.quantize_codebooks(cb, cfg.codebook)[0]
         cbooks[:, g0 // C] = cb
         t_em += time.perf_counter() - te
-        for b0 in range(g0, g1, bs):
-            b1 = min(b0 + bs, g1)
-            w1 = w[:, b0:b1].clone()
-            err1 = torch.zeros_like(w1)
-            u1 = u[b0:b1, b0:b1]
-            for j in range(0, b1 - b0, d):
-                xv = w1[:, j:j + d]
-                if sb:
-                    s_v = scale_el[:, b0 + j:b0 + j + d]
-                    a = cbk.nearest((xv / s_v).reshape(nbr, R, d),
-                                    (hw[b0 + j:b0 + j + d] * s_v * s_v).reshape(nbr, R, d), cb)
-                    q = torch.gather(cb, 1, a[..., None].expand(-1, -1, d)).reshape(npad, d) * s_v
-                else:
-                    a = cbk.nearest(xv.reshape(nbr, R, d), hw[b0 + j:b0 + j + d].reshape(1, 1, d), cb)
-                    q = torch.gather(cb, 1, a[..., None].expand(-1, -1, d)).reshape(npad, d)
-                idx[:, (b0 + j) // d] = a.reshape(npad)
-                # Exact GPTQ recursion inside the vector: err = (w_J - q_J) U_JJ^-1.
-                ujj = u1[j:j + d, j:j + d]
-                e = (xv - q) / ujj[0, 0] if d == 1 else torch.linalg.solve_triangular(ujj, xv - q, upper=True,
-                                                                                       left=False)
-                err1[:, j:j + d] = e
-                if j + d < b1 - b0:
-                    w1[:, j + d:] -= e @ u1[j:j + d, j + d:]
-            w[:, b1:] -= err1 @ u[b0:b1, b1:]
-            stats["pass_loss"] += float((err1[:n, : max(0, min(b1, cols) - b0)] ** 2).sum())
+
+        def quantize(j0: int, xv: torch.Tensor, cb=cb) -> torch.Tensor:
+            if sb:
+                s_v = scale_el[:, j0:j0 + d]
+                a = cbk.nearest((xv / s_v).reshape(nbr, R, d), (hw[j0:j0 + d] * s_v * s_v).reshape(nbr, R, d), cb)
+                q = torch.gather(cb, 1, a[..., None].expand(-1, -1, d)).reshape(npad, d) * s_v
+            else:
+                a = cbk.nearest(xv.reshape(nbr, R, d), hw[j0:j0 + d].reshape(1, 1, d), cb)
+                q = torch.gather(cb, 1, a[..., None].expand(-1, -1, d)).reshape(npad, d)
+            idx[:, j0 // d] = a.reshape(npad)
+            return q
+
+        stats["pass_loss"] += vector_pass(w, u, g0, g1, d, cfg.block_size, quantize, n, cols)
     t_pass = time.perf_counter() - t0
     idx = idx[:n]
 

@@ -1,0 +1,135 @@
+"""Incoherent weights: any stored format wrapped in QuIP#'s random Hadamard transforms, kind "incoherent".
+
+W (n x k) is stored as W' = U W V^T, quantized by any method, with U = H_n diag(s_out) and V = H_k diag(s_in) the
+orthonormal random Hadamard transforms of vqmobile/hadamard.py. Running the layer undoes them around the inner product:
+
+    y = W x = U^T (W' (V x)):   x~ = H_k (s_in * x),  y~ = W' x~,  y = s_out * (H_n^T y~)
+
+Stored tensors: `in_signs` uint8 [ceil(k/8)] and `out_signs` uint8 [ceil(n/8)] (bit j of byte j // 8, LSB first, set =
+negate; padding bits 0), then the inner weight's tensors prefixed "inner.". The spec holds both block plans and the
+inner weight's kind and spec. Bits per weight count the signs with the inner weight.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+
+from .. import hadamard
+from ..errors import FormatError
+from .base import QuantizedWeight, expect_tensor, register_format, weight_from_stored
+from .pack import pack_rows, row_bytes, unpack_rows
+
+INNER = "inner."
+
+
+def pack_signs(signs: torch.Tensor) -> torch.Tensor:
+    return pack_rows(signs.to(torch.int64)[None], 1)[0]
+
+
+def unpack_signs(packed: torch.Tensor, n: int) -> torch.Tensor:
+    return unpack_rows(packed[None], 1, n)[0].bool()
+
+
+# Equal constants are one tensor: layers that read the same input carry the same input signs, and sharing the object
+# lets an exported graph compute that transform once (ops/incoherent.py). Weak values: nothing outlives its weights.
+_INTERNED: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+def _intern(t: torch.Tensor) -> torch.Tensor:
+    key = (str(t.dtype), tuple(t.shape), t.numpy().tobytes())
+    found = _INTERNED.get(key)
+    if found is None:
+        _INTERNED[key] = found = t
+    return found
+
+
+def _per_block(packed: torch.Tensor, n: int, blocks) -> list[torch.Tensor]:
+    if len(blocks) == 1:
+        return [_intern(packed)]
+    signs, out, off = unpack_signs(packed, n), [], 0
+    for m, p in blocks:
+        out.append(_intern(pack_signs(signs[off:off + m * p])))
+        off += m * p
+    return out
+
+
+@register_format
+class IncoherentWeight(QuantizedWeight):
+    kind = "incoherent"
+
+    def __init__(self, inner: QuantizedWeight, in_signs: torch.Tensor, out_signs: torch.Tensor,
+                 in_blocks=None, out_blocks=None):
+        """inner: the quantized W'; in_signs/out_signs: packed uint8 sign vectors; blocks default to the plan."""
+        self.inner = inner
+        n, k = inner.shape
+        self.in_signs, self.out_signs = in_signs, out_signs
+        self.in_blocks = hadamard.plan(k) if in_blocks is None else tuple(in_blocks)
+        self.out_blocks = hadamard.plan(n) if out_blocks is None else tuple(out_blocks)
+        # what an operator takes per block, made now (tracing cannot unpack bits): packed signs, H_m
+        self.in_block_signs = _per_block(in_signs, k, self.in_blocks)
+        self.out_block_signs = _per_block(out_signs, n, self.out_blocks)
+        self.in_block_had = [_intern(hadamard.small(m)) for m, _ in self.in_blocks]
+        self.out_block_had = [_intern(hadamard.small(m)) for m, _ in self.out_blocks]
+
+    @classmethod
+    def from_signs(cls, inner: QuantizedWeight, in_signs: torch.Tensor, out_signs: torch.Tensor) -> "IncoherentWeight":
+        """in_signs/out_signs as bool vectors [k] / [n]."""
+        return cls(inner, pack_signs(in_signs), pack_signs(out_signs))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.inner.shape
+
+    def signs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(in, out) as bool vectors."""
+        n, k = self.shape
+        return unpack_signs(self.in_signs, k), unpack_signs(self.out_signs, n)
+
+    def dequantize(self) -> torch.Tensor:
+        s_in, s_out = self.signs()
+        w = hadamard.transform(self.inner.dequantize(), self.in_blocks, s_in, transpose=True)  # W' V
+        return hadamard.transform(w.T, self.out_blocks, s_out, transpose=True).T  # U^T W' V
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"in_signs": self.in_signs, "out_signs": self.out_signs}
+        out.update({INNER + name: t for name, t in self.inner.tensors().items()})
+        return out
+
+    def spec(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "in_blocks": [list(b) for b in self.in_blocks],
+                "out_blocks": [list(b) for b in self.out_blocks], "inner_kind": self.inner.kind,
+                "inner": self.inner.spec()}
+
+    @classmethod
+    def from_stored(cls, spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "IncoherentWeight":
+        try:
+            n, k = (int(v) for v in spec["shape"])
+            inner_kind, inner_spec = str(spec["inner_kind"]), spec["inner"]
+            in_blocks, out_blocks = list(spec["in_blocks"]), list(spec["out_blocks"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"incoherent weight spec is malformed ({e!r})") from None
+        if inner_kind == cls.kind:
+            raise FormatError("an incoherent weight cannot wrap another incoherent weight")
+        if n < 1 or k < 1 or not isinstance(inner_spec, dict):
+            raise FormatError(f"incoherent weight spec is out of range: shape={n}x{k}")
+        try:
+            in_blocks = hadamard.check_plan(k, in_blocks)
+            out_blocks = hadamard.check_plan(n, out_blocks)
+        except (TypeError, ValueError) as e:
+            raise FormatError(f"incoherent weight spec: {e}") from None
+        s_in = expect_tensor(tensors, "in_signs", torch.uint8, (row_bytes(k, 1),))
+        s_out = expect_tensor(tensors, "out_signs", torch.uint8, (row_bytes(n, 1),))
+        for name, t, width in (("in_signs", s_in, k), ("out_signs", s_out, n)):
+            if width % 8 and int(t[-1]) >> (width % 8):
+                raise FormatError(f"tensor '{name}' has bits set beyond its {width} signs")
+        extra = set(tensors) - {"in_signs", "out_signs"} - {t for t in tensors if t.startswith(INNER)}
+        if extra:
+            raise FormatError(f"incoherent weight has unexpected tensors: {', '.join(sorted(extra))}")
+        inner = weight_from_stored(inner_kind, inner_spec,
+                                   {t[len(INNER):]: v for t, v in tensors.items() if t.startswith(INNER)})
+        if inner.shape != (n, k):
+            raise FormatError(f"incoherent weight of shape {n}x{k} wraps an inner weight of shape {inner.shape}")
+        return cls(inner, s_in, s_out, in_blocks, out_blocks)
