@@ -302,7 +302,7 @@ def nearest(x: "torch.Tensor", w: "torch.Tensor", centroids: "torch.Tensor", *, 
     """GPTVQ's assignment step: for B problems, the index of the nearest centroid of each vector under the
     per-component weighted squared distance sum_t w_t (x_t - c_t)^2 (first index among equal minima).
 
-    x [B, M, d] float32, w broadcastable to [B, M, d], centroids [B, k, d] (d <= 8, k <= 256) -> int64 [B, M].
+    x [B, M, d] float32, w broadcastable to [B, M, d], centroids [B, k, d] (d <= 8, k <= 65536) -> int64 [B, M].
     Every path returns the reference's exact indices (same float operations per distance)."""
     b, m, d = x.shape
     k = centroids.shape[1]

@@ -110,7 +110,8 @@ int vqm_int_path_has_kernel(int path, const vqm_int_weight *w);
  * the terms added in order of t starting from 0.0f, the lowest j among equal
  * minima, and 0 when no distance is below +inf (e.g. NaN input).
  *  x, w: float32 [nb, m, d];  c: float32 [nb, ncent, d];  out: int64 [nb, m].
- *  d in 1..8, ncent in 1..256; threads as for the linear functions.
+ *  d in 1..8, ncent in 1..65536 (VPTQ's codebooks reach 2^16); threads as for
+ *  the linear functions.
  * Every path computes each distance with the reference's float operations in
  * the reference's order, so all paths return identical indices. */
 int vqm_nearest(const float *x, const float *w, const float *c, int64_t nb, int64_t m,
@@ -118,7 +119,7 @@ int vqm_nearest(const float *x, const float *w, const float *c, int64_t nb, int6
 int vqm_nearest_path(int path, const float *x, const float *w, const float *c, int64_t nb,
                      int64_t m, int d, int ncent, int64_t *out, int threads);
 #define VQM_NEAREST_MAX_D 8
-#define VQM_NEAREST_MAX_CENT 256
+#define VQM_NEAREST_MAX_CENT 65536
 
 /* ---- dispatch ----------------------------------------------------------- */
 int vqm_path_available(int path);

@@ -406,7 +406,7 @@ static void test_nearest_args(void)
     int64_t o[1];
     g_checks++;
     if (vqm_nearest(v, v, v, 1, 1, 9, 1, o, 1) != VQM_EINVAL || vqm_nearest(v, v, v, 1, 1, 2, 0, o, 1) != VQM_EINVAL ||
-        vqm_nearest(v, v, v, 1, 1, 2, 257, o, 1) != VQM_EINVAL || vqm_nearest(NULL, v, v, 1, 1, 1, 1, o, 1) != VQM_EINVAL ||
+        vqm_nearest(v, v, v, 1, 1, 2, 65537, o, 1) != VQM_EINVAL || vqm_nearest(NULL, v, v, 1, 1, 1, 1, o, 1) != VQM_EINVAL ||
         vqm_nearest(v, v, v, 1, -1, 1, 1, o, 1) != VQM_EINVAL || vqm_nearest(NULL, NULL, NULL, 0, 5, 1, 1, NULL, 1) != VQM_OK) {
         printf("FAIL nearest argument checks\n");
         g_fail++;
@@ -483,7 +483,7 @@ int main(int argc, char **argv)
     test_extreme8();
     test_nearest_args();
     static const int ncfg[][2] = { { 1, 4 }, { 1, 8 }, { 2, 16 }, { 2, 64 }, { 2, 7 }, { 3, 13 }, { 4, 256 },
-                                   { 8, 16 }, { 5, 1 }, { 2, 255 }, { 6, 33 } };
+                                   { 8, 16 }, { 5, 1 }, { 2, 255 }, { 6, 33 }, { 6, 4096 }, { 8, 1000 } };
     for (size_t c = 0; c < sizeof ncfg / sizeof ncfg[0]; c++)
         test_nearest(ncfg[c][0], ncfg[c][1], 1 + (long)(c % 3) * 2, quick ? 300 : 1100);
     /* batch > 8 (tiled) */
