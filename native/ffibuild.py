@@ -44,7 +44,8 @@ def _cdef_from_header(path: str) -> str:
 
 CDEF = _cdef_from_header(os.path.join(_HERE, "include", "vqmobile.h"))
 
-SOURCES = ["ref.c", "dispatch.c", "threadpool.c", "kern_avx2.c", "kern_neon.c", "kern_neon_dot.c"]
+SOURCES = ["ref.c", "dispatch.c", "threadpool.c", "kern_avx2.c", "kern_neon.c", "kern_neon_dot.c",
+           "cvq.c", "cvq_ref.c", "cvq_avx2.c", "cvq_neon.c"]
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
@@ -53,7 +54,7 @@ ffibuilder.set_source(
     '#include "vqmobile.h"\n',
     sources=[_rel("src", s) for s in SOURCES],
     include_dirs=[_rel("include"), _rel("src")],
-    depends=[_rel("include", "vqmobile.h"), _rel("src", "internal.h")],
+    depends=[_rel("include", "vqmobile.h"), _rel("src", "internal.h"), _rel("src", "cvq_internal.h")],
     extra_compile_args=["-O2", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno"],
     libraries=["m", "pthread"],
 )

@@ -17,20 +17,31 @@ from ..formats.base import QuantizedWeight
 
 # The token embedding (and a head tied to it): int8 groups of 32 (vqmobile/embedding.py), or float as loaded.
 EMBEDDINGS = ("int8", "float")
+# Fine-tuning after quantization (vqmobile/finetune.py): per decoder layer, of the whole model, both, or none.
+FINETUNE = ("none", "layer", "model", "layer+model")
 
 
 @dataclasses.dataclass
 class QuantConfig(ABC):
-    """Options common to every method; `embedding` is one of EMBEDDINGS."""
+    """Options common to every method; `embedding` is one of EMBEDDINGS, `finetune` one of FINETUNE."""
 
     method: ClassVar[str]
     needs_hessian: ClassVar[bool] = True
 
     embedding: str = "int8"
+    finetune: str = "none"
+    finetune_lr: float = 1e-3  # Adam's step size relative to each parameter tensor's RMS
+    finetune_epochs: int = 2  # layer: passes over the calibration batches; model: over finetune_samples sequences
+    finetune_samples: int = 32  # model: calibration sequences it trains on (0 = all)
 
     def __post_init__(self) -> None:
         if self.embedding not in EMBEDDINGS:
             raise UserError(f"--embedding {self.embedding} is not supported: use {' or '.join(EMBEDDINGS)}")
+        if self.finetune not in FINETUNE:
+            raise UserError(f"--finetune {self.finetune} is not supported: use one of {', '.join(FINETUNE)}")
+        if not (self.finetune_lr > 0 and self.finetune_epochs >= 1 and self.finetune_samples >= 0):
+            raise UserError(f"fine-tuning needs --finetune-lr > 0, --finetune-epochs >= 1 and --finetune-samples >= 0"
+                            f" (got {self.finetune_lr}, {self.finetune_epochs}, {self.finetune_samples})")
         self.check()
 
     def check(self) -> None:
