@@ -214,7 +214,8 @@ def export_bundle(model_spec: str, out: str, *, target: str, formats: list[str],
             (tmp / LIB_DIR).mkdir()
             shutil.copy2(lib, tmp / LIB_DIR / lib.name)
             library = {"path": f"{LIB_DIR}/{lib.name}", "target": target,
-                       "registers": ["vqmobile::vq_linear.out", "vqmobile::int_linear.out", "vqmobile::dense_linear.out"],
+                       "registers": ["vqmobile::vq_linear.out", "vqmobile::int_linear.out", "vqmobile::dense_linear.out",
+                                     "vqmobile::cvq_linear.out"],
                        "links": "libexecutorch.so (executorch 1.5.1)"}
             runner = build_runner(target, progress=say)
             (tmp / BIN_DIR).mkdir()

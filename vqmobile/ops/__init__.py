@@ -1,7 +1,7 @@
 """The ``vqmobile`` torch.library operators: quantized linear layers that keep their weights packed.
 
 One operator per stored format with a native kernel, each in its own module (``vq_linear`` in ops/vq.py,
-``int_linear`` in ops/intlinear.py), plus ``dense_linear`` (ops/dense.py) for a float head tied to the embedding.
+``cvq_linear`` in ops/cvq.py, ``int_linear`` in ops/intlinear.py), plus ``dense_linear`` (ops/dense.py) for a float head tied to the embedding.
 Every operator has an ``.out`` overload (``..., *, Tensor(a!) out) -> Tensor(a!)``) that ExecuTorch's memory planning
 needs and that the C++ adapter in export/runtime/ implements, a fake kernel for torch.export, and a decomposition into
 standard aten ops (the portable export option, ``decompose=True``, traces those). ``x`` is float32 [..., k]; the
@@ -25,7 +25,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from . import dense, intlinear, vq  # noqa: F401  (each defines its operator and registers its binding)
+from . import cvq, dense, intlinear, vq  # noqa: F401  (each defines its operator and registers its binding)
 from .library import BINDINGS, KERNEL_MAX_ROWS, native_available, quantize_activations
 
 __all__ = ["KERNEL_MAX_ROWS", "decomposed", "decomposing", "decomposition_table", "dense_weight", "native_available",
