@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from . import atomic
-from .quantizers import gptvq
+from .quantizers import gptvq, vptq
+from .quantizers.base import FINETUNE, QuantConfig
 from .errors import UserError
 
 
@@ -28,19 +30,38 @@ def _add_int_args(p: argparse.ArgumentParser) -> None:
                    help="shrink each group's range to the clipping that minimizes rounding error (slower)")
 
 
+def _add_finetune_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("fine-tuning (any method)")
+    g.add_argument("--finetune", choices=FINETUNE, default="none",
+                   help="after quantizing: Adam on the continuous quantization parameters (codebooks, scales) and "
+                        "norm weights, indices fixed; layer: each decoder layer towards the float layer's outputs; "
+                        "model: the whole model towards the float logits (KL)")
+    g.add_argument("--finetune-lr", type=float, default=QuantConfig.finetune_lr,
+                   help=f"Adam step size relative to each parameter's RMS (default {QuantConfig.finetune_lr:g})")
+    g.add_argument("--finetune-epochs", type=int, default=QuantConfig.finetune_epochs,
+                   help=f"passes over the calibration data (default {QuantConfig.finetune_epochs})")
+    g.add_argument("--finetune-samples", type=int, default=QuantConfig.finetune_samples,
+                   help=f"model: calibration sequences to train on, 0 = all (default {QuantConfig.finetune_samples})")
+
+
 def build_config(args: argparse.Namespace):
     from .quantizers.gptq import GPTQConfig
     from .quantizers.rtn import RTNConfig
 
     if args.method == "rtn":
-        return RTNConfig(bits=args.bits, group=args.group, symmetric=args.symmetric, clip_search=args.clip_search,
-                         embedding=args.embedding)
-    if args.method == "gptq":
-        return GPTQConfig(bits=args.bits, group=args.group, symmetric=args.symmetric, act_order=args.act_order,
-                          clip_search=args.clip_search, embedding=args.embedding)
-    if args.method == "gptvq":
-        return gptvq.config_from_args(args)
-    raise UserError(f"unknown method {args.method}")
+        config = RTNConfig(bits=args.bits, group=args.group, symmetric=args.symmetric, clip_search=args.clip_search,
+                           embedding=args.embedding)
+    elif args.method == "gptq":
+        config = GPTQConfig(bits=args.bits, group=args.group, symmetric=args.symmetric, act_order=args.act_order,
+                            clip_search=args.clip_search, embedding=args.embedding)
+    elif args.method == "gptvq":
+        config = gptvq.config_from_args(args)
+    elif args.method == "vptq":
+        config = vptq.config_from_args(args, embedding=args.embedding, seed=args.seed)
+    else:
+        raise UserError(f"unknown method {args.method}")
+    return dataclasses.replace(config, finetune=args.finetune, finetune_lr=args.finetune_lr,
+                               finetune_epochs=args.finetune_epochs, finetune_samples=args.finetune_samples)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -67,6 +88,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
           f"{m['bits_per_weight']:.4f} bits per weight (every overhead included), "
           f"{m['quantized_bytes'] / 1e6:.2f} MB packed{emb_text} + {m['float_bytes'] / 1e6:.2f} MB float; "
           f"quantized in {res.report.seconds:.1f} s, peak RSS {res.report.peak_rss_mb:.0f} MB")
+    layers = [r for r in res.report.finetune if r["scope"] != "model"]
+    if layers:
+        print(f"fine-tuned {len(layers)} decoder layers ({sum(r['kept'] for r in layers)} improved): mean relative "
+              f"output error {sum(r['loss_before'] for r in layers) / len(layers):.4g} -> "
+              f"{sum(r['loss_after'] for r in layers) / len(layers):.4g} in {sum(r['seconds'] for r in layers):.0f} s")
+    for r in res.report.finetune:
+        if r["scope"] == "model":
+            print(f"fine-tuned the model: KL to the float logits {r['loss_before']:.4g} -> {r['loss_after']:.4g} "
+                  f"({r['steps']} steps, {r['seconds']:.0f} s{'' if r['kept'] else ', not kept: no improvement'})")
     if args.eval_windows:
         ck = load(res.out)
         print(evaluate(ck.model, ck.tokenizer, windows=args.eval_windows, progress=not args.quiet))
@@ -157,7 +187,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="quantize a model into a packed checkpoint")
     p.add_argument("model", help="Hugging Face model directory, .gguf file, or 'smollm2'")
-    p.add_argument("--method", choices=["rtn", "gptq", "gptvq"], required=True)
+    p.add_argument("--method", choices=["rtn", "gptq", "gptvq", "vptq"], required=True)
     p.add_argument("--out", required=True, help="checkpoint directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the new one is complete)")
     p.add_argument("--eval-windows", type=int, default=0, help="afterwards, WikiText-2 perplexity over this many windows")
@@ -166,6 +196,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "(default), or float as loaded")
     _add_int_args(p)
     gptvq.add_cli_arguments(p)
+    vptq.add_cli_arguments(p)
+    _add_finetune_args(p)
     _add_calibration_args(p)
     p.set_defaults(func=cmd_quantize)
 

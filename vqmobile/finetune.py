@@ -36,6 +36,11 @@ from tqdm import tqdm
 
 from .formats.base import Trainable
 from .layers import QuantLinear
+from .threads import num_threads
+
+# Multiply-adds per training step from which all threads are used: a small layer's many tiny ops run far faster on
+# one thread of a loaded machine (see threads.py), a real model's layer gains from all of them.
+PARALLEL_STEP_WORK = 1 << 30
 
 
 @dataclass
@@ -118,15 +123,26 @@ class _Tuner:
         self.count = sum(t.numel() for t in groups)
         self.opt = torch.optim.Adam([{"params": [t], "lr": lr * _rms(t)} for t in groups]) if groups else None
 
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """The training loop's context: if it is interrupted (or fails), the norm weights Adam moved in place are put
+        back; the quantized weights were never touched (their parameters are copies until store())."""
+        try:
+            yield
+        except BaseException:
+            self.store(tuned=False, weights=False)
+            raise
+
     def step(self, loss: torch.Tensor) -> None:
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
-    def store(self, tuned: bool) -> None:
-        """Write the tuned (or, tuned=False, the original) parameters into the weights, rounded to their dtypes."""
+    def store(self, tuned: bool, weights: bool = True) -> None:
+        """Write the tuned (or, tuned=False, the original) parameters into the weights, rounded to their dtypes, and
+        into the norm weights."""
         with torch.no_grad():
-            for (mod, tr), init in zip(self.pairs, self.initial):
+            for (mod, tr), init in zip(self.pairs, self.initial if weights else []):
                 mod.qweight.load_trainable(tr.params if tuned else init)
             for p, init, grad in zip(self.norms, self.norms_initial, self.norms_grad):
                 if not tuned:
@@ -154,16 +170,22 @@ def finetune_layer(layer: nn.Module, inputs: list, targets: list[torch.Tensor], 
     """Tune one quantized decoder layer towards the float layer's outputs `targets` on `inputs` (the pipeline's
     [(hidden, kwargs)] batches). Returns the report and the tuned layer's outputs on `inputs` (the next layer's
     inputs), computed with the stored parameters."""
-    t0 = time.perf_counter()
     scope = {name: m for name, m in layer.named_modules() if isinstance(m, QuantLinear)}
+    work = inputs[0][0].shape[:-1].numel() * sum(m.in_features * m.out_features for m in scope.values())
+    with num_threads(torch.get_num_threads() if work >= PARALLEL_STEP_WORK else 1):
+        return _finetune_layer(layer, scope, inputs, targets, epochs, lr, index, progress)
+
+
+def _finetune_layer(layer, scope, inputs, targets, epochs, lr, index, progress):
+    t0 = time.perf_counter()
     with torch.no_grad():
         before = [_layer_out(layer, h, kw) for h, kw in inputs]
     loss_before = sum(float(_rel_mse(o, t)) for o, t in zip(before, targets)) / len(targets)
     steps = 0
     with _tuning(layer, scope) as pairs, torch.enable_grad():
         tuner = _Tuner(pairs, _norm_weights(layer), lr)
-        if tuner.opt is not None:
-            for epoch in range(epochs):
+        with tuner.running():
+            for epoch in range(epochs if tuner.opt is not None else 0):
                 for b, ((hidden, kwargs), target) in enumerate(zip(inputs, targets)):
                     tuner.step(_rel_mse(_layer_out(layer, hidden, kwargs), target))
                     steps += 1
@@ -208,15 +230,15 @@ def finetune_model(model: nn.Module, teacher: nn.Module, calibration: torch.Tens
     steps = 0
     with _tuning(model, quantized_modules(model)) as pairs, torch.enable_grad():
         tuner = _Tuner(pairs, _norm_weights(model), lr)
-        bar = tqdm(total=epochs * len(seqs), desc="finetune model (KL)", unit="seq", disable=not progress)
-        for _ in range(epochs):
-            for s in seqs:
-                with torch.no_grad():
-                    t_logits = teacher(input_ids=s[None], use_cache=False).logits
-                tuner.step(_kl(t_logits, model(input_ids=s[None], use_cache=False).logits))
-                steps += 1
-                bar.update(1)
-        bar.close()
+        with tuner.running(), tqdm(total=epochs * len(seqs), desc="finetune model (KL)", unit="seq",
+                                   disable=not progress) as bar:
+            for _ in range(epochs if tuner.opt is not None else 0):
+                for s in seqs:
+                    with torch.no_grad():
+                        t_logits = teacher(input_ids=s[None], use_cache=False).logits
+                    tuner.step(_kl(t_logits, model(input_ids=s[None], use_cache=False).logits))
+                    steps += 1
+                    bar.update(1)
         tuner.store(tuned=True)
     loss_after = probe_loss()
     kept = loss_after < loss_before
