@@ -92,41 +92,47 @@ static int cvq_prepare(const vqm_cvq_weight *w, const float *x, int64_t batch, i
     for (int64_t g = 0, c = 0; g < ng; c = group_end(w, (int)g, c), g++)
         nblk += (int)vqm_cdiv(group_end(w, (int)g, c) - c, VQM_CVQ_ACT_BLOCK);
     const int int8 = (flags & VQM_ACT_INT8) != 0;
-    const int64_t npairs_max = k / 2 + nblk;
+    const int64_t npairs_max = k / 2 + nblk, nquads_max = k / 4 + nblk;
     size_t off_c0 = 0, off_grp = off_c0 + a64(sizeof(int32_t) * (size_t)(nblk + 1));
     size_t off_poff = off_grp + a64(sizeof(int32_t) * (size_t)nblk);
-    size_t off_gs = off_poff + a64(sizeof(int32_t) * (size_t)(nblk + 1));
+    size_t off_qoff = off_poff + a64(sizeof(int32_t) * (size_t)(nblk + 1));
+    size_t off_gs = off_qoff + a64(sizeof(int32_t) * (size_t)(nblk + 1));
     size_t off_rs = off_gs + a64(sizeof(float) * (size_t)ng);
     size_t off_xf = off_rs + a64(sizeof(float) * (size_t)ng);
     size_t off_xq = off_xf + a64(sizeof(float) * (size_t)(batch * k));
     size_t off_xp2 = off_xq + (int8 ? a64((size_t)(batch * k)) : 0);
-    size_t off_xs = off_xp2 + (int8 ? a64(sizeof(int32_t) * (size_t)(batch * npairs_max)) : 0);
+    size_t off_xquad = off_xp2 + (int8 ? a64(sizeof(int32_t) * (size_t)(batch * npairs_max)) : 0);
+    size_t off_xs = off_xquad + (int8 ? a64((size_t)(16 * batch * nquads_max)) : 0);
     size_t total = off_xs + (int8 ? a64(sizeof(float) * (size_t)(batch * nblk)) : 0);
     uint8_t *mem = aligned_alloc(64, total);
     if (!mem) return VQM_ENOMEM;
     int32_t *c0 = (int32_t *)(void *)(mem + off_c0), *grp = (int32_t *)(void *)(mem + off_grp);
-    int32_t *poff = (int32_t *)(void *)(mem + off_poff);
+    int32_t *poff = (int32_t *)(void *)(mem + off_poff), *qoff = (int32_t *)(void *)(mem + off_qoff);
     float *gs = (float *)(void *)(mem + off_gs), *rs = (float *)(void *)(mem + off_rs);
     float *xf = (float *)(void *)(mem + off_xf);
     int8_t *xq = int8 ? (int8_t *)(mem + off_xq) : NULL;
     int32_t *xp2 = int8 ? (int32_t *)(void *)(mem + off_xp2) : NULL;
+    int8_t *xquad = int8 ? (int8_t *)(mem + off_xquad) : NULL;
     float *xs = int8 ? (float *)(void *)(mem + off_xs) : NULL;
 
     int bi = 0;
-    int64_t pairs = 0;
+    int64_t pairs = 0, quads = 0;
     for (int64_t g = 0, c = 0; g < ng; c = group_end(w, (int)g, c), g++) {
         const int64_t e = group_end(w, (int)g, c);
         for (int64_t s0 = c; s0 < e; s0 += VQM_CVQ_ACT_BLOCK, bi++) {
             c0[bi] = (int32_t)s0;
             grp[bi] = (int32_t)g;
             poff[bi] = (int32_t)pairs;
+            qoff[bi] = (int32_t)quads;
             pairs += vqm_cdiv((s0 + VQM_CVQ_ACT_BLOCK < e ? s0 + VQM_CVQ_ACT_BLOCK : e) - s0, 2);
+            quads += vqm_cdiv((s0 + VQM_CVQ_ACT_BLOCK < e ? s0 + VQM_CVQ_ACT_BLOCK : e) - s0, 4);
         }
         gs[g] = vqm_fp16_to_float(w->scale[g]);
         rs[g] = w->res_ncent ? vqm_fp16_to_float(w->res_scale[g]) : 0.0f;
     }
     c0[nblk] = (int32_t)k;
     poff[nblk] = (int32_t)pairs;
+    qoff[nblk] = (int32_t)quads;
 
     for (int64_t b = 0; b < batch; b++) {
         const float *xr = x + b * k;
@@ -147,10 +153,15 @@ static int cvq_prepare(const vqm_cvq_weight *w, const float *x, int64_t batch, i
                 uint32_t lo = (uint16_t)(int16_t)q[i], hi = i + 1 < len ? (uint16_t)(int16_t)q[i + 1] : 0u;
                 pp[i / 2] = (int32_t)(lo | (hi << 16));
             }
+            int8_t *qq = xquad + 16 * (b * quads + qoff[blk]);
+            for (int64_t i = 0; i < len; i += 4)
+                for (int r = 0; r < 4; r++)
+                    for (int u = 0; u < 4; u++) qq[4 * i + 4 * r + u] = i + u < len ? q[i + u] : 0;
         }
     }
     call->mem = mem;
-    call->p = (cvq_prep){ batch, k, nblk, c0, grp, poff, pairs, xf, xq, xp2, xs, gs, w->res_ncent ? rs : NULL };
+    call->p = (cvq_prep){ batch, k, nblk, c0, grp, poff, pairs, xf, xq, xp2, qoff, quads, xquad, xs, gs,
+                          w->res_ncent ? rs : NULL };
     return VQM_OK;
 }
 

@@ -21,6 +21,10 @@ typedef struct cvq_prep {
     const int8_t *xq;        /* [batch][k] x' quantized per block (int8 mode) */
     const int32_t *xp2;      /* [batch][npairs] (int8 mode) block-relative column pairs (q[c], q[c+1]) as two
                               * int16 in one int32, low half first; an odd block's last pair has 0 on top */
+    const int32_t *qoff;     /* [nblk + 1] first column quad of each block in xquad */
+    int64_t nquads;          /* quads per batch row */
+    const int8_t *xquad;     /* [batch][nquads][16] (int8 mode) block-relative column quads (q[c..c+3]) repeated
+                              * four times; columns past the block are 0 */
     const float *xs;         /* [batch][nblk] block scales (int8 mode) */
     const float *gscale;     /* [G] codebook scales, decoded */
     const float *rscale;     /* [G] residual codebook scales, or NULL */
