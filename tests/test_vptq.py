@@ -290,3 +290,13 @@ def test_cli_quantize_vptq(tmp_path, capsys):
     assert "vptq checkpoint, 35 quantized linears" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "b" / "vqmobile.json").read_text())
     assert manifest["config"]["k"] == 16 and manifest["config"]["outlier"] == 0.05
+
+
+def test_quality_benchmark_rows_parse():
+    from vqmobile.bench.quality import make_config
+
+    cfg = make_config("vptq:preset=mobile-res,finetune=layer,finetune_lr=0.01")
+    assert isinstance(cfg, VPTQConfig) and (cfg.v, cfg.k, cfg.res_k, cfg.outlier) == (8, 256, 256, 0.01)
+    assert cfg.finetune == "layer" and cfg.finetune_lr == 0.01
+    assert make_config("gptq:bits=2,group=128,finetune=layer+model").finetune == "layer+model"
+    assert make_config("gptvq:bpv=2.125,vq_dim=2,finetune=model").finetune == "model"
