@@ -36,11 +36,18 @@ def mahalanobis_seed(x: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tens
     return torch.gather(x, 1, pick[..., None].expand(-1, -1, d)).clone()
 
 
+SEED_POOL_PER_CENTROID = 32  # k-means++ draws its seeds from at most this many candidate vectors per centroid
+
+
 def kmeanspp_seed(x: torch.Tensor, w: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """Seed k centroids per batch by weighted k-means++ (Arthur & Vassilvitskii, 2007): each next seed is a vector
     drawn with probability proportional to its weighted squared distance to the nearest seed so far (the first one
     proportional to its weight). x [B, M, d], w broadcastable to [B, M, d]; deterministic for a given generator.
-    When fewer than k distinct vectors carry weight, the remaining seeds repeat drawn vectors (EM leaves them empty)."""
+
+    The seeds come from a pool of at most SEED_POOL_PER_CENTROID * k vectors drawn (without replacement) in
+    proportion to their weight: k-means++ costs k passes over its candidates, and over all of a large layer's vectors
+    those passes took most of the quantization time, while EM refines the seeds on every vector anyway. When fewer
+    than k distinct vectors carry weight, the remaining seeds repeat drawn vectors (EM leaves them empty)."""
     b, m, d = x.shape
     w = w.expand(b, m, d)
     out = torch.empty(b, k, d, dtype=x.dtype)
@@ -49,14 +56,18 @@ def kmeanspp_seed(x: torch.Tensor, w: torch.Tensor, k: int, generator: torch.Gen
         mass = wp.sum(1).double()
         if not bool((mass > 0).any()):
             mass = torch.ones(m, dtype=torch.float64)
-        dist = torch.full((m,), float("inf"), dtype=torch.float64)
+        pool = SEED_POOL_PER_CENTROID * k
+        if m > pool:
+            take = torch.multinomial(mass, min(pool, int((mass > 0).sum())), replacement=False, generator=generator)
+            xp, wp, mass = xp[take], wp[take], mass[take]
+        dist = torch.full((xp.shape[0],), float("inf"), dtype=torch.float64)
         prob = mass
         for j in range(k):
             cdf = torch.cumsum(prob, 0)
             if not float(cdf[-1]) > 0:  # every weighted vector is already a seed
                 cdf = torch.cumsum(mass, 0)
             u = torch.rand((), generator=generator, dtype=torch.float64) * cdf[-1]
-            i = min(int(torch.searchsorted(cdf, u, right=True)), m - 1)
+            i = min(int(torch.searchsorted(cdf, u, right=True)), xp.shape[0] - 1)
             out[p, j] = xp[i]
             dist = torch.minimum(dist, (wp * (xp - xp[i]) ** 2).sum(1).double())
             prob = dist
