@@ -44,7 +44,7 @@ def _cdef_from_header(path: str) -> str:
 
 CDEF = _cdef_from_header(os.path.join(_HERE, "include", "vqmobile.h"))
 
-SOURCES = ["ref.c", "dispatch.c", "threadpool.c", "kern_avx2.c", "kern_neon.c", "kern_neon_dot.c",
+SOURCES = ["ref.c", "dispatch.c", "threadpool.c", "kern_avx2.c", "kern_avx512.c", "kern_neon.c", "kern_neon_dot.c",
            "cvq.c", "cvq_ref.c", "cvq_avx2.c", "cvq_neon.c"]
 
 ffibuilder = FFI()

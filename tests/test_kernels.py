@@ -21,6 +21,19 @@ from vqmobile import kernels as K
 FLOAT_TOL = 2e-5  # documented in native/README.md
 SIMD_PATHS = [p for p in K.available_paths() if p != "ref"]
 
+
+@pytest.fixture(params=["native", "simde"])
+def simd_paths(request, monkeypatch) -> list[str]:
+    """The SIMD paths a test compares with the reference, from one of two builds: "native" (the installed
+    vqmobile._native: every path this CPU runs) or "simde" (the test-only build whose AVX-512 path runs through
+    SIMDe on any x86-64 CPU; vqmobile.kernels calls into it for the test's duration)."""
+    if request.param == "native":
+        return SIMD_PATHS
+    ffi, lib = request.getfixturevalue("simde_library")
+    monkeypatch.setattr(K, "ffi", ffi)
+    monkeypatch.setattr(K, "lib", lib)
+    return ["avx512"]
+
 VQ_CONFIGS = [  # d, ncent, R, C
     (1, 4, 1, 256), (2, 16, 8, 256), (4, 256, 256, 256), (2, 16, 4, 256), (4, 256, 128, 256), (2, 64, 32, 256),
     (1, 16, 3, 64), (1, 64, 2, 96), (1, 256, 1, 128), (2, 256, 2, 64), (4, 16, 5, 128), (4, 64, 4, 256),
@@ -110,7 +123,7 @@ def assert_close(y, want, mag, tol=FLOAT_TOL, what=""):
 
 
 @pytest.mark.parametrize("cfg", VQ_CONFIGS, ids=lambda c: "d%d_k%d_R%d_C%d" % c)
-def test_vq_paths_match_reference(cfg):
+def test_vq_paths_match_reference(cfg, simd_paths):
     d, ncent, R, C = cfg
     rng = np.random.default_rng(hash(cfg) & 0xffff)
     for si, (n, k) in enumerate(SHAPES):
@@ -124,7 +137,7 @@ def test_vq_paths_match_reference(cfg):
             ref = K.vq_linear(x, **arrs, **geo, bias=bias, act_int8=act_int8, path="ref", threads=1)
             want, mag = expected(W, x, bias, act_int8, C)
             assert_close(ref, want, mag, what=f"ref {cfg} {n}x{k} int8={act_int8}")
-            for path in SIMD_PATHS:
+            for path in simd_paths:
                 for threads in (1, 2):
                     y = K.vq_linear(x, **arrs, **geo, bias=bias, act_int8=act_int8, path=path, threads=threads)
                     what = f"{path} {cfg} {n}x{k} b={batch} int8={act_int8} t={threads}"
@@ -135,7 +148,7 @@ def test_vq_paths_match_reference(cfg):
 
 
 @pytest.mark.parametrize("cfg", INT_CONFIGS, ids=lambda c: "b%d_g%d_%s" % (c[0], c[1], "asym" if c[2] else "sym"))
-def test_int_paths_match_reference(cfg):
+def test_int_paths_match_reference(cfg, simd_paths):
     bits, group, asym = cfg
     rng = np.random.default_rng(bits * 1000 + group + asym)
     for si, (n, k) in enumerate(SHAPES):
@@ -149,7 +162,7 @@ def test_int_paths_match_reference(cfg):
             ref = K.int_linear(x, **arrs, **geo, bias=bias, act_int8=act_int8, path="ref", threads=1)
             want, mag = expected(W, x, bias, act_int8, group)
             assert_close(ref, want, mag, what=f"ref {cfg} {n}x{k} int8={act_int8}")
-            for path in SIMD_PATHS:
+            for path in simd_paths:
                 for threads in (1, 2):
                     y = K.int_linear(x, **arrs, **geo, bias=bias, act_int8=act_int8, path=path, threads=threads)
                     what = f"{path} {cfg} {n}x{k} b={batch} int8={act_int8} t={threads}"
@@ -159,8 +172,8 @@ def test_int_paths_match_reference(cfg):
                         assert_close(y, want, mag, what=what)
 
 
-def test_simd_kernels_cover_the_required_configs():
-    for path in SIMD_PATHS:
+def test_simd_kernels_cover_the_required_configs(simd_paths):
+    for path in simd_paths:
         for d, ncent in [(1, 4), (1, 16), (2, 16), (4, 16), (1, 64), (2, 64), (4, 64), (1, 256), (2, 256), (4, 256)]:
             assert K.has_kernel(path, vq=dict(d=d, ncent=ncent, rows_per_block=4, cols_per_block=256)), (path, d, ncent)
         for g in (32, 128):
@@ -281,7 +294,7 @@ def test_paths_and_threads_controls():
 
 
 @pytest.mark.parametrize("d,k", [(1, 4), (2, 16), (2, 64), (3, 10), (4, 256), (8, 16)])
-def test_nearest_is_the_first_weighted_argmin_on_every_path(d, k):
+def test_nearest_is_the_first_weighted_argmin_on_every_path(d, k, simd_paths):
     g = torch.Generator().manual_seed(d * 1000 + k)
     b, m = 3, 700
     # values on a coarse grid, repeated centroids and zero weights: ties are common and must go to the first index
@@ -294,11 +307,23 @@ def test_nearest_is_the_first_weighted_argmin_on_every_path(d, k):
         df = x[:, :, None, t] - c[:, None, :, t]
         dist = dist + w[:, :, None, t] * (df * df)
     expect = dist.argmin(-1)
-    for path in K.available_paths():
+    for path in ["ref", *simd_paths]:
         for threads in (1, 2):
             assert torch.equal(K.nearest(x, w, c, threads=threads, path=path), expect), (path, threads)
     with pytest.raises(ValueError, match="nearest failed"):
         K.nearest(torch.zeros(1, 2, 9), torch.ones(1, 1, 9), torch.zeros(1, 3, 9))
+
+
+def test_env_path_that_this_cpu_lacks_is_one_line_error():
+    import subprocess
+    import sys
+
+    missing = next(p for p in ("neon", "avx512", "avx2") if p not in K.available_paths())
+    for value, says in ((missing, "is not available on this CPU"), ("sse9", "is not a kernel path")):
+        res = subprocess.run([sys.executable, "-m", "vqmobile.cli", "eval", "nowhere"], capture_output=True,
+                             text=True, env={**__import__("os").environ, "VQMOBILE_PATH": value}, timeout=300)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        assert res.stderr.strip().splitlines() == [next(ln for ln in res.stderr.splitlines() if says in ln)], res.stderr
 
 
 def test_stream_read_checksum():

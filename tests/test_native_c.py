@@ -32,10 +32,13 @@ def _run(cmd: list[str], timeout: int = 300) -> str:
 
 
 def test_c_unit_tests_native(tmp_path):
+    """Every path this CPU runs natively (the first line of the output names them: AVX-512 only where the CPU has
+    it; test_c_unit_tests_avx512_through_simde covers it elsewhere)."""
     build = str(tmp_path / "host")
     _make("tests", "bench", "lib", "shared", build=build)
     out = _run([f"{build}/vqm_test"])
-    assert "SIMD kernel configurations exercised" in out
+    assert "SIMD kernel configurations exercised" in out and "SIMDe" not in out
+    print(out.splitlines()[0])
 
 
 def test_c_unit_tests_asan_ubsan(tmp_path):
@@ -50,6 +53,12 @@ def test_c_unit_tests_asan_ubsan(tmp_path):
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1", UBSAN_OPTIONS="print_stacktrace=1")
     p = subprocess.run([f"{build}/vqm_test", "--quick"], capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0 and "0 failures" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+def test_c_unit_tests_avx512_through_simde(simde_build):
+    """The AVX-512 kernels compiled against SIMDe: the same C tests, on any x86-64 CPU."""
+    out = _run([f"{simde_build}/vqm_test"])
+    assert out.splitlines()[0].startswith("paths: ref avx2 avx512") and "avx512 runs through SIMDe" in out, out[:300]
 
 
 @pytest.fixture(scope="module")

@@ -236,13 +236,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=cmd_generate)
 
-    from .bench import kernels as bench_kernels, quality as bench_quality
+    from .bench import cost as bench_cost, kernels as bench_kernels, quality as bench_quality
 
     p = sub.add_parser("bench", help="benchmarks: tables plus JSON, baselines and peers in the same run")
     bench_sub = p.add_subparsers(dest="bench", required=True)
     for name, module, help_text in (
         ("kernels", bench_kernels, "VQ and int4 matrix-vector kernels vs onnxruntime and torch int4, DRAM-resident"),
         ("quality", bench_quality, "perplexity, bits per weight, quantize time and peak memory per method"),
+        ("cost", bench_cost, "static cycle model (llvm-mca) of the kernels per weight format and core, not a timing"),
     ):
         bp = bench_sub.add_parser(name, help=help_text, description=module.__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -264,6 +265,9 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
+        from .kernels import check_env_path
+
+        check_env_path()
         return args.func(args)
     except UserError as e:
         print(f"vqmobile: error: {e}", file=sys.stderr)

@@ -36,14 +36,16 @@ construction, and the kernels clamp out-of-range indices otherwise, so they neve
 
 Threads: ``threads=None`` uses the global setting (:func:`set_num_threads`, default: environment variable
 ``VQMOBILE_NUM_THREADS`` or all online CPUs); rows are split over a persistent thread pool.
-Paths: "ref" (portable C), "avx2", "neon", "neon_dot" (as available); the environment variable ``VQMOBILE_PATH``
-selects one at start-up, :func:`set_path` / :func:`force_path` at run time. A path without a specialised kernel
-for a configuration runs the reference for it.
+Paths: "ref" (portable C), "avx2", "avx512", "neon", "neon_dot" (as available); the environment variable
+``VQMOBILE_PATH`` selects one at start-up (:func:`check_env_path` reports a name this CPU cannot run; the CLI
+calls it before any command), :func:`set_path` /
+:func:`force_path` at run time. A path without a specialised kernel for a configuration runs the reference for it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Iterator
 
 import numpy as np
@@ -54,6 +56,7 @@ except ImportError:  # pragma: no cover - torch is a dependency, but keep numpy-
     torch = None
 
 from . import _native
+from .errors import UserError
 
 ffi = _native.ffi
 lib = _native.lib
@@ -74,6 +77,19 @@ _ERRORS = {-1: "invalid argument", -2: "index out of range", -3: "out of memory"
 def available_paths() -> list[str]:
     """Implementation paths usable on this CPU, reference first (e.g. ``["ref", "avx2"]``)."""
     return [name for name, p in _PATHS.items() if lib.vqm_path_available(p)]
+
+
+def check_env_path() -> None:
+    """Raise UserError when VQMOBILE_PATH names a path that is unknown or that this CPU cannot run (the kernels
+    would otherwise quietly pick another one)."""
+    rc = lib.vqm_path_from_env(ffi.new("int *"))
+    if rc == 0:
+        return
+    value = os.environ.get("VQMOBILE_PATH", "")
+    if rc == -4:
+        raise UserError(f"VQMOBILE_PATH={value} is not available on this CPU (available: "
+                        f"{', '.join(available_paths())}): unset it or pick one of those")
+    raise UserError(f"VQMOBILE_PATH={value} is not a kernel path: use auto or one of {', '.join(_PATHS)}")
 
 
 def active_path() -> str:

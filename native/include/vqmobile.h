@@ -30,7 +30,7 @@ extern "C" {
 #define VQM_PATH_AUTO -1
 #define VQM_PATH_REF 0        /* portable C reference */
 #define VQM_PATH_AVX2 1       /* x86-64 AVX2 + FMA + F16C */
-#define VQM_PATH_AVX512 2     /* reserved: not implemented (see README) */
+#define VQM_PATH_AVX512 2     /* x86-64 AVX-512 F/BW/VL/VBMI/VNNI (+ the AVX2 set) */
 #define VQM_PATH_NEON 3       /* aarch64 NEON without dotprod */
 #define VQM_PATH_NEON_DOT 4   /* aarch64 NEON with SDOT (ARMv8.2 dotprod) */
 #define VQM_NPATHS 5
@@ -125,6 +125,10 @@ int vqm_nearest_path(int path, const float *x, const float *w, const float *c, i
 int vqm_path_available(int path);
 int vqm_get_path(void);                 /* currently selected path */
 int vqm_set_path(int path);             /* VQM_PATH_AUTO restores the best available */
+/* The path the environment variable VQMOBILE_PATH forces, in *path (VQM_PATH_AUTO when unset or "auto"); returns
+ * VQM_OK, VQM_EINVAL for an unknown name or VQM_EPATH for a path this CPU lacks. The selection ignores an unusable
+ * value (it takes the best path): programs report it to the user. */
+int vqm_path_from_env(int *path);
 const char *vqm_path_name(int path);    /* "ref", "avx2", "avx512", "neon", "neon_dot" */
 
 /* ---- threads ------------------------------------------------------------ */

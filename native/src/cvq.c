@@ -169,7 +169,9 @@ static int cvq_prepare(const vqm_cvq_weight *w, const float *x, int64_t batch, i
 static cvq_rows_fn rows_of(int path)
 {
 #if defined(__x86_64__) || defined(_M_X64)
-    if (path == VQM_PATH_AVX2 || path == VQM_PATH_AVX512) return vqm_cvq_rows_avx2; /* AVX-512 CPUs have AVX2 */
+    /* the AVX-512 path runs the AVX2 kernel (an AVX-512 CPU has AVX2; the SIMDe test build may not be on one) */
+    if (path == VQM_PATH_AVX2 || (path == VQM_PATH_AVX512 && vqm_path_available(VQM_PATH_AVX2)))
+        return vqm_cvq_rows_avx2;
 #endif
 #if defined(__aarch64__)
     if (path == VQM_PATH_NEON || path == VQM_PATH_NEON_DOT) return vqm_cvq_rows_neon;

@@ -19,6 +19,7 @@
 
 /* ---------------------------------------------------------------- features */
 #if defined(__x86_64__)
+/* AVX2 + FMA + F16C, and the OS saving YMM state */
 static int x86_has_avx2(void)
 {
     unsigned a, b, c, d;
@@ -32,6 +33,22 @@ static int x86_has_avx2(void)
     __cpuid_count(7, 0, a, b, c, d);
     return (b >> 5) & 1;
 }
+
+/* the AVX2 set plus AVX512 F, BW, VL, VBMI and VNNI, and the OS saving opmask and ZMM state */
+static int x86_has_avx512(void)
+{
+#if defined(VQM_SIMDE)
+    return 1; /* the test-only build runs this path through SIMDe on any x86-64 CPU */
+#else
+    if (!x86_has_avx2()) return 0;
+    unsigned lo, hi, a, b, c, d;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & 0xe6u) != 0xe6u) return 0; /* XMM, YMM, opmask, ZMM 0-15 upper halves, ZMM 16-31 */
+    __cpuid_count(7, 0, a, b, c, d);
+    const int f = (b >> 16) & 1, bw = (b >> 30) & 1, vl = (b >> 31) & 1, vbmi = (c >> 1) & 1, vnni = (c >> 11) & 1;
+    return f && bw && vl && vbmi && vnni;
+#endif
+}
 #endif
 
 static int detect_uncached(int path)
@@ -40,6 +57,7 @@ static int detect_uncached(int path)
     case VQM_PATH_REF: return 1;
 #if defined(__x86_64__)
     case VQM_PATH_AVX2: return x86_has_avx2();
+    case VQM_PATH_AVX512: return x86_has_avx512();
 #endif
 #if defined(__aarch64__)
     case VQM_PATH_NEON: return 1;
@@ -73,6 +91,7 @@ static const vqm_path_ops *ops_of(int path)
     switch (path) {
 #if defined(__x86_64__)
     case VQM_PATH_AVX2: return &vqm_ops_avx2;
+    case VQM_PATH_AVX512: return &vqm_ops_avx512;
 #endif
 #if defined(__aarch64__)
     case VQM_PATH_NEON: return &vqm_ops_neon;
@@ -84,19 +103,24 @@ static const vqm_path_ops *ops_of(int path)
 
 static int best_path(void)
 {
-    static const int order[] = { VQM_PATH_NEON_DOT, VQM_PATH_NEON, VQM_PATH_AVX2, VQM_PATH_REF };
+    static const int order[] = { VQM_PATH_NEON_DOT, VQM_PATH_NEON, VQM_PATH_AVX512, VQM_PATH_AVX2, VQM_PATH_REF };
     for (size_t i = 0; i < sizeof order / sizeof order[0]; i++)
         if (detect(order[i])) return order[i];
     return VQM_PATH_REF;
 }
 
-static int path_from_env(void)
+int vqm_path_from_env(int *path)
 {
     const char *e = getenv("VQMOBILE_PATH");
-    if (!e || !*e || !strcmp(e, "auto")) return VQM_PATH_AUTO;
+    *path = VQM_PATH_AUTO;
+    if (!e || !*e || !strcmp(e, "auto")) return VQM_OK;
     for (int p = 0; p < VQM_NPATHS; p++)
-        if (!strcmp(e, vqm_path_name(p))) return detect(p) ? p : VQM_PATH_AUTO;
-    return VQM_PATH_AUTO;
+        if (!strcmp(e, vqm_path_name(p))) {
+            if (!detect(p)) return VQM_EPATH;
+            *path = p;
+            return VQM_OK;
+        }
+    return VQM_EINVAL;
 }
 
 static atomic_int g_path = -2;     /* -2: not initialised */
@@ -120,8 +144,8 @@ int vqm_get_path(void)
 {
     int p = atomic_load(&g_path);
     if (p == -2) {
-        p = path_from_env();
-        if (p == VQM_PATH_AUTO) p = best_path();
+        /* an unusable VQMOBILE_PATH leaves the best path selected; programs report it (vqm_path_from_env) */
+        if (vqm_path_from_env(&p) != VQM_OK || p == VQM_PATH_AUTO) p = best_path();
         atomic_store(&g_path, p);
     }
     return p;

@@ -7,7 +7,7 @@
 #include <string.h>
 #include "vqmobile.h"
 
-#define VQM_MAX_CHUNK_COLS 128   /* 32 codes x d=4 */
+#define VQM_MAX_CHUNK_COLS 256   /* 64 codes x d=4 (AVX-512) */
 #define VQM_BATCH_TILE 8         /* kernels process at most 8 activations at once */
 
 /* How a path lays out one "chunk" of an activation block: chunk_cols
@@ -52,11 +52,25 @@ typedef struct vqm_path_ops {
 extern const vqm_path_ops vqm_ops_ref;
 #if defined(__x86_64__) || defined(_M_X64)
 extern const vqm_path_ops vqm_ops_avx2;
+extern const vqm_path_ops vqm_ops_avx512;
 #endif
 #if defined(__aarch64__)
 extern const vqm_path_ops vqm_ops_neon;
 extern const vqm_path_ops vqm_ops_neon_dot;
 #endif
+
+/* Region markers for the static cycle model (`vqmobile bench cost`, vqmobile/bench/cost.py). They expand to nothing
+ * in every build. The model compiles the kernels to assembly with -DVQM_MCA, where each pair becomes two comment
+ * lines around the instructions it measures, tagged with a name and four compile-time kernel parameters (an asm
+ * statement there also keeps the compiler from moving code across it; without VQM_MCA nothing changes). */
+#ifdef VQM_MCA
+#define VQM_MCA_MARK(what, tag, a, b, c, d) \
+    __asm__ volatile("# vqm-mca " what " " tag " %c0 %c1 %c2 %c3" ::"i"(a), "i"(b), "i"(c), "i"(d))
+#else
+#define VQM_MCA_MARK(what, tag, a, b, c, d) ((void)0)
+#endif
+#define VQM_MCA_BEGIN(tag, a, b, c, d) VQM_MCA_MARK("begin", tag, a, b, c, d)
+#define VQM_MCA_END(tag, a, b, c, d) VQM_MCA_MARK("end", tag, a, b, c, d)
 
 /* ---- helpers -------------------------------------------------------------- */
 static inline int64_t vqm_cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -74,6 +88,27 @@ static inline unsigned vqm_get_code(const uint8_t *row, int64_t j, int b)
 }
 
 float vqm_fp16_to_float_ref(uint16_t h);
+
+/* The VQ configurations the SIMD paths decode, as they decode them: be bits per code, de components per code and
+ * ke table entries. 1-D k=4 (2-bit codes) runs as a 2-D k=16 codebook over nibbles (virt: each nibble is two codes,
+ * so C must be even). Returns 0 for configurations that run the reference. */
+typedef struct {
+    int be, de, ke, virt;
+} vqm_vcfg;
+
+static inline int vqm_vq_simd_cfg(const vqm_vq_weight *w, vqm_vcfg *c)
+{
+    int b = vqm_vq_index_bits(w->ncent);
+    if (w->d == 1 && w->ncent == 4) {
+        if (w->cols_per_block % 2) return 0;
+        c->be = 4; c->de = 2; c->ke = 16; c->virt = 1;
+        return 1;
+    }
+    if ((w->ncent != 16 && w->ncent != 64 && w->ncent != 256) || (1 << b) != w->ncent) return 0;
+    if (w->d != 1 && w->d != 2 && w->d != 4) return 0;
+    c->be = b; c->de = w->d; c->ke = w->ncent; c->virt = 0;
+    return 1;
+}
 
 /* vqm_nearest's SIMD paths take `lanes` vectors at a time, component-major: xs[t * lanes + l] = x[l][t]. Lanes past
  * `cnt` get x = 0 and weight 0 (their results are dropped). */

@@ -31,32 +31,14 @@
 #endif
 #include <immintrin.h>
 
-typedef struct {
-    int be, de, ke;     /* effective bits / dim / centroids */
-    int virt;           /* 1-D k=4 run as 2-D k=16 */
-} vcfg;
-
-static int vq_cfg(const vqm_vq_weight *w, vcfg *c)
-{
-    int b = vqm_vq_index_bits(w->ncent);
-    if (w->d == 1 && w->ncent == 4) {
-        if (w->cols_per_block % 2) return 0;
-        c->be = 4; c->de = 2; c->ke = 16; c->virt = 1;
-        return 1;
-    }
-    if ((w->ncent != 16 && w->ncent != 64 && w->ncent != 256) || (1 << b) != w->ncent) return 0;
-    if (w->d != 1 && w->d != 2 && w->d != 4) return 0;
-    c->be = b; c->de = w->d; c->ke = w->ncent; c->virt = 0;
-    return 1;
-}
 
 static inline int ord_code(int be, int p) { return be == 4 ? (p < 16 ? 2 * p : 2 * (p - 16) + 1) : p; }
 
 static int avx2_vq_plan(const vqm_vq_weight *w, int flags, vqm_layout *lay)
 {
     (void)flags;
-    vcfg c;
-    if (!vq_cfg(w, &c)) return 0;
+    vqm_vcfg c;
+    if (!vqm_vq_simd_cfg(w, &c)) return 0;
     lay->chunk_cols = 32 * c.de;
     if (c.be == 8) {
         lay->identity = 1;
@@ -69,7 +51,7 @@ static int avx2_vq_plan(const vqm_vq_weight *w, int flags, vqm_layout *lay)
     return 1;
 }
 
-static size_t tab_size(const vcfg *c)
+static size_t tab_size(const vqm_vcfg *c)
 {
     if (c->ke == 16) return 32u * (size_t)c->de;
     if (c->ke == 64) return 128u * (size_t)c->de;
@@ -77,7 +59,7 @@ static size_t tab_size(const vcfg *c)
 }
 
 /* Decoding tables for codebook block (rb, cb). */
-static void prep_tab(const vcfg *c, const int8_t *cbk, int d, uint8_t *tab)
+static void prep_tab(const vqm_vcfg *c, const int8_t *cbk, int d, uint8_t *tab)
 {
     if (c->virt) {
         for (int i = 0; i < 16; i++) {
@@ -114,7 +96,7 @@ static void prep_tab(const vcfg *c, const int8_t *cbk, int d, uint8_t *tab)
     }
 }
 
-static void prep_tab_fast(const vcfg *c, const int8_t *cbk, int d, uint8_t *tab);
+static void prep_tab_fast(const vqm_vcfg *c, const int8_t *cbk, int d, uint8_t *tab);
 
 /* ---------------------------------------------------------------- unpack */
 static inline __m256i unpack4(const uint8_t *p)
@@ -264,7 +246,7 @@ static uint8_t *tab_scratch(size_t bytes)
 
 static inline __attribute__((always_inline)) void
 vq_rows_impl(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1,
-             const float *bias, float *y, const vcfg *cfg,
+             const float *bias, float *y, const vqm_vcfg *cfg,
              const int BE, const int DE, const int KE, const int NB, const int INT8)
 {
     const int64_t n = w->n, k = w->k, d = w->d, R = w->rows_per_block, C = w->cols_per_block;
@@ -429,7 +411,7 @@ tile_chunks(const uint8_t *const rows[4], int64_t off0, int64_t nfull, const uin
 
 static inline __attribute__((always_inline)) void
 vq_tile_impl(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1,
-             const float *bias, float *y, const vcfg *cfg, const int BE, const int DE, const int KE)
+             const float *bias, float *y, const vqm_vcfg *cfg, const int BE, const int DE, const int KE)
 {
     const int64_t k = w->k, d = w->d, R = w->rows_per_block, C = w->cols_per_block;
     const int64_t ncb = vqm_cdiv(k, C);
@@ -544,7 +526,7 @@ vq_tile_impl(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1
  * of all column blocks of a row block are prepared once (SIMD for d=2), the
  * four accumulators stay in registers and the per-block finish is one
  * vector op chain. Same products and operation order as vq_tile_impl. */
-static void prep_tab_fast(const vcfg *c, const int8_t *cbk, int d, uint8_t *tab)
+static void prep_tab_fast(const vqm_vcfg *c, const int8_t *cbk, int d, uint8_t *tab)
 {
     if (c->virt) { /* nibble i = two 2-bit codes: dim 0 = cbk[i & 3], dim 1 = cbk[i >> 2] */
         int32_t v4;
@@ -614,6 +596,7 @@ same_chunks(const uint8_t *p0, const uint8_t *p1, const uint8_t *p2, const uint8
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i a0 = *A0, a1 = *A1, a2 = *A2, a3 = *A3;
     for (int64_t h = 0; h < nfull; h++) {
+        VQM_MCA_BEGIN("avx2.vq_same.loop", SAFE, BE, DE, KE);
         const int64_t off = h * 4 * BE;
         const int8_t *xh = xq + h * 32 * DE;
         const uint8_t *xah = xa + h * 32 * DE;
@@ -638,13 +621,14 @@ same_chunks(const uint8_t *p0, const uint8_t *p1, const uint8_t *p2, const uint8
         SAME_ROW(p2, a2)
         SAME_ROW(p3, a3)
 #undef SAME_ROW
+        VQM_MCA_END("avx2.vq_same.loop", SAFE, BE, DE, KE);
     }
     *A0 = a0; *A1 = a1; *A2 = a2; *A3 = a3;
 }
 
 static inline __attribute__((always_inline)) void
 vq_same_impl(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1,
-             const float *bias, float *y, const vcfg *cfg, const int BE, const int DE, const int KE)
+             const float *bias, float *y, const vqm_vcfg *cfg, const int BE, const int DE, const int KE)
 {
     const int64_t k = w->k, d = w->d, R = w->rows_per_block, C = w->cols_per_block;
     const int64_t ncb = vqm_cdiv(k, C);
@@ -715,10 +699,12 @@ vq_same_impl(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1
                 }
                 a0 = at[0]; a1 = at[1]; a2 = at[2]; a3 = at[3];
             }
+            VQM_MCA_BEGIN("avx2.vq_same.finish", BE, DE, KE, 0);
             __m128i isum = hsum4_i32(a0, a1, a2, a3);
             __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(isum), _mm_set1_ps(xp->xs[cb]));
             v = _mm_mul_ps(v, _mm_set1_ps(_cvtsh_ss(w->scale[rb * ncb + cb])));
             acc = _mm_add_ps(acc, v);
+            VQM_MCA_END("avx2.vq_same.finish", BE, DE, KE, 0);
         }
         float out[4];
         _mm_storeu_ps(out, acc);
@@ -732,7 +718,7 @@ vq_same_impl(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1
  * together and scaled in one vector (float tolerance, not bit-exact). */
 static inline __attribute__((always_inline)) void
 vq_same_f32(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1,
-            const float *bias, float *y, const vcfg *cfg, const int BE, const int DE, const int KE)
+            const float *bias, float *y, const vqm_vcfg *cfg, const int BE, const int DE, const int KE)
 {
     const int64_t k = w->k, d = w->d, R = w->rows_per_block, C = w->cols_per_block;
     const int64_t ncb = vqm_cdiv(k, C);
@@ -806,7 +792,7 @@ vq_same_f32(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1,
 
 #define VQ_INST(BE, DE, KE)                                                                         \
     static void vq_##BE##_##DE##_##KE(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0,     \
-                                      int64_t r1, const float *bias, float *y, const vcfg *cfg,    \
+                                      int64_t r1, const float *bias, float *y, const vqm_vcfg *cfg,    \
                                       int int8)                                                     \
     {                                                                                               \
         if (int8) {                                                                                 \
@@ -835,8 +821,8 @@ static void avx2_vq_rows(const vqm_vq_weight *w, const vqm_layout *lay, const vq
                          int64_t r0, int64_t r1, const float *bias, float *y, int flags)
 {
     (void)lay;
-    vcfg c;
-    if (!vq_cfg(w, &c)) abort();
+    vqm_vcfg c;
+    if (!vqm_vq_simd_cfg(w, &c)) abort();
     int i8 = (flags & VQM_ACT_INT8) != 0;
 #define CASE(BE, DE, KE) if (c.be == BE && c.de == DE) { vq_##BE##_##DE##_##KE(w, xp, r0, r1, bias, y, &c, i8); return; }
     CASE(4, 1, 16) CASE(4, 2, 16) CASE(4, 4, 16)
@@ -960,6 +946,7 @@ static void int4_g32_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0
             __m128i sA[4], sB[4];
             int64_t g = 0;
             for (; g + 1 < ngfull; g += 2) {
+                VQM_MCA_BEGIN("avx2.int4_g32.loop", 0, 0, 0, 0);
                 if (bi == 0 && r + 16 < n) {
                     const uint8_t *pf = w->codes + (r + 16) * rowbytes + g * pf_grp;
                     for (int64_t o = 0; o < 2 * pf_grp; o += 64) _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
@@ -1024,6 +1011,7 @@ static void int4_g32_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0
                 acc = _mm256_add_ps(acc, v0);
                 __m256 v1 = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(i1), _mm256_set1_ps(xsb[g + 1])), s1);
                 acc = _mm256_add_ps(acc, v1);
+                VQM_MCA_END("avx2.int4_g32.loop", 0, 0, 0, 0);
             }
             for (; g < ng; g++) {
                 __m128 va = int_group4(w, xp, rows, rr, g, bi, 4), vb = int_group4(w, xp, rows + 4, rr + 4, g, bi, 4);
@@ -1111,8 +1099,10 @@ int_rows_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1
                 }
             }
             for (; g < ng; g++) { /* other groups */
+                VQM_MCA_BEGIN("avx2.int_rows.loop", BITS, 0, 0, 0);
                 if (bi == 0) int_prefetch(w, r, g, ng, rowbytes, pf_grp);
                 acc = _mm_add_ps(acc, int_group4(w, xp, rows, rr, g, bi, BITS));
+                VQM_MCA_END("avx2.int_rows.loop", BITS, 0, 0, 0);
             }
             float out[4];
             _mm_storeu_ps(out, acc);

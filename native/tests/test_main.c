@@ -670,6 +670,9 @@ int main(int argc, char **argv)
     for (int p = 0; p < VQM_NPATHS; p++)
         if (vqm_path_available(p)) printf(" %s", vqm_path_name(p));
     printf(" (selected %s)\n", vqm_path_name(vqm_get_path()));
+#if defined(VQM_SIMDE)
+    printf("avx512 runs through SIMDe (test-only build)\n");
+#endif
     test_validation();
     static const int cfg[][4] = { /* d, ncent, R, C */
         { 1, 4, 1, 256 }, { 2, 16, 8, 256 }, { 4, 256, 16, 256 }, { 2, 16, 4, 256 }, { 2, 64, 32, 256 },
