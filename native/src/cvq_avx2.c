@@ -5,16 +5,17 @@
  * buffer (b = 8 / 16: one widening load per 8 codes; other widths bit by bit),
  * then the codebook entries (v <= 8 int8 values) are read directly from the
  * codebook, which for the mobile configurations stays in L1:
- *  int8 activations, v = 4: eight columns' entries per vpgatherdd, transposed per
+ *  int8 activations, v = 4: eight columns' entries (scalar loads + inserts; the
+ *    AVX2 gathers measured three times slower), transposed per
  *    four columns with one pshufb, then pmaddubsw(|w|, sign(x, w)) + pmaddwd:
  *    lanes 0-3 and 4-7 hold partial sums of rows 0..3 (added at the end of the
- *    block). v = 8: four columns per vpgatherdq, entries interleaved as int16
+ *    block). v = 8: four columns per step, entries interleaved as int16
  *    column pairs and multiplied by activation pairs with pmaddwd; other v: two
  *    or four columns per step the same way.
  *    Integer sums are exact, and the finish (float(isum) * xs * scale + acc) is the
  *    reference's operation sequence lane by lane, so results are bit-identical.
  *  float activations: entries converted to f32 and FMA'd (v = 4: eight columns
- *    per gather, two columns per vector).
+ *    per step, two columns per vector).
  * Batch 1 (decode) is compiled apart so that the accumulators stay in registers.
  */
 #include "cvq_internal.h"
@@ -34,6 +35,41 @@ static inline __attribute__((always_inline)) __m128i entry(const int8_t *p, cons
     uint64_t u = 0;
     memcpy(&u, p, (size_t)v);
     return _mm_cvtsi64_si128((long long)u);
+}
+
+static inline __attribute__((always_inline)) int32_t ld4(const int8_t *p)
+{
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* the 4-byte entries of 8 columns (v = 4) or the 8-byte entries of 4 columns (v = 8), one load each: on the CPUs
+ * measured, vpgatherdd / vpgatherdq took three times as long as these loads and inserts */
+static inline __attribute__((always_inline)) __m256i load8x4(const int8_t *cb, const uint32_t *ix)
+{
+    __m128i lo = _mm_cvtsi32_si128(ld4(cb + ix[0] * 4)), hi = _mm_cvtsi32_si128(ld4(cb + ix[4] * 4));
+    lo = _mm_insert_epi32(lo, ld4(cb + ix[1] * 4), 1);
+    hi = _mm_insert_epi32(hi, ld4(cb + ix[5] * 4), 1);
+    lo = _mm_insert_epi32(lo, ld4(cb + ix[2] * 4), 2);
+    hi = _mm_insert_epi32(hi, ld4(cb + ix[6] * 4), 2);
+    lo = _mm_insert_epi32(lo, ld4(cb + ix[3] * 4), 3);
+    hi = _mm_insert_epi32(hi, ld4(cb + ix[7] * 4), 3);
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+}
+
+static inline __attribute__((always_inline)) int64_t ld8(const int8_t *p)
+{
+    int64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+static inline __attribute__((always_inline)) __m256i load4x8(const int8_t *cb, const uint32_t *ix)
+{
+    __m128i lo = _mm_insert_epi64(_mm_cvtsi64_si128(ld8(cb + ix[0] * 8)), ld8(cb + ix[1] * 8), 1);
+    __m128i hi = _mm_insert_epi64(_mm_cvtsi64_si128(ld8(cb + ix[2] * 8)), ld8(cb + ix[3] * 8), 1);
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
 }
 
 /* codes [c0, c0 + cnt) of a row as uint32, clamped to ncent - 1 when ncent is not a power of two */
@@ -58,8 +94,8 @@ static inline void decode(const uint8_t *row, int64_t c0, int cnt, int b, unsign
 #define NBATCH (NB ? NB : nb)
 
 /* exact integer sums of one stage over a block, per batch row: lanes t (v <= 4: lanes t and 4 + t, folded at the
- * end). v = 4 and v = 8 gather 8 resp. 4 columns' entries with one vpgatherdd / vpgatherdq (the entry is exactly the
- * gathered element, so nothing past the codebook is read) and interleave them into column pairs with one pshufb. */
+ * end). v = 4 and v = 8 read 8 resp. 4 columns' entries at once (load8x4 / load4x8) and rearrange them with one
+ * pshufb. */
 static inline __attribute__((always_inline)) void block_isum(const int8_t *cb, const uint32_t *idx, int len,
                                                              const cvq_prep *p, int blk, int64_t nb, const int v,
                                                              const int NB, __m256i *acc)
@@ -77,8 +113,7 @@ static inline __attribute__((always_inline)) void block_isum(const int8_t *cb, c
         const __m256i ones = _mm256_set1_epi16(1);
         const int qoff = p->qoff[poff_blk];
         for (; c + 8 <= len; c += 8) {
-            __m256i g = _mm256_i32gather_epi32((const int *)(const void *)cb,
-                                               _mm256_loadu_si256((const __m256i *)(const void *)(idx + c)), 4);
+            __m256i g = load8x4(cb, idx + c);
             g = _mm256_shuffle_epi8(g, shuf);
             const __m256i a = _mm256_abs_epi8(g);
             for (int64_t bi = 0; bi < NBATCH; bi++) {
@@ -92,8 +127,7 @@ static inline __attribute__((always_inline)) void block_isum(const int8_t *cb, c
         const __m256i shuf = _mm256_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15,
                                               0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
         for (; c + 4 <= len; c += 4) {
-            __m256i g = _mm256_i32gather_epi64((const long long *)(const void *)cb,
-                                               _mm_loadu_si128((const __m128i *)(const void *)(idx + c)), 8);
+            __m256i g = load4x8(cb, idx + c);
             g = _mm256_shuffle_epi8(g, shuf);
             const __m256i e0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(g));       /* pair (0,1), rows 0..7 */
             const __m256i e1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(g, 1));  /* pair (2,3) */
@@ -130,7 +164,7 @@ static inline __attribute__((always_inline)) void block_isum(const int8_t *cb, c
             acc[bi] = _mm256_add_epi32(acc[bi], _mm256_permute2x128_si256(acc[bi], acc[bi], 0x81));
 }
 
-/* float sums of one stage over a block, per batch row (lanes t). v = 4: 8 columns' entries per gather, two columns
+/* float sums of one stage over a block, per batch row (lanes t). v = 4: 8 columns' entries per step, two columns
  * per vector (lanes 0..3 and 4..7, folded at the end). */
 static inline __attribute__((always_inline)) void block_fsum(const int8_t *cb, const uint32_t *idx, int len,
                                                              const cvq_prep *p, int64_t c0, int64_t nb, const int v,
@@ -142,8 +176,7 @@ static inline __attribute__((always_inline)) void block_fsum(const int8_t *cb, c
         const __m256i s0 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), s1 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
         const __m256i s2 = _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5), s3 = _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7);
         for (; c + 8 <= len; c += 8) {
-            __m256i g = _mm256_i32gather_epi32((const int *)(const void *)cb,
-                                               _mm256_loadu_si256((const __m256i *)(const void *)(idx + c)), 4);
+            __m256i g = load8x4(cb, idx + c);
             const __m128i lo = _mm256_castsi256_si128(g), hi = _mm256_extracti128_si256(g, 1);
             const __m256 e0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
             const __m256 e1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(lo, lo)));
