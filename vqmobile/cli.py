@@ -39,9 +39,9 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune-lr", type=float, default=QuantConfig.finetune_lr,
                    help=f"Adam step size relative to each parameter's RMS (default {QuantConfig.finetune_lr:g})")
     g.add_argument("--finetune-epochs", type=int, default=QuantConfig.finetune_epochs,
-                   help=f"passes over the calibration data (default {QuantConfig.finetune_epochs})")
+                   help=f"passes over the training sequences (default {QuantConfig.finetune_epochs})")
     g.add_argument("--finetune-samples", type=int, default=QuantConfig.finetune_samples,
-                   help=f"model: calibration sequences to train on, 0 = all (default {QuantConfig.finetune_samples})")
+                   help=f"calibration sequences to train on, 0 = all (default {QuantConfig.finetune_samples})")
 
 
 def build_config(args: argparse.Namespace):

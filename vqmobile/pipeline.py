@@ -166,7 +166,7 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration: torch.Tensor |
         hessians.clear()
         if tune_layers:
             rep, outs = finetune_layer(layer, inputs, targets, epochs=config.finetune_epochs, lr=config.finetune_lr,
-                                       index=i, progress=bar.set_postfix_str)
+                                       samples=config.finetune_samples, index=i, progress=bar.set_postfix_str)
             tuned.append(rep.to_dict())
             inputs = [(out, kwargs) for out, (_, kwargs) in zip(outs, inputs)]
         elif inputs is not None:

@@ -30,9 +30,9 @@ class QuantConfig(ABC):
 
     embedding: str = "int8"
     finetune: str = "none"
-    finetune_lr: float = 1e-3  # Adam's step size relative to each parameter tensor's RMS
-    finetune_epochs: int = 2  # layer: passes over the calibration batches; model: over finetune_samples sequences
-    finetune_samples: int = 32  # model: calibration sequences it trains on (0 = all)
+    finetune_lr: float = 1e-2  # Adam's step size relative to each parameter tensor's RMS
+    finetune_epochs: int = 2  # passes over the finetune_samples sequences
+    finetune_samples: int = 32  # calibration sequences the fine-tuning trains on (0 = all)
 
     def __post_init__(self) -> None:
         if self.embedding not in EMBEDDINGS:

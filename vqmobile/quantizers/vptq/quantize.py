@@ -53,11 +53,12 @@ def column_scales(w: torch.Tensor) -> torch.Tensor:
     return torch.where(s > 0, s, torch.ones_like(s))
 
 
-def _fit(x: torch.Tensor, wt: torch.Tensor, k: int, cfg, gen: torch.Generator, threads) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Hessian-weighted k-means of x [1, M, v] with weights wt: (int8-rounded codebook [k, v], assignment [M], iters)."""
-    with num_threads(threads(x.shape[1] * k * x.shape[2])):
-        seed = cbk.kmeanspp_seed(x, wt, k, gen)
-        cb, assign, iters = cbk.kmeans(x, wt, seed, cfg.kmeans_iters, cfg.kmeans_tol)
+def _fit(x: torch.Tensor, wt: torch.Tensor, k: int, cfg, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Hessian-weighted k-means of x [1, M, v] with weights wt: (int8-rounded codebook [k, v], assignment [M], iters).
+    Runs on the column pass's one thread: on SmolLM2's layers, EM's bincounts and sums and the Cholesky inverse ran
+    3.5x slower on two threads of a loaded 2-core machine (one layer's seven linears: 53 s against 15 s)."""
+    seed = cbk.kmeanspp_seed(x, wt, k, gen)
+    cb, assign, iters = cbk.kmeans(x, wt, seed, cfg.kmeans_iters, cfg.kmeans_tol)
     return quantize_codebooks(cb[0], "int8")[0], assign[0], iters
 
 
@@ -70,8 +71,7 @@ def _quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg, threads) -> tupl
 
     perm = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
     hp = hessian[perm][:, perm]
-    with num_threads(threads(cols ** 3)):
-        w, u = inverse_cholesky(weight[:, perm], hp, cfg.damp)  # w: a copy, dead columns zeroed
+    w, u = inverse_cholesky(weight[:, perm], hp, cfg.damp)  # w: a copy, dead columns zeroed; one thread (see _fit)
     scale = column_scales(w)
     hdiag = torch.diagonal(hp).clamp(min=0)
     rowmask = torch.zeros(nv * v)
@@ -85,11 +85,11 @@ def _quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg, threads) -> tupl
     for c0, c1 in geom.bounds():
         x = vecs[c0:c1].reshape(1, -1, v)
         wt = ((hdiag[c0:c1] * scale[c0:c1] ** 2)[:, None, None] * rowmask[None]).reshape(1, -1, v)
-        cb, assign, it = _fit(x, wt, geom.k, cfg, gen, threads)
+        cb, assign, it = _fit(x, wt, geom.k, cfg, gen)
         cbs.append(cb)
         stats["kmeans_iters"].append(it)
         if geom.res_k:
-            rcb, _, it = _fit(x - cb[assign][None], wt, geom.res_k, cfg, gen, threads)
+            rcb, _, it = _fit(x - cb[assign][None], wt, geom.res_k, cfg, gen)
             rcbs.append(rcb)
             stats["kmeans_iters"].append(it)
     t_kmeans = time.perf_counter() - te
