@@ -259,19 +259,61 @@ def test_reload_equals_the_in_memory_model(vptq_checkpoint):
         assert entry["bytes"] == stored_bits(VPTQConfig(v=4, k=16, res_k=4, outlier=0.05), *mods[name].qweight.shape) // 8
 
 
-def test_export_and_check_pass(vptq_checkpoint, tmp_path):
+@pytest.fixture(scope="module")
+def vptq_bundle(vptq_checkpoint, tmp_path_factory):
     import vqmobile.export as ve
     from vqmobile.export.runtime.build import host_target
 
     path, _, _ = vptq_checkpoint
-    res = ve.export_bundle(str(path), str(tmp_path / "b"), target=host_target(), formats=["executorch", "onnx"],
-                           max_seq=128, progress=None)
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    res = ve.export_bundle(str(path), str(out), target=host_target(), formats=["executorch", "onnx"], max_seq=128,
+                           progress=None)
+    return out, res
+
+
+def test_export_and_check_pass(vptq_bundle):
+    import vqmobile.export as ve
+
+    out, res = vptq_bundle
     assert res["pte"]["custom_ops"]["vqmobile.cvq_linear.out"] == 35
     assert res["onnx"]["custom_nodes"]["CVQLinear"] == 35 and not res["standard_op_layers"]
-    ok, table, record = ve.check_bundle(str(tmp_path / "b"), windows=2)
+    ok, table, record = ve.check_bundle(str(out), windows=2)
     assert ok, table
     rows = {r["runtime"]: r for r in record["rows"]}
     assert rows["executorch"]["max_abs_logit_diff"] < 1e-3 and rows["onnxruntime"]["max_abs_logit_diff"] < 1e-3
+
+
+def test_executorch_cvq_op_is_bit_exact(vptq_bundle, vptq_checkpoint, tmp_path):
+    """cvq_linear.out as the bundle's adapter runs it inside ExecuTorch returns exactly what the PyTorch operator
+    returns, with int8 and float activations, at decode and prefill batch (both call the native kernels)."""
+    from vqmobile.export.et_runtime import load_adapter, portable_lib
+    from vqmobile.export.executorch_export import lower_to_executorch
+
+    out, _ = vptq_bundle
+    load_adapter(out / "lib" / "libvqmobile_executorch.so")
+    layer = checkpoint.load(vptq_checkpoint[0]).model.model.layers[2].mlp.down_proj  # 64 x 172: partial blocks
+    gen = torch.Generator().manual_seed(3)
+
+    class One(torch.nn.Module):
+        def __init__(self, lin):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x):
+            return self.lin(x)
+
+    for act in (True, False):
+        mod = One(copy.copy(layer))
+        mod.lin.act_int8 = act
+        for rows in (1, 5):
+            x = torch.randn(rows, layer.in_features, generator=gen) * 2
+            with torch.no_grad():
+                want = mod(x)
+                ep = torch.export.export(mod, (x,), strict=False)
+            pte = tmp_path / f"cvq-{act}-{rows}.pte"
+            pte.write_bytes(lower_to_executorch(ep).buffer)
+            got = portable_lib()._load_for_executorch(str(pte)).forward((x,))[0]
+            assert torch.equal(got, want), (act, rows, (got - want).abs().max())
 
 
 def test_cli_quantize_vptq(tmp_path, capsys):
