@@ -258,7 +258,7 @@ def export_bundle(model_spec: str, out: str, *, target: str, formats: list[str],
             library = {"path": f"{LIB_DIR}/{lib.name}", "target": target,
                        "registers": ["vqmobile::vq_linear.out", "vqmobile::int_linear.out",
                                      "vqmobile::dense_linear.out", "vqmobile::e8p_linear.out",
-                                     "vqmobile::hadamard.out"],
+                                     "vqmobile::hadamard.out", "vqmobile::cvq_linear.out"],
                        "links": "libexecutorch.so (executorch 1.5.1)"}
             runner = build_runner(target, progress=say)
             (tmp / BIN_DIR).mkdir()

@@ -7,6 +7,11 @@ every quantized linear as one node of the custom domain ``vqmobile``:
         attributes n, k, bits, group  (symmetric weights get zeros = 2^(bits-1) as a [1, groups] constant)
     vqmobile.E8PLinear2 / 3 / 4(x, codes uint8, scales float, bias float) -> y   attributes n, k (QuIP#)
     vqmobile.Hadamard / HadamardT(x, signs uint8, had int8) -> y   attributes m, p (incoherent weights)
+    vqmobile.CVQLinear(x, indices uint8, codebook int8, codebook_scale fp16, col_scale fp16, perm int16,
+                       res_indices uint8, res_codebook int8, res_scale fp16, bias float) -> y
+        attributes n, k, v, outlier_cols, cols_per_group, bits, res_bits  (the column-vector VQ of VPTQ; without a
+        residual stage: a zero [G, 1, v] codebook, zero scales and all-zero 1-bit indices made by ConstantOfShape, so
+        the file stores nothing for it)
 
 The packed tensors are the node's initializers, so the file keeps the weights compressed. The semantics of both ops
 are given by ONNX model-local functions (BitShift / Gather / Reshape / MatMul ...), so stock onnxruntime runs the
@@ -91,6 +96,26 @@ def _register_symbolics() -> None:
         y.setType(x.type())
         return y
 
+    @sh.parse_args("v", "v", "v", "v", "v", "v", "v", "v", "v", "v", "i", "i", "i", "i", "i", "b")
+    def cvq_linear(g, x, indices, codebook, scale, col_scale, perm, res_indices, res_codebook, res_scale, bias, n, k,
+                   v, outlier_cols, cols_per_group, act_int8):
+        _float_activations(act_int8)
+        groups, ncent = (int(s) for s in sh._get_tensor_sizes(codebook)[:2])
+        nv = -(-n // v)
+        if sh._is_none(res_codebook):
+            res_codebook = g.op("Constant", value_t=torch.zeros(groups, 1, v, dtype=torch.int8))
+            res_scale = g.op("Constant", value_t=torch.zeros(groups, dtype=torch.float16))
+            res_indices = g.op("ConstantOfShape", g.op("Constant", value_t=torch.tensor([nv, -(-k // 8)])),
+                               value_t=torch.zeros(1, dtype=torch.uint8))
+            res_bits = 1
+        else:
+            res_bits = max(1, (int(sh._get_tensor_sizes(res_codebook)[1]) - 1).bit_length())
+        return _typed(g.op(f"{DOMAIN}::CVQLinear", x, indices, codebook, scale, col_scale, perm, res_indices,
+                           res_codebook, res_scale, _bias(g, bias, n), n_i=n, k_i=k, v_i=v,
+                           outlier_cols_i=outlier_cols, cols_per_group_i=cols_per_group,
+                           bits_i=max(1, (ncent - 1).bit_length()), res_bits_i=res_bits), x, n)
+
+    register_custom_op_symbolic(f"{DOMAIN}::cvq_linear", cvq_linear, OPSET)
     register_custom_op_symbolic(f"{DOMAIN}::dense_linear", dense_linear, OPSET)
     register_custom_op_symbolic(f"{DOMAIN}::vq_linear", vq_linear, OPSET)
     register_custom_op_symbolic(f"{DOMAIN}::int_linear", int_linear, OPSET)
@@ -278,13 +303,51 @@ def hadamard_function(transpose: bool):
                                 b.nodes, [helper.make_opsetid("", OPSET)], attributes=["m", "p"])
 
 
+def cvq_function():
+    from onnx import helper
+
+    b = _Body("cvq")
+    n, k, v = b.attr_int("n"), b.attr_int("k"), b.attr_int("v")
+    outl, cpg = b.attr_int("outlier_cols"), b.attr_int("cols_per_group")
+    bits, res_bits = b.attr_int("bits"), b.attr_int("res_bits")
+    one, zero = b.const(1, "int64"), b.const(0, "int64")
+    # x' = x[..., perm] * col_scale
+    xp = b.op("Mul", b.op("Gather", "x", b.op("Cast", "perm", to=7), axis=-1), b.op("Cast", "col_scale", to=1))
+    # codebook group of every stored column: 0 for the outliers, then (outliers > 0) + (c - outliers) / cpg
+    col = b.op("Range", zero, k, one)
+    after = b.op("Add", b.op("Cast", b.op("Greater", outl, zero), to=7), b.op("Div", b.op("Sub", col, outl), cpg))
+    grp = b.op("Unsqueeze", b.op("Where", b.op("Less", col, outl), b.op("Mul", col, zero), after),
+               b.const([0], "int64"))  # [1, K]
+
+    def stage(indices: str, codebook: str, scale: str, nbits: str) -> str:
+        idx = b.op("Cast", b.unpack(indices, k, nbits), to=7)  # int64 [NV, K]
+        ncent = b.op("Gather", b.op("Shape", codebook), b.const(1, "int64"))
+        table = b.op("Reshape", b.op("Mul", b.op("Cast", codebook, to=1),
+                                     b.op("Unsqueeze", b.op("Cast", scale, to=1), b.const([1, 2], "int64"))),
+                     b.op("Concat", b.const([-1], "int64"), b.unsqueeze0(v), axis=0))  # [G*ncent, v]
+        vals = b.op("Gather", table, b.op("Add", b.op("Mul", grp, ncent), idx), axis=0)  # [NV, K, v]
+        return b.op("Transpose", vals, perm=[0, 2, 1])  # [NV, v, K]
+
+    w = b.op("Add", stage("indices", "codebook", "codebook_scale", bits),
+             stage("res_indices", "res_codebook", "res_scale", res_bits))
+    w = b.op("Reshape", w, b.op("Concat", b.const([-1], "int64"), b.unsqueeze0(k), axis=0))  # [NV*v, K]
+    w = b.op("Slice", w, b.const([0], "int64"), b.unsqueeze0(n), b.const([0], "int64"))  # [N, K]
+    _linear_tail(b, xp, w, "bias")
+    return helper.make_function(
+        DOMAIN, "CVQLinear", ["x", "indices", "codebook", "codebook_scale", "col_scale", "perm", "res_indices",
+                              "res_codebook", "res_scale", "bias"], ["y"], b.nodes,
+        [helper.make_opsetid("", OPSET)],
+        attributes=["n", "k", "v", "outlier_cols", "cols_per_group", "bits", "res_bits"])
+
+
 def attach_functions(model) -> None:
     """Add the model-local functions for the vqmobile nodes the graph uses, the domain import and IR version."""
     from onnx import helper
 
     used = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
     have = {(f.domain, f.name) for f in model.functions}
-    extra = [e8p_function(bits) for bits in (2, 3, 4) if f"E8PLinear{bits}" in used]
+    extra = [cvq_function()] if "CVQLinear" in used else []
+    extra += [e8p_function(bits) for bits in (2, 3, 4) if f"E8PLinear{bits}" in used]
     extra += [hadamard_function(t) for t in (False, True) if ("HadamardT" if t else "Hadamard") in used]
     for fn in (vq_function(), int_function(), *extra):
         if fn.name in used and (fn.domain, fn.name) not in have:

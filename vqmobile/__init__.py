@@ -28,6 +28,7 @@ _EXPORTS = {
     "quantize_": (".pipeline", "quantize_"),
     "GPTQConfig": (".quantizers.gptq", "GPTQConfig"), "GPTVQConfig": (".quantizers.gptvq", "GPTVQConfig"),
     "QuIPConfig": (".quantizers.quip", "QuIPConfig"), "RTNConfig": (".quantizers.rtn", "RTNConfig"),
+    "VPTQConfig": (".quantizers.vptq", "VPTQConfig"),
 }
 __all__ = sorted(_EXPORTS)
 

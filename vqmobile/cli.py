@@ -79,9 +79,41 @@ def _add_quip_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     return g
 
 
+def _add_vptq_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    g = p.add_argument_group("VPTQ (--method vptq)")
+    g.add_argument("--vptq-preset", default=None,
+                   help="mobile: v=4 k=256 (2 bits, 1 KB codebook); mobile-res: v=8 k=256 + residual 256; "
+                        "mobile3: v=4 k=256 + residual 16 (3 bits); paper: v=6 k=4096 (2 bits)")
+    g.add_argument("--vptq-v", type=int, default=None, help="vector length, output rows per vector (1..8)")
+    g.add_argument("--vptq-k", type=int, default=None, help="centroids of the main codebook (default 256)")
+    g.add_argument("--vptq-res-k", type=int, default=None, help="centroids of the residual codebook (0: none)")
+    g.add_argument("--vptq-outlier", type=float, default=None,
+                   help="fraction of columns (largest Hessian diagonal) with their own codebook, e.g. 0.01")
+    g.add_argument("--vptq-group", type=int, default=None, help="columns per codebook group (0: one group)")
+    g.add_argument("--kmeans-iters", type=int, default=25, help="max k-means iterations per codebook (default 25)")
+    g.add_argument("--vptq-damp", type=float, default=0.01, help="Hessian dampening, fraction of the mean diagonal")
+    g.add_argument("--vptq-block-size", type=int, default=128, help="lazy-batch width of the column pass")
+    return g
+
+
+def _add_finetune_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("fine-tuning (any method)")
+    g.add_argument("--finetune", default=None,
+                   help="after quantizing: Adam on the continuous quantization parameters (codebooks, scales) and "
+                        "norm weights, indices fixed; layer: each decoder layer towards the float layer's outputs; "
+                        "model: the whole model towards the float logits (KL); layer+model: both (default none)")
+    g.add_argument("--finetune-lr", type=float, default=None,
+                   help="Adam step size relative to each parameter's RMS (default 1e-2)")
+    g.add_argument("--finetune-epochs", type=int, default=None, help="passes over the training sequences (default 2)")
+    g.add_argument("--finetune-samples", type=int, default=None,
+                   help="calibration sequences to train on, 0 = all (default 32)")
+
+
 def _shared(args: argparse.Namespace) -> dict[str, Any]:
-    """The options every method takes."""
-    return {"embedding": args.embedding, **({"incoherence": args.incoherence} if args.incoherence else {})}
+    """The options every method takes; those not given keep the config's defaults (which validate them)."""
+    given = {field: getattr(args, field) for field in ("incoherence", "finetune", "finetune_lr", "finetune_epochs",
+                                                       "finetune_samples")}
+    return {"embedding": args.embedding, **{k: v for k, v in given.items() if v is not None}}
 
 
 def _rtn_config(args: argparse.Namespace):
@@ -103,6 +135,18 @@ def _quip_config(args: argparse.Namespace):
 
     return QuIPConfig(bits=2 if args.bits is None else args.bits, rms=args.quip_rms, resid_scale=args.quip_resid_scale,
                       damp=args.quip_damp, block_size=args.quip_block_size, **_shared(args))
+
+
+def _vptq_config(args: argparse.Namespace):
+    from .quantizers.vptq import VPTQConfig
+
+    overrides: dict[str, Any] = {"kmeans_iters": args.kmeans_iters, "damp": args.vptq_damp,
+                                 "block_size": args.vptq_block_size, "seed": args.seed, **_shared(args)}
+    for arg, field in (("vptq_v", "v"), ("vptq_k", "k"), ("vptq_res_k", "res_k"), ("vptq_outlier", "outlier"),
+                       ("vptq_group", "group")):
+        if getattr(args, arg) is not None:
+            overrides[field] = getattr(args, arg)
+    return VPTQConfig.from_preset(args.vptq_preset, **overrides)
 
 
 def _gptvq_config(args: argparse.Namespace):
@@ -131,12 +175,14 @@ OPTION_GROUPS: dict[str, Callable[[argparse.ArgumentParser], argparse._ArgumentG
     "integer": _add_int_args,
     "gptvq": _add_gptvq_args,
     "quip": _add_quip_args,
+    "vptq": _add_vptq_args,
 }
 METHODS: dict[str, Method] = {
     "rtn": Method(("bits", "integer"), _rtn_config, calibrated=False),
     "gptq": Method(("bits", "integer"), _gptq_config),
     "gptvq": Method(("gptvq",), _gptvq_config),
     "quip": Method(("bits", "quip"), _quip_config),
+    "vptq": Method(("vptq",), _vptq_config),
 }
 
 
@@ -216,6 +262,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
           f"{m['bits_per_weight']:.4f} bits per weight (every overhead included), "
           f"{m['quantized_bytes'] / 1e6:.2f} MB packed{emb_text} + {m['float_bytes'] / 1e6:.2f} MB float; "
           f"quantized in {res.report.seconds:.1f} s, peak RSS {res.report.peak_rss_mb:.0f} MB")
+    layers = [r for r in res.report.finetune if r["scope"] != "model"]
+    if layers:
+        print(f"fine-tuned {len(layers)} decoder layers ({sum(r['kept'] for r in layers)} improved): mean relative "
+              f"output error {sum(r['loss_before'] for r in layers) / len(layers):.4g} -> "
+              f"{sum(r['loss_after'] for r in layers) / len(layers):.4g} in {sum(r['seconds'] for r in layers):.0f} s")
+    for r in res.report.finetune:
+        if r["scope"] == "model":
+            print(f"fine-tuned the model: KL to the float logits {r['loss_before']:.4g} -> {r['loss_after']:.4g} "
+                  f"({r['steps']} steps, {r['seconds']:.0f} s{'' if r['kept'] else ', not kept: no improvement'})")
     if args.eval_windows:
         ck = load(res.out)
         print(evaluate(ck.model, ck.tokenizer, windows=args.eval_windows, progress=not args.quiet))
@@ -408,6 +463,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="incoherence processing (QuIP#'s random Hadamard transforms around each layer, undone at "
                         "run time), for any method (default: hadamard for quip, none otherwise)")
     groups = {name: add(p) for name, add in OPTION_GROUPS.items()}
+    _add_finetune_args(p)
     _add_calibration_args(p)
     p.set_defaults(func=cmd_quantize, option_groups={
         name: [(a.option_strings[-1], a.dest, a.default) for a in g._group_actions] for name, g in groups.items()})

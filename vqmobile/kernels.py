@@ -1,10 +1,10 @@
 """Python boundary of the native kernels (``vqmobile._native``, built by cffi from native/).
 
 This module owns: the calls into the C kernels for ``y = W x + b`` with vector-quantized (GPTVQ) weights
-(:func:`vq_linear`), group-wise integer weights (:func:`int_linear`) and E8P lattice-codebook weights (QuIP#,
-:func:`e8p_linear`), the random Hadamard transform of incoherent weights (:func:`hadamard`), GPTVQ's
-nearest-centroid search (:func:`nearest`), their one-time validation
-(:func:`validate_vq`, :func:`validate_int`), the thread and implementation-path controls
+(:func:`vq_linear`), group-wise integer weights (:func:`int_linear`), column-vector VQ (VPTQ) weights
+(:func:`cvq_linear`) and E8P lattice-codebook weights (QuIP#, :func:`e8p_linear`), the random Hadamard transform of
+incoherent weights (:func:`hadamard`), the nearest-centroid search of GPTVQ and VPTQ (:func:`nearest`), their one-time
+validation (:func:`validate_vq`, :func:`validate_cvq`, :func:`validate_int`), the thread and implementation-path controls
 (:func:`set_num_threads`, :func:`available_paths`, :func:`active_path`, :func:`set_path`, :func:`force_path`), and
 plain numpy reference decoders (:func:`dequantize_vq`, :func:`dequantize_int`) used by tests and benchmarks.
 
@@ -16,6 +16,7 @@ Formats (read directly, no conversion; see native/README.md):
 - int: ``codes`` uint8 [n, ceil(k*bits/8)] (same bitstream, unsigned q), ``scales`` fp16 [n, ceil(k/group)],
   ``zeros`` uint8 [n, ceil(k/group)] or None (symmetric, zero = 2**(bits-1));
   ``W[r, c] = (q[r, c] - zero[r, c//group]) * scales[r, c//group]``.
+- column-vector VQ (VPTQ): see vqmobile/formats/cvqweight.py and native/include/vqmobile.h (``vqm_cvq_weight``).
 
 Here ``n``/``k`` are the weight's rows (out features) and columns (in features); the number of centroids is
 ``codebook.shape[2]``. Arrays may be torch CPU tensors or numpy arrays (C-contiguous); fp16 arrays may be
@@ -64,7 +65,7 @@ __all__ = [
     "vq_linear", "int_linear", "validate_vq", "validate_int", "set_num_threads", "get_num_threads",
     "available_paths", "active_path", "set_path", "force_path", "has_kernel", "vq_index_bits",
     "vq_row_bytes", "int_row_bytes", "dequantize_vq", "dequantize_int", "quantize_act", "stream_read",
-    "MAX_KERNEL_BATCH", "nearest", "e8p_linear", "hadamard", "e8p_tables",
+    "MAX_KERNEL_BATCH", "nearest", "e8p_linear", "hadamard", "e8p_tables", "cvq_linear", "validate_cvq",
 ]
 
 MAX_KERNEL_BATCH = 8
@@ -223,7 +224,62 @@ def _int_struct(codes, scales, zeros, n, k, bits, group):
     return w
 
 
+def _cvq_struct(indices, codebook, codebook_scale, col_scale, perm, res_indices, res_codebook, res_scale, n, k, v,
+                outlier_cols, cols_per_group):
+    for nm, val in (("n", n), ("k", k), ("v", v), ("cols_per_group", cols_per_group)):
+        if not isinstance(val, (int, np.integer)) or val < 1:
+            raise ValueError(f"{nm} must be a positive int, got {val!r}")
+    if v > 8 or k > 32768 or n >= 2**31 or not 0 <= outlier_cols < k:
+        raise ValueError(f"cvq parameters out of range: v={v} (<= 8), k={k} (<= 32768), outlier_cols={outlier_cols}")
+    _, cbs, _, _ = _info(codebook, "codebook")
+    if len(cbs) != 3 or cbs[2] != v:
+        raise ValueError(f"codebook must be 3-D [groups, ncent, {v}], got shape {tuple(cbs)}")
+    ng, ncent = int(cbs[0]), int(cbs[1])
+    if ng != (1 if outlier_cols else 0) + _cdiv(k - outlier_cols, cols_per_group):
+        raise ValueError(f"codebook has {ng} groups, the parameters imply "
+                         f"{(1 if outlier_cols else 0) + _cdiv(k - outlier_cols, cols_per_group)}")
+    nv = _cdiv(n, v)
+
+    def bits(c: int) -> int:
+        return max(1, (c - 1).bit_length())
+
+    w = ffi.new("vqm_cvq_weight *")
+    w.n, w.k, w.v, w.ncent = int(n), int(k), int(v), ncent
+    w.outlier_cols, w.cols_per_group = int(outlier_cols), int(cols_per_group)
+    w.indices = ffi.cast("const uint8_t *", _check(indices, "indices", ("uint8",), (nv, _cdiv(k * bits(ncent), 8))))
+    w.codebook = ffi.cast("const int8_t *", _check(codebook, "codebook", ("int8",), (ng, ncent, v)))
+    w.scale = ffi.cast("const uint16_t *", _check(codebook_scale, "codebook_scale", ("float16", "int16", "uint16"), (ng,)))
+    w.col_scale = ffi.cast("const uint16_t *", _check(col_scale, "col_scale", ("float16", "int16", "uint16"), (k,)))
+    w.perm = ffi.cast("const int16_t *", _check(perm, "perm", ("int16",), (k,)))
+    if res_codebook is not None:
+        _, rs, _, _ = _info(res_codebook, "res_codebook")
+        rk = int(rs[1]) if len(rs) == 3 else -1
+        w.res_ncent = rk
+        w.res_indices = ffi.cast("const uint8_t *", _check(res_indices, "res_indices", ("uint8",),
+                                                           (nv, _cdiv(k * bits(max(rk, 2)), 8))))
+        w.res_codebook = ffi.cast("const int8_t *", _check(res_codebook, "res_codebook", ("int8",), (ng, rk, v)))
+        w.res_scale = ffi.cast("const uint16_t *", _check(res_scale, "res_scale", ("float16", "int16", "uint16"), (ng,)))
+    return w
+
+
 # ---------------------------------------------------------------------------------------------- validation
+def validate_cvq(indices: Any, codebook: Any, codebook_scale: Any, col_scale: Any, perm: Any, res_indices: Any = None,
+                 res_codebook: Any = None, res_scale: Any = None, *, n: int, k: int, v: int, outlier_cols: int,
+                 cols_per_group: int) -> None:
+    """Check a column-vector VQ weight once: dtypes, shapes, parameters, every index < its codebook size and perm a
+    permutation. Raises ValueError with a one-line message on the first problem."""
+    w = _cvq_struct(indices, codebook, codebook_scale, col_scale, perm, res_indices, res_codebook, res_scale, n, k, v,
+                    outlier_cols, cols_per_group)
+    bad_row, bad_col = ffi.new("int64_t *", -1), ffi.new("int64_t *", -1)
+    rc = lib.vqm_cvq_validate(w, bad_row, bad_col)
+    if rc == -2:
+        if bad_row[0] < 0:
+            raise ValueError(f"cvq perm is not a permutation of 0..{k - 1} (position {bad_col[0]})")
+        raise ValueError(f"cvq index out of range: vector row {bad_row[0]}, column {bad_col[0]}")
+    if rc != 0:
+        raise ValueError(f"invalid cvq weight parameters ({_ERRORS.get(rc, rc)}): n={n} k={k} v={v}")
+
+
 def validate_vq(indices: Any, codebook: Any, codebook_scale: Any, *, n: int, k: int, d: int,
                 rows_per_block: int, cols_per_block: int) -> None:
     """Check a VQ weight once (at load): dtypes, shapes, contiguity, parameters and every index < ncent.
@@ -298,6 +354,23 @@ def vq_linear(x: Any, indices: Any, codebook: Any, codebook_scale: Any, *, n: in
     return y
 
 
+def cvq_linear(x: Any, indices: Any, codebook: Any, codebook_scale: Any, col_scale: Any, perm: Any,
+               res_indices: Any = None, res_codebook: Any = None, res_scale: Any = None, *, n: int, k: int, v: int,
+               outlier_cols: int, cols_per_group: int, bias: Any = None, act_int8: bool = False,
+               threads: int | None = None, path: str | None = None) -> Any:
+    """y = x @ W.T + bias for a column-vector VQ (VPTQ) weight W [n, k] (formats/cvqweight.py); the residual stage's
+    three arrays are given together or not at all. Same conventions as :func:`vq_linear`; act_int8 quantizes the
+    permuted, column-scaled activations per block of at most 256 columns of a codebook group."""
+    w = _cvq_struct(indices, codebook, codebook_scale, col_scale, perm, res_indices, res_codebook, res_scale, n, k, v,
+                    outlier_cols, cols_per_group)
+    batch, xp, bp, y, yp = _prep_x(x, k, n, bias)
+    p = -1 if path is None else _path_id(path)
+    rc = lib.vqm_cvq_linear_path(p, w, xp, batch, bp, yp, 1 if act_int8 else 0, _threads(threads))
+    if rc != 0:
+        raise ValueError(f"cvq_linear failed: {_ERRORS.get(rc, rc)}")
+    return y
+
+
 def int_linear(x: Any, codes: Any, scales: Any, zeros: Any, *, n: int, k: int, bits: int, group: int,
                bias: Any = None, act_int8: bool = False, threads: int | None = None,
                path: str | None = None) -> Any:
@@ -319,7 +392,7 @@ def nearest(x: "torch.Tensor", w: "torch.Tensor", centroids: "torch.Tensor", *, 
     """GPTVQ's assignment step: for B problems, the index of the nearest centroid of each vector under the
     per-component weighted squared distance sum_t w_t (x_t - c_t)^2 (first index among equal minima).
 
-    x [B, M, d] float32, w broadcastable to [B, M, d], centroids [B, k, d] (d <= 8, k <= 256) -> int64 [B, M].
+    x [B, M, d] float32, w broadcastable to [B, M, d], centroids [B, k, d] (d <= 8, k <= 65536) -> int64 [B, M].
     Every path returns the reference's exact indices (same float operations per distance)."""
     b, m, d = x.shape
     k = centroids.shape[1]
@@ -411,10 +484,12 @@ def _path_id(name: str) -> int:
     return _PATHS[name]
 
 
-def has_kernel(path: str, *, vq: dict | None = None, int_: dict | None = None, e8p_bits: int | None = None) -> bool:
+def has_kernel(path: str, *, vq: dict | None = None, int_: dict | None = None, e8p_bits: int | None = None,
+               cvq: dict | None = None) -> bool:
     """Whether ``path`` has a specialised kernel for a configuration (else it runs the reference).
 
-    vq: dict(d=, ncent=, rows_per_block=, cols_per_block=); int_: dict(bits=, group=); e8p_bits: 2, 3 or 4."""
+    vq: dict(d=, ncent=, rows_per_block=, cols_per_block=); int_: dict(bits=, group=); e8p_bits: 2, 3 or 4;
+    cvq: dict(v=, ncent=)."""
     pid = _path_id(path)
     if e8p_bits is not None:
         w = ffi.new("vqm_e8p_weight *")
@@ -422,6 +497,13 @@ def has_kernel(path: str, *, vq: dict | None = None, int_: dict | None = None, e
         dummy = ffi.new("uint8_t[4]")
         w.codes, w.scales = dummy, ffi.cast("float *", dummy)
         return bool(lib.vqm_e8p_path_has_kernel(pid, w))
+    if cvq is not None:
+        w = ffi.new("vqm_cvq_weight *")
+        w.n, w.k, w.v, w.ncent, w.cols_per_group = 1, 1, cvq["v"], cvq["ncent"], 1
+        dummy = ffi.new("uint8_t[2]")
+        w.indices, w.codebook, w.scale = dummy, ffi.cast("int8_t *", dummy), ffi.cast("uint16_t *", dummy)
+        w.col_scale, w.perm = ffi.cast("uint16_t *", dummy), ffi.cast("int16_t *", dummy)
+        return bool(lib.vqm_cvq_path_has_kernel(pid, w))
     if vq is not None:
         w = ffi.new("vqm_vq_weight *")
         w.n, w.k, w.d, w.ncent = 1, vq["cols_per_block"], vq["d"], vq["ncent"]

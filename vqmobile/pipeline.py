@@ -4,10 +4,15 @@ Calibration sequences run up to the first decoder layer; then, layer by layer: c
 H = 2 X^T X / n from its real inputs, quantize the layer's linears with the configured method, and run the calibration
 batch through the *quantized* layer to produce the next layer's inputs. Memory stays bounded by one layer's
 activations and Hessians. Methods plug in through QuantConfig; there is no other pipeline.
+
+With `config.finetune` (vqmobile/finetune.py), the float layer's outputs from the Hessian pass are kept as targets and
+the quantized layer is tuned towards them before it produces the next layer's inputs ("layer"), and/or the whole
+quantized model is tuned towards a float copy's logits at the end ("model").
 """
 
 from __future__ import annotations
 
+import copy
 import resource
 import time
 from dataclasses import dataclass, field
@@ -17,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .embedding import quantize_embeddings_
+from .finetune import finetune_layer, finetune_model
 from .hessian import HessianAccumulator
 from .layers import QuantLinear
 from .quantizers.base import QuantConfig
@@ -32,10 +38,11 @@ class QuantizeReport:
     peak_rss_mb: float
     per_layer_seconds: list[float] = field(default_factory=list)
     embedding_max_abs_error: float | None = None  # None: the embedding stayed float
+    finetune: list[dict] = field(default_factory=list)  # one FinetuneReport per tuned layer, then the model's
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("method", "layers", "linears", "seconds", "peak_rss_mb",
-                                               "embedding_max_abs_error")}
+                                               "embedding_max_abs_error", "finetune")}
 
 
 class _StopForward(Exception):
@@ -107,9 +114,11 @@ def _run_layer(layer: nn.Module, inputs) -> list:
     return outputs
 
 
-def _collect_hessians(layer: nn.Module, linears: dict[str, nn.Linear], inputs) -> dict[str, torch.Tensor]:
+def _collect_hessians(layer: nn.Module, linears: dict[str, nn.Linear], inputs, outputs: list | None = None
+                      ) -> dict[str, torch.Tensor]:
     """Each linear's Hessian from one pass of the calibration batch. Linears that read the very same input tensor
-    (q/k/v, gate/up) share one accumulator, so each distinct input costs one X^T X."""
+    (q/k/v, gate/up) share one accumulator, so each distinct input costs one X^T X. The layer's outputs of that pass
+    are appended to `outputs` when given."""
     accs: dict[str, HessianAccumulator] = {}
     seen: dict[int, tuple[torch.Tensor, HessianAccumulator]] = {}  # this batch: id(input) -> (input, accumulator)
 
@@ -128,7 +137,9 @@ def _collect_hessians(layer: nn.Module, linears: dict[str, nn.Linear], inputs) -
     try:
         for batch in inputs:
             seen.clear()
-            _run_layer(layer, [batch])
+            out = _run_layer(layer, [batch])
+            if outputs is not None:
+                outputs.append(out[0][0])
     finally:
         seen.clear()
         for h in handles:
@@ -150,20 +161,28 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration: torch.Tensor |
     """Quantize every linear layer of every decoder layer of `model` in place, then the token embedding (and a head
     tied to it) as config.embedding says; an untied head stays float."""
     check_model(model, config)
-    if config.needs_hessian and calibration is None:
-        raise ValueError(f"method {config.method} needs calibration data")
+    tune_layers = config.finetune in ("layer", "layer+model")
+    tune_model = config.finetune in ("model", "layer+model")
+    if (config.needs_hessian or config.finetune != "none") and calibration is None:
+        raise ValueError(f"method {config.method} with finetune={config.finetune} needs calibration data")
     start = time.perf_counter()
+    teacher = copy.deepcopy(model) if tune_model else None
     layers = decoder_layers(model)
-    inputs, layer_kwargs = _capture_layer_inputs(model, calibration, batch_size) if config.needs_hessian else (None, None)
-    per_layer, nlinears = [], 0
+    need_inputs = config.needs_hessian or tune_layers
+    inputs, layer_kwargs = _capture_layer_inputs(model, calibration, batch_size) if need_inputs else (None, None)
+    per_layer, nlinears, tuned = [], 0, []
     bar = tqdm(layers, desc=f"{config.method}", unit="layer", disable=not progress)
     for i, layer in enumerate(bar):
         t0 = time.perf_counter()
         linears = linear_layers(layer)
         hessians: dict[str, torch.Tensor] = {}
+        targets: list | None = [] if tune_layers else None  # the float layer's outputs
         if inputs is not None:
             inputs = _with_kwargs(inputs, layer_kwargs[i])
-            hessians = _collect_hessians(layer, linears, inputs)
+        if config.needs_hessian:
+            hessians = _collect_hessians(layer, linears, inputs, targets)
+        elif tune_layers:
+            targets = [out for out, _ in _run_layer(layer, inputs)]
         readers: dict[int, str] = {}  # one Hessian per distinct input: the first linear reading it names that input
         for name, lin in linears.items():
             bar.set_postfix_str(f"layer {i} {name}")
@@ -173,9 +192,19 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration: torch.Tensor |
             _set_module(layer, name, QuantLinear(qweight, lin.bias))
             nlinears += 1
         hessians.clear()
-        if inputs is not None:
+        if tune_layers:
+            rep, outs = finetune_layer(layer, inputs, targets, epochs=config.finetune_epochs, lr=config.finetune_lr,
+                                       samples=config.finetune_samples, index=i, progress=bar.set_postfix_str)
+            tuned.append(rep.to_dict())
+            inputs = [(out, kwargs) for out, (_, kwargs) in zip(outs, inputs)]
+        elif inputs is not None:
             inputs = _run_layer(layer, inputs)
         per_layer.append(time.perf_counter() - t0)
+    inputs = None
     emb_err = quantize_embeddings_(model) if config.embedding == "int8" else None
+    if tune_model:
+        tuned.append(finetune_model(model, teacher, calibration, epochs=config.finetune_epochs, lr=config.finetune_lr,
+                                    samples=config.finetune_samples, progress=progress).to_dict())
+        teacher = None
     return QuantizeReport(config.method, len(layers), nlinears, time.perf_counter() - start, peak_rss_mb(), per_layer,
-                          emb_err)
+                          emb_err, tuned)

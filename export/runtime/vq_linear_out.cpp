@@ -10,6 +10,10 @@
 //   vqmobile::e8p_linear.out(Tensor x, Tensor codes, Tensor scales, Tensor? bias, int n, int k, bool act_int8=False,
 //                            *, Tensor(a!) out)
 //   vqmobile::hadamard.out(Tensor x, Tensor signs, Tensor had, int m, int p, bool transpose=False, *, Tensor(a!) out)
+//   vqmobile::cvq_linear.out(Tensor x, Tensor indices, Tensor codebook, Tensor codebook_scale, Tensor col_scale,
+//                            Tensor perm, Tensor? res_indices, Tensor? res_codebook, Tensor? res_scale, Tensor? bias,
+//                            int n, int k, int v, int outlier_cols, int cols_per_group, bool act_int8=False, *,
+//                            Tensor(a!) out)
 // Each calls the native C kernels (native/include/vqmobile.h) with the activation mode recorded in the program
 // (act_int8 -> VQM_ACT_INT8), the same calls the Python operators make (vqmobile/ops/), so the runtime computes
 // what eager PyTorch computes.
@@ -289,6 +293,53 @@ Tensor& hadamard_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& s
   return out;
 }
 
+// vqmobile::cvq_linear.out: the column-vector VQ (VPTQ) format, vqm_cvq_linear.
+Tensor& cvq_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& indices, const Tensor& codebook,
+                       const Tensor& codebook_scale, const Tensor& col_scale, const Tensor& perm,
+                       const std::optional<Tensor>& res_indices, const std::optional<Tensor>& res_codebook,
+                       const std::optional<Tensor>& res_scale, const std::optional<Tensor>& bias, int64_t n, int64_t k,
+                       int64_t v, int64_t outlier_cols, int64_t cols_per_group, bool act_int8, Tensor& out) {
+  const int64_t batch = prepare(ctx, x, n, k, out);
+  if (batch < 0) return out;
+  bool ok;
+  const float* b = bias_ptr(ctx, bias, n, &ok);
+  if (!ok) return out;
+  const bool res = res_codebook.has_value();
+  if (indices.scalar_type() != ScalarType::Byte || codebook.scalar_type() != ScalarType::Char || codebook.dim() != 3 ||
+      codebook_scale.scalar_type() != ScalarType::Half || col_scale.scalar_type() != ScalarType::Half ||
+      perm.scalar_type() != ScalarType::Short || res != res_indices.has_value() || res != res_scale.has_value() ||
+      (res && (res_indices->scalar_type() != ScalarType::Byte || res_codebook->scalar_type() != ScalarType::Char ||
+               res_codebook->dim() != 3 || res_scale->scalar_type() != ScalarType::Half))) {
+    ET_LOG(Error, "vqmobile::cvq_linear: expected uint8 indices, int8 codebooks [G,k,v], fp16 scales, int16 perm");
+    ctx.fail(Error::InvalidArgument);
+    return out;
+  }
+  vqm_cvq_weight w;
+  w.n = (int32_t)n;
+  w.k = (int32_t)k;
+  w.v = (int32_t)v;
+  w.ncent = (int32_t)codebook.size(1);
+  w.res_ncent = res ? (int32_t)res_codebook->size(1) : 0;
+  w.outlier_cols = (int32_t)outlier_cols;
+  w.cols_per_group = (int32_t)cols_per_group;
+  w.indices = indices.const_data_ptr<uint8_t>();
+  w.codebook = codebook.const_data_ptr<int8_t>();
+  w.scale = static_cast<const uint16_t*>(codebook_scale.const_data_ptr());
+  w.res_indices = res ? res_indices->const_data_ptr<uint8_t>() : nullptr;
+  w.res_codebook = res ? res_codebook->const_data_ptr<int8_t>() : nullptr;
+  w.res_scale = res ? static_cast<const uint16_t*>(res_scale->const_data_ptr()) : nullptr;
+  w.col_scale = static_cast<const uint16_t*>(col_scale.const_data_ptr());
+  w.perm = perm.const_data_ptr<int16_t>();
+  if (batch == 0) return out;
+  int rc = vqm_cvq_linear(&w, x.const_data_ptr<float>(), batch, b, out.mutable_data_ptr<float>(),
+                          act_int8 ? VQM_ACT_INT8 : 0, 0);
+  if (rc != VQM_OK) {
+    ET_LOG(Error, "vqmobile::cvq_linear: native kernel failed (%d)", rc);
+    ctx.fail(Error::InvalidArgument);
+  }
+  return out;
+}
+
 namespace {
 
 constexpr char kAttentionName[] = "vqmobile::attention.out";
@@ -297,6 +348,7 @@ constexpr char kVqName[] = "vqmobile::vq_linear.out";
 constexpr char kIntName[] = "vqmobile::int_linear.out";
 constexpr char kE8pName[] = "vqmobile::e8p_linear.out";
 constexpr char kHadName[] = "vqmobile::hadamard.out";
+constexpr char kCvqName[] = "vqmobile::cvq_linear.out";
 
 // registry_has_op_function logs an error for every op it does not find, which would print three alarming lines
 // on each start; scanning the registered kernels says the same silently.
@@ -328,6 +380,9 @@ int register_once() {
   }
   if (!registered_already(kHadName)) {
     (void)executorch::runtime::register_kernel(make_boxed_kernel(kHadName, EXECUTORCH_FN(hadamard_out, kHadName)));
+  }
+  if (!registered_already(kCvqName)) {
+    (void)executorch::runtime::register_kernel(make_boxed_kernel(kCvqName, EXECUTORCH_FN(cvq_linear_out, kCvqName)));
   }
   return 0;
 }

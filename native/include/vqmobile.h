@@ -110,7 +110,8 @@ int vqm_int_path_has_kernel(int path, const vqm_int_weight *w);
  * the terms added in order of t starting from 0.0f, the lowest j among equal
  * minima, and 0 when no distance is below +inf (e.g. NaN input).
  *  x, w: float32 [nb, m, d];  c: float32 [nb, ncent, d];  out: int64 [nb, m].
- *  d in 1..8, ncent in 1..256; threads as for the linear functions.
+ *  d in 1..8, ncent in 1..65536 (VPTQ's codebooks reach 2^16); threads as for
+ *  the linear functions.
  * Every path computes each distance with the reference's float operations in
  * the reference's order, so all paths return identical indices. */
 int vqm_nearest(const float *x, const float *w, const float *c, int64_t nb, int64_t m,
@@ -118,7 +119,7 @@ int vqm_nearest(const float *x, const float *w, const float *c, int64_t nb, int6
 int vqm_nearest_path(int path, const float *x, const float *w, const float *c, int64_t nb,
                      int64_t m, int d, int ncent, int64_t *out, int threads);
 #define VQM_NEAREST_MAX_D 8
-#define VQM_NEAREST_MAX_CENT 256
+#define VQM_NEAREST_MAX_CENT 65536
 
 /* ---- attention over a static KV cache (the exported decoders' layout) ------- */
 /* out[hq, i, :] = softmax_j(scale * q[hq, i, :] . K[h, :, j]) . V[h, j, :] over the positions j the query at
@@ -206,6 +207,55 @@ int vqm_e8p_linear_path(int path, const vqm_e8p_weight *w, const float *x, int64
 int vqm_e8p_path_has_kernel(int path, const vqm_e8p_weight *w);
 /* The decode tables: abs4 int8 [256][8] (A4) and e81 int8 [256][8] (2x E81B). */
 void vqm_e8p_tables(int8_t *abs4, int8_t *e81);
+
+/* ---- column-vector VQ (VPTQ) ----------------------------------------------- */
+/* W is n x k. Stored column c is input column perm[c]; a vector is v consecutive
+ * rows of one stored column, decoded as an axpy into v outputs:
+ *   W[j*v+t, perm[c]] = col_scale[c] * (codebook[g(c), idx[j, c], t] * scale[g(c)]
+ *                            + res_codebook[g(c), ridx[j, c], t] * res_scale[g(c)])
+ * for rows j*v+t < n. Codebook groups g(c): stored columns [0, outlier_cols)
+ * are group 0 when outlier_cols > 0, the rest form groups of cols_per_group.
+ *  indices     : uint8 [ceil(n/v), ceil(k * b / 8)], b = ceil(log2 ncent) <= 16,
+ *                one little-endian bitstream per vector row (code c = column c)
+ *  codebook    : int8  [G, ncent, v];  scale: fp16 [G]
+ *  res_*       : the same for the residual stage (res_ncent 0: none, pointers ignored)
+ *  col_scale   : fp16 [k];  perm: int16 [k], a permutation of 0..k-1
+ * Semantics (native/README.md): x'[c] = x[perm[c]] * col_scale[c]; each group is
+ * cut into activation blocks of VQM_CVQ_ACT_BLOCK stored columns (int8 mode:
+ * x' quantized per block, integer block sums per stage). */
+typedef struct vqm_cvq_weight {
+    int32_t n, k;
+    int32_t v, ncent, res_ncent;
+    int32_t outlier_cols, cols_per_group;
+    const uint8_t *indices;
+    const int8_t *codebook;
+    const uint16_t *scale;
+    const uint8_t *res_indices;
+    const int8_t *res_codebook;
+    const uint16_t *res_scale;
+    const uint16_t *col_scale;
+    const int16_t *perm;
+} vqm_cvq_weight;
+#define VQM_CVQ_MAX_V 8
+#define VQM_CVQ_MAX_CENT 65536
+#define VQM_CVQ_MAX_K 32768
+#define VQM_CVQ_ACT_BLOCK 256
+
+/* Number of codebook groups G, or -1 if the parameters are invalid. */
+int vqm_cvq_groups(const vqm_cvq_weight *w);
+/* Bytes per vector row of the (residual = 1: residual) index array. */
+int64_t vqm_cvq_row_bytes(const vqm_cvq_weight *w, int residual);
+/* Parameters, every index < ncent (and < res_ncent) and perm a permutation.
+ * VQM_OK, VQM_EINVAL or VQM_EINDEX (*bad_row / *bad_col: first bad index; a bad
+ * perm reports row -1 and its position). The kernels clamp indices and perm
+ * entries, so even unvalidated data never reads outside its arrays. */
+int vqm_cvq_validate(const vqm_cvq_weight *w, int64_t *bad_row, int64_t *bad_col);
+/* y[b, :] = W x[b, :] + bias, as vqm_vq_linear. */
+int vqm_cvq_linear(const vqm_cvq_weight *w, const float *x, int64_t batch,
+                   const float *bias, float *y, int flags, int threads);
+int vqm_cvq_linear_path(int path, const vqm_cvq_weight *w, const float *x, int64_t batch,
+                        const float *bias, float *y, int flags, int threads);
+int vqm_cvq_path_has_kernel(int path, const vqm_cvq_weight *w);
 
 #ifdef __cplusplus
 }

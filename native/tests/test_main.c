@@ -406,7 +406,7 @@ static void test_nearest_args(void)
     int64_t o[1];
     g_checks++;
     if (vqm_nearest(v, v, v, 1, 1, 9, 1, o, 1) != VQM_EINVAL || vqm_nearest(v, v, v, 1, 1, 2, 0, o, 1) != VQM_EINVAL ||
-        vqm_nearest(v, v, v, 1, 1, 2, 257, o, 1) != VQM_EINVAL || vqm_nearest(NULL, v, v, 1, 1, 1, 1, o, 1) != VQM_EINVAL ||
+        vqm_nearest(v, v, v, 1, 1, 2, 65537, o, 1) != VQM_EINVAL || vqm_nearest(NULL, v, v, 1, 1, 1, 1, o, 1) != VQM_EINVAL ||
         vqm_nearest(v, v, v, 1, -1, 1, 1, o, 1) != VQM_EINVAL || vqm_nearest(NULL, NULL, NULL, 0, 5, 1, 1, NULL, 1) != VQM_OK) {
         printf("FAIL nearest argument checks\n");
         g_fail++;
@@ -482,6 +482,243 @@ static void test_attention(int heads, int kv, int t, int d, int S, long pos, int
     free(q); free(kc); free(vc); free(out); free(sc);
 }
 
+/* ---------------------------------------------------------------- column-vector VQ (VPTQ) */
+static void put_code(uint8_t *row, long c, int b, unsigned code)
+{
+    for (int i = 0; i < b; i++) {
+        long bit = c * b + i;
+        if ((code >> i) & 1) row[bit / 8] |= (uint8_t)(1u << (bit % 8));
+    }
+}
+
+typedef struct {
+    vqm_cvq_weight w;
+    uint8_t *idx, *ridx;
+    int8_t *cb, *rcb;
+    uint16_t *sc, *rsc, *colsc;
+    int16_t *perm;
+} cvq_case;
+
+static int cvq_bits(int ncent) { int b = 1; while ((1 << b) < ncent) b++; return b; }
+
+/* group of every stored column and the activation block starts (an independent restatement of the format) */
+static int cvq_blocks(const vqm_cvq_weight *w, int *grp_of_col, int *blk_of_col)
+{
+    int g = 0, blk = 0;
+    long c = 0;
+    while (c < w->k) {
+        long e = (w->outlier_cols && g == 0) ? w->outlier_cols : c + w->cols_per_group;
+        if (e > w->k) e = w->k;
+        for (long s = c; s < e; s += VQM_CVQ_ACT_BLOCK, blk++)
+            for (long i = s; i < e && i < s + VQM_CVQ_ACT_BLOCK; i++) { grp_of_col[i] = g; blk_of_col[i] = blk; }
+        c = e;
+        g++;
+    }
+    return blk;
+}
+
+static void cvq_make(cvq_case *t, int v, int ncent, int res_ncent, int outl, int cpg, int n, int k, int extreme)
+{
+    memset(t, 0, sizeof *t);
+    vqm_cvq_weight w = { n, k, v, ncent, res_ncent, outl, cpg, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL };
+    int ng = (outl > 0) + (k - outl + cpg - 1) / cpg;
+    long nv = (n + v - 1) / v;
+    int b = cvq_bits(ncent), rb = res_ncent ? cvq_bits(res_ncent) : 1;
+    long rowb = ((long)k * b + 7) / 8, rrowb = ((long)k * rb + 7) / 8;
+    t->idx = calloc((size_t)(nv * rowb), 1);
+    t->ridx = calloc((size_t)(nv * rrowb), 1);
+    t->cb = malloc((size_t)(ng * ncent * v));
+    t->rcb = malloc((size_t)(ng * (res_ncent ? res_ncent : 1) * v));
+    t->sc = malloc(sizeof(uint16_t) * (size_t)ng);
+    t->rsc = malloc(sizeof(uint16_t) * (size_t)ng);
+    t->colsc = malloc(sizeof(uint16_t) * (size_t)k);
+    t->perm = malloc(sizeof(int16_t) * (size_t)k);
+    for (long j = 0; j < nv; j++)
+        for (long c = 0; c < k; c++) {
+            put_code(t->idx + j * rowb, c, b, extreme ? (unsigned)(extreme & 1 ? ncent - 1 : 0) : rnd() % (unsigned)ncent);
+            if (res_ncent) put_code(t->ridx + j * rrowb, c, rb, extreme ? 0u : rnd() % (unsigned)res_ncent);
+        }
+    /* random padding bits at the end of each row must be ignored */
+    if ((k * b) % 8) for (long j = 0; j < nv; j++) t->idx[j * rowb + rowb - 1] |= (uint8_t)(0xffu << ((k * b) % 8));
+    for (long i = 0; i < (long)ng * ncent * v; i++)
+        t->cb[i] = extreme ? (int8_t)(extreme & 2 ? (i & 1 ? -128 : 127) : 127) : (int8_t)(rnd() & 0xff);
+    for (long i = 0; i < (long)ng * (res_ncent ? res_ncent : 1) * v; i++)
+        t->rcb[i] = extreme ? (int8_t)-127 : (int8_t)(rnd() & 0xff);
+    for (int g = 0; g < ng; g++) {
+        t->sc[g] = extreme ? 0x3c00 : f2h(0.001f + 0.01f * (float)(rnd() % 100) / 100.0f);
+        t->rsc[g] = extreme ? 0x3c00 : f2h(0.0005f + 0.002f * (float)(rnd() % 100) / 100.0f);
+    }
+    for (long c = 0; c < k; c++) {
+        t->colsc[c] = extreme ? 0x3c00 : f2h(0.25f + 2.0f * (float)(rnd() % 100) / 100.0f);
+        t->perm[c] = (int16_t)c;
+    }
+    for (long c = k - 1; c > 0; c--) { /* Fisher-Yates */
+        long o = (long)(rnd() % (unsigned)(c + 1));
+        int16_t tmp = t->perm[c]; t->perm[c] = t->perm[o]; t->perm[o] = tmp;
+    }
+    w.indices = t->idx; w.codebook = t->cb; w.scale = t->sc; w.col_scale = t->colsc; w.perm = t->perm;
+    if (res_ncent) { w.res_indices = t->ridx; w.res_codebook = t->rcb; w.res_scale = t->rsc; }
+    t->w = w;
+}
+
+static void cvq_free(cvq_case *t)
+{
+    free(t->idx); free(t->ridx); free(t->cb); free(t->rcb); free(t->sc); free(t->rsc); free(t->colsc); free(t->perm);
+}
+
+/* y = W x + bias in double from the format's definition; int8: x' quantized per activation block first */
+static void cvq_expect(const vqm_cvq_weight *w, const float *x, long batch, const float *bias, int int8, double *out,
+                       double *mag)
+{
+    int *grp = malloc(sizeof(int) * (size_t)w->k), *blk = malloc(sizeof(int) * (size_t)w->k);
+    int nblk = cvq_blocks(w, grp, blk);
+    int b = cvq_bits(w->ncent), rb = w->res_ncent ? cvq_bits(w->res_ncent) : 1;
+    long rowb = ((long)w->k * b + 7) / 8, rrowb = ((long)w->k * rb + 7) / 8;
+    float *xp = malloc(sizeof(float) * (size_t)w->k), *xs = malloc(sizeof(float) * (size_t)nblk);
+    double *xd = malloc(sizeof(double) * (size_t)w->k);
+    int8_t *q = malloc((size_t)w->k);
+    for (long bi = 0; bi < batch; bi++) {
+        for (long c = 0; c < w->k; c++) xp[c] = x[bi * w->k + w->perm[c]] * vqm_fp16_to_float(w->col_scale[c]);
+        if (int8) {
+            long c = 0;
+            for (int bl = 0; bl < nblk; bl++) {
+                long e = c;
+                while (e < w->k && blk[e] == bl) e++;
+                vqm_quantize_act(xp + c, e - c, e - c, q + c, &xs[bl]);
+                c = e;
+            }
+            for (c = 0; c < w->k; c++) xd[c] = (double)q[c] * xs[blk[c]];
+        } else {
+            for (long c = 0; c < w->k; c++) xd[c] = xp[c];
+        }
+        for (long r = 0; r < w->n; r++) {
+            long j = r / w->v, t = r % w->v;
+            double acc = 0, m = 0;
+            for (long c = 0; c < w->k; c++) {
+                unsigned i0 = code_at(w->indices + j * rowb, c, b);
+                double wv = (double)w->codebook[((long)grp[c] * w->ncent + i0) * w->v + t] *
+                            (double)vqm_fp16_to_float(w->scale[grp[c]]);
+                if (w->res_ncent) {
+                    unsigned i1 = code_at(w->res_indices + j * rrowb, c, rb);
+                    wv += (double)w->res_codebook[((long)grp[c] * w->res_ncent + i1) * w->v + t] *
+                          (double)vqm_fp16_to_float(w->res_scale[grp[c]]);
+                }
+                acc += wv * xd[c];
+                m += fabs(wv * xd[c]);
+            }
+            out[bi * w->n + r] = acc + (bias ? bias[r] : 0);
+            mag[bi * w->n + r] = m + (bias ? fabs(bias[r]) : 0);
+        }
+    }
+    free(grp); free(blk); free(xp); free(xs); free(xd); free(q);
+}
+
+static void test_cvq(int v, int ncent, int res_ncent, int outl, int cpg, int n, int k, int batch, int use_bias,
+                     int extreme)
+{
+    cvq_case t;
+    cvq_make(&t, v, ncent, res_ncent, outl, cpg, n, k, extreme);
+    float *x = malloc(sizeof(float) * (size_t)(batch * k)), *bias = malloc(sizeof(float) * (size_t)n);
+    float *y0 = malloc(sizeof(float) * (size_t)(batch * n)), *y1 = malloc(sizeof(float) * (size_t)(batch * n));
+    double *dref = malloc(sizeof(double) * (size_t)(batch * n)), *mag = malloc(sizeof(double) * (size_t)(batch * n));
+    for (long i = 0; i < (long)batch * k; i++)
+        x[i] = extreme ? ((i & 1) ? -1.0f : 1.0f) : rndf() * ((i % 7) == 0 ? 8.0f : 1.0f);
+    for (long i = 0; i < n; i++) bias[i] = rndf();
+    const float *bp = use_bias ? bias : NULL;
+    char what[256];
+    g_checks++;
+    if (!extreme && vqm_cvq_validate(&t.w, NULL, NULL) != VQM_OK) { printf("FAIL cvq validate rejected valid weights\n"); g_fail++; }
+    for (int int8 = 0; int8 <= 1; int8++) {
+        int flags = int8 ? VQM_ACT_INT8 : 0;
+        snprintf(what, sizeof what, "cvq v=%d k=%d rk=%d out=%d cpg=%d n=%d K=%d batch=%d int8=%d extreme=%d ref-vs-dense",
+                 v, ncent, res_ncent, outl, cpg, n, k, batch, int8, extreme);
+        if (vqm_cvq_linear_path(VQM_PATH_REF, &t.w, x, batch, bp, y0, flags, 1)) { printf("FAIL %s: rc\n", what); g_fail++; continue; }
+        cvq_expect(&t.w, x, batch, bp, int8, dref, mag);
+        check_close(what, y0, dref, mag, (long)batch * n, FLOAT_TOL);
+        for (int p = 1; p < VQM_NPATHS; p++) {
+            if (!vqm_path_available(p)) continue;
+            g_simd_kernels += vqm_cvq_path_has_kernel(p, &t.w);
+            for (int th = 1; th <= 3; th += 2) {
+                memset(y1, 0xff, sizeof(float) * (size_t)(batch * n));
+                snprintf(what, sizeof what, "cvq v=%d k=%d rk=%d out=%d cpg=%d n=%d K=%d batch=%d int8=%d extreme=%d path=%s threads=%d",
+                         v, ncent, res_ncent, outl, cpg, n, k, batch, int8, extreme, vqm_path_name(p), th);
+                if (vqm_cvq_linear_path(p, &t.w, x, batch, bp, y1, flags, th)) { printf("FAIL %s: rc\n", what); g_fail++; continue; }
+                if (int8) check_equal(what, y1, y0, (long)batch * n);
+                else check_close(what, y1, dref, mag, (long)batch * n, FLOAT_TOL);
+            }
+        }
+    }
+    cvq_free(&t);
+    free(x); free(bias); free(y0); free(y1); free(dref); free(mag);
+}
+
+static void test_cvq_validation(void)
+{
+    cvq_case t;
+    cvq_make(&t, 4, 5, 3, 2, 8, 10, 20, 0); /* non-power-of-two codebooks: codes 5..7 / 3 are out of range */
+    int64_t br = -2, bc = -2;
+    g_checks++;
+    if (vqm_cvq_validate(&t.w, &br, &bc) != VQM_OK || vqm_cvq_groups(&t.w) != 4) { printf("FAIL cvq validate/groups\n"); g_fail++; }
+    put_code(t.idx + 2 * ((20 * 3 + 7) / 8), 9, 3, 7); /* vector row 2, column 9 */
+    g_checks++;
+    if (vqm_cvq_validate(&t.w, &br, &bc) != VQM_EINDEX || br != 2 || bc != 9) { printf("FAIL cvq bad index (%ld,%ld)\n", (long)br, (long)bc); g_fail++; }
+    float x[20], y[10];
+    for (int i = 0; i < 20; i++) x[i] = 1.0f;
+    g_checks++;
+    if (vqm_cvq_linear(&t.w, x, 1, NULL, y, VQM_ACT_INT8, 1) != VQM_OK) { printf("FAIL cvq linear on unvalidated data\n"); g_fail++; }
+    int16_t p0 = t.perm[0];
+    t.perm[0] = t.perm[5]; /* a duplicate: not a permutation */
+    g_checks++;
+    if (vqm_cvq_validate(&t.w, &br, &bc) != VQM_EINDEX || br != -1) { printf("FAIL cvq duplicate perm accepted\n"); g_fail++; }
+    t.perm[0] = 20; /* out of range: validation rejects it, the kernels clamp it */
+    g_checks++;
+    if (vqm_cvq_validate(&t.w, &br, &bc) != VQM_EINDEX || vqm_cvq_linear(&t.w, x, 1, NULL, y, 0, 1) != VQM_OK) {
+        printf("FAIL cvq out-of-range perm\n");
+        g_fail++;
+    }
+    t.perm[0] = p0;
+    vqm_cvq_weight bad = t.w;
+    bad.v = 9;
+    int rc1 = vqm_cvq_linear(&bad, x, 1, NULL, y, 0, 1);
+    bad = t.w; bad.outlier_cols = 20;
+    int rc2 = vqm_cvq_linear(&bad, x, 1, NULL, y, 0, 1);
+    bad = t.w; bad.ncent = 65537;
+    int rc3 = vqm_cvq_validate(&bad, NULL, NULL);
+    bad = t.w; bad.res_indices = NULL;
+    int rc4 = vqm_cvq_linear(&bad, x, 1, NULL, y, 0, 1);
+    g_checks++;
+    if (rc1 != VQM_EINVAL || rc2 != VQM_EINVAL || rc3 != VQM_EINVAL || rc4 != VQM_EINVAL) {
+        printf("FAIL cvq bad parameters accepted (%d %d %d %d)\n", rc1, rc2, rc3, rc4);
+        g_fail++;
+    }
+    cvq_free(&t);
+}
+
+static void test_cvq_all(int quick)
+{
+    test_cvq_validation();
+    static const int cfg[][5] = { /* v, ncent, res_ncent, outlier_cols, cols_per_group */
+        { 4, 256, 0, 0, 1000 }, { 4, 256, 0, 3, 1000 }, { 8, 256, 256, 2, 1000 }, { 4, 256, 16, 5, 100 },
+        { 6, 4096, 0, 1, 1000 }, { 8, 65536, 256, 0, 1000 }, { 1, 16, 0, 0, 37 }, { 2, 64, 4, 7, 300 },
+        { 3, 100, 0, 0, 1000 }, { 5, 256, 3, 1, 64 }, { 7, 1000, 0, 2, 600 }, { 4, 2, 2, 1, 1 },
+    };
+    static const int shapes[][2] = { { 64, 64 }, { 33, 517 }, { 9, 300 }, { 16, 1024 }, { 130, 7 } };
+    int ns = quick ? 3 : (int)(sizeof shapes / sizeof shapes[0]);
+    for (size_t c = 0; c < sizeof cfg / sizeof cfg[0]; c++)
+        for (int s = 0; s < ns; s++) {
+            int k = shapes[s][1], outl = cfg[c][3] < k ? cfg[c][3] : k - 1;
+            if (cfg[c][1] == 65536 && s > 1) continue; /* a 512 KB codebook per group: keep the test quick */
+            test_cvq(cfg[c][0], cfg[c][1], cfg[c][2], outl, cfg[c][4], shapes[s][0], k, s == 0 ? 1 : 1 + (int)(rnd() % 8),
+                     s & 1, 0);
+        }
+    test_cvq(4, 256, 16, 3, 1000, 40, 2000, 11, 1, 0); /* batch > 8: two passes */
+    /* saturated codebooks and activations: int32 block sums of +-127 * 127 must stay exact on every path */
+    for (int e = 1; e <= 3; e++) {
+        test_cvq(4, 256, 16, 1, 4096, 12, 4096, 2, 0, e);
+        test_cvq(8, 256, 0, 0, 4096, 16, 4096, 1, 0, e);
+    }
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -543,7 +780,7 @@ int main(int argc, char **argv)
     test_extreme8();
     test_nearest_args();
     static const int ncfg[][2] = { { 1, 4 }, { 1, 8 }, { 2, 16 }, { 2, 64 }, { 2, 7 }, { 3, 13 }, { 4, 256 },
-                                   { 8, 16 }, { 5, 1 }, { 2, 255 }, { 6, 33 } };
+                                   { 8, 16 }, { 5, 1 }, { 2, 255 }, { 6, 33 }, { 6, 4096 }, { 8, 1000 } };
     for (size_t c = 0; c < sizeof ncfg / sizeof ncfg[0]; c++)
         test_nearest(ncfg[c][0], ncfg[c][1], 1 + (long)(c % 3) * 2, quick ? 300 : 1100);
     test_attention(9, 3, 1, 64, 512, 0, 0);
@@ -555,6 +792,7 @@ int main(int argc, char **argv)
     test_vq(2, 16, 4, 256, 10, 300, 11, 1);
     test_int(4, 32, 1, 10, 300, 13, 1);
     test_int(8, 32, 0, 10, 576, 13, 1);
+    test_cvq_all(quick);
     printf("%s: %d checks, %d failures, %d SIMD kernel configurations exercised\n",
            g_fail ? "FAILED" : "OK", g_checks, g_fail, g_simd_kernels);
     return g_fail ? 1 : 0;

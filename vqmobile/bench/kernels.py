@@ -13,6 +13,10 @@ median is kept in the JSON). Rows:
   int8 activations, per-layer scales); ``e8p2+had``: the same 2-bit product with the two online Hadamard transforms
   of an incoherent layer around it (input x -> H S x, output y -> S H^T y), i.e. what a QuIP# linear costs at run time;
   ``--extra`` adds ``e8p2-f32act`` (float activations);
+- ``vptq2-mobile`` / ``vptq2-paper``: our column-vector VQ (VPTQ) kernels (int8 activations), v=4 k=256 (a 1 KB
+  codebook, L1-resident) and the paper's 2-bit v=6 k=4096 (24 KB of int8 entries), both with 1 % outlier columns;
+  ``--extra`` adds the paper's v=8 k=65536 (512 KB: L2), its 3-bit v=8 k=65536 + residual 256, the mobile residual
+  configurations and a float-activation row;
 - ``int4-g32`` / ``int4-g128``: our group-wise int4 kernels (symmetric fp16 scales, int8 activations);
 - ``ort-int4-b32``: onnxruntime ``MatMulNBits`` (com.microsoft, bits 4, block_size 32, accuracy_level 4);
 - ``torch-int4-g32``: ``aten._weight_int4pack_mm_for_cpu`` (bfloat16 activations and scale/zero, group 32;
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
+import math
 import os
 import platform
 import statistics
@@ -52,6 +57,17 @@ VQ_EXTRA = {
     "vq2.25-d4k256": dict(d=4, ncent=256, R=128, C=256),
     "vq2.19-d1k4": dict(d=1, ncent=4, R=1, C=256),
     "vq2.25-f32act": dict(d=2, ncent=16, R=4, C=256, float_act=True),
+}
+CVQ_ROWS = {
+    "vptq2-mobile": dict(v=4, ncent=256, res=0, outlier=0.01),
+    "vptq2-paper": dict(v=6, ncent=4096, res=0, outlier=0.01),
+}
+CVQ_EXTRA = {
+    "vptq2-paper-k65536": dict(v=8, ncent=65536, res=0, outlier=0.0),
+    "vptq3-paper": dict(v=8, ncent=65536, res=256, outlier=0.0),
+    "vptq2-mobile-res": dict(v=8, ncent=256, res=256, outlier=0.01),
+    "vptq3-mobile": dict(v=4, ncent=256, res=16, outlier=0.01),
+    "vptq2-mobile-f32act": dict(v=4, ncent=256, res=0, outlier=0.01, float_act=True),
 }
 INT_ROWS = {"int4-g32": 32, "int4-g128": 128}
 PEERS = ("ort-int4-b32", "torch-int4-g32")
@@ -119,6 +135,42 @@ def _ours_vq(name, cfg, n, k, stack_bytes, rng, x):
             rc = lib.vqm_vq_linear(w, xp, 1, null, yp, flags, threads)
             if rc:
                 raise RuntimeError(f"vqm_vq_linear failed: {rc}")
+
+    return Impl(name, per * 8 / (n * k), per, m, run_pass, keep=[keep, structs, y])
+
+
+def _ours_cvq(name, cfg, n, k, stack_bytes, rng, x):
+    from vqmobile import kernels as K
+
+    v, ncent, rk = cfg["v"], cfg["ncent"], cfg["res"]
+    outl = math.ceil(cfg["outlier"] * k)  # as VPTQConfig.outlier_cols
+    ng = (1 if outl else 0) + 1
+    nv = -(-n // v)
+    rb, rrb = -(-k * max(1, (ncent - 1).bit_length()) // 8), (-(-k * max(1, (rk - 1).bit_length()) // 8) if rk else 0)
+    per = nv * (rb + rrb) + ng * (ncent + rk) * v + ng * 2 * (2 if rk else 1) + k * 4
+    m = _count(stack_bytes, per)
+    keep, structs = [], []
+    for _ in range(m):  # every b-bit code is valid for k = 2^b
+        t = [np.frombuffer(rng.bytes(nv * rb), np.uint8).reshape(nv, rb),
+             rng.integers(-127, 128, (ng, ncent, v), dtype=np.int8), rng.uniform(1e-3, 1e-2, ng).astype(np.float16),
+             rng.uniform(0.5, 2, k).astype(np.float16), rng.permutation(k).astype(np.int16)]
+        if rk:
+            t += [np.frombuffer(rng.bytes(nv * rrb), np.uint8).reshape(nv, rrb),
+                  rng.integers(-127, 128, (ng, rk, v), dtype=np.int8), rng.uniform(1e-4, 1e-3, ng).astype(np.float16)]
+        kw = dict(n=n, k=k, v=v, outlier_cols=outl, cols_per_group=k - outl)
+        K.validate_cvq(*t, **kw)
+        structs.append(K._cvq_struct(*t, *([None] * (8 - len(t))), n, k, v, outl, k - outl))
+        keep.append(t)
+    y = np.empty((1, n), np.float32)
+    xp, yp = K.ffi.cast("const float *", x.ctypes.data), K.ffi.cast("float *", y.ctypes.data)
+    flags = 0 if cfg.get("float_act") else 1
+    lib, null = K.lib, K.ffi.NULL
+
+    def run_pass(threads: int) -> None:
+        for w in structs:
+            rc = lib.vqm_cvq_linear(w, xp, 1, null, yp, flags, threads)
+            if rc:
+                raise RuntimeError(f"vqm_cvq_linear failed: {rc}")
 
     return Impl(name, per * 8 / (n * k), per, m, run_pass, keep=[keep, structs, y])
 
@@ -364,18 +416,19 @@ def run(args: argparse.Namespace) -> int:
         stack_bytes, repeats, stream_bytes = args.stack_mb * 1e6, max(1, args.repeats), 1536 << 20
     threads_list = [int(t) for t in str(args.threads).split(",") if t]
     rows = (list(VQ_ROWS) + (list(VQ_EXTRA) if args.extra else []) + list(E8P_ROWS)
-            + (list(E8P_EXTRA) if args.extra else []) + list(INT_ROWS))
+            + (list(E8P_EXTRA) if args.extra else []) + list(CVQ_ROWS) + (list(CVQ_EXTRA) if args.extra else [])
+            + list(INT_ROWS))
     if not args.no_peers:
         rows += list(PEERS)
     if args.kernels:
         want = set(args.kernels.split(","))
-        unknown = want - set(rows) - set(VQ_EXTRA) - set(E8P_EXTRA)
+        known = (list(VQ_ROWS) + list(VQ_EXTRA) + list(E8P_ROWS) + list(E8P_EXTRA) + list(CVQ_ROWS) + list(CVQ_EXTRA)
+                 + list(INT_ROWS) + list(PEERS))
+        unknown = want - set(known)
         if unknown:
-            print(f"unknown kernels: {sorted(unknown)}; known: {rows + list(VQ_EXTRA) + list(E8P_EXTRA)}",
-                  file=sys.stderr)
+            print(f"unknown kernels: {sorted(unknown)}; known: {known}", file=sys.stderr)
             return 2
-        rows = [r for r in list(VQ_ROWS) + list(VQ_EXTRA) + list(E8P_ROWS) + list(E8P_EXTRA) + list(INT_ROWS)
-                + list(PEERS) if r in want]
+        rows = [r for r in known if r in want]
 
     started = _dt.datetime.now(_dt.timezone.utc)
     info = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "cpu": _cpu_model(), "cpus": os.cpu_count(),
@@ -400,6 +453,8 @@ def run(args: argparse.Namespace) -> int:
                 impls.append(_ours_vq(r, {**VQ_ROWS, **VQ_EXTRA}[r], n, k, stack_bytes, rng, x))
             elif r in E8P_ROWS or r in E8P_EXTRA:
                 impls.append(_ours_e8p(r, {**E8P_ROWS, **E8P_EXTRA}[r], n, k, stack_bytes, rng, x))
+            elif r in CVQ_ROWS or r in CVQ_EXTRA:
+                impls.append(_ours_cvq(r, {**CVQ_ROWS, **CVQ_EXTRA}[r], n, k, stack_bytes, rng, x))
             elif r in INT_ROWS:
                 impls.append(_ours_int(r, INT_ROWS[r], n, k, stack_bytes, rng, x))
             elif r == "ort-int4-b32":
@@ -470,7 +525,7 @@ def _targets(records: list[dict[str, Any]], stream: dict[int, float]) -> dict[st
     check("vq2.25", 0.55, "vq2.25_le_0.55x_ort")
     check("vq3.125", 0.75, "vq3.125_le_0.75x_ort")
     check("int4-g32", 1.0, "int4_g32_no_slower_than_ort")
-    vq = [r for r in records if r["kernel"].startswith("vq")]
+    vq = [r for r in records if r["kernel"].startswith("vq") and not r["kernel"].startswith("vptq")]
     if vq:
         best = max(vq, key=lambda r: r["pct_stream"])
         ok = best["pct_stream"] >= 85.0

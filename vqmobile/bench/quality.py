@@ -6,9 +6,11 @@ one model, all in one run. Each row runs in its own process so its peak RSS is i
 A full-test-set table takes hours on a small CPU: the JSON is rewritten after every row, and --resume keeps the rows
 it already holds for the same settings (model, context, windows, calibration), so an interrupted run continues.
 
-A row is `fp` or `METHOD:key=value,...` with METHOD in rtn, gptq, gptvq, quip and keys of that method's config
-(gptvq takes GPTVQConfig.from_target's keywords, e.g. gptvq:preset=mobile or gptvq:bpv=2.25,vq_dim=4; every method
-takes incoherence=hadamard, e.g. gptq:bits=3,group=128,incoherence=hadamard; quip:bits=2).
+A row is `fp` or `METHOD:key=value,...` with METHOD in rtn, gptq, gptvq, quip, vptq and keys of that method's config
+(gptvq takes GPTVQConfig.from_target's keywords, e.g. gptvq:preset=mobile or gptvq:bpv=2.25,vq_dim=4; vptq takes
+VPTQConfig.from_preset's, e.g. vptq:preset=mobile or vptq:v=8,k=256,res_k=256; quip:bits=2). Every method takes
+incoherence=hadamard (e.g. gptq:bits=3,group=128,incoherence=hadamard) and the fine-tuning keys, e.g.
+gptq:bits=2,group=128,finetune=layer.
 """
 
 from __future__ import annotations
@@ -52,7 +54,11 @@ def make_config(row: str):
         from ..quantizers.quip import QuIPConfig
 
         return QuIPConfig(**kwargs)
-    raise SystemExit(f"unknown row {row!r}: use fp or rtn:/gptq:/gptvq:/quip: with key=value options")
+    if method == "vptq":
+        from ..quantizers.vptq import VPTQConfig
+
+        return VPTQConfig.from_preset(**kwargs)
+    raise SystemExit(f"unknown row {row!r}: use fp or rtn:/gptq:/gptvq:/quip:/vptq: with key=value options")
 
 
 def run_row(args: argparse.Namespace) -> dict:
@@ -77,7 +83,8 @@ def run_row(args: argparse.Namespace) -> dict:
         nbytes = sum(m.qweight.stored_bytes() for m in mods)
         nweights = sum(m.qweight.shape[0] * m.qweight.shape[1] for m in mods)
         record.update(config=config.to_dict(), bpw=8 * nbytes / nweights, quantize_s=rep.seconds,
-                      quantize_peak_rss_mb=rep.peak_rss_mb, calibration=f"{args.nsamples}x{args.seqlen}")
+                      quantize_peak_rss_mb=rep.peak_rss_mb, calibration=f"{args.nsamples}x{args.seqlen}",
+                      finetune=rep.finetune)
     else:
         record.update(bpw=32.0, quantize_s=0.0)
     ids = wikitext_test_ids(loaded.tokenizer)

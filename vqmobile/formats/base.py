@@ -8,7 +8,8 @@ so a new method adds a format module without touching the pipeline or the file l
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -26,6 +27,15 @@ def weight_from_stored(kind: str, spec: dict[str, Any], tensors: dict[str, torch
     if kind not in _FORMATS:
         raise FormatError(f"unknown quantized weight kind '{kind}' (known: {', '.join(sorted(_FORMATS))})")
     return _FORMATS[kind].from_stored(spec, tensors)
+
+
+@dataclass
+class Trainable:
+    """A weight's continuous parameters (codebook entries, scales) as float32 tensors, and the weight as a
+    differentiable function of them with every discrete part (codes, indices) fixed: what fine-tuning optimizes."""
+
+    params: dict[str, torch.Tensor]
+    decode: Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 
 class QuantizedWeight(ABC):
@@ -52,6 +62,20 @@ class QuantizedWeight(ABC):
     @abstractmethod
     def from_stored(cls, spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "QuantizedWeight":
         """Rebuild from a checkpoint, validating every shape, dtype and code range (files are untrusted)."""
+
+    def trainable(self) -> Trainable | None:
+        """The continuous parameters as fresh float32 copies and the differentiable decode (vqmobile/finetune.py);
+        None when this weight has nothing continuous to tune."""
+        return None
+
+    def load_trainable(self, params: dict[str, torch.Tensor]) -> None:
+        """Store tuned `params` (trainable()'s keys) rounded to this format's stored dtypes: the stored layout does not
+        change, so the kernels, checkpoints and exporters keep working."""
+        self._store_trainable({k: v.detach().float() for k, v in params.items()})
+        self.__dict__.pop("_dense", None)  # ops.dense_weight's copy of the old weight
+
+    def _store_trainable(self, params: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no trainable parameters")
 
     def stored_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())

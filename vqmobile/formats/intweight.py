@@ -14,7 +14,7 @@ import torch
 
 from ..errors import FormatError
 from .pack import pack_rows, row_bytes, unpack_rows
-from .base import QuantizedWeight, expect_tensor, register_format
+from .base import QuantizedWeight, Trainable, expect_tensor, register_format
 
 VALID_BITS = (2, 3, 4, 5, 6, 7, 8)
 
@@ -75,6 +75,22 @@ class IntWeight(QuantizedWeight):
         else:
             zero = self.zeros.float().repeat_interleave(self.group, dim=1)[:, :k]
         return (q - zero) * scale
+
+    def trainable(self) -> Trainable:
+        n, k = self.shape
+        q = unpack_rows(self.codes, self.bits, k).float()
+        zero = float(1 << (self.bits - 1)) if self.zeros is None else \
+            self.zeros.float().repeat_interleave(self.group, dim=1)[:, :k]
+        q = q - zero
+
+        def decode(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            return q * p["scales"].repeat_interleave(self.group, dim=1)[:, :k]
+
+        return Trainable({"scales": self.scales.float()}, decode)
+
+    def _store_trainable(self, params: dict[str, torch.Tensor]) -> None:
+        fp16_max = float(torch.finfo(torch.float16).max)
+        self.scales = params["scales"].clamp(-fp16_max, fp16_max).to(torch.float16).contiguous()
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"codes": self.codes, "scales": self.scales}

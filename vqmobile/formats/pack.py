@@ -1,7 +1,8 @@
 """Bit packing of quantization codes: one little-endian bitstream per row, padded to whole bytes.
 
-Code i of a row occupies bits [i*b, (i+1)*b) counting from bit 0 of the row's first byte. This is the layout the
-checkpoint stores and the native kernels read directly (for b=4: low nibble first; b=8: one byte per code).
+Code i of a row occupies bits [i*b, (i+1)*b) counting from bit 0 of the row's first byte, b in 1..16. This is the
+layout the checkpoint stores and the native kernels read directly (for b=4: low nibble first; b=8: one byte per code;
+b=16: one little-endian uint16 per code).
 """
 
 from __future__ import annotations
@@ -9,21 +10,29 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+MAX_BITS = 16
+
 
 def row_bytes(ncodes: int, bits: int) -> int:
     return (ncodes * bits + 7) // 8
 
 
+def _code_bytes(bits: int) -> int:
+    return 1 if bits <= 8 else 2
+
+
 def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack an integer tensor [rows, ncodes] with values in [0, 2**bits) into uint8 [rows, row_bytes]."""
-    if not 1 <= bits <= 8:
-        raise ValueError(f"bits must be in 1..8, got {bits}")
-    c = codes.detach().cpu().numpy().astype(np.uint8, copy=False)
-    if c.size and int(c.max()) >= (1 << bits):
+    if not 1 <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be in 1..{MAX_BITS}, got {bits}")
+    c = codes.detach().cpu().numpy()
+    if c.size and (int(c.max()) >= (1 << bits) or int(c.min()) < 0):
         raise ValueError(f"code {int(c.max())} does not fit in {bits} bits")
     rows, n = c.shape
-    # Expand each code into its bits (LSB first), then regroup the row's bitstream into bytes.
-    bitplanes = np.unpackbits(c[:, :, None], axis=2, bitorder="little")[:, :, :bits].reshape(rows, n * bits)
+    nb = _code_bytes(bits)
+    # Each code as its little-endian bytes, expanded into bits (LSB first), then the row's bitstream regrouped.
+    c = c.astype("<u2" if nb == 2 else np.uint8, copy=False).view(np.uint8).reshape(rows, n, nb)
+    bitplanes = np.unpackbits(c, axis=2, bitorder="little")[:, :, :bits].reshape(rows, n * bits)
     packed = np.packbits(bitplanes, axis=1, bitorder="little")
     return torch.from_numpy(np.ascontiguousarray(packed))
 
@@ -34,10 +43,13 @@ def unpack_rows(packed: torch.Tensor, bits: int, ncodes: int) -> torch.Tensor:
     rows = p.shape[0]
     if p.shape[1] != row_bytes(ncodes, bits):
         raise ValueError(f"packed rows have {p.shape[1]} bytes, expected {row_bytes(ncodes, bits)}")
-    # Regroup each code's bits into a byte of its own and let packbits assemble it: uint8 all the way, so
+    nb = _code_bytes(bits)
+    # Regroup each code's bits into bytes of its own and let packbits assemble them: uint8 all the way, so
     # unpacking the 28M-code SmolLM2 embedding costs a few hundred MB, not the 4 GB of an int64 bit matrix.
     bitstream = np.unpackbits(p, axis=1, bitorder="little")[:, : ncodes * bits].reshape(rows, ncodes, bits)
-    if bits < 8:
-        bitstream = np.concatenate([bitstream, np.zeros((rows, ncodes, 8 - bits), np.uint8)], axis=2)
-    codes = np.packbits(bitstream, axis=2, bitorder="little").reshape(rows, ncodes)
-    return torch.from_numpy(codes.astype(np.int64))
+    if bits < 8 * nb:
+        bitstream = np.concatenate([bitstream, np.zeros((rows, ncodes, 8 * nb - bits), np.uint8)], axis=2)
+    codes = np.packbits(bitstream, axis=2, bitorder="little").reshape(rows, ncodes * nb)
+    if nb == 2:
+        codes = codes.view("<u2")
+    return torch.from_numpy(codes.reshape(rows, ncodes).astype(np.int64))

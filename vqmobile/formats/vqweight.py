@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from ..errors import FormatError
-from .base import QuantizedWeight, expect_tensor, register_format
+from .base import QuantizedWeight, Trainable, expect_tensor, register_format
 from .pack import pack_rows, row_bytes, unpack_rows
 
 CODEBOOK_KINDS = ("int8", "int4", "fp16")
@@ -98,6 +98,21 @@ def expand_adjoint(grad: torch.Tensor, idx: torch.Tensor, geom: VQGeometry, offs
     out = torch.zeros(geom.groups * geom.k, geom.d, dtype=grad.dtype)
     out.index_add_(0, flat.reshape(-1), g.reshape(-1, geom.d))
     return out.reshape(geom.row_blocks, geom.col_blocks, geom.k, geom.d)
+
+
+def quantize_codebooks(c: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Round codebooks [..., k, d] to their stored precision.
+
+    int8/int4: symmetric per codebook, scale = max|c|/127 (or /7), rounded to fp16 first so the stored scale and the
+    one used here agree. Returns (values float32 exactly as decoded, integer values or None, scale [...] or None)."""
+    if kind == "fp16":
+        return c.to(torch.float16).float(), None, None
+    qmax = INT_MAX[kind]
+    amax = c.abs().amax(dim=(-2, -1))
+    scale = (amax / qmax).to(torch.float16).float()
+    scale = torch.where(scale > 0, scale, torch.full_like(scale, 2.0 ** -24))
+    ints = torch.clamp(torch.round(c / scale[..., None, None]), -qmax, qmax)
+    return ints * scale[..., None, None], ints, scale
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -203,6 +218,33 @@ class VQWeight(QuantizedWeight):
         if s is not None:
             w = w * s.repeat_interleave(self.norm["block"], dim=1)[:, : self.geom.cols]
         return w
+
+    def trainable(self) -> Trainable | None:
+        """The codebook entries (float32, as decoded); SVD-compressed codebooks are not tuned."""
+        if self.svd is not None:
+            return None
+        g = self.geom
+        idx, offsets = self.index_codes(), g.code_offsets()
+        s = self.norm_scales()
+        s = None if s is None else s.repeat_interleave(self.norm["block"], dim=1)[:, : g.cols]
+
+        def decode(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            w = expand(p["codebook"], idx, g, offsets)
+            return w if s is None else w * s
+
+        return Trainable({"codebook": self.codebooks()}, decode)
+
+    def _store_trainable(self, params: dict[str, torch.Tensor]) -> None:
+        vals, ints, scale = quantize_codebooks(params["codebook"], self.codebook_kind)
+        g = self.geom
+        if self.codebook_kind == "fp16":
+            self.codebook = vals.to(torch.float16).contiguous()
+        elif self.codebook_kind == "int8":
+            self.codebook = ints.to(torch.int8).contiguous()
+        else:
+            self.codebook = pack_int4(ints.reshape(g.row_blocks, g.col_blocks, -1)).contiguous()
+        if scale is not None:
+            self.codebook_scale = scale.to(torch.float16).contiguous()
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"indices": self.indices}

@@ -1,7 +1,7 @@
 """The ``vqmobile`` torch.library operators: quantized linear layers that keep their weights packed.
 
 One operator per stored format with a native kernel, each in its own module (``vq_linear`` in ops/vq.py,
-``int_linear`` in ops/intlinear.py, ``e8p_linear`` in ops/e8p.py), ``hadamard`` (ops/hadamard.py) for the online
+``int_linear`` in ops/intlinear.py, ``cvq_linear`` in ops/cvq.py, ``e8p_linear`` in ops/e8p.py), ``hadamard`` (ops/hadamard.py) for the online
 transforms of incoherent weights (ops/incoherent.py runs them around the inner weight's operator), ``dense_linear``
 (ops/dense.py) for a float head tied to the embedding, and ``attention`` (ops/attention.py), the exported decoders'
 attention over their static KV cache.
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 # each module defines its operator and registers its binding
-from . import attention, dense, e8p, hadamard, incoherent, intlinear, vq  # noqa: F401
+from . import attention, cvq, dense, e8p, hadamard, incoherent, intlinear, vq  # noqa: F401
 from .library import BINDINGS, KERNEL_MAX_ROWS, native_available, quantize_activations
 
 __all__ = ["KERNEL_MAX_ROWS", "decomposed", "decomposing", "decomposition_table", "dense_weight", "native_available",

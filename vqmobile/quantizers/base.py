@@ -19,24 +19,36 @@ from . import incoherence as incoh
 
 # The token embedding (and a head tied to it): int8 groups of 32 (vqmobile/embedding.py), or float as loaded.
 EMBEDDINGS = ("int8", "float")
+# Fine-tuning after quantization (vqmobile/finetune.py): per decoder layer, of the whole model, both, or none.
+FINETUNE = ("none", "layer", "model", "layer+model")
 
 
 @dataclasses.dataclass
 class QuantConfig(ABC):
     """Options common to every method: `embedding` is one of EMBEDDINGS, `incoherence` one of incoherence.MODES
-    (hadamard: quantize U W V^T against V H V^T and store the random Hadamard transforms with the result)."""
+    (hadamard: quantize U W V^T against V H V^T and store the random Hadamard transforms with the result), `finetune`
+    one of FINETUNE."""
 
     method: ClassVar[str]
     needs_hessian: ClassVar[bool] = True
 
     embedding: str = "int8"
     incoherence: str = "none"
+    finetune: str = "none"
+    finetune_lr: float = 1e-2  # Adam's step size relative to each parameter tensor's RMS
+    finetune_epochs: int = 2  # passes over the finetune_samples sequences
+    finetune_samples: int = 32  # calibration sequences the fine-tuning trains on (0 = all)
 
     def __post_init__(self) -> None:
         if self.embedding not in EMBEDDINGS:
             raise UserError(f"--embedding {self.embedding} is not supported: use {' or '.join(EMBEDDINGS)}")
         if self.incoherence not in incoh.MODES:
             raise UserError(f"--incoherence {self.incoherence} is not supported: use {' or '.join(incoh.MODES)}")
+        if self.finetune not in FINETUNE:
+            raise UserError(f"--finetune {self.finetune} is not supported: use one of {', '.join(FINETUNE)}")
+        if not (self.finetune_lr > 0 and self.finetune_epochs >= 1 and self.finetune_samples >= 0):
+            raise UserError(f"fine-tuning needs --finetune-lr > 0, --finetune-epochs >= 1 and --finetune-samples >= 0"
+                            f" (got {self.finetune_lr}, {self.finetune_epochs}, {self.finetune_samples})")
         self.check()
 
     def check(self) -> None:

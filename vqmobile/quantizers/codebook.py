@@ -1,4 +1,4 @@
-"""GPTVQ codebooks: initialization (Mahalanobis-seeded, Hessian-weighted EM), the codebook update after the column
+"""VQ codebooks (GPTVQ, VPTQ): initialization (Mahalanobis or k-means++ seeds, Hessian-weighted EM), the codebook update after the column
 pass (exact least squares, or the paper's Adam steps), integer codebook quantization and SVD compression.
 
 Conventions: a batch of B codebooks is a float tensor [B, k, d]; the vectors they are fitted to are x [B, M, d] with
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
-from ..formats.vqweight import INT_MAX, VQGeometry, expand, expand_adjoint
+from ..formats.vqweight import VQGeometry, expand, expand_adjoint, quantize_codebooks  # noqa: F401 (re-export)
 
 # ------------------------------------------------------------------------------------------------ initialization
 def mahalanobis_seed(x: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
@@ -34,6 +34,44 @@ def mahalanobis_seed(x: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tens
     pos = torch.round(torch.linspace(0, 1, k, dtype=torch.float64)[None, :] * (nvalid[:, None] - 1).double()).long()
     pick = torch.gather(order, 1, pos.clamp(min=0))
     return torch.gather(x, 1, pick[..., None].expand(-1, -1, d)).clone()
+
+
+SEED_POOL_PER_CENTROID = 32  # k-means++ draws its seeds from at most this many candidate vectors per centroid
+
+
+def kmeanspp_seed(x: torch.Tensor, w: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Seed k centroids per batch by weighted k-means++ (Arthur & Vassilvitskii, 2007): each next seed is a vector
+    drawn with probability proportional to its weighted squared distance to the nearest seed so far (the first one
+    proportional to its weight). x [B, M, d], w broadcastable to [B, M, d]; deterministic for a given generator.
+
+    The seeds come from a pool of at most SEED_POOL_PER_CENTROID * k vectors drawn (without replacement) in
+    proportion to their weight: k-means++ costs k passes over its candidates, and over all of a large layer's vectors
+    those passes took most of the quantization time, while EM refines the seeds on every vector anyway. When fewer
+    than k distinct vectors carry weight, the remaining seeds repeat drawn vectors (EM leaves them empty)."""
+    b, m, d = x.shape
+    w = w.expand(b, m, d)
+    out = torch.empty(b, k, d, dtype=x.dtype)
+    for p in range(b):
+        xp, wp = x[p], w[p]
+        mass = wp.sum(1).double()
+        if not bool((mass > 0).any()):
+            mass = torch.ones(m, dtype=torch.float64)
+        pool = SEED_POOL_PER_CENTROID * k
+        if m > pool:
+            take = torch.multinomial(mass, min(pool, int((mass > 0).sum())), replacement=False, generator=generator)
+            xp, wp, mass = xp[take], wp[take], mass[take]
+        dist = torch.full((xp.shape[0],), float("inf"), dtype=torch.float64)
+        prob = mass
+        for j in range(k):
+            cdf = torch.cumsum(prob, 0)
+            if not float(cdf[-1]) > 0:  # every weighted vector is already a seed
+                cdf = torch.cumsum(mass, 0)
+            u = torch.rand((), generator=generator, dtype=torch.float64) * cdf[-1]
+            i = min(int(torch.searchsorted(cdf, u, right=True)), xp.shape[0] - 1)
+            out[p, j] = xp[i]
+            dist = torch.minimum(dist, (wp * (xp - xp[i]) ** 2).sum(1).double())
+            prob = dist
+    return out
 
 
 def nearest(x: torch.Tensor, w: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -72,21 +110,6 @@ def kmeans(x: torch.Tensor, w: torch.Tensor, centroids: torch.Tensor, iters: int
 
 
 # --------------------------------------------------------------------------------------- integer codebooks
-def quantize_codebooks(c: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Round codebooks [..., k, d] to their stored precision.
-
-    int8/int4: symmetric per codebook, scale = max|c|/127 (or /7), rounded to fp16 first so the stored scale and the
-    one used here agree. Returns (values float32 exactly as decoded, integer values or None, scale [...] or None)."""
-    if kind == "fp16":
-        return c.to(torch.float16).float(), None, None
-    qmax = INT_MAX[kind]
-    amax = c.abs().amax(dim=(-2, -1))
-    scale = (amax / qmax).to(torch.float16).float()
-    scale = torch.where(scale > 0, scale, torch.full_like(scale, 2.0 ** -24))
-    ints = torch.clamp(torch.round(c / scale[..., None, None]), -qmax, qmax)
-    return ints * scale[..., None, None], ints, scale
-
-
 def quantize_symmetric_rows(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 symmetric quantization with one fp16 scale per slice along `dim` (reduced over the other dim of a 2-D
     tensor). Returns (int8 values, fp16-exact scales as float32)."""

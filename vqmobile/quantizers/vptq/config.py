@@ -1,0 +1,126 @@
+"""VPTQ's options: the configuration dataclass, its presets, its exact size accounting and its CLI glue.
+
+Bits per weight of a layer N x K (every stored byte; `CVQWeight.bits_per_weight` reports the same from the tensors):
+    [ceil(N/v) * (ceil(K*b/8) + ceil(K*b_r/8)) * 8          index bitstreams, b = ceil(log2 k), b_r = ceil(log2 k_r)
+     + G * (k + k_r) * v * 8 + G * 16 * (1 + [k_r > 0])     int8 codebooks and their fp16 scales, G groups
+     + K * (16 + 16)] / (N * K)                               fp16 column scales and the int16 column permutation
+
+Presets (bpv: the index bits per weight; the stored bpw adds the overheads above, about 0.05-0.1 on SmolLM2):
+- `mobile`: v=4, k=256 (2 bits), 1 % outlier columns. Its int8 codebooks hold 1 KB, far inside a phone core's L1.
+- `mobile-res`: v=8, k=256 plus a residual k=256 (2 bits): two 2 KB codebooks.
+- `mobile3`: v=4, k=256 plus a residual k=16 (3 bits).
+- `paper`: the paper's 2-bit shape, v=6, k=4096 (2 bits), 1 % outlier columns; its codebook is 24 KB of int8
+  entries per group (the paper's fp16 entries would be 48 KB), which on a 135M model's small layers costs far more
+  than on Llama-2-7B (every linear has its own).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+from ...errors import UserError
+from ...formats.cvqweight import MAX_CENTROIDS, MAX_COLS, MAX_V, CVQGeometry, CVQWeight, index_bits
+from ..base import QuantConfig
+
+PRESETS = {
+    "mobile": dict(v=4, k=256, res_k=0, outlier=0.01),
+    "mobile-res": dict(v=8, k=256, res_k=256, outlier=0.01),
+    "mobile3": dict(v=4, k=256, res_k=16, outlier=0.01),
+    "paper": dict(v=6, k=4096, res_k=0, outlier=0.01),
+}
+
+
+@dataclasses.dataclass
+class VPTQConfig(QuantConfig):
+    method = "vptq"
+    needs_hessian = True
+
+    v: int = 4  # vector length: consecutive output rows of one input column
+    k: int = 256  # centroids of the main codebook (2..65536)
+    res_k: int = 0  # centroids of the residual codebook, 0 = no residual stage
+    outlier: float = 0.0  # fraction of columns (largest Hessian diagonal) with a codebook of their own
+    group: int = 0  # columns per codebook group after the outliers; 0 = one group
+    kmeans_iters: int = 25  # k-means (EM) iterations per codebook (stops early once converged)
+    kmeans_tol: float = 1e-3  # EM stops when at most this fraction of assignments changed in an iteration
+    damp: float = 0.01  # Hessian dampening, as a fraction of the mean diagonal
+    block_size: int = 128  # lazy-batch width of the column pass
+    seed: int = 0  # k-means++ seeding
+
+    @classmethod
+    def from_preset(cls, preset: str | None = None, **overrides: Any) -> "VPTQConfig":
+        """A named preset (PRESETS) with `overrides` on top, or the plain defaults when preset is None."""
+        fields: dict[str, Any] = {}
+        if preset is not None:
+            if preset not in PRESETS:
+                raise UserError(f"unknown VPTQ preset '{preset}': use one of {', '.join(PRESETS)}")
+            fields.update(PRESETS[preset])
+        fields.update(overrides)
+        return cls(**fields)
+
+    # ------------------------------------------------------------------------------------------- validation
+    def check(self) -> None:
+        if not 1 <= self.v <= MAX_V:
+            raise UserError(f"--vptq-v {self.v} is out of range: use 1..{MAX_V}")
+        if not 2 <= self.k <= MAX_CENTROIDS:
+            raise UserError(f"--vptq-k {self.k} is out of range: use 2..{MAX_CENTROIDS}")
+        if self.res_k and not 2 <= self.res_k <= MAX_CENTROIDS:
+            raise UserError(f"--vptq-res-k {self.res_k} is out of range: use 0 (no residual) or 2..{MAX_CENTROIDS}")
+        if not 0 <= self.outlier < 1:
+            raise UserError(f"--vptq-outlier {self.outlier} is out of range: use a fraction of columns in [0, 1)")
+        if self.group < 0:
+            raise UserError(f"--vptq-group {self.group} must be 0 (one group) or a number of columns")
+        if self.kmeans_iters < 1:
+            raise UserError(f"--kmeans-iters {self.kmeans_iters} must be at least 1")
+        if not self.damp > 0:
+            raise UserError(f"--vptq-damp {self.damp} must be positive")
+        if self.block_size < 1:
+            raise UserError(f"--vptq-block-size {self.block_size} must be at least 1")
+
+    def outlier_cols(self, cols: int) -> int:
+        return min(cols - 1, math.ceil(self.outlier * cols)) if self.outlier > 0 else 0
+
+    def check_layer(self, name: str, out_features: int, in_features: int) -> None:
+        if not 1 <= in_features <= MAX_COLS:
+            raise UserError(f"layer {name} has {in_features} input features: VPTQ stores a column permutation of at "
+                            f"most {MAX_COLS}")
+        if out_features < 1:
+            raise UserError(f"layer {name} has an empty weight ({out_features} x {in_features})")
+        g = self.layer_geometry(out_features, in_features)
+        smallest = min(c1 - c0 for c0, c1 in g.bounds()) * g.vector_rows
+        if smallest < max(self.k, self.res_k):
+            raise UserError(f"layer {name} ({out_features} x {in_features}) has a codebook group of {smallest} "
+                            f"vectors, fewer than the {max(self.k, self.res_k)} centroids of its codebook: use a "
+                            f"smaller --vptq-k/--vptq-res-k, a larger --vptq-outlier or --vptq-group 0")
+
+    def layer_geometry(self, n: int, cols: int) -> CVQGeometry:
+        o = self.outlier_cols(cols)
+        return CVQGeometry(n, cols, self.v, self.k, self.res_k, o, self.group or (cols - o))
+
+    def index_bpv(self) -> float:
+        """Index bits per weight (without the overheads)."""
+        return (index_bits(self.k) + (index_bits(self.res_k) if self.res_k else 0)) / self.v
+
+    def describe(self) -> str:
+        res = f" + residual k={self.res_k}" if self.res_k else ""
+        out = f", {100 * self.outlier:g} % outlier columns" if self.outlier else ""
+        return f"VPTQ v={self.v} k={self.k}{res}{out} ({self.index_bpv():g} index bits per weight)"
+
+    # ------------------------------------------------------------------------------------------ quantization
+    def quantize_weight(self, weight: torch.Tensor, hessian: torch.Tensor | None) -> CVQWeight:
+        from .quantize import vptq_quantize
+
+        return vptq_quantize(weight, hessian, self)[0]
+
+
+def stored_bits(cfg: VPTQConfig, n: int, cols: int) -> int:
+    """Exact stored bits of one N x K layer (the formula in the module docstring)."""
+    g = cfg.layer_geometry(n, cols)
+    nbits = g.vector_rows * (-(-cols * g.bits // 8)) * 8
+    nbits += g.groups * (g.k * g.v * 8 + 16)
+    if g.res_k:
+        nbits += g.vector_rows * (-(-cols * g.res_bits // 8)) * 8 + g.groups * (g.res_k * g.v * 8 + 16)
+    return nbits + cols * 32
