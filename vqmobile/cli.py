@@ -456,9 +456,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the new one is complete)")
     p.add_argument("--eval-windows", type=int, default=0, help="afterwards, WikiText-2 perplexity over this many windows")
-    p.add_argument("--embedding", choices=["int8", "float"], default="int8",
+    p.add_argument("--embedding", choices=["int8", "int4", "float"], default="int8",
                    help="token embedding (and a head tied to it): int8 groups of 32, lossless for a Q8_0 GGUF "
-                        "(default), or float as loaded")
+                        "(default); int4 groups of 32, half the bytes the head reads per token (GPTQ on the final "
+                        "hidden states for calibrated methods); or float as loaded")
     p.add_argument("--incoherence", choices=["none", "hadamard"], default=None,
                    help="incoherence processing (QuIP#'s random Hadamard transforms around each layer, undone at "
                         "run time), for any method (default: hadamard for quip, none otherwise)")

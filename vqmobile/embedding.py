@@ -2,10 +2,15 @@
 
 The embedding matrix is the largest tensor of a small LLM (SmolLM2-135M: 49152 x 576, 113 MB in float32, more than
 the 30 quantized decoder layers together), and a tied lm_head reads all of it for every generated token. It is stored
-as 8-bit integers in groups of 32 with an fp16 absmax scale per group, W = (q - 128) * scale with |q - 128| <= 127:
-llama.cpp's Q8_0 grid, so a Q8_0 source (the default SmolLM2 GGUF's token_embd) round-trips exactly, and any other
-source loses about 0.4 % of a group's range at most. The stored format is the integer format of formats/intweight.py, so
-the int kernels, operators and exporters run the head without anything new.
+in symmetric integer groups of 32 with an fp16 scale per group, the integer format of formats/intweight.py, so the
+int kernels, operators and exporters run the head without anything new:
+- 8 bits (default): W = (q - 128) * scale with |q - 128| <= 127 and scale = absmax / 127: llama.cpp's Q8_0 grid, so
+  a Q8_0 source (the default SmolLM2 GGUF's token_embd) round-trips exactly, any other source loses about 0.4 % of a
+  group's range at most.
+- 4 bits (the lighter head: half the bytes the head streams per token): W = (q - 8) * scale, the symmetric grid of
+  the integer methods. When the head is tied and calibration inputs are at hand, the codes come from GPTQ against
+  the Hessian of the head's inputs (the final normed hidden states), which weighs each column by what the logits
+  see; the embedding rows decode from the same codes. Otherwise round to nearest.
 
 QuantEmbedding gathers and dequantizes only the rows it looks up (standard ops, so it exports as-is) and applies the
 output scale of the embedding it replaces (Gemma multiplies by sqrt(hidden)); a head tied to the embedding becomes a
@@ -22,7 +27,8 @@ from torch import nn
 from .formats.intweight import IntGrid, IntWeight, n_groups, quantize_to_grid
 from .layers import QuantLinear
 
-BITS, GROUP = 8, 32
+BITS, GROUP = 8, 32  # the default embedding
+VALID_BITS = (4, 8)
 ROWS = 8192  # rows quantized or dequantized at once: 21 MB of float32 at hidden 640
 
 
@@ -39,19 +45,36 @@ def _quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.to(torch.uint8), scale.to(torch.float16)
 
 
-def quantize_embedding(weight: torch.Tensor) -> IntWeight:
-    """[vocab, hidden] float -> 8-bit symmetric groups of 32 with scale max|w| / 127 (rounded to fp16 first, so
-    the codes are computed with the scale that is stored). 8-bit codes are one byte each: the codes are their own
-    packed rows."""
+def quantize_embedding(weight: torch.Tensor, bits: int = BITS, hessian: torch.Tensor | None = None) -> IntWeight:
+    """[vocab, hidden] float -> symmetric groups of 32. 8 bits: scale max|w| / 127 (rounded to fp16 first, so the
+    codes are computed with the scale that is stored); 8-bit codes are one byte each, their own packed rows.
+    4 bits: GPTQ against `hessian` [hidden, hidden] (the head's inputs) when given, else round to nearest."""
+    from .quantizers.gptq import GPTQConfig
+    from .quantizers.rtn import RTNConfig
+
+    if bits not in VALID_BITS:
+        raise ValueError(f"embedding bits must be one of {VALID_BITS}, got {bits}")
     v, h = weight.shape
-    blocks = [_quantize_rows(weight[s:s + ROWS].detach()) for s in range(0, v, ROWS)]
-    return IntWeight(torch.cat([c for c, _ in blocks]), torch.cat([s for _, s in blocks]), None, bits=BITS,
+    if bits == BITS:
+        blocks = [_quantize_rows(weight[s:s + ROWS].detach()) for s in range(0, v, ROWS)]
+        return IntWeight(torch.cat([c for c, _ in blocks]), torch.cat([s for _, s in blocks]), None, bits=BITS,
+                         group=GROUP, shape=(v, h))
+    # GPTQ treats rows independently given the Hessian: blocks of rows keep the float temporaries small.
+    cfg = (GPTQConfig if hessian is not None else RTNConfig)(bits=bits, group=GROUP, symmetric=True)
+    blocks = [cfg.quantize_weight(weight[s:s + ROWS].detach().float(), hessian) for s in range(0, v, ROWS)]
+    return IntWeight(torch.cat([b.codes for b in blocks]), torch.cat([b.scales for b in blocks]), None, bits=bits,
                      group=GROUP, shape=(v, h))
 
 
 def _dequantize_rows(qw: IntWeight, rows) -> torch.Tensor:
-    q = qw.codes[rows].to(torch.float32) - 128.0
-    return q * qw.scales[rows].to(torch.float32).repeat_interleave(qw.group, dim=-1)[..., :qw.shape[1]]
+    """The float rows `rows` (indices of any shape, or a slice) in standard ops only, so that it exports as is."""
+    h = qw.shape[1]
+    q = qw.codes[rows].to(torch.int32)
+    if qw.bits == 4:  # two codes a byte, low nibble first (formats/pack.py); division exports where shifts may not
+        hi = torch.div(q, 16, rounding_mode="floor")
+        q = torch.stack([q - hi * 16, hi], dim=-1).flatten(-2)[..., :h]
+    q = q.to(torch.float32) - float(1 << (qw.bits - 1))
+    return q * qw.scales[rows].to(torch.float32).repeat_interleave(qw.group, dim=-1)[..., :h]
 
 
 def max_abs_error(qweight: IntWeight, weight: torch.Tensor) -> float:
@@ -68,13 +91,13 @@ def output_scale(embedding: nn.Module) -> torch.Tensor | None:
 
 
 class QuantEmbedding(nn.Module):
-    """nn.Embedding over an 8-bit IntWeight: forward(ids) dequantizes the looked-up rows only, then applies the
-    output scale of the embedding it replaced, if any (the same float32 product as that module's)."""
+    """nn.Embedding over a 4- or 8-bit symmetric IntWeight: forward(ids) dequantizes the looked-up rows only, then
+    applies the output scale of the embedding it replaced, if any (the same float32 product as that module's)."""
 
     def __init__(self, qweight: IntWeight, embed_scale: torch.Tensor | None = None):
         super().__init__()
-        if qweight.bits != BITS or not qweight.symmetric:
-            raise ValueError("QuantEmbedding takes 8-bit symmetric integer weights")
+        if qweight.bits not in VALID_BITS or not qweight.symmetric:
+            raise ValueError(f"QuantEmbedding takes {' or '.join(map(str, VALID_BITS))}-bit symmetric integer weights")
         self.qweight = qweight
         self.num_embeddings, self.embedding_dim = qweight.shape
         self.register_buffer("embed_scale", embed_scale, persistent=False)  # derived from the config: not stored
@@ -92,7 +115,8 @@ class QuantEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         scaled = "" if self.embed_scale is None else f", output x {float(self.embed_scale):.6g}"
-        return f"{self.num_embeddings}, {self.embedding_dim}, int8 groups of {self.qweight.group}{scaled}"
+        return (f"{self.num_embeddings}, {self.embedding_dim}, int{self.qweight.bits} groups of "
+                f"{self.qweight.group}{scaled}")
 
 
 class ScaledEmbedding(nn.Embedding):
@@ -123,12 +147,14 @@ def use_quantized_embedding(model: nn.Module, qweight: IntWeight, tie_head: bool
         model.set_output_embeddings(QuantLinear(qweight))
 
 
-def quantize_embeddings_(model: nn.Module) -> float:
+def quantize_embeddings_(model: nn.Module, bits: int = BITS, head_hessian: torch.Tensor | None = None) -> float:
     """Quantize the token embedding of a HF causal LM in place; a tied head follows it, an untied head stays float.
-    Returns the largest absolute error of any embedding value (0.0 for a Q8_0 source)."""
+    head_hessian: the Hessian of a tied head's inputs, for GPTQ at 4 bits (ignored when the head is untied: the
+    embedding alone is looked up, not multiplied). Returns the largest absolute error of any embedding value (0.0
+    for a Q8_0 source at 8 bits)."""
     tie = tied_head(model)
     weight = model.get_input_embeddings().weight.detach()
-    qweight = quantize_embedding(weight)
+    qweight = quantize_embedding(weight, bits, head_hessian if tie else None)
     err = max_abs_error(qweight, weight)
     use_quantized_embedding(model, qweight, tie)
     return err

@@ -26,7 +26,7 @@ from .finetune import finetune_layer, finetune_model
 from .hessian import HessianAccumulator
 from .layers import QuantLinear
 from .quantizers.base import QuantConfig
-from .structure import decoder_layers, layers_path
+from .structure import decoder_layers, decoder_structure, layers_path
 
 
 @dataclass
@@ -104,6 +104,15 @@ def _capture_layer_inputs(model: nn.Module, calibration: torch.Tensor, batch_siz
 def _with_kwargs(inputs, kwargs: list[dict]) -> list:
     """The same hidden states with another layer's kwargs."""
     return [(hidden, kw) for (hidden, _), kw in zip(inputs, kwargs)]
+
+
+def _head_hessian(norm: nn.Module, outputs) -> torch.Tensor:
+    """The Hessian of the head's inputs: the last decoder layer's outputs through the final norm."""
+    acc = HessianAccumulator(outputs[0][0].shape[-1])
+    with torch.no_grad():
+        for hidden, _ in outputs:
+            acc.add(norm(hidden))
+    return acc.value()
 
 
 def _run_layer(layer: nn.Module, inputs) -> list:
@@ -200,8 +209,13 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration: torch.Tensor |
         elif inputs is not None:
             inputs = _run_layer(layer, inputs)
         per_layer.append(time.perf_counter() - t0)
+    head_hessian = None
+    if config.embedding == "int4" and inputs is not None:
+        head_hessian = _head_hessian(decoder_structure(model).norm, inputs)
     inputs = None
-    emb_err = quantize_embeddings_(model) if config.embedding == "int8" else None
+    emb_err = None
+    if config.embedding != "float":
+        emb_err = quantize_embeddings_(model, int(config.embedding.removeprefix("int")), head_hessian)
     if tune_model:
         tuned.append(finetune_model(model, teacher, calibration, epochs=config.finetune_epochs, lr=config.finetune_lr,
                                     samples=config.finetune_samples, progress=progress).to_dict())
