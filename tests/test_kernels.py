@@ -346,3 +346,19 @@ def test_bench_kernels_quick_smoke(tmp_path):
         assert {"kernel", "bpv", "shape", "threads", "us", "gbps", "ratio_vs_ort"} <= set(r)
         assert r["us"] > 0 and r["shape"] == [1024, 1024] and r["threads"] == 1
     assert abs(next(r for r in recs if r["kernel"] == "vq2.25")["bpv"] - 2.2656) < 1e-3
+
+
+def test_bench_kernels_times_several_paths_in_one_run(tmp_path):
+    import json
+
+    from vqmobile.bench import kernels as bench
+
+    paths = ["ref"] + [p for p in K.available_paths() if p != "ref"][-1:]
+    out = tmp_path / "k.json"
+    assert bench.main(["--quick", "--threads", "1", "--kernels", "vq3.125,ort-int4-b32", "--paths", ",".join(paths),
+                       "--json", str(out)]) == 0
+    recs = json.loads(out.read_text())["records"]
+    names = {r["kernel"]: r["path"] for r in recs}
+    want = {f"vq3.125@{p}": p for p in paths} if len(paths) > 1 else {"vq3.125": "ref"}
+    assert names == {**want, "ort-int4-b32": None}
+    assert bench.main(["--quick", "--kernels", "vq3.125", "--paths", "nosuchpath", "--json", str(out)]) == 2

@@ -255,7 +255,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     res = quantize(args.model, config, args.out, calib, overwrite=args.overwrite, progress=not args.quiet)
     m = res.manifest
     emb = m["embedding"]
-    emb_text = "" if emb is None else (f" + {emb['bytes'] / 1e6:.2f} MB int8 embedding"
+    emb_text = "" if emb is None else (f" + {emb['bytes'] / 1e6:.2f} MB int{emb['spec']['bits']} embedding"
                                        f"{' (also the head)' if emb['tied_head'] else ''}, max |error| "
                                        f"{res.report.embedding_max_abs_error:.3g}")
     print(f"wrote {res.out}: {m['method']} checkpoint, {len(m['layers'])} quantized linears, "

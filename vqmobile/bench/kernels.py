@@ -38,7 +38,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -84,6 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="minimum weight bytes per stack in MB, > 1000 so weights stream from DRAM (default 1050)")
     parser.add_argument("--kernels", default=None, help="comma-separated subset of rows to run (default: all)")
     parser.add_argument("--extra", action="store_true", help="also run d=4 k=256, 1-D k=4 and float-activation rows")
+    parser.add_argument("--paths", default=None,
+                        help="comma-separated kernel paths to time our rows on, in the same run (e.g. avx2,avx512; "
+                             "default: the best this CPU has); rows are named KERNEL@PATH when more than one")
     parser.add_argument("--no-peers", action="store_true", help="skip onnxruntime and torch")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 1024x1024, 32 MB stacks, 2 passes (numbers are not meaningful)")
@@ -103,6 +106,23 @@ class Impl:
     keep: list = field(default_factory=list)
     prepare: Callable[[int], None] | None = None  # threads -> per-thread-count setup (onnxruntime sessions)
     release: Callable[[], None] | None = None
+    path: str | None = None  # our kernels' implementation path; None for the peers
+
+
+def _on_paths(im: Impl, paths: list[str]) -> list[Impl]:
+    """Our row once per kernel path (the same stack of weights, the path set before each pass); peers as they are."""
+    from vqmobile import kernels as K
+
+    if im.name in PEERS:
+        return [im]
+
+    def on(path: str) -> Impl:
+        def run_pass(threads: int) -> None:
+            K.set_path(path)
+            im.run_pass(threads)
+        name = im.name if len(paths) == 1 else f"{im.name}@{path}"
+        return replace(im, name=name, run_pass=run_pass, path=path)
+    return [on(p) for p in paths]
 
 
 def _count(stack_bytes: float, per: int) -> int:
@@ -430,9 +450,16 @@ def run(args: argparse.Namespace) -> int:
             return 2
         rows = [r for r in known if r in want]
 
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()] if args.paths else [K.active_path()]
+    missing = [p for p in paths if p not in K.available_paths()]
+    if missing:
+        print(f"kernel path {missing[0]} is not available on this CPU: use some of {', '.join(K.available_paths())}",
+              file=sys.stderr)
+        return 2
+
     started = _dt.datetime.now(_dt.timezone.utc)
     info = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "cpu": _cpu_model(), "cpus": os.cpu_count(),
-            "path": K.active_path(), "loadavg_start": _loadavg(), "stack_mb": stack_bytes / 1e6,
+            "path": ",".join(paths), "loadavg_start": _loadavg(), "stack_mb": stack_bytes / 1e6,
             "repeats": repeats, "command": " ".join(["vqmobile bench kernels"] + sys.argv[1:])}
     print(f"# vqmobile bench kernels  {info['date']}  cpu: {info['cpu']} x{info['cpus']}  path: {info['path']}  "
           f"load: {info['loadavg_start']}", flush=True)
@@ -461,6 +488,7 @@ def run(args: argparse.Namespace) -> int:
                 impls.append(_ort(r, n, k, stack_bytes, rng, x))
             elif r == "torch-int4-g32":
                 impls.append(_torch(r, n, k, stack_bytes, rng, x))
+        impls = [v for im in impls for v in _on_paths(im, paths)]
         for threads in threads_list:
             for im in impls:
                 if im.prepare:
@@ -476,7 +504,7 @@ def run(args: argparse.Namespace) -> int:
             for im in impls:
                 us = min(times[im.name]) * 1e6
                 gbps = im.bytes_per_matrix / us / 1e3
-                rec = {"kernel": im.name, "bpv": round(im.bpv, 4), "shape": [n, k], "threads": threads,
+                rec = {"kernel": im.name, "path": im.path, "bpv": round(im.bpv, 4), "shape": [n, k], "threads": threads,
                        "us": round(us, 1), "us_median": round(statistics.median(times[im.name]) * 1e6, 1),
                        "gbps": round(gbps, 2), "pct_stream": round(100 * gbps / stream[threads], 1),
                        "ratio_vs_ort": round(us / ort_us, 3) if ort_us else None,
@@ -510,7 +538,6 @@ def run(args: argparse.Namespace) -> int:
 def _targets(records: list[dict[str, Any]], stream: dict[int, float]) -> dict[str, Any]:
     """The issue's targets, evaluated on this run's records."""
     res: dict[str, Any] = {"lines": ["# targets (same run):"]}
-    by = {(r["kernel"], tuple(r["shape"]), r["threads"]): r for r in records}
 
     def check(kernel: str, limit: float, key: str) -> None:
         rs = [r for r in records if r["kernel"] == kernel and r["ratio_vs_ort"] is not None]
@@ -522,9 +549,12 @@ def _targets(records: list[dict[str, Any]], stream: dict[int, float]) -> dict[st
                     "ratios": {f"{r['shape'][0]}x{r['shape'][1]}/t{r['threads']}": r["ratio_vs_ort"] for r in rs}}
         res["lines"].append(f"#   {kernel} <= {limit}x onnxruntime: worst {worst:.2f} -> {'MET' if ok else 'MISSED'}")
 
-    check("vq2.25", 0.55, "vq2.25_le_0.55x_ort")
-    check("vq3.125", 0.75, "vq3.125_le_0.75x_ort")
-    check("int4-g32", 1.0, "int4_g32_no_slower_than_ort")
+    # issue 15: on an AVX-512 VBMI CPU VQ 2.25 at most 0.50x onnxruntime's int4 time and VQ 3.125 at most 0.65x;
+    # on AVX2 VQ 2.25 at most 0.75x
+    for path, kernel, limit in (("avx512", "vq2.25", 0.50), ("avx512", "vq3.125", 0.65), ("avx2", "vq2.25", 0.75)):
+        name = next((r["kernel"] for r in records if r["path"] == path and r["kernel"].split("@")[0] == kernel), None)
+        if name:
+            check(name, limit, f"{kernel}_{path}_le_{limit}x_ort")
     vq = [r for r in records if r["kernel"].startswith("vq") and not r["kernel"].startswith("vptq")]
     if vq:
         best = max(vq, key=lambda r: r["pct_stream"])
@@ -534,7 +564,6 @@ def _targets(records: list[dict[str, Any]], stream: dict[int, float]) -> dict[st
         res["lines"].append(f"#   best VQ kernel >= 85% of streaming bandwidth: {best['kernel']} "
                             f"{best['shape'][0]}x{best['shape'][1]} t{best['threads']} {best['pct_stream']}% -> "
                             f"{'MET' if ok else 'MISSED'}")
-    del by
     return res
 
 
