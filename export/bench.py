@@ -37,6 +37,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from vqmobile import atomic
 from vqmobile.checkpoint import MANIFEST
 from vqmobile.errors import UserError
 from vqmobile.hashing import sha256_file
@@ -115,11 +116,7 @@ def export_torchao_baseline(checkpoint: str | Path, out: str | Path, max_seq: in
     wrapper = StaticDecoder(model, max_seq, cache=True, tied_head_op=False)
     ep = export_program(model, max_seq, wrapper=wrapper)
     prog = lower_to_executorch(ep, [XnnpackDynamicallyQuantizedPartitioner(), XnnpackPartitioner()])
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(prog.buffer)
-    os.replace(tmp, out)
+    atomic.write_file(out, lambda tmp: tmp.write_bytes(prog.buffer))
     return {"bytes": len(prog.buffer), **program_summary(prog)}
 
 
@@ -142,7 +139,7 @@ def export_without_transforms(checkpoint: str | Path, out: str | Path, max_seq: 
         raise UserError(f"{checkpoint} has no incoherent layers: there are no transforms to leave out")
     set_activations(model, activations)
     prog = lower_to_executorch(export_program(model, max_seq))
-    Path(out).write_bytes(prog.buffer)
+    atomic.write_file(out, lambda tmp: tmp.write_bytes(prog.buffer))
     return {"bytes": len(prog.buffer), "layers_without_transforms": stripped, **program_summary(prog)}
 
 
@@ -210,12 +207,13 @@ def _llamacpp_contender(kind: str, gguf: Path, ids: list[int], new_tokens: int, 
     return Contender(PEER_PREFIX + kind, "llama.cpp (llama-cpp-python)", gguf, bpw, run)
 
 
-def baseline_cache_path(bundle_path: Path, max_seq: int) -> Path:
-    """Where the torchao baseline of a bundle's checkpoint lives: keyed by the sha256 of the checkpoint's manifest
-    (which holds the sha256 of its tensor files), of the decoder's source (the program it exports) and max_seq."""
+def baseline_cache_path(bundle_path: Path, max_seq: int, kind: str = f"8da4w-g{GROUP}") -> Path:
+    """Where a program compared with the bundle's lives (kind: the torchao baseline, or the bundle's model without
+    its online transforms): keyed by the sha256 of the checkpoint's manifest (which holds the sha256 of its tensor
+    files), of the decoder's source (the program it exports) and max_seq."""
     sha = sha256_file(bundle_path / CHECKPOINT_DIR / MANIFEST)[:16]
     decoder = sha256_file(Path(__file__).with_name("model.py"))[:8]
-    return cache_root() / "baselines" / f"{sha}-{decoder}-8da4w-g{GROUP}-seq{max_seq}.pte"
+    return cache_root() / "baselines" / f"{sha}-{decoder}-{kind}-seq{max_seq}.pte"
 
 
 def _decoder_bits(bundle_path: Path) -> float | None:
@@ -381,7 +379,7 @@ def bench_decode(bundle: str, *, baseline_pte: str | None = None, prompt_tokens:
     if not base_path.is_file():
         say(f"exporting the torchao 8da4w g{GROUP} XNNPACK baseline to {base_path} ...")
         base_info = export_torchao_baseline(b.path / CHECKPOINT_DIR, base_path, b.max_seq)
-    bare_path = b.path.parent / f"{b.path.name}.no_transforms.pte"
+    bare_path = baseline_cache_path(b.path, b.max_seq, f"no-transforms-{b.activations}")
     if without_transforms and not bare_path.is_file():
         say(f"exporting the program without its online transforms to {bare_path} ...")
         export_without_transforms(b.path / CHECKPOINT_DIR, bare_path, b.max_seq, b.activations)

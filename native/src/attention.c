@@ -6,13 +6,19 @@
  * place and only the positions a query sees: for query t at position p = pos + t, the keys lo..p with lo = 0, or
  * p - window + 1 in a sliding-window layer.
  *
- * Plain C: the inner loops run over contiguous memory (positions of a transposed key row, components of a value
- * row) and the compiler vectorizes them on every target; there is no per-ISA variant (so no path to compare).
- * Float semantics: the scores are q . k * scale accumulated over the head dimension in order, the softmax subtracts
- * the maximum, and the output is sum_s e_s v_s / sum_s e_s (the division once per component at the end). */
+ * Portable C with GCC vector extensions (16 floats): the inner loops run over contiguous memory (positions of a
+ * transposed key row, components of a value row); on x86 the loader picks an AVX-512, AVX2 or baseline build of the
+ * same source. No path selection or bit-exactness contract (unlike the linear kernels): every build computes the
+ * same sums in the same order and may differ only where the compiler fuses a multiply and an add.
+ * Float semantics: the scores are q . k accumulated over the head dimension in order, times scale; the softmax
+ * subtracts the maximum and exponentiates with a degree-6 polynomial (about 1 ulp of expf); the output is
+ * sum_s e_s v_s (positions in order) times 1 / sum_s e_s. */
 #include "internal.h"
 #include <math.h>
 #include <stdlib.h>
+
+/* The vector helpers are static inline: the ABI of 64-byte vector arguments that GCC warns about never applies. */
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 typedef struct {
     const float *q, *kt, *v;
@@ -22,56 +28,122 @@ typedef struct {
     float scale;
 } attn_ctx;
 
+/* 16 floats, as GCC vector extensions: one zmm, two ymm, four xmm or four NEON q registers, whatever the target. */
+#define VL 16
+typedef float vf __attribute__((vector_size(VL * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
+
+/* x86: the same source compiled for AVX-512, AVX2 and the baseline, picked once by the loader (ifunc). arm64: NEON
+ * is the baseline. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(VQM_SIMDE)
+#define ATTN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define ATTN_CLONES
+#endif
+
+static inline vf vload(const float *p)
+{
+    vf v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void vstore(float *p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
+
+static inline vf vsplat(float x) { return (vf){ 0 } + x; }
+
+static inline vf vsel(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); } /* mask ? a : b */
+
+static inline vf vmax(vf a, vf b) { return vsel(a > b, a, b); }
+
+/* e^x for x <= 0 (scores minus their maximum): 2^n * p(r), n = round(x / ln 2), r = x - n ln 2 (two-part ln 2),
+ * p Cephes' degree-6 polynomial (expf's, about 1 ulp); below -87.3 the result is 0. */
+static inline vf vexp_nonpos(vf x)
+{
+    const vf lo = vsplat(-87.3f);
+    const vi under = x < lo;
+    x = vsel(under, lo, x);
+    vf n = x * 1.44269504088896341f + 12582912.0f; /* + 1.5 * 2^23: round to nearest in the low mantissa bits */
+    n = n - 12582912.0f;
+    const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    vf p = vsplat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+    vf scale;
+    __builtin_memcpy(&scale, &bits, sizeof scale);
+    p = p * scale;
+    return vsel(under, vsplat(0.0f), p);
+}
+
 static __thread float *t_scores;
 static __thread size_t t_scores_cap;
 
 /* one (kv head, query) pair: the group's query heads read each key and value row once */
-static void attn_task(void *vctx, int i)
+ATTN_CLONES static void attn_task(void *vctx, int i)
 {
     const attn_ctx *a = vctx;
     const int groups = a->heads / a->kv_heads, D = a->d, S = a->s;
     const int h = i / a->t, t = i % a->t;
     const int64_t p = a->pos + t;
     const int64_t lo = a->window > 0 && p - a->window + 1 > 0 ? p - a->window + 1 : 0;
-    const int64_t n = p - lo + 1;
-    const size_t need = (size_t)groups * (size_t)n;
-    if (need > t_scores_cap) {
+    const int64_t n = p - lo + 1, nv = (n + VL - 1) / VL * VL; /* scores padded to whole vectors */
+    if ((size_t)nv > t_scores_cap) {
         free(t_scores);
-        t_scores = malloc(sizeof(float) * need);
-        t_scores_cap = t_scores ? need : 0;
+        t_scores = malloc(sizeof(float) * (size_t)nv);
+        t_scores_cap = t_scores ? (size_t)nv : 0;
         if (!t_scores) abort();
     }
+    float *sc = t_scores;
     const float *kt = a->kt + (int64_t)h * D * S + lo; /* [D][S] from position lo */
     const float *v = a->v + ((int64_t)h * S + lo) * D; /* [S][D] from position lo */
     for (int g = 0; g < groups; g++) {
         const int hq = h * groups + g;
         const float *q = a->q + ((int64_t)hq * a->t + t) * D;
-        float *sc = t_scores + (size_t)g * (size_t)n;
-        for (int64_t j = 0; j < n; j++) sc[j] = 0.0f;
-        for (int c = 0; c < D; c++) {
-            const float qc = q[c];
-            const float *krow = kt + (int64_t)c * S;
-            for (int64_t j = 0; j < n; j++) sc[j] += qc * krow[j];
+        int64_t j = 0;
+        for (; j + VL <= n; j += VL) { /* a vector of positions, accumulated over the head dimension in order */
+            vf acc = vsplat(0.0f);
+            for (int c = 0; c < D; c++) acc += q[c] * vload(kt + (int64_t)c * S + j);
+            vstore(sc + j, acc * a->scale);
         }
-        float m = -INFINITY;
-        for (int64_t j = 0; j < n; j++) {
-            sc[j] *= a->scale;
-            m = sc[j] > m ? sc[j] : m;
+        for (; j < n; j++) { /* the last positions: the same sums, one lane at a time */
+            float acc = 0.0f;
+            for (int c = 0; c < D; c++) acc += q[c] * kt[(int64_t)c * S + j];
+            sc[j] = acc * a->scale;
+        }
+        for (; j < nv; j++) sc[j] = -INFINITY;
+        vf vm = vsplat(-INFINITY);
+        for (j = 0; j < nv; j += VL) {
+            const vf x = vload(sc + j);
+            vm = vmax(x, vm);
+        }
+        float m = vm[0];
+        for (int l = 1; l < VL; l++) m = vm[l] > m ? vm[l] : m;
+        vf vsum = vsplat(0.0f);
+        for (j = 0; j < nv; j += VL) { /* padding lanes are -inf: e = 0 */
+            const vf e = vexp_nonpos(vload(sc + j) - m);
+            vstore(sc + j, e);
+            vsum += e;
         }
         float sum = 0.0f;
-        for (int64_t j = 0; j < n; j++) {
-            sc[j] = expf(sc[j] - m);
-            sum += sc[j];
-        }
+        for (int l = 0; l < VL; l++) sum += vsum[l];
         float *o = a->out + ((int64_t)hq * a->t + t) * D;
-        for (int c = 0; c < D; c++) o[c] = 0.0f;
-        for (int64_t j = 0; j < n; j++) {
-            const float e = sc[j];
-            const float *vrow = v + j * D;
-            for (int c = 0; c < D; c++) o[c] += e * vrow[c];
-        }
         const float inv = 1.0f / sum;
-        for (int c = 0; c < D; c++) o[c] *= inv;
+        int c = 0;
+        for (; c + VL <= D; c += VL) { /* a vector of components, summed over the positions in order */
+            vf acc = vsplat(0.0f);
+            for (j = 0; j < n; j++) acc += sc[j] * vload(v + j * D + c);
+            vstore(o + c, acc * inv);
+        }
+        for (; c < D; c++) {
+            float acc = 0.0f;
+            for (j = 0; j < n; j++) acc += sc[j] * v[j * D + c];
+            o[c] = acc * inv;
+        }
     }
 }
 
