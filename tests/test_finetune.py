@@ -118,7 +118,7 @@ def test_interrupted_finetune_leaves_the_layer_as_it_was(stories, calib, monkeyp
     quantize_(model, METHODS["vptq"](), calib, progress=False)
     layer = model.model.layers[0]
     with torch.no_grad():
-        inputs = _capture_layer_inputs(model, calib[:8], 8)
+        inputs, _ = _capture_layer_inputs(model, calib[:8], 8)  # layer 0 runs with the kwargs it was captured with
         targets = [o for o, _ in _run_layer(stories.model.model.layers[0], inputs)]
     before = {n: {k: v.clone() for k, v in m.qweight.tensors().items()}
               for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
