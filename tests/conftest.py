@@ -45,6 +45,18 @@ def stories_test_ids(stories):
     return wikitext_test_ids(stories.tokenizer, WIKITEXT / "wiki.test.raw")
 
 
+@pytest.fixture
+def one_thread():
+    """stories260k's ops are tiny: on a shared 2-core machine one thread runs them many times faster than two
+    (vqmobile/threads.py); the results do not depend on the thread count."""
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 @pytest.fixture(scope="session")
 def simde_build(tmp_path_factory) -> Path:
     """`make simde`'s test-only build (native/Makefile) in a temporary folder: libvqmobile.so and vqm_test whose

@@ -44,9 +44,11 @@ def _import_export():
 ve = _import_export()
 
 import vqmobile  # noqa: E402
+from et_ops import assert_linear_bit_exact  # noqa: E402
 from vqmobile import kernels, ops  # noqa: E402
 from vqmobile.errors import FormatError, UserError  # noqa: E402
 from vqmobile.quantizers.rtn import RTNConfig  # noqa: E402
+from vqmobile.embedding import quantize_embedding  # noqa: E402
 from vqmobile.layers import QuantLinear  # noqa: E402
 from vqmobile.formats.vqweight import VQGeometry, VQWeight  # noqa: E402
 
@@ -260,17 +262,6 @@ def test_onnx_file_is_valid_with_functions(bundle):
     assert ("vqmobile", "IntLinear") in used
 
 
-class _OneLinear(torch.nn.Module):
-    """A program holding nothing but one quantized linear: no float op upstream of our operator."""
-
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
-
-
 def test_executorch_ops_are_bit_exact(bundle, reference, tmp_path):
     """Op level: every vqmobile operator, as the bundle's adapter library runs it inside ExecuTorch, returns exactly
     what the PyTorch operator returns on the same inputs: the attention over a cache, and the linears for every weight
@@ -282,8 +273,9 @@ def test_executorch_ops_are_bit_exact(bundle, reference, tmp_path):
     path, _ = bundle
     load_adapter(path / "lib" / "libvqmobile_executorch.so")
     layers = reference.model.model.layers
+    head4 = QuantLinear(quantize_embedding(reference.model.lm_head.qweight.dequantize(), bits=4))
     cases = {"vq_linear": layers[1].self_attn.q_proj, "int_linear g32": layers[1].mlp.down_proj,
-             "int_linear head (8-bit)": reference.model.lm_head}
+             "int_linear head (8-bit)": reference.model.lm_head, "int_linear head (4-bit)": head4}
     class _Attention(torch.nn.Module):
         def forward(self, q, kc, vc, ip):
             return torch.ops.vqmobile.attention(q, kc, vc, ip, 0.25, 3)
@@ -300,19 +292,7 @@ def test_executorch_ops_are_bit_exact(bundle, reference, tmp_path):
     assert ops.op_support(cases["int_linear g32"].qweight)[0] == "int_linear"
     gen = torch.Generator().manual_seed(7)
     for name, layer in cases.items():
-        for act in ("int8", "float"):
-            mod = _OneLinear(copy.copy(layer))
-            mod.layer.act_int8 = act == "int8"
-            for rows in (1, 5):
-                x = torch.randn(rows, layer.in_features, generator=gen) * 2
-                with torch.no_grad():
-                    want = mod(x)
-                    ep = torch.export.export(mod, (x,), strict=False)
-                pte = tmp_path / f"one-{rows}.pte"
-                pte.write_bytes(lower_to_executorch(ep).buffer)
-                got = portable_lib()._load_for_executorch(str(pte)).forward((x,))[0]
-                assert got.shape == want.shape and torch.equal(got, want), (name, act, rows,
-                                                                            (got - want).abs().max())
+        assert_linear_bit_exact(layer, tmp_path, gen, name)
 
 
 def test_onnx_and_executorch_match_pytorch(bundle, reference, stories_test_ids):

@@ -31,14 +31,7 @@ METHODS = {
 TUNE = dict(finetune_lr=1e-2, finetune_epochs=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """stories260k's ops are tiny: on a shared 2-core machine one thread runs them many times faster than two
-    (vqmobile/threads.py); the results do not depend on the thread count."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,14 +24,7 @@ from test_gptvq import calib16x128, hloss, layers  # noqa: F401  (fixtures: real
 SMALL = dict(v=4, k=16, kmeans_iters=10)  # fits every stories260k layer (its k_proj has 8 x 64 vectors)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """stories260k's ops are tiny: on a shared 2-core machine one thread runs them many times faster than two
-    (vqmobile/threads.py); the results do not depend on the thread count."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rel(w, q, h):
@@ -286,34 +279,13 @@ def test_export_and_check_pass(vptq_bundle):
 def test_executorch_cvq_op_is_bit_exact(vptq_bundle, vptq_checkpoint, tmp_path):
     """cvq_linear.out as the bundle's adapter runs it inside ExecuTorch returns exactly what the PyTorch operator
     returns, with int8 and float activations, at decode and prefill batch (both call the native kernels)."""
-    from vqmobile.export.et_runtime import load_adapter, portable_lib
-    from vqmobile.export.executorch_export import lower_to_executorch
+    from et_ops import assert_linear_bit_exact
+    from vqmobile.export.et_runtime import load_adapter
 
     out, _ = vptq_bundle
     load_adapter(out / "lib" / "libvqmobile_executorch.so")
     layer = checkpoint.load(vptq_checkpoint[0]).model.model.layers[2].mlp.down_proj  # 64 x 172: partial blocks
-    gen = torch.Generator().manual_seed(3)
-
-    class One(torch.nn.Module):
-        def __init__(self, lin):
-            super().__init__()
-            self.lin = lin
-
-        def forward(self, x):
-            return self.lin(x)
-
-    for act in (True, False):
-        mod = One(copy.copy(layer))
-        mod.lin.act_int8 = act
-        for rows in (1, 5):
-            x = torch.randn(rows, layer.in_features, generator=gen) * 2
-            with torch.no_grad():
-                want = mod(x)
-                ep = torch.export.export(mod, (x,), strict=False)
-            pte = tmp_path / f"cvq-{act}-{rows}.pte"
-            pte.write_bytes(lower_to_executorch(ep).buffer)
-            got = portable_lib()._load_for_executorch(str(pte)).forward((x,))[0]
-            assert torch.equal(got, want), (act, rows, (got - want).abs().max())
+    assert_linear_bit_exact(layer, tmp_path, torch.Generator().manual_seed(3), "cvq")
 
 
 def test_cli_quantize_vptq(tmp_path, capsys):
