@@ -345,7 +345,7 @@ def bench_decode(bundle: str, *, baseline_pte: str | None = None, prompt_tokens:
     baseline_cache_path). gguf_kinds: llama.cpp quantizations (default Q4_0 and Q4_K_M; empty: none).
     source: the float model the llama.cpp GGUFs are made from (default: the checkpoint's recorded source).
     without_transforms: also time the bundle's model without the online Hadamard transforms of its incoherent layers
-    (exported beside the bundle once), which says what the transforms cost.
+    (exported once into the baselines' cache), which says what the transforms cost.
     Returns the record that the CLI prints as a table and may write as JSON."""
     from tqdm import tqdm
 
@@ -379,8 +379,8 @@ def bench_decode(bundle: str, *, baseline_pte: str | None = None, prompt_tokens:
     if not base_path.is_file():
         say(f"exporting the torchao 8da4w g{GROUP} XNNPACK baseline to {base_path} ...")
         base_info = export_torchao_baseline(b.path / CHECKPOINT_DIR, base_path, b.max_seq)
-    bare_path = baseline_cache_path(b.path, b.max_seq, f"no-transforms-{b.activations}")
-    if without_transforms and not bare_path.is_file():
+    bare_path = baseline_cache_path(b.path, b.max_seq, f"no-transforms-{b.activations}") if without_transforms else None
+    if bare_path is not None and not bare_path.is_file():
         say(f"exporting the program without its online transforms to {bare_path} ...")
         export_without_transforms(b.path / CHECKPOINT_DIR, bare_path, b.max_seq, b.activations)
     tok = b.tokenizer()
