@@ -171,18 +171,25 @@ class _Body:
         return self.op("Unsqueeze", x, self.const([0], "int64"))
 
     def unpack(self, packed: str, count: str, bits: str) -> str:
-        """uint8 [N, B] little-endian per-row bitstream -> float [N, count] codes."""
-        u = self.op("Unsqueeze", packed, self.const([-1], "int64"))
-        sh = self.op("BitShift", u, self.const(list(range(8)), "uint8"), direction="RIGHT")
-        bit = self.op("BitwiseAnd", sh, self.const(1, "uint8"))
-        flat = self.op("Reshape", bit, self.const([0, -1], "int64"))
-        nbits = self.op("Mul", count, bits)
-        take = self.op("Slice", flat, self.const([0], "int64"), self.unsqueeze0(nbits), self.const([1], "int64"))
-        shape = self.op("Concat", self.const([0, -1], "int64"), self.unsqueeze0(bits), axis=0)
-        grouped = self.op("Cast", self.op("Reshape", take, shape), to=1)
-        powers = self.op("Pow", self.const(2.0, "float32"),
-                         self.op("Cast", self.op("Range", self.const(0, "int64"), bits, self.const(1, "int64")), to=1))
-        return self.op("ReduceSum", self.op("Mul", grouped, powers), self.const([-1], "int64"), keepdims=0)
+        """uint8 [N, B] little-endian per-row bitstream -> uint32 [N, count] codes (bits <= 16).
+
+        A code spans at most three adjacent bytes, so each is read from a 24-bit window gathered per code: the widest
+        intermediate is [N, count] 32-bit, where expanding every bit (then a float per bit) needed 8x as many floats,
+        more memory than a 262k-token head allows."""
+        i64 = lambda v: self.const(v, "int64")  # noqa: E731
+        off = self.op("Mul", self.op("Range", i64(0), count, i64(1)), bits)  # bit offset of each code [count]
+        byte = self.op("Div", off, i64(8))
+        last = self.op("Sub", self.op("Gather", self.op("Shape", packed), i64(1)), i64(1))
+        word = None
+        for j in range(3):  # bytes past the row's end are never part of a code: clamp their index
+            at = self.op("Min", self.op("Add", byte, i64(j)), last) if j else byte
+            part = self.op("Cast", self.op("Gather", packed, at, axis=1), to=12)  # uint32
+            part = self.op("BitShift", part, self.const(8 * j, "uint32"), direction="LEFT") if j else part
+            word = part if word is None else self.op("BitwiseOr", word, part)
+        # keep bits [shift, shift + bits) of the word: shift them to the top of 32, then down to the bottom
+        up = self.op("Sub", self.op("Sub", i64(32), bits), self.op("Sub", off, self.op("Mul", byte, i64(8))))
+        top = self.op("BitShift", word, self.op("Cast", up, to=12), direction="LEFT")
+        return self.op("BitShift", top, self.op("Cast", self.op("Sub", i64(32), bits), to=12), direction="RIGHT")
 
 
 def _linear_tail(b: _Body, x: str, w: str, bias: str) -> None:
@@ -227,7 +234,7 @@ def int_function():
     b = _Body("int")
     k, bits, group = b.attr_int("k"), b.attr_int("bits"), b.attr_int("group")
     one, zero = b.const(1, "int64"), b.const(0, "int64")
-    q = b.unpack("codes", k, bits)  # float [N, K]
+    q = b.op("Cast", b.unpack("codes", k, bits), to=1)  # float [N, K]
     g = b.op("Div", b.op("Range", zero, k, one), group)
     s = b.op("Gather", b.op("Cast", "scales", to=1), g, axis=1)
     z = b.op("Gather", b.op("Cast", "zeros", to=1), g, axis=1)
@@ -285,7 +292,8 @@ def hadamard_function(transpose: bool):
     n = b.op("Mul", m, p)
     s = b.op("Sub", b.const(1.0, "float32"),
              b.op("Mul", b.const(2.0, "float32"),
-                  b.op("Reshape", b.unpack(b.unsqueeze0("signs"), n, one), b.const([-1], "int64"))))  # +-1 [n]
+                  b.op("Reshape", b.op("Cast", b.unpack(b.unsqueeze0("signs"), n, one), to=1),
+                        b.const([-1], "int64"))))  # +-1 [n]
     x = "x" if transpose else b.op("Mul", "x", s)
     r = b.op("Cast", b.op("Range", zero, p, one), to=13)  # uint64
     v = b.op("BitwiseAnd", b.op("Unsqueeze", r, b.const([1], "int64")), b.op("Unsqueeze", r, b.const([0], "int64")))

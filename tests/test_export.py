@@ -262,6 +262,39 @@ def test_onnx_file_is_valid_with_functions(bundle):
     assert ("vqmobile", "IntLinear") in used
 
 
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_onnx_bitstream_reader_equals_unpack_rows(bits):
+    """The ONNX functions' code reader against the checkpoint's own unpacker, on odd row lengths whose last code
+    ends in the row's last byte (the reader clamps the bytes it gathers past it)."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from vqmobile.formats.pack import pack_rows, unpack_rows
+
+    _import_export()
+    from vqmobile.export import onnx_export as ox
+
+    b = ox._Body("t")
+    b.nodes.append(helper.make_node("Identity", [b.unpack("packed", "count", "bits")], ["codes"]))
+    graph = helper.make_graph(
+        b.nodes, "unpack",
+        [helper.make_tensor_value_info("packed", TensorProto.UINT8, ["n", "b"]),
+         helper.make_tensor_value_info("count", TensorProto.INT64, []),
+         helper.make_tensor_value_info("bits", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("codes", TensorProto.UINT32, ["n", "c"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ox.OPSET)], ir_version=10)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(bits)
+    for ncodes in (1, 7, 29, 64):
+        codes = torch.randint(0, 1 << bits, (5, ncodes), generator=gen)
+        codes[0] = (1 << bits) - 1  # all ones: every bit of every window is read
+        packed = pack_rows(codes, bits)
+        got = sess.run(None, {"packed": packed.numpy(), "count": np.array(ncodes, np.int64),
+                              "bits": np.array(bits, np.int64)})[0]
+        assert np.array_equal(got.astype(np.int64), unpack_rows(packed, bits, ncodes).numpy()), (bits, ncodes)
+
+
 def test_executorch_ops_are_bit_exact(bundle, reference, tmp_path):
     """Op level: every vqmobile operator, as the bundle's adapter library runs it inside ExecuTorch, returns exactly
     what the PyTorch operator returns on the same inputs: the attention over a cache, and the linears for every weight
