@@ -15,7 +15,12 @@ Tolerances (documented; a runtime outside any of them fails the check and the co
 With int8 activations the max |delta logit| is reported but not gated: rounding an activation to int8 is
 discontinuous, so a float32 reordering upstream (XNNPACK's norm or attention versus PyTorch's) that lands on a
 rounding boundary moves a code by one step, and such steps add up through the layers (about 0.5 on stories260k,
-whose int8 and float logits differ by as much). Top-1 agreement and perplexity stay gated.
+whose int8 and float logits differ by as much). Top-1 agreement and perplexity stay gated. On some models those
+steps grow until top-1 and perplexity move too: Gemma 3 270M's int8 logits change by up to 10 and its top-1 by 5 %
+when its embeddings are scaled by 1 + 2^-20. When an int8 runtime fails, the check therefore also compares the
+reference with itself under PyTorch's other attention implementation (a float32 reordering) and reports that row;
+if the reference fails against itself, the failure says that int8 activations cannot be checked closer on this
+model (the gates stay as they are; `--activations float` gives a bundle that can be checked).
 """
 
 from __future__ import annotations
@@ -36,18 +41,33 @@ MIN_TOP1 = 0.99
 MAX_PPL_REL = 0.005
 
 
-def _stats(name: str, logits: list[torch.Tensor], ref: list[torch.Tensor], windows: list[torch.Tensor],
-           seconds: float) -> dict[str, Any]:
-    max_abs, agree, total, nll = 0.0, 0, 0, 0.0
-    for lg, rf, w in zip(logits, ref, windows):
-        lg, rf = lg.float().reshape(rf.shape), rf.float()
-        max_abs = max(max_abs, float((lg - rf).abs().max()))
-        agree += int((lg.argmax(-1) == rf.argmax(-1)).sum())
-        total += rf.shape[0]
-        nll += float(F.cross_entropy(lg[:-1], w[1:], reduction="sum"))
-    count = sum(w.numel() - 1 for w in windows)
-    return {"runtime": name, "max_abs_logit_diff": max_abs, "top1_agreement": agree / total,
-            "ppl": math.exp(nll / count), "seconds": seconds}
+class _Tally:
+    """One runtime's agreement with its reference, summed window by window (a window's logits are dropped once
+    counted: with a 262k-token vocabulary one window of 1024 positions is a gigabyte of logits)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.max_abs, self.nll, self.seconds = 0.0, 0.0, 0.0
+        self.agree = self.total = self.count = 0
+
+    def add(self, logits: torch.Tensor, seconds: float, *, ref: torch.Tensor, window: torch.Tensor) -> None:
+        lg = logits.float().reshape(ref.shape)
+        self.max_abs = max(self.max_abs, float((lg - ref).abs().max()))
+        self.agree += int((lg.argmax(-1) == ref.argmax(-1)).sum())
+        self.total += ref.shape[0]
+        self.nll += float(F.cross_entropy(lg[:-1], window[1:], reduction="sum"))
+        self.count += window.numel() - 1
+        self.seconds += seconds
+
+    def row(self) -> dict[str, Any]:
+        return {"runtime": self.name, "max_abs_logit_diff": self.max_abs, "top1_agreement": self.agree / self.total,
+                "ppl": math.exp(self.nll / self.count), "seconds": self.seconds}
+
+
+def _timed(fn, *args):
+    t = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t
 
 
 def _format_table(rows: list[dict[str, Any]]) -> str:
@@ -55,11 +75,44 @@ def _format_table(rows: list[dict[str, Any]]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         dppl = "" if r.get("ppl_rel_diff") is None else f"{100 * r['ppl_rel_diff']:+.4f}%"
-        mad = "" if r["runtime"].startswith("pytorch") else f"{r['max_abs_logit_diff']:.2e}"
-        top1 = "" if r["runtime"].startswith("pytorch") else f"{100 * r['top1_agreement']:.2f}%"
+        ref = r.get("status") == "reference"
+        mad = "" if ref else f"{r['max_abs_logit_diff']:.2e}"
+        top1 = "" if ref else f"{100 * r['top1_agreement']:.2f}%"
         lines.append(f"{r['runtime']:<40} {mad:>12} {top1:>12} {r['ppl']:>11.4f} {dppl:>9} {r['seconds']:>8.1f}  "
                      f"{r.get('status', '')}")
     return "\n".join(lines)
+
+
+def _failures(r: dict[str, Any]) -> list[str]:
+    fails = []
+    if r["activations"] == "float" and not r["max_abs_logit_diff"] <= MAX_ABS_LOGIT:
+        fails.append(f"max|dlogit| > {MAX_ABS_LOGIT:g}")
+    if not r["top1_agreement"] >= MIN_TOP1:
+        fails.append(f"top-1 < {100 * MIN_TOP1:g}%")
+    if not abs(r["ppl_rel_diff"]) <= MAX_PPL_REL:
+        fails.append(f"|d ppl| > {100 * MAX_PPL_REL:g}%")
+    return fails
+
+
+def _reordering_floor(model, forward, wins: list[torch.Tensor], ref: dict[str, Any]) -> dict[str, Any]:
+    """The int8 reference against itself with PyTorch's other attention implementation (a float32 reordering, the
+    kind of difference between two runtimes): how closely any runtime can agree with it. Run only when a runtime
+    fails, to tell a runtime's error from a model whose int8 activations amplify rounding noise."""
+    cfg = model.config
+    impl = cfg._attn_implementation
+    other = "eager" if impl != "eager" else "sdpa"
+    tally = _Tally(f"pytorch ({other} attention, int8 activations)")
+    for w in wins:
+        base = forward(w)
+        cfg._attn_implementation = other
+        try:
+            tally.add(*_timed(forward, w), ref=base, window=w)
+        finally:
+            cfg._attn_implementation = impl
+    row = tally.row() | {"activations": "int8", "reference": ref["runtime"]}
+    row["ppl_rel_diff"] = row["ppl"] / ref["ppl"] - 1.0
+    row["status"] = "noise floor: " + (", ".join(_failures(row)) or "within the tolerances")
+    return row
 
 
 @torch.no_grad()
@@ -86,59 +139,60 @@ def check_bundle(bundle: str, *, windows: int, json_path: str | None = None, dat
     wins = [ids[i * ctx:(i + 1) * ctx] for i in range(n)]
 
     # Each runtime is compared with the PyTorch model run with the same activation semantics: the ONNX functions
-    # define float activations, the .pte those it was exported with (bundle manifest).
-    refs: dict[str, dict] = {}
-
-    def reference(mode: str) -> dict:
-        if mode not in refs:
-            set_activations(model, mode)
-            t = time.perf_counter()
-            logits = [model(input_ids=w[None], use_cache=False).logits[0].float() for w in wins]
-            row = _stats(f"pytorch (quantized, {mode} activations)", logits, logits, wins, time.perf_counter() - t)
-            row["activations"] = mode
-            refs[mode] = {"logits": logits, "row": row}
-            row["status"], row["ppl_rel_diff"] = "reference", 0.0
-            rows.append(row)
-        return refs[mode]
-
-    rows: list[dict[str, Any]] = []
+    # define float activations, the .pte those it was exported with (bundle manifest). Window by window: a window's
+    # logits are dropped once every runtime has been compared with them.
+    runtimes = []  # (name, activations, window -> logits)
     if b.onnx is not None:
         from .onnx_export import ort_session
 
-        ref = reference("float")
         sess = ort_session(b.onnx)
-        t = time.perf_counter()
-        out = [torch.from_numpy(sess.run(None, {"input_ids": w[None].numpy()})[0][0]) for w in wins]
-        rows.append(_stats("onnxruntime", out, ref["logits"], wins, time.perf_counter() - t)
-                    | {"reference": ref, "activations": "float"})
-        del sess
+        runtimes.append(("onnxruntime", "float",
+                         lambda w: torch.from_numpy(sess.run(None, {"input_ids": w[None].numpy()})[0][0])))
     if b.pte is not None:
         from .et_runtime import ETDecoder
 
-        ref = reference(b.activations)
-        lib = b.host_library(progress=progress)
-        dec = ETDecoder(b.pte, lib)
-        t = time.perf_counter()
-        out = [dec(w[None], 0)[0] for w in wins]
-        name = "executorch" + (" (decomposed)" if b.manifest.get("decomposed") else "")
-        rows.append(_stats(name, out, ref["logits"], wins, time.perf_counter() - t)
-                    | {"reference": ref, "activations": b.activations})
+        dec = ETDecoder(b.pte, b.host_library(progress=progress))
+        runtimes.append(("executorch" + (" (decomposed)" if b.manifest.get("decomposed") else ""), b.activations,
+                         lambda w: dec(w[None], 0)[0]))
+    modes = list(dict.fromkeys(mode for _, mode, _ in runtimes))
+    refs = {mode: _Tally(f"pytorch (quantized, {mode} activations)") for mode in modes}
+    tallies = {name: _Tally(name) for name, _, _ in runtimes}
+
+    def forward(w: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=w[None], use_cache=False).logits[0].float()
+
+    for w in wins:
+        for mode in modes:
+            set_activations(model, mode)
+            ref, sec = _timed(forward, w)
+            refs[mode].add(ref, sec, ref=ref, window=w)
+            for name, m, run in runtimes:
+                if m == mode:
+                    tallies[name].add(*_timed(run, w), ref=ref, window=w)
+    rows: list[dict[str, Any]] = []
     ok = True
-    for r in rows:
-        ref = r.pop("reference", None)
-        if ref is None:
-            continue
-        r["reference"] = ref["row"]["runtime"]
-        r["ppl_rel_diff"] = r["ppl"] / ref["row"]["ppl"] - 1.0
-        fails = []
-        if r["activations"] == "float" and not r["max_abs_logit_diff"] <= MAX_ABS_LOGIT:
-            fails.append(f"max|dlogit| > {MAX_ABS_LOGIT:g}")
-        if not r["top1_agreement"] >= MIN_TOP1:
-            fails.append(f"top-1 < {100 * MIN_TOP1:g}%")
-        if not abs(r["ppl_rel_diff"]) <= MAX_PPL_REL:
-            fails.append(f"|d ppl| > {100 * MAX_PPL_REL:g}%")
-        r["status"] = "ok" if not fails else "FAIL: " + ", ".join(fails)
-        ok = ok and not fails
+    for mode in modes:
+        ref = refs[mode].row() | {"activations": mode, "status": "reference", "ppl_rel_diff": 0.0}
+        rows.append(ref)
+        for name, m, _ in runtimes:
+            if m != mode:
+                continue
+            r = tallies[name].row() | {"activations": mode, "reference": ref["runtime"]}
+            r["ppl_rel_diff"] = r["ppl"] / ref["ppl"] - 1.0
+            fails = _failures(r)
+            if fails and mode == "int8":
+                floor = _reordering_floor(model, forward, wins, ref)
+                rows.append(r)
+                rows.append(floor)
+                if _failures(floor):
+                    fails.append(f"the reference itself is as unstable ({floor['runtime']}: top-1 "
+                                 f"{100 * floor['top1_agreement']:.2f}%, d ppl {100 * floor['ppl_rel_diff']:+.2f}%): "
+                                 "int8 activations cannot be checked closer on this model; export with "
+                                 "--activations float to check the runtime")
+            else:
+                rows.append(r)
+            r["status"] = "ok" if not fails else "FAIL: " + ", ".join(fails)
+            ok = ok and not fails
     title = (f"{b.path.name}: {b.manifest.get('method')} {b.manifest.get('bits_per_weight', 0):.4f} bpw, target "
              f"{b.target}; WikiText-2 test, {n} window(s) of {ctx} tokens")
     table = title + "\n" + _format_table(rows)
