@@ -434,6 +434,28 @@ def test_int8_noise_floor_of_a_stable_model(reference, stories_test_ids):
     assert floor["top1_agreement"] >= check.MIN_TOP1 and floor["max_abs_logit_diff"] > 0.0
 
 
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_gelu_runs_as_pytorch_defines_it(approximate, tmp_path):
+    """The tanh and exact GELUs differ by up to ~5e-4 on [-6, 6]: a runtime that ran one for the other (XNNPACK
+    does, for the tanh form, unless the lowering writes it out) fails the 1e-5 bound."""
+    from vqmobile.export.et_runtime import portable_lib
+    from vqmobile.export.executorch_export import lower_to_executorch
+
+    class Gelu(torch.nn.Module):
+        def forward(self, x):
+            return F.gelu(x, approximate=approximate)
+
+    x = torch.linspace(-6, 6, 4096).reshape(8, 512)
+    want = F.gelu(x, approximate=approximate)
+    other = F.gelu(x, approximate="none" if approximate == "tanh" else "tanh")
+    assert (want - other).abs().max() > 1e-4  # the bound below tells the two apart
+    ep = torch.export.export(Gelu(), (x,), strict=False)
+    pte = tmp_path / "gelu.pte"
+    pte.write_bytes(lower_to_executorch(ep).buffer)
+    got = portable_lib()._load_for_executorch(str(pte)).forward((x,))[0]
+    assert (got - want).abs().max() < 1e-5
+
+
 def test_greedy_generation_follows_pytorch(bundle, reference):
     """Greedy decoding through the .pte and its KV cache picks, at (nearly) every step, the token PyTorch's int8 model
     ranks first given the same prefix (teacher forcing: one near-tie flipped by XNNPACK's float rounding must not make
