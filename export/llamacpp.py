@@ -58,12 +58,13 @@ def _quiet():
 
 def _source(spec: str):
     """(LoadedModel, source GGUF or None, HF directory or None) of a float model spec."""
-    from vqmobile.model import DEFAULT_MODEL, default_gguf_path, load_model, resolve
+    from vqmobile.model import load_model, registry_gguf_path, resolve
+    from vqmobile.registry import REGISTRY_MODELS
 
     path = resolve(spec)
     loaded = load_model(spec)
-    if spec == DEFAULT_MODEL:
-        return loaded, default_gguf_path(), path
+    if spec in REGISTRY_MODELS:  # its Hugging Face directory, made from the GGUF kept beside it
+        return loaded, registry_gguf_path(spec), path
     if path.is_file():
         return loaded, path, None
     return loaded, None, path
@@ -71,7 +72,8 @@ def _source(spec: str):
 
 def quantized_gguf(spec: str, kind: str, *, progress=None) -> Path:
     """The float model `spec` quantized to `kind` (Q4_0, Q4_K_M) by llama.cpp's quantizer, from an F32 GGUF of the
-    same weights. Cached as ~/.cache/vqmobile/gguf/<name>-<sha of the source>-<kind>-llama_cpp<version>.gguf."""
+    same weights (a registry model other than Llama: from its own GGUF, which llama.cpp dequantizes to the same floats).
+    Cached as ~/.cache/vqmobile/gguf/<name>-<sha of the source>-<kind>-llama_cpp<version>.gguf."""
     import ctypes
 
     import llama_cpp
@@ -95,17 +97,23 @@ def quantized_gguf(spec: str, kind: str, *, progress=None) -> Path:
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         if progress:
-            progress(f"writing an F32 GGUF of {spec} and quantizing it to {kind} with llama.cpp ...")
+            progress(f"quantizing {spec} to {kind} with llama.cpp ...")
         loaded, source_gguf, hf_dir = _source(spec)
-        write_f32_gguf(loaded.model, f32, source_gguf=source_gguf, vocab_dir=hf_dir)
-        del loaded
-        cb = _quiet()
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = FTYPES[kind]
-        rc = llama_cpp.llama_model_quantize(str(f32).encode(), str(tmp).encode(), ctypes.byref(params))
+        if source_gguf is not None and loaded.model.config.model_type != "llama":
+            # our F32 writer knows Llama only; llama.cpp reads its own file and dequantizes it to the same floats
+            # we evaluate (the GGUF is the float reference), then quantizes those
+            src_file, params.allow_requantize = source_gguf, True
+        else:
+            src_file = f32
+            write_f32_gguf(loaded.model, f32, source_gguf=source_gguf, vocab_dir=hf_dir)
+        del loaded
+        cb = _quiet()
+        rc = llama_cpp.llama_model_quantize(str(src_file).encode(), str(tmp).encode(), ctypes.byref(params))
         del cb
         if rc != 0 or not tmp.is_file():
-            raise RuntimeError(f"llama.cpp's quantizer failed ({rc}) on {f32} -> {kind}")
+            raise RuntimeError(f"llama.cpp's quantizer failed ({rc}) on {src_file} -> {kind}")
         os.replace(tmp, out)
     finally:
         f32.unlink(missing_ok=True)
