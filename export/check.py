@@ -180,17 +180,16 @@ def check_bundle(bundle: str, *, windows: int, json_path: str | None = None, dat
             r = tallies[name].row() | {"activations": mode, "reference": ref["runtime"]}
             r["ppl_rel_diff"] = r["ppl"] / ref["ppl"] - 1.0
             fails = _failures(r)
+            rows.append(r)
             if fails and mode == "int8":
+                set_activations(model, mode)  # the window loop left the model in its last mode
                 floor = _reordering_floor(model, forward, wins, ref)
-                rows.append(r)
                 rows.append(floor)
                 if _failures(floor):
                     fails.append(f"the reference itself is as unstable ({floor['runtime']}: top-1 "
                                  f"{100 * floor['top1_agreement']:.2f}%, d ppl {100 * floor['ppl_rel_diff']:+.2f}%): "
                                  "int8 activations cannot be checked closer on this model; export with "
                                  "--activations float to check the runtime")
-            else:
-                rows.append(r)
             r["status"] = "ok" if not fails else "FAIL: " + ", ".join(fails)
             ok = ok and not fails
     title = (f"{b.path.name}: {b.manifest.get('method')} {b.manifest.get('bits_per_weight', 0):.4f} bpw, target "
