@@ -33,14 +33,6 @@ typedef struct {
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
 
-/* x86: the same source compiled for AVX-512, AVX2 and the baseline, picked once by the loader (ifunc). arm64: NEON
- * is the baseline. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(VQM_SIMDE)
-#define ATTN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define ATTN_CLONES
-#endif
-
 static inline vf vload(const float *p)
 {
     vf v;
@@ -83,66 +75,105 @@ static inline vf vexp_nonpos(vf x)
 static __thread float *t_scores;
 static __thread size_t t_scores_cap;
 
-/* one (kv head, query) pair: the group's query heads read each key and value row once */
-ATTN_CLONES static void attn_task(void *vctx, int i)
+/* Query heads of one group attended together (their keys and values loaded once for all of them): one vector
+ * accumulator per head keeps 3-4 independent FMA chains in flight where one head alone waits on each FMA's latency. */
+#define NH_MAX 4
+
+/* nh (a constant after inlining) query heads of kv head h, query t: sc holds nh score rows of nv floats */
+static inline __attribute__((always_inline)) void attend(const attn_ctx *a, int h, int t, int g0, const int nh,
+                                                         float *sc, int64_t nv)
 {
-    const attn_ctx *a = vctx;
     const int groups = a->heads / a->kv_heads, D = a->d, S = a->s;
-    const int h = i / a->t, t = i % a->t;
     const int64_t p = a->pos + t;
     const int64_t lo = a->window > 0 && p - a->window + 1 > 0 ? p - a->window + 1 : 0;
-    const int64_t n = p - lo + 1, nv = (n + VL - 1) / VL * VL; /* scores padded to whole vectors */
-    if ((size_t)nv > t_scores_cap) {
-        free(t_scores);
-        t_scores = malloc(sizeof(float) * (size_t)nv);
-        t_scores_cap = t_scores ? (size_t)nv : 0;
-        if (!t_scores) abort();
-    }
-    float *sc = t_scores;
+    const int64_t n = p - lo + 1;
     const float *kt = a->kt + (int64_t)h * D * S + lo; /* [D][S] from position lo */
     const float *v = a->v + ((int64_t)h * S + lo) * D; /* [S][D] from position lo */
-    for (int g = 0; g < groups; g++) {
-        const int hq = h * groups + g;
-        const float *q = a->q + ((int64_t)hq * a->t + t) * D;
-        int64_t j = 0;
-        for (; j + VL <= n; j += VL) { /* a vector of positions, accumulated over the head dimension in order */
-            vf acc = vsplat(0.0f);
-            for (int c = 0; c < D; c++) acc += q[c] * vload(kt + (int64_t)c * S + j);
-            vstore(sc + j, acc * a->scale);
+    const float *q[NH_MAX];
+    float *o[NH_MAX];
+    _Pragma("GCC unroll 4") for (int g = 0; g < nh; g++) {
+        const int hq = h * groups + g0 + g;
+        q[g] = a->q + ((int64_t)hq * a->t + t) * D;
+        o[g] = a->out + ((int64_t)hq * a->t + t) * D;
+    }
+    /* Scores, a vector of positions at a time, each accumulated over the head dimension in order. Vectors may run
+     * past the last position the query sees (those lanes become -inf below) but never past the cache's end. */
+    const int64_t vend = nv < (S - lo) / VL * VL ? nv : (S - lo) / VL * VL;
+    int64_t j = 0;
+    for (; j < vend; j += VL) {
+        vf acc[NH_MAX];
+        _Pragma("GCC unroll 4") for (int g = 0; g < nh; g++) acc[g] = vsplat(0.0f);
+        for (int c = 0; c < D; c++) {
+            const vf k = vload(kt + (int64_t)c * S + j);
+            _Pragma("GCC unroll 4") for (int g = 0; g < nh; g++) acc[g] += q[g][c] * k;
         }
-        for (; j < n; j++) { /* the last positions: the same sums, one lane at a time */
+        _Pragma("GCC unroll 4") for (int g = 0; g < nh; g++) vstore(sc + g * nv + j, acc[g] * a->scale);
+    }
+    for (; j < n; j++) /* the cache's last positions: the same sums, one lane at a time */
+        _Pragma("GCC unroll 4") for (int g = 0; g < nh; g++) {
             float acc = 0.0f;
-            for (int c = 0; c < D; c++) acc += q[c] * kt[(int64_t)c * S + j];
-            sc[j] = acc * a->scale;
+            for (int c = 0; c < D; c++) acc += q[g][c] * kt[(int64_t)c * S + j];
+            sc[g * nv + j] = acc * a->scale;
         }
-        for (; j < nv; j++) sc[j] = -INFINITY;
+    float inv[NH_MAX];
+    _Pragma("GCC unroll 4") for (int g = 0; g < nh; g++) {
+        float *s = sc + g * nv;
+        for (j = n; j < nv; j++) s[j] = -INFINITY;
         vf vm = vsplat(-INFINITY);
-        for (j = 0; j < nv; j += VL) {
-            const vf x = vload(sc + j);
-            vm = vmax(x, vm);
-        }
+        for (j = 0; j < nv; j += VL) vm = vmax(vload(s + j), vm);
         float m = vm[0];
         for (int l = 1; l < VL; l++) m = vm[l] > m ? vm[l] : m;
         vf vsum = vsplat(0.0f);
         for (j = 0; j < nv; j += VL) { /* padding lanes are -inf: e = 0 */
-            const vf e = vexp_nonpos(vload(sc + j) - m);
-            vstore(sc + j, e);
+            const vf e = vexp_nonpos(vload(s + j) - m);
+            vstore(s + j, e);
             vsum += e;
         }
         float sum = 0.0f;
         for (int l = 0; l < VL; l++) sum += vsum[l];
-        float *o = a->out + ((int64_t)hq * a->t + t) * D;
-        const float inv = 1.0f / sum;
-        int c = 0;
-        for (; c + VL <= D; c += VL) { /* a vector of components, summed over the positions in order */
-            vf acc = vsplat(0.0f);
-            for (j = 0; j < n; j++) acc += sc[j] * vload(v + j * D + c);
-            vstore(o + c, acc * inv);
+        inv[g] = 1.0f / sum;
+    }
+    /* Outputs, a vector of components at a time, each summed over the positions in order. */
+    int c = 0;
+    for (; c + VL <= D; c += VL) {
+        vf acc[NH_MAX];
+        _Pragma("GCC unroll 4") for (int g = 0; g < nh; g++) acc[g] = vsplat(0.0f);
+        for (j = 0; j < n; j++) {
+            const vf x = vload(v + j * D + c);
+            _Pragma("GCC unroll 4") for (int g = 0; g < nh; g++) acc[g] += sc[g * nv + j] * x;
         }
-        for (; c < D; c++) {
+        _Pragma("GCC unroll 4") for (int g = 0; g < nh; g++) vstore(o[g] + c, acc[g] * inv[g]);
+    }
+    for (; c < D; c++)
+        _Pragma("GCC unroll 4") for (int g = 0; g < nh; g++) {
             float acc = 0.0f;
-            for (j = 0; j < n; j++) acc += sc[j] * v[j * D + c];
-            o[c] = acc * inv;
+            for (j = 0; j < n; j++) acc += sc[g * nv + j] * v[j * D + c];
+            o[g][c] = acc * inv[g];
+        }
+}
+
+/* one (kv head, query) pair: the group's query heads, NH_MAX at a time */
+VQM_CLONES static void attn_task(void *vctx, int i)
+{
+    const attn_ctx *a = vctx;
+    const int groups = a->heads / a->kv_heads;
+    const int h = i / a->t, t = i % a->t;
+    const int64_t p = a->pos + t;
+    const int64_t lo = a->window > 0 && p - a->window + 1 > 0 ? p - a->window + 1 : 0;
+    const int64_t nv = (p - lo + 1 + VL - 1) / VL * VL; /* scores padded to whole vectors */
+    const size_t need = (size_t)NH_MAX * (size_t)nv;
+    if (need > t_scores_cap) {
+        free(t_scores);
+        t_scores = malloc(sizeof(float) * need);
+        t_scores_cap = t_scores ? need : 0;
+        if (!t_scores) abort();
+    }
+    for (int g0 = 0; g0 < groups; g0 += NH_MAX) {
+        switch (groups - g0 < NH_MAX ? groups - g0 : NH_MAX) { /* constant head counts: accumulators in registers */
+        case 1: attend(a, h, t, g0, 1, t_scores, nv); break;
+        case 2: attend(a, h, t, g0, 2, t_scores, nv); break;
+        case 3: attend(a, h, t, g0, 3, t_scores, nv); break;
+        default: attend(a, h, t, g0, 4, t_scores, nv); break;
         }
     }
 }

@@ -254,24 +254,82 @@ static inline int8_t quant1(float x, float inv)
     return (int8_t)lrintf(v); /* round half to even (default rounding mode) */
 }
 
-void vqm_quantize_act(const float *x, int64_t k, int64_t blk, int8_t *q, float *xs)
+/* Sixteen lanes (one zmm, two ymm, four SSE2 / NEON registers: independent chains on every target), compiled for
+ * AVX-512, AVX2 and the baseline on x86 (VQM_CLONES): every call of a decoded token quantizes its input, and the
+ * scalar loop cost more than a small matrix's lookups. The lanes compute quant1 exactly: the same product, the same
+ * NaN and clamp rules, and adding then subtracting 1.5 * 2^23 rounds |v| <= 127 half to even as lrintf does (the
+ * tests compare the two on ties, NaN and infinities). */
+#define QL 16
+/* The vector helpers are static inline: the ABI of 64-byte vector arguments that GCC warns about never applies. */
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float vqm_f16 __attribute__((vector_size(QL * sizeof(float))));
+typedef int32_t vqm_i16 __attribute__((vector_size(QL * sizeof(int32_t))));
+typedef int8_t vqm_b16 __attribute__((vector_size(QL)));
+
+static inline vqm_f16 f16_sel(vqm_i16 m, vqm_f16 a, vqm_f16 b) { return (vqm_f16)(((vqm_i16)a & m) | ((vqm_i16)b & ~m)); }
+
+static inline vqm_f16 f16_splat(float x) { return (vqm_f16){ 0 } + x; }
+
+VQM_CLONES void vqm_quantize_act(const float *x, int64_t k, int64_t blk, int8_t *q, float *xs)
 {
     for (int64_t c0 = 0, bi = 0; c0 < k; c0 += blk, bi++) {
-        int64_t c1 = c0 + blk < k ? c0 + blk : k;
+        const int64_t c1 = c0 + blk < k ? c0 + blk : k;
+        int64_t c = c0;
+        vqm_f16 vmax = f16_splat(0.0f);
+        for (; c + QL <= c1; c += QL) { /* a NaN never compares greater: it never becomes the maximum */
+            vqm_f16 a;
+            memcpy(&a, x + c, sizeof a);
+            a = (vqm_f16)((vqm_i16)a & 0x7fffffff);
+            vmax = f16_sel(a > vmax, a, vmax);
+        }
         float amax = 0.0f;
-        for (int64_t c = c0; c < c1; c++) {
+        for (int l = 0; l < QL; l++) amax = vmax[l] > amax ? vmax[l] : amax;
+        for (; c < c1; c++) {
             float a = fabsf(x[c]);
             amax = a > amax ? a : amax;
         }
         if (amax == 0.0f) {
             xs[bi] = 0.0f;
-            for (int64_t c = c0; c < c1; c++) q[c] = 0;
+            memset(q + c0, 0, (size_t)(c1 - c0));
             continue;
         }
         const float inv = 127.0f / amax;
         xs[bi] = amax / 127.0f;
-        for (int64_t c = c0; c < c1; c++) q[c] = quant1(x[c], inv);
+        for (c = c0; c + QL <= c1; c += QL) {
+            vqm_f16 v;
+            memcpy(&v, x + c, sizeof v);
+            v = v * inv;
+            v = f16_sel(v == v, v, f16_splat(0.0f));
+            v = f16_sel(v > 127.0f, f16_splat(127.0f), v);
+            v = f16_sel(v < -127.0f, f16_splat(-127.0f), v);
+            v = (v + 12582912.0f) - 12582912.0f;
+            const vqm_b16 b = __builtin_convertvector(__builtin_convertvector(v, vqm_i16), vqm_b16);
+            memcpy(q + c, &b, sizeof b);
+        }
+        for (; c < c1; c++) q[c] = quant1(x[c], inv);
     }
+}
+
+/* |q| into a, and the sum of q (exact in int32) */
+VQM_CLONES static int32_t abs_sum(const int8_t *q, uint8_t *a, int64_t n)
+{
+    vqm_i16 acc = { 0 };
+    int64_t c = 0;
+    for (; c + QL <= n; c += QL) {
+        vqm_b16 v;
+        memcpy(&v, q + c, sizeof v);
+        const vqm_b16 m = v < 0;
+        const vqm_b16 av = (-v & m) | (v & ~m); /* |v| <= 127: no overflow */
+        memcpy(a + c, &av, sizeof av);
+        acc += __builtin_convertvector(v, vqm_i16);
+    }
+    int32_t s = 0;
+    for (int l = 0; l < QL; l++) s += acc[l];
+    for (; c < n; c++) {
+        s += q[c];
+        a[c] = (uint8_t)(q[c] < 0 ? -q[c] : q[c]);
+    }
+    return s;
 }
 
 /* Per-thread scratch reused across calls. */
@@ -305,7 +363,7 @@ static int prep_x(const vqm_layout *lay, const float *x, int64_t batch, int64_t 
     size_t nxs = int8 ? align64(sizeof(float) * (size_t)(batch * xp->nblk)) : 0;
     size_t nsum = int8 ? align64(sizeof(int32_t) * (size_t)(batch * xp->nblk)) : 0;
     size_t nf = int8 ? 0 : align64(sizeof(float) * (size_t)(batch * xp->stride));
-    size_t ntmp = int8 ? align64((size_t)blk) : 0;
+    size_t ntmp = int8 ? align64((size_t)xp->blk_pad) : 0;
     uint8_t *base = scratch(nq + nxs + nsum + nf + ntmp + nq);
     if (!base) return VQM_ENOMEM;
     xp->xq = int8 ? (int8_t *)base : NULL;
@@ -322,22 +380,17 @@ static int prep_x(const vqm_layout *lay, const float *x, int64_t batch, int64_t 
             const int64_t len = (c0 + blk < k ? c0 + blk : k) - c0;
             if (int8) {
                 int8_t *dst = xp->xq + bi * xp->stride + g * xp->blk_pad;
+                uint8_t *adst = xp->xa + bi * xp->stride + g * xp->blk_pad;
                 vqm_quantize_act(xr + c0, len, len, tmp, &xp->xs[bi * xp->nblk + g]);
-                int32_t s = 0;
-                for (int64_t c = 0; c < len; c++) s += tmp[c];
-                xp->xsum[bi * xp->nblk + g] = s;
+                memset(tmp + len, 0, (size_t)(xp->blk_pad - len)); /* columns past the block read as 0 */
                 if (lay->identity) {
-                    memcpy(dst, tmp, (size_t)len);
-                    memset(dst + len, 0, (size_t)(xp->blk_pad - len));
+                    memcpy(dst, tmp, (size_t)xp->blk_pad);
                 } else {
                     for (int64_t h = 0; h < xp->blk_pad; h += cc)
-                        for (int64_t q = 0; q < cc; q++) {
-                            int64_t col = h + lay->perm[q];
-                            dst[h + q] = col < len ? tmp[col] : 0;
-                        }
+                        for (int64_t q = 0; q < cc; q++) dst[h + q] = tmp[h + lay->perm[q]];
                 }
-                uint8_t *adst = xp->xa + bi * xp->stride + g * xp->blk_pad;
-                for (int64_t c = 0; c < xp->blk_pad; c++) adst[c] = (uint8_t)(dst[c] < 0 ? -dst[c] : dst[c]);
+                const int32_t s = abs_sum(dst, adst, xp->blk_pad);
+                xp->xsum[bi * xp->nblk + g] = s;
             } else {
                 float *dst = xp->xf + bi * xp->stride + g * xp->blk_pad;
                 if (lay->identity) {

@@ -10,6 +10,14 @@
 #define VQM_MAX_CHUNK_COLS 256   /* 64 codes x d=4 (AVX-512) */
 #define VQM_BATCH_TILE 8         /* kernels process at most 8 activations at once */
 
+/* Portable vector code (GCC vector extensions) compiled for AVX-512, AVX2 and the baseline on x86 and picked once by
+ * the loader (ifunc); arm64's baseline is NEON. Only for code every build computes alike (no path contract). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(VQM_SIMDE)
+#define VQM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define VQM_CLONES
+#endif
+
 /* How a path lays out one "chunk" of an activation block: chunk_cols
  * consecutive columns, permuted so that position q of the prepared buffer holds
  * column perm[q] of the chunk (perm == NULL: identity). Positions whose column

@@ -743,12 +743,28 @@ static inline __attribute__((always_inline)) __m512i int_step(const uint8_t *row
     return _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_shuffle_i64x2(p, q, 0x88), _mm512_shuffle_i64x2(p, q, 0xdd)));
 }
 
+/* int_step over the 64 columns from c only (chunks 0 and 1 in lanes 0 and 1, lanes 2 and 3 zero): a row's last
+ * columns when k % 128 == 64, as in SmolLM2's 576-wide rows, without reading past the row or the activations */
+static inline __attribute__((always_inline)) __m512i int_step_half(const uint8_t *row, int64_t c, __m512i xa,
+                                                                   const int BITS)
+{
+    const __m512i z = _mm512_setzero_si512();
+    if (BITS == 4) {
+        const __m512i m = _mm512_set1_epi8(0x0f);
+        const __m512i v = _mm512_inserti64x4(z, ld256(row + (c >> 1)), 0);
+        const __m512i acc = _mm512_dpbusd_epi32(z, _mm512_and_si512(v, m), _mm512_shuffle_i64x2(xa, z, 0x88));
+        return _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(v, 4), m), _mm512_shuffle_i64x2(xa, z, 0xdd));
+    }
+    const __m512i p = _mm512_dpbusd_epi32(z, ld512(row + c), xa);
+    return _mm512_add_epi32(_mm512_shuffle_i64x2(p, z, 0x88), _mm512_shuffle_i64x2(p, z, 0xdd));
+}
+
 /* int8 activations: 4-row tiles, one activation vector at a time (the tile's rows stay in L1 for the next one),
  * 128 columns per step: a 64-byte load of 4-bit codes (two for 8-bit) per row, whose nibbles meet the activations
  * regrouped once per step for the four rows. Each step leaves one lane per 32-column chunk and row; one transpose
  * turns four rows' lanes into [row 0..3] per chunk, which finish per group (G = 32: four groups a step, 64: two;
- * G a multiple of 128: the rows' lanes add up over the group's steps first). Groups the steps do not cover whole
- * (k % 128 columns at the end) take the per-group loop. */
+ * G a multiple of 128: the rows' lanes add up over the group's steps first). With G = 32 or 64 a last 64 columns
+ * (k % 128 >= 64: SmolLM2's 576) take a half step; groups still not covered take the per-group loop. */
 static inline __attribute__((always_inline)) void
 int_rows_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, const float *bias, float *y,
             const int BITS, const int GK /* 32, 64, 128 (any multiple of 128), 0: no whole steps */)
@@ -815,6 +831,21 @@ int_rows_i8(const vqm_int_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1
                     s++;
                 }
                 VQM_MCA_END("avx512.int_tile.loop", BITS, GK, 0, 0);
+            }
+            if ((GK == 32 || GK == 64) && g < ng && 128 * s + 64 <= k) { /* a last half step: its 64 columns */
+                const int64_t c = 128 * s;
+                const __m512i xa = ld512(xb + c);
+                __m512i u = transpose4_sum(int_step_half(rows[0], c, xa, BITS), int_step_half(rows[1], c, xa, BITS),
+                                           int_step_half(rows[2], c, xa, BITS), int_step_half(rows[3], c, xa, BITS));
+                if (GK == 32) {
+                    acc = _mm_add_ps(acc, int_finish4(w, xp, rr, g, bi, _mm512_castsi512_si128(u), BITS));
+                    acc = _mm_add_ps(acc, int_finish4(w, xp, rr, g + 1, bi, _mm512_extracti32x4_epi32(u, 1), BITS));
+                    g += 2;
+                } else {
+                    u = _mm512_add_epi32(u, _mm512_shuffle_i64x2(u, u, 0xb1));
+                    acc = _mm_add_ps(acc, int_finish4(w, xp, rr, g, bi, _mm512_castsi512_si128(u), BITS));
+                    g += 1;
+                }
             }
             for (; g < ng; g++) { /* groups past the last whole step */
                 __m512i a[4];

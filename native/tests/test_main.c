@@ -147,6 +147,42 @@ static void int_int8_expect(const vqm_int_weight *w, const float *x, long batch,
     free(q); free(xs); free(xd);
 }
 
+/* vqm_quantize_act (four lanes at a time) against the scalar rule written out here: amax over the block, v = x *
+ * (127 / amax), NaN -> 0, clamp to +-127, lrintf (half to even); on ties, NaN, infinities, zeros and odd lengths */
+static void test_quantize_act(void)
+{
+    static const float special[] = { 0.5f, -0.5f, 1.5f, -2.5f, 126.5f, -126.5f, 127.0f, NAN, 0.0f, -0.0f, 3.25f };
+    float x[300];
+    int8_t q[300];
+    float xs[8];
+    for (int trial = 0; trial < 40; trial++) {
+        const int k = 1 + (int)(rnd() % 300), blk = 1 + (int)(rnd() % 80);
+        for (int i = 0; i < k; i++) x[i] = trial % 4 == 0 ? special[rnd() % 11] : 4.0f * rndf() * (float)(1 + rnd() % 3);
+        if (trial % 5 == 1) x[rnd() % k] = INFINITY;
+        if (trial % 7 == 2) for (int i = 0; i < k && i < blk; i++) x[i] = 0.0f; /* an all-zero block */
+        if (k / blk + 1 > 8) continue;
+        g_checks++;
+        vqm_quantize_act(x, k, blk, q, xs);
+        for (int c0 = 0, bi = 0; c0 < k; c0 += blk, bi++) {
+            const int c1 = c0 + blk < k ? c0 + blk : k;
+            float amax = 0.0f;
+            for (int c = c0; c < c1; c++) amax = fabsf(x[c]) > amax ? fabsf(x[c]) : amax;
+            const float inv = amax == 0.0f ? 0.0f : 127.0f / amax, want_s = amax == 0.0f ? 0.0f : amax / 127.0f;
+            int bad = memcmp(&xs[bi], &want_s, 4) != 0;
+            for (int c = c0; c < c1 && !bad; c++) {
+                float v = x[c] * inv;
+                v = v != v ? 0.0f : v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
+                if (q[c] != (int8_t)(amax == 0.0f ? 0 : lrintf(v))) bad = 1;
+            }
+            if (bad) {
+                printf("FAIL quantize_act k=%d blk=%d block %d\n", k, blk, bi);
+                g_fail++;
+                break;
+            }
+        }
+    }
+}
+
 static int g_simd_kernels;
 
 static void test_vq(int d, int ncent, int R, int C, int n, int k, int batch, int use_bias)
@@ -757,13 +793,13 @@ int main(int argc, char **argv)
     /* batch 1 (the 4-row tile kernels) on larger shapes, several row and column blocks */
     static const int b1cfg[][4] = { { 2, 16, 4, 256 }, { 2, 16, 8, 256 }, { 2, 64, 32, 256 }, { 4, 64, 4, 256 },
                                     { 1, 16, 8, 64 }, { 2, 64, 4, 96 }, { 2, 64, 8, 20 }, { 1, 64, 12, 128 } };
-    static const int b1shapes[][2] = { { 13, 172 }, { 37, 1000 }, { 70, 520 }, { 64, 4096 } };
+    static const int b1shapes[][2] = { { 13, 172 }, { 37, 1000 }, { 70, 520 }, { 64, 4096 }, { 9, 576 } };
     for (size_t c = 0; c < sizeof b1cfg / sizeof b1cfg[0]; c++)
-        for (int s = 0; s < (quick ? 2 : 4); s++)
+        for (int s = 0; s < (quick ? 2 : 5); s++)
             test_vq(b1cfg[c][0], b1cfg[c][1], b1cfg[c][2], b1cfg[c][3], b1shapes[s][0], b1shapes[s][1], 1, s & 1);
     static const int b1icfg[][3] = { { 4, 32, 0 }, { 4, 32, 1 }, { 4, 128, 0 }, { 4, 64, 0 }, { 4, 96, 1 }, { 4, 20, 0 } };
     for (size_t c = 0; c < sizeof b1icfg / sizeof b1icfg[0]; c++)
-        for (int s = 0; s < (quick ? 2 : 4); s++)
+        for (int s = 0; s < (quick ? 2 : 5); s++)
             test_int(b1icfg[c][0], b1icfg[c][1], b1icfg[c][2], b1shapes[s][0], b1shapes[s][1], 1 + (s == 3), s & 1);
     /* 8-bit codes (embedding / lm_head: G = 32, k = 576), batch 1..8, widths that are not a multiple of G */
     static const int g8[] = { 32, 64, 128 };
@@ -788,6 +824,9 @@ int main(int argc, char **argv)
     test_attention(4, 1, 5, 32, 64, 59, 0);
     test_attention(4, 2, 7, 16, 100, 20, 8);
     test_attention(2, 2, 3, 8, 40, 37, 1);
+    test_attention(12, 2, 2, 64, 130, 100, 0); /* 6 heads a group: 4 + 2 */
+    test_attention(4, 1, 1, 256, 600, 580, 512); /* Gemma 3's geometry, a sliding window */
+    test_quantize_act();
     /* batch > 8 (tiled) */
     test_vq(2, 16, 4, 256, 10, 300, 11, 1);
     test_int(4, 32, 1, 10, 300, 13, 1);
