@@ -115,6 +115,14 @@ static inline __m128i hsum4_i32(__m256i a, __m256i b, __m256i c, __m256i d)
     return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
 }
 
+/* [row 0, row 1, row 2, row 3] sums of each 128-bit lane of a0..a3: lane j of the result sums lane j of each */
+static inline __m512i transpose4_sum(__m512i a0, __m512i a1, __m512i a2, __m512i a3)
+{
+    __m512i t01 = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1));
+    __m512i t23 = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
+    return _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23), _mm512_unpackhi_epi64(t01, t23));
+}
+
 static inline __m128 hsum4_ps(__m256 a, __m256 b, __m256 c, __m256 d)
 {
     __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
@@ -239,6 +247,22 @@ static inline __attribute__((always_inline)) __m512i unpack64(const uint8_t *p, 
     return ld512(p);
 }
 
+/* unpack64 with one 64-byte load for 6-bit codes (the chunk's 48 bytes and 16 beyond it, which the caller
+ * guarantees lie inside the matrix): the spreading vpermb takes it as its memory operand, two instructions a chunk */
+static inline __attribute__((always_inline)) __m512i unpack64_wide(const uint8_t *p, const int BE)
+{
+    if (BE != 6) return unpack64(p, BE);
+    static const uint8_t spread[64] = {
+        0, 1, 2, 3, 4, 5, 5, 5, 6, 7, 8, 9, 10, 11, 11, 11, 12, 13, 14, 15, 16, 17, 17, 17,
+        18, 19, 20, 21, 22, 23, 23, 23, 24, 25, 26, 27, 28, 29, 29, 29, 30, 31, 32, 33, 34, 35, 35, 35,
+        36, 37, 38, 39, 40, 41, 41, 41, 42, 43, 44, 45, 46, 47, 47, 47 };
+    static const uint8_t shifts[64] = {
+        0, 6, 12, 18, 24, 30, 36, 42, 0, 6, 12, 18, 24, 30, 36, 42, 0, 6, 12, 18, 24, 30, 36, 42,
+        0, 6, 12, 18, 24, 30, 36, 42, 0, 6, 12, 18, 24, 30, 36, 42, 0, 6, 12, 18, 24, 30, 36, 42,
+        0, 6, 12, 18, 24, 30, 36, 42, 0, 6, 12, 18, 24, 30, 36, 42 };
+    return _mm512_multishift_epi64_epi8(ld512(shifts), _mm512_permutexvar_epi8(ld512(spread), ld512(p)));
+}
+
 /* the last chunk of a block, starting on a byte but with only nvalid < 64 codes: a zero-filled copy of its bytes
  * (all inside the row) unpacks like a full chunk; codes past nvalid meet zero activations */
 static inline __attribute__((always_inline)) __m512i unpack64_tail(const uint8_t *p, int nvalid, const int BE)
@@ -328,6 +352,8 @@ static inline const uint8_t *tab_cache_get(tab_cache *tc, const vqm_vq_weight *w
  * float) sums are reduced together and finished in one 4-lane vector (lane = row) in the reference's order. The
  * chunks whose codes all exist run in a loop with the rows unrolled and nothing else in it (SAME: the four rows
  * share one codebook block, whose tables stay in registers); the block's last, partial chunk runs after it. */
+enum { READ_EXACT, READ_TAIL, READ_WIDE }; /* how a chunk's codes are read: its bytes, a partial chunk, 64 bytes */
+
 typedef struct {
     __m512i a[4];      /* int8: dword sums per row */
     __m512 fa[4], fb[4];
@@ -336,9 +362,10 @@ typedef struct {
 static inline __attribute__((always_inline)) void
 tile_chunk_row(const uint8_t *p, const uint8_t *tab, const __m512i *T, const __m512i *X, const float *xf,
                __m512i *a, __m512 *fa, __m512 *fb, const int SAME, const int BE, const int DE, const int KE,
-               const int INT8, const int PARTIAL, int nvalid)
+               const int INT8, const int READ, int nvalid)
 {
-    __m512i c = PARTIAL ? unpack64_tail(p, nvalid, BE) : unpack64(p, BE);
+    __m512i c = READ == READ_TAIL ? unpack64_tail(p, nvalid, BE) : READ == READ_WIDE ? unpack64_wide(p, BE)
+                                                                                     : unpack64(p, BE);
     for (int t = 0; t < DE; t++) {
         __m512i W = SAME && KE != 256 ? _mm512_permutexvar_epi8(c, T[t]) : lookup(c, tab, t, KE);
         if (INT8) *a = _mm512_dpbusd_epi32(*a, W, X[t]);
@@ -349,7 +376,7 @@ tile_chunk_row(const uint8_t *p, const uint8_t *tab, const __m512i *T, const __m
 static inline __attribute__((always_inline)) void
 tile_chunks(const uint8_t *const rows[4], int64_t off0, int64_t h0, int64_t h1, int nvalid_last,
             const uint8_t *const tab[4], const int8_t *xq, const float *xf, tile_acc *acc,
-            const int SAME, const int BE, const int DE, const int KE, const int INT8, const int PARTIAL)
+            const int SAME, const int BE, const int DE, const int KE, const int INT8, const int READ)
 {
     __m512i T[4];
     if (SAME && KE != 256)
@@ -358,21 +385,79 @@ tile_chunks(const uint8_t *const rows[4], int64_t off0, int64_t h0, int64_t h1, 
     __m512 fa0 = acc->fa[0], fa1 = acc->fa[1], fa2 = acc->fa[2], fa3 = acc->fa[3];
     __m512 fb0 = acc->fb[0], fb1 = acc->fb[1], fb2 = acc->fb[2], fb3 = acc->fb[3];
     for (int64_t h = h0; h < h1; h++) {
-        VQM_MCA_BEGIN("avx512.vq_tile.loop", BE, DE, KE, SAME + 2 * INT8 + 4 * PARTIAL);
+        VQM_MCA_BEGIN("avx512.vq_tile.loop", BE, DE, KE, SAME + 2 * INT8 + 4 * READ);
         const int64_t off = off0 + h * 8 * BE;
         __m512i X[4];
         if (INT8)
             for (int t = 0; t < DE; t++) X[t] = ld512(xq + h * 64 * DE + 64 * t);
         const float *xh = INT8 ? NULL : xf + h * 64 * DE;
-        tile_chunk_row(rows[0] + off, tab[0], T, X, xh, &a0, &fa0, &fb0, SAME, BE, DE, KE, INT8, PARTIAL, nvalid_last);
-        tile_chunk_row(rows[1] + off, tab[1], T, X, xh, &a1, &fa1, &fb1, SAME, BE, DE, KE, INT8, PARTIAL, nvalid_last);
-        tile_chunk_row(rows[2] + off, tab[2], T, X, xh, &a2, &fa2, &fb2, SAME, BE, DE, KE, INT8, PARTIAL, nvalid_last);
-        tile_chunk_row(rows[3] + off, tab[3], T, X, xh, &a3, &fa3, &fb3, SAME, BE, DE, KE, INT8, PARTIAL, nvalid_last);
-        VQM_MCA_END("avx512.vq_tile.loop", BE, DE, KE, SAME + 2 * INT8 + 4 * PARTIAL);
+        tile_chunk_row(rows[0] + off, tab[0], T, X, xh, &a0, &fa0, &fb0, SAME, BE, DE, KE, INT8, READ, nvalid_last);
+        tile_chunk_row(rows[1] + off, tab[1], T, X, xh, &a1, &fa1, &fb1, SAME, BE, DE, KE, INT8, READ, nvalid_last);
+        tile_chunk_row(rows[2] + off, tab[2], T, X, xh, &a2, &fa2, &fb2, SAME, BE, DE, KE, INT8, READ, nvalid_last);
+        tile_chunk_row(rows[3] + off, tab[3], T, X, xh, &a3, &fa3, &fb3, SAME, BE, DE, KE, INT8, READ, nvalid_last);
+        VQM_MCA_END("avx512.vq_tile.loop", BE, DE, KE, SAME + 2 * INT8 + 4 * READ);
     }
     acc->a[0] = a0; acc->a[1] = a1; acc->a[2] = a2; acc->a[3] = a3;
     acc->fa[0] = fa0; acc->fa[1] = fa1; acc->fa[2] = fa2; acc->fa[3] = fa3;
     acc->fb[0] = fb0; acc->fb[1] = fb1; acc->fb[2] = fb2; acc->fb[3] = fb3;
+}
+
+/* Eight rows of one codebook row block, int8 activations, every block starting on a byte, and 64 bytes readable
+ * from any chunk of the tile (rows below it in the matrix): the common tile of the mobile formats (R % 8 == 0) with
+ * half the per-row bookkeeping of vq_tile4 (per block: table registers, activation loads, prefetch, the finish) and
+ * no partial-chunk path (a block's last chunk reads whole: its codes past the block meet zero activations, the
+ * block being zero-padded to whole chunks). The sums and the float finish are vq_tile4's: results are ref.c's. */
+static inline __attribute__((always_inline)) void
+vq_tile8(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r, const float *bias, float *y, const uint8_t *tabs,
+         size_t tsz, int64_t pf_bytes, const int BE, const int DE, const int KE)
+{
+    const int64_t k = w->k, C = w->cols_per_block, ncb = vqm_cdiv(k, C), rowbytes = vqm_vq_row_bytes(w);
+    const uint8_t *row0 = w->indices + r * rowbytes;
+    const int64_t rb = r / w->rows_per_block;
+    __m256 acc = _mm256_setzero_ps(); /* lane = row */
+    for (int64_t cb = 0; cb < ncb; cb++) {
+        const int64_t c0 = cb * C, c1 = c0 + C < k ? c0 + C : k;
+        const int64_t code0 = c0 / DE, nch = vqm_cdiv(vqm_cdiv(c1, DE) - code0, 64);
+        const uint8_t *base = row0 + ((code0 * BE) >> 3);
+        const uint8_t *tab = tabs + cb * tsz;
+        const int8_t *xq = xp->xq + cb * xp->blk_pad;
+        { /* stream in the tile after next, a block's share of it at a time: its 8 rows are contiguous */
+            const uint8_t *pf = row0 + 16 * rowbytes + cb * pf_bytes;
+            for (int64_t o = 0; o < pf_bytes; o += 64) _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
+        }
+        __m512i T[4], a[8];
+        if (KE != 256)
+            for (int t = 0; t < DE; t++) T[t] = ld512(tab + 64 * t);
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++) a[i] = _mm512_setzero_si512();
+        for (int64_t h = 0; h < nch; h++) {
+            VQM_MCA_BEGIN("avx512.vq_tile8.loop", BE, DE, KE, 0);
+            __m512i X[4];
+            for (int t = 0; t < DE; t++) X[t] = ld512(xq + h * 64 * DE + 64 * t);
+            const uint8_t *p = base + h * 8 * BE;
+#pragma GCC unroll 8
+            for (int i = 0; i < 8; i++) {
+                const __m512i c = unpack64_wide(p + i * rowbytes, BE);
+                for (int t = 0; t < DE; t++)
+                    a[i] = _mm512_dpbusd_epi32(a[i], KE != 256 ? _mm512_permutexvar_epi8(c, T[t]) : lookup(c, tab, t, KE),
+                                               X[t]);
+            }
+            VQM_MCA_END("avx512.vq_tile8.loop", BE, DE, KE, 0);
+        }
+        VQM_MCA_BEGIN("avx512.vq_tile8.finish", BE, DE, KE, 0);
+        __m512i u = transpose4_sum(a[0], a[1], a[2], a[3]), v = transpose4_sum(a[4], a[5], a[6], a[7]);
+        /* lanes j of u and v: [rows 0-3] and [rows 4-7] of 128-bit lane j; fold the four lanes of each */
+        __m512i uv = _mm512_add_epi32(_mm512_shuffle_i64x2(u, v, 0x44), _mm512_shuffle_i64x2(u, v, 0xee));
+        uv = _mm512_add_epi32(uv, _mm512_shuffle_i64x2(uv, uv, 0xb1)); /* lanes 0 and 2: rows 0-3 and 4-7 */
+        __m256i isum = _mm512_castsi512_si256(_mm512_shuffle_i64x2(uv, uv, 0x08));
+        isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(128 * xp->xsum[cb]));
+        __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(xp->xs[cb]));
+        f = _mm256_mul_ps(f, _mm256_set1_ps(half_to_float(w->scale[rb * ncb + cb])));
+        acc = _mm256_add_ps(acc, f);
+        VQM_MCA_END("avx512.vq_tile8.finish", BE, DE, KE, 0);
+    }
+    if (bias) acc = _mm256_add_ps(acc, _mm256_loadu_ps(bias + r));
+    _mm256_storeu_ps(y + r, acc);
 }
 
 static inline __attribute__((always_inline)) void
@@ -388,7 +473,16 @@ vq_tile4(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, co
     const int64_t pf_blk = ((vqm_cdiv(4 * rowbytes, ncb) + 63) / 64) * 64;
     tab_cache tc;
     tab_cache_init(&tc, tsz, ncb);
+    /* 8-row tiles where vq_tile8's conditions hold: blocks start on a byte, rows r..r+7 share a row block, and the
+     * 64 bytes from a chunk of row r + 7 stay inside the matrix */
+    const int tile8 = INT8 && (C / DE * BE) % 8 == 0 && C % DE == 0;
+    const int64_t pf8 = ((vqm_cdiv(8 * rowbytes, ncb) + 63) / 64) * 64;
     for (int64_t r = r0; r < r1; r += 4) {
+        if (tile8 && r + 8 <= r1 && r / R == (r + 7) / R && (w->n - r - 16) * rowbytes >= 64) {
+            vq_tile8(w, xp, r, bias, y, tab_cache_get(&tc, w, cfg, r / R, ncb, tsz, 0x80), tsz, pf8, BE, DE, KE);
+            r += 4;
+            continue;
+        }
         const uint8_t *rows[4], *tabs[4];
         int64_t rb[4];
         for (int i = 0; i < 4; i++) {
@@ -397,6 +491,8 @@ vq_tile4(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, co
             rb[i] = rr / R;
         }
         const int same = rb[0] == rb[3];
+        /* 6-bit chunks read 64 bytes when the 16 past a chunk of the tile's last row are still in the matrix */
+        const int wide = BE == 6 && (w->n - r - 4) * rowbytes >= 16;
         for (int i = 0; i < 4; i++)
             tabs[i] = same && i ? tabs[0] : tab_cache_get(&tc, w, cfg, rb[i], ncb, tsz, INT8 ? 0x80 : 0);
         __m128 acc = _mm_setzero_ps();
@@ -419,11 +515,12 @@ vq_tile4(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, co
                 ta.a[i] = _mm512_setzero_si512();
                 ta.fa[i] = ta.fb[i] = _mm512_setzero_ps();
             }
-            if (same) tile_chunks(rows, off0, 0, nfull, 64, tab, xq, xf, &ta, 1, BE, DE, KE, INT8, 0);
-            else tile_chunks(rows, off0, 0, nfull, 64, tab, xq, xf, &ta, 0, BE, DE, KE, INT8, 0);
+            if (same && wide) tile_chunks(rows, off0, 0, nfull, 64, tab, xq, xf, &ta, 1, BE, DE, KE, INT8, READ_WIDE);
+            else if (same) tile_chunks(rows, off0, 0, nfull, 64, tab, xq, xf, &ta, 1, BE, DE, KE, INT8, READ_EXACT);
+            else tile_chunks(rows, off0, 0, nfull, 64, tab, xq, xf, &ta, 0, BE, DE, KE, INT8, READ_EXACT);
             const int64_t rest = code1 - (code0 + 64 * nfull);
             if (rest > 0 && aligned) { /* the block's last chunk, partial */
-                tile_chunks(rows, off0, nfull, nfull + 1, (int)rest, tab, xq, xf, &ta, 0, BE, DE, KE, INT8, 1);
+                tile_chunks(rows, off0, nfull, nfull + 1, (int)rest, tab, xq, xf, &ta, 0, BE, DE, KE, INT8, READ_TAIL);
             } else if (rest > 0) { /* codes that do not start on a byte: gathered one by one */
                 for (int64_t h = 0; h < nchunk; h++) {
                     const int64_t cs = code0 + 64 * h, nvalid = code1 - cs;
@@ -718,13 +815,6 @@ static inline __m128 int_finish_g4(const vqm_int_weight *w, const vqm_xprep *xp,
     return _mm_add_ps(acc, _mm512_extractf32x4_ps(v, 3));
 }
 
-/* [row 0, row 1, row 2, row 3] sums of each 128-bit lane of a0..a3: lane j of the result sums lane j of each */
-static inline __m512i transpose4_sum(__m512i a0, __m512i a1, __m512i a2, __m512i a3)
-{
-    __m512i t01 = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1));
-    __m512i t23 = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
-    return _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23), _mm512_unpackhi_epi64(t01, t23));
-}
 
 /* q * x summed over 128 columns of one row, one 128-bit lane per 32-column chunk (chunk j in lane j). xe/xo: the
  * chunks' activations as the codes meet them (4-bit: even columns, odd columns; 8-bit: columns 0-63, 64-127). */
