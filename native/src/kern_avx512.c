@@ -409,9 +409,9 @@ tile_chunks(const uint8_t *const rows[4], int64_t off0, int64_t h0, int64_t h1, 
  * block being zero-padded to whole chunks). The sums and the float finish are vq_tile4's: results are ref.c's. */
 static inline __attribute__((always_inline)) void
 vq_tile8(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r, const float *bias, float *y, const uint8_t *tabs,
-         size_t tsz, int64_t pf_bytes, const int BE, const int DE, const int KE)
+         size_t tsz, int64_t rowbytes, int64_t pf_bytes, const int BE, const int DE, const int KE)
 {
-    const int64_t k = w->k, C = w->cols_per_block, ncb = vqm_cdiv(k, C), rowbytes = vqm_vq_row_bytes(w);
+    const int64_t k = w->k, C = w->cols_per_block, ncb = vqm_cdiv(k, C);
     const uint8_t *row0 = w->indices + r * rowbytes;
     const int64_t rb = r / w->rows_per_block;
     __m256 acc = _mm256_setzero_ps(); /* lane = row */
@@ -479,7 +479,8 @@ vq_tile4(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, co
     const int64_t pf8 = ((vqm_cdiv(8 * rowbytes, ncb) + 63) / 64) * 64;
     for (int64_t r = r0; r < r1; r += 4) {
         if (tile8 && r + 8 <= r1 && r / R == (r + 7) / R && (w->n - r - 16) * rowbytes >= 64) {
-            vq_tile8(w, xp, r, bias, y, tab_cache_get(&tc, w, cfg, r / R, ncb, tsz, 0x80), tsz, pf8, BE, DE, KE);
+            vq_tile8(w, xp, r, bias, y, tab_cache_get(&tc, w, cfg, r / R, ncb, tsz, 0x80), tsz, rowbytes, pf8, BE, DE,
+                     KE);
             r += 4;
             continue;
         }

@@ -153,6 +153,13 @@ def kernel(path: str, row: Row) -> Kernel:
         return Kernel(path, "int_rows_i8", (Unit((Part("avx2.int_rows.loop", (8, 0, 0, 0), loop=True),), 128,
                                                  "4 rows x 1 group of 32"),), "software prefetch")
     if path == "avx512":
+        if row.vq and row.R % 8 == 0:  # vq_tile8: eight rows of one codebook row block
+            be, de, ke = _vq_cfg(row)
+            n = row.C // de // 64
+            return Kernel(path, "vq_tile8", (Unit((Part("avx512.vq_tile8.loop", (be, de, ke, 0), n, loop=True),
+                                                   Part("avx512.vq_tile8.finish", (be, de, ke, 0))),
+                                                  8 * row.C, f"8-row tile x {row.C}-column block"),),
+                          "tables (rebuilt every R rows), software prefetch")
         if row.vq:  # vq_tile4, the four rows in one codebook row block (SAME), full chunks
             be, de, ke = _vq_cfg(row)
             n = row.C // de // 64
