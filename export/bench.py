@@ -328,6 +328,8 @@ def _summarize(c: Contender, threads: int, runs: list[dict]) -> dict:
         "file_bytes": c.file.stat().st_size, "bits_per_weight": c.bits_per_weight,
         "prefill_ms": med("prefill_ms"), "prefill_tokens_per_s": med("prefill_tokens_per_s"),
         "decode_tokens_per_s": med("decode_tokens_per_s"),
+        # the fastest process: on a machine shared with other tenants, the one least slowed by them
+        "best_decode_tokens_per_s": max(r["decode_tokens_per_s"] for r in runs),
         "peak_rss_mb": max(peaks) if peaks else None,
         "rss_before_load_mb": statistics.median(before) if before else None,
         "tokens": runs[-1]["tokens"], "tokens_same_every_run": all(r["tokens"] == runs[0]["tokens"] for r in runs),
@@ -425,6 +427,7 @@ def bench_decode(bundle: str, *, baseline_pte: str | None = None, prompt_tokens:
         for ref, key in ((BASELINE, "vs_torchao"), (PEER_PREFIX + "Q4_0", "vs_llamacpp_q4_0")):
             other = by_key.get((ref, r["threads"]))
             r[key] = r["decode_tokens_per_s"] / other["decode_tokens_per_s"] if other else None
+            r[key + "_best"] = r["best_decode_tokens_per_s"] / other["best_decode_tokens_per_s"] if other else None
         base = by_key[(BASELINE, r["threads"])]["tokens"]
         r["greedy_agreement_vs_torchao"] = sum(a == c for a, c in zip(r["tokens"], base)) / len(base)
     if adapter_path is None:
@@ -447,17 +450,21 @@ def format_table(r: dict) -> str:
         return "-" if v is None else format(v, fmt)
 
     head = (f"{'contender':20s} {'thr':>3s} {'model file':34s} {'bits/w':>6s} {'file MB':>7s} {'prefill t/s':>11s} "
-            f"{'decode t/s':>10s} {'peak RSS MB':>11s} {'vs torchao':>10s} {'vs Q4_0':>7s}")
+            f"{'decode t/s':>10s} {'peak RSS MB':>11s} {'vs torchao':>10s} {'vs Q4_0':>7s} {'best: vs torchao':>16s} "
+            f"{'vs Q4_0':>7s}")
     lines = [head, "-" * len(head)]
     for row in r["rows"]:
         lines.append(f"{row['name']:20s} {row['threads']:3d} {Path(row['file']).name[-34:]:34s} "
                      f"{num(row['bits_per_weight'], '6.3f')} {row['file_bytes'] / 1e6:7.1f} "
                      f"{row['prefill_tokens_per_s']:11.1f} {row['decode_tokens_per_s']:10.2f} "
                      f"{num(row['peak_rss_mb'], '11.1f')} {num(row['vs_torchao'], '9.3f')}x "
-                     f"{num(row['vs_llamacpp_q4_0'], '6.3f')}{'x' if row['vs_llamacpp_q4_0'] is not None else ' '}")
+                     f"{num(row['vs_llamacpp_q4_0'], '6.3f')}{'x' if row['vs_llamacpp_q4_0'] is not None else ' '} "
+                     f"{num(row['vs_torchao_best'], '15.3f')}x "
+                     f"{num(row['vs_llamacpp_q4_0_best'], '6.3f')}{'x' if row['vs_llamacpp_q4_0_best'] is not None else ' '}")
     m = r["machine"]
     lines.append(f"{r['prompt_tokens']}-token prompt, {r['new_tokens']} new tokens, median of {r['repeats']} "
-                 f"(one fresh process each, alternating), engine {r['engine']}")
+                 f"(one fresh process each, alternating), engine {r['engine']}; 'best:' the ratios of each "
+                 f"contender's fastest process")
     lines.append(f"CPU {m['cpu']} ({', '.join(m['flags']) or 'no listed flags'}), load average "
                  f"{m['loadavg'][0]:.2f} before, {m['loadavg_after'][0]:.2f} after")
     kp = m["kernel_path"]

@@ -558,6 +558,8 @@ def test_bench_decode_both_engines(bundle, tmp_path, monkeypatch):
                 assert row["peak_rss_mb"] is None
         ours, theirs = r["rows"][0], r["rows"][1]
         assert ours["vs_torchao"] == ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"]
+        assert ours["best_decode_tokens_per_s"] == max(run["decode_tokens_per_s"] for run in ours["runs"])
+        assert ours["vs_torchao_best"] == ours["best_decode_tokens_per_s"] / theirs["best_decode_tokens_per_s"]
         assert "pip install" in r["llama_cpp"]["skipped"]
         assert r["machine"]["kernel_path"]["vqmobile_adapter"] in kernels.available_paths()
         table = ve.bench.format_table(r)
