@@ -223,6 +223,17 @@ static void prep_tab(const vqm_vcfg *c, const int8_t *cbk, uint8_t flip, uint8_t
     }
 }
 
+/* 6-bit codes: vpermb spreads the 6 bytes of 8 codes into each qword (k6_spread), vpmultishiftqb cuts the codes out
+ * of it (k6_shifts) */
+static const uint8_t k6_spread[64] = {
+    0, 1, 2, 3, 4, 5, 5, 5, 6, 7, 8, 9, 10, 11, 11, 11, 12, 13, 14, 15, 16, 17, 17, 17,
+    18, 19, 20, 21, 22, 23, 23, 23, 24, 25, 26, 27, 28, 29, 29, 29, 30, 31, 32, 33, 34, 35, 35, 35,
+    36, 37, 38, 39, 40, 41, 41, 41, 42, 43, 44, 45, 46, 47, 47, 47 };
+static const uint8_t k6_shifts[64] = {
+    0, 6, 12, 18, 24, 30, 36, 42, 0, 6, 12, 18, 24, 30, 36, 42, 0, 6, 12, 18, 24, 30, 36, 42,
+    0, 6, 12, 18, 24, 30, 36, 42, 0, 6, 12, 18, 24, 30, 36, 42, 0, 6, 12, 18, 24, 30, 36, 42,
+    0, 6, 12, 18, 24, 30, 36, 42, 0, 6, 12, 18, 24, 30, 36, 42 };
+
 /* 64 codes of a chunk starting at byte p (BE * 8 bytes, all inside the row) */
 static inline __attribute__((always_inline)) __m512i unpack64(const uint8_t *p, const int BE)
 {
@@ -231,18 +242,10 @@ static inline __attribute__((always_inline)) __m512i unpack64(const uint8_t *p, 
         return _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1);
     }
     if (BE == 6) {
-        static const uint8_t spread[64] = {
-            0, 1, 2, 3, 4, 5, 5, 5, 6, 7, 8, 9, 10, 11, 11, 11, 12, 13, 14, 15, 16, 17, 17, 17,
-            18, 19, 20, 21, 22, 23, 23, 23, 24, 25, 26, 27, 28, 29, 29, 29, 30, 31, 32, 33, 34, 35, 35, 35,
-            36, 37, 38, 39, 40, 41, 41, 41, 42, 43, 44, 45, 46, 47, 47, 47 };
-        static const uint8_t shifts[64] = {
-            0, 6, 12, 18, 24, 30, 36, 42, 0, 6, 12, 18, 24, 30, 36, 42, 0, 6, 12, 18, 24, 30, 36, 42,
-            0, 6, 12, 18, 24, 30, 36, 42, 0, 6, 12, 18, 24, 30, 36, 42, 0, 6, 12, 18, 24, 30, 36, 42,
-            0, 6, 12, 18, 24, 30, 36, 42, 0, 6, 12, 18, 24, 30, 36, 42 };
         __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(ld256(p)),
                                        _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(const void *)(p + 32))), 1);
-        v = _mm512_permutexvar_epi8(ld512(spread), v);
-        return _mm512_multishift_epi64_epi8(ld512(shifts), v);
+        v = _mm512_permutexvar_epi8(ld512(k6_spread), v);
+        return _mm512_multishift_epi64_epi8(ld512(k6_shifts), v);
     }
     return ld512(p);
 }
@@ -252,15 +255,7 @@ static inline __attribute__((always_inline)) __m512i unpack64(const uint8_t *p, 
 static inline __attribute__((always_inline)) __m512i unpack64_wide(const uint8_t *p, const int BE)
 {
     if (BE != 6) return unpack64(p, BE);
-    static const uint8_t spread[64] = {
-        0, 1, 2, 3, 4, 5, 5, 5, 6, 7, 8, 9, 10, 11, 11, 11, 12, 13, 14, 15, 16, 17, 17, 17,
-        18, 19, 20, 21, 22, 23, 23, 23, 24, 25, 26, 27, 28, 29, 29, 29, 30, 31, 32, 33, 34, 35, 35, 35,
-        36, 37, 38, 39, 40, 41, 41, 41, 42, 43, 44, 45, 46, 47, 47, 47 };
-    static const uint8_t shifts[64] = {
-        0, 6, 12, 18, 24, 30, 36, 42, 0, 6, 12, 18, 24, 30, 36, 42, 0, 6, 12, 18, 24, 30, 36, 42,
-        0, 6, 12, 18, 24, 30, 36, 42, 0, 6, 12, 18, 24, 30, 36, 42, 0, 6, 12, 18, 24, 30, 36, 42,
-        0, 6, 12, 18, 24, 30, 36, 42, 0, 6, 12, 18, 24, 30, 36, 42 };
-    return _mm512_multishift_epi64_epi8(ld512(shifts), _mm512_permutexvar_epi8(ld512(spread), ld512(p)));
+    return _mm512_multishift_epi64_epi8(ld512(k6_shifts), _mm512_permutexvar_epi8(ld512(k6_spread), ld512(p)));
 }
 
 /* the last chunk of a block, starting on a byte but with only nvalid < 64 codes: a zero-filled copy of its bytes
