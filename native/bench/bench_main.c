@@ -55,13 +55,48 @@ static void dense_gemv(const float *W, const float *x, int n, int k, float *y)
     }
 }
 
+/* -a POS: vqm_attention for one decoded token at position POS over 30 layers of SmolLM2-135M's geometry (9 query
+ * heads, 3 kv heads, head dim 64, a 512-position cache), each layer's caches evicted from the CPU's caches before
+ * the token (a 64 MB write), as in a model whose weights stream through between two tokens; the best of R passes */
+static int bench_attention(long pos, int passes, int threads)
+{
+    enum { L = 30, H = 9, KV = 3, D = 64, S = 512 };
+    if (pos < 0 || pos >= S) { fprintf(stderr, "-a: a position in 0..%d\n", S - 1); return 2; }
+    float *kc = malloc(sizeof(float) * (size_t)L * KV * D * S), *vc = malloc(sizeof(float) * (size_t)L * KV * S * D);
+    float *q = malloc(sizeof(float) * H * D), *out = malloc(sizeof(float) * H * D);
+    size_t evict = (size_t)64 << 20;
+    uint8_t *junk = malloc(evict);
+    fill(kc, sizeof(float) * (size_t)L * KV * D * S);
+    fill(vc, sizeof(float) * (size_t)L * KV * S * D);
+    for (size_t i = 0; i < (size_t)L * KV * D * S; i++) { /* finite values in [-1, 1) */
+        kc[i] = (float)(i % 2003) / 1001.5f - 1.0f;
+        vc[i] = (float)(i % 1999) / 999.5f - 1.0f;
+    }
+    for (int i = 0; i < H * D; i++) q[i] = (float)((i * 37) % 101) / 50.0f - 1.0f;
+    double best = 1e30;
+    for (int p = 0; p < passes; p++) {
+        memset(junk, p, evict);
+        double t0 = now(CLOCK_MONOTONIC);
+        for (int l = 0; l < L; l++)
+            if (vqm_attention(q, kc + (size_t)l * KV * D * S, vc + (size_t)l * KV * S * D, H, KV, 1, D, S, pos,
+                              0.125f, 0, out, threads) != VQM_OK) { fprintf(stderr, "attention failed\n"); return 1; }
+        double t = now(CLOCK_MONOTONIC) - t0;
+        if (t < best) best = t;
+    }
+    printf("attention, 30 layers x (9 heads, 3 kv heads, dim 64, cache 512), position %ld, threads %d: %.3f ms "
+           "per token (best of %d)\n", pos, threads, best * 1e3, passes);
+    free(kc); free(vc); free(q); free(out); free(junk);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     int n = 4096, k = 4096, threads = 1, passes = 5, path = VQM_PATH_AUTO, flags = VQM_ACT_INT8;
     double stack_mb = 1100;
     const char *only = NULL;
+    long attn_pos = -1;
     int opt;
-    while ((opt = getopt(argc, argv, "n:k:t:s:r:p:fc:")) != -1) {
+    while ((opt = getopt(argc, argv, "n:k:t:s:r:p:fc:a:")) != -1) {
         switch (opt) {
         case 'n': n = atoi(optarg); break;
         case 'k': k = atoi(optarg); break;
@@ -71,10 +106,12 @@ int main(int argc, char **argv)
         case 'p': for (int p = 0; p < VQM_NPATHS; p++) if (!strcmp(optarg, vqm_path_name(p))) path = p; break;
         case 'f': flags = 0; break;
         case 'c': only = optarg; break;
-        default: fprintf(stderr, "usage: %s [-n N] [-k K] [-t threads] [-s stack_MB] [-r passes] [-p path] [-f] [-c name_substring]\n", argv[0]); return 2;
+        case 'a': attn_pos = atol(optarg); break;
+        default: fprintf(stderr, "usage: %s [-n N] [-k K] [-t threads] [-s stack_MB] [-r passes] [-p path] [-f] [-c name_substring] [-a position]\n", argv[0]); return 2;
         }
     }
     if (path != VQM_PATH_AUTO && vqm_set_path(path)) { fprintf(stderr, "path not available\n"); return 2; }
+    if (attn_pos >= 0) return bench_attention(attn_pos, passes, threads);
     printf("path %s, %dx%d, threads %d, stack %.0f MB, %s activations\n", vqm_path_name(vqm_get_path()), n, k,
            threads, stack_mb, flags ? "int8" : "float");
 
