@@ -76,7 +76,7 @@ static __thread float *t_scores;
 static __thread size_t t_scores_cap;
 
 /* Query heads of one group attended together (their keys and values loaded once for all of them): one vector
- * accumulator per head keeps 3-4 independent FMA chains in flight where one head alone waits on each FMA's latency. */
+ * accumulator per head keeps 3-4 independent chains of adds in flight where one head alone waits on each add. */
 #define NH_MAX 4
 
 /* nh (a constant after inlining) query heads of kv head h, query t: sc holds nh score rows of nv floats */
