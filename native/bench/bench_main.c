@@ -66,8 +66,6 @@ static int bench_attention(long pos, int passes, int threads)
     float *q = malloc(sizeof(float) * H * D), *out = malloc(sizeof(float) * H * D);
     size_t evict = (size_t)64 << 20;
     uint8_t *junk = malloc(evict);
-    fill(kc, sizeof(float) * (size_t)L * KV * D * S);
-    fill(vc, sizeof(float) * (size_t)L * KV * S * D);
     for (size_t i = 0; i < (size_t)L * KV * D * S; i++) { /* finite values in [-1, 1) */
         kc[i] = (float)(i % 2003) / 1001.5f - 1.0f;
         vc[i] = (float)(i % 1999) / 999.5f - 1.0f;

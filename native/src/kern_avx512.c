@@ -473,7 +473,7 @@ vq_tile4(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, co
     const int tile8 = INT8 && (C / DE * BE) % 8 == 0 && C % DE == 0;
     const int64_t pf8 = ((vqm_cdiv(8 * rowbytes, ncb) + 63) / 64) * 64;
     for (int64_t r = r0; r < r1; r += 4) {
-        if (tile8 && r + 8 <= r1 && r / R == (r + 7) / R && (w->n - r - 16) * rowbytes >= 64) {
+        if (tile8 && r + 8 <= r1 && r / R == (r + 7) / R && (w->n - r - 8) * rowbytes >= 64) {
             vq_tile8(w, xp, r, bias, y, tab_cache_get(&tc, w, cfg, r / R, ncb, tsz, 0x80), tsz, rowbytes, pf8, BE, DE,
                      KE);
             r += 4;
@@ -810,7 +810,6 @@ static inline __m128 int_finish_g4(const vqm_int_weight *w, const vqm_xprep *xp,
     acc = _mm_add_ps(acc, _mm512_extractf32x4_ps(v, 2));
     return _mm_add_ps(acc, _mm512_extractf32x4_ps(v, 3));
 }
-
 
 /* q * x summed over 128 columns of one row, one 128-bit lane per 32-column chunk (chunk j in lane j). xe/xo: the
  * chunks' activations as the codes meet them (4-bit: even columns, odd columns; 8-bit: columns 0-63, 64-127). */
