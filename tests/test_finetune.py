@@ -1,5 +1,5 @@
 """Fine-tuning (vqmobile/finetune.py) on stories260k: every format's trainable parameters, the layer-wise and the
-model-wise stages for GPTQ, GPTVQ and VPTQ (calibration loss and test perplexity go down), the stored format after
+model-wise stages for GPTQ, GPTVQ (also with incoherence), QuIP# and VPTQ (calibration loss and test perplexity go down), the stored format after
 tuning, and an interrupted run."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from vqmobile.layers import QuantLinear
 from vqmobile.pipeline import quantize_
 from vqmobile.quantizers.gptq import GPTQConfig
 from vqmobile.quantizers.gptvq import GPTVQConfig
+from vqmobile.quantizers.quip import QuIPConfig
 from vqmobile.quantizers.rtn import RTNConfig
 from vqmobile.quantizers.vptq import VPTQConfig
 
@@ -26,6 +27,9 @@ from conftest import WIKITEXT
 METHODS = {
     "gptq": lambda **f: GPTQConfig(bits=2, group=32, **f),
     "gptvq": lambda **f: GPTVQConfig(vq_dim=2, k=16, rows_per_block=32, cols_per_block=64, em_iters=10, **f),
+    "gptvq-incoherent": lambda **f: GPTVQConfig(vq_dim=2, k=16, rows_per_block=32, cols_per_block=64, em_iters=10,
+                                                incoherence="hadamard", **f),
+    "quip": lambda **f: QuIPConfig(bits=2, **f),
     "vptq": lambda **f: VPTQConfig(v=4, k=16, outlier=0.05, kmeans_iters=10, **f),
 }
 TUNE = dict(finetune_lr=1e-2, finetune_epochs=8)
@@ -51,7 +55,10 @@ def _ppl(model, ids):
     lambda w, h: GPTVQConfig(vq_dim=2, k=16, rows_per_block=32, cols_per_block=64, em_iters=3,
                              codebook="fp16").quantize_weight(w, h),
     lambda w, h: VPTQConfig(v=3, k=10, res_k=5, outlier=0.05, kmeans_iters=3).quantize_weight(w, h),
-], ids=["int", "vq-int8", "vq-int4-norm", "vq-fp16", "cvq-residual"])
+    lambda w, h: QuIPConfig(bits=3, incoherence="none").quantize_weight(w, h),
+    lambda w, h: GPTVQConfig(vq_dim=2, k=16, rows_per_block=32, cols_per_block=64, em_iters=3,
+                             incoherence="hadamard").quantize(w, h, key="t"),
+], ids=["int", "vq-int8", "vq-int4-norm", "vq-fp16", "cvq-residual", "e8p-residual", "incoherent-vq"])
 def test_trainable_parameters_round_trip(make):
     """decode(params) is the weight, and storing the untouched parameters changes no stored byte; storing moved
     ones changes the weight but keeps every dtype and shape."""

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from ..errors import FormatError
-from .base import QuantizedWeight, expect_tensor, register_format
+from .base import QuantizedWeight, Trainable, expect_tensor, register_format
 
 BITS = (2, 3, 4)
 DIM = 8
@@ -178,11 +178,24 @@ class E8PWeight(QuantizedWeight):
         return len(stage_kinds(self.bits))
 
     def dequantize(self) -> torch.Tensor:
+        return self._decode(stage_integers(self.codes, self.bits, self._shape[1]), self.scales)
+
+    @staticmethod
+    def _decode(stages: list[torch.Tensor], scales: torch.Tensor) -> torch.Tensor:
         w = None
-        for s, ints in enumerate(stage_integers(self.codes, self.bits, self._shape[1])):
-            part = ints.to(torch.float32) * self.scales[s]
+        for s, ints in enumerate(stages):
+            part = ints.to(torch.float32) * scales[s]
             w = part if w is None else w + part
         return w
+
+    def trainable(self) -> Trainable:
+        """The per-stage scales (the lattice points are fixed)."""
+        stages = stage_integers(self.codes, self.bits, self._shape[1])
+        return Trainable({"scales": self.scales.clone()}, lambda p: self._decode(stages, p["scales"]))
+
+    def _store_trainable(self, params: dict[str, torch.Tensor]) -> None:
+        # the loader refuses non-positive scales
+        self.scales = params["scales"].clamp(min=torch.finfo(torch.float32).tiny).contiguous()
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"codes": self.codes, "scales": self.scales}

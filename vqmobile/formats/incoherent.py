@@ -19,7 +19,7 @@ import torch
 
 from .. import hadamard
 from ..errors import FormatError
-from .base import QuantizedWeight, expect_tensor, register_format, weight_from_stored
+from .base import QuantizedWeight, Trainable, expect_tensor, register_format, weight_from_stored
 from .pack import pack_rows, row_bytes, unpack_rows
 
 INNER = "inner."
@@ -89,9 +89,23 @@ class IncoherentWeight(QuantizedWeight):
         return unpack_signs(self.in_signs, k), unpack_signs(self.out_signs, n)
 
     def dequantize(self) -> torch.Tensor:
+        return self._unrotate(self.inner.dequantize())
+
+    def _unrotate(self, inner: torch.Tensor) -> torch.Tensor:
         s_in, s_out = self.signs()
-        w = hadamard.transform(self.inner.dequantize(), self.in_blocks, s_in, transpose=True)  # W' V
+        w = hadamard.transform(inner, self.in_blocks, s_in, transpose=True)  # W' V
         return hadamard.transform(w.T, self.out_blocks, s_out, transpose=True).T  # U^T W' V
+
+    def trainable(self) -> Trainable | None:
+        """The inner weight's parameters, decoded through the fixed transforms: tuning sees the weight the layer
+        computes with, while the parameters stay in the rotated basis they are stored in."""
+        inner = self.inner.trainable()
+        if inner is None:
+            return None
+        return Trainable(inner.params, lambda p: self._unrotate(inner.decode(p)))
+
+    def _store_trainable(self, params: dict[str, torch.Tensor]) -> None:
+        self.inner.load_trainable(params)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"in_signs": self.in_signs, "out_signs": self.out_signs}
