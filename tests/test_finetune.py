@@ -1,6 +1,6 @@
 """Fine-tuning (vqmobile/finetune.py) on stories260k: every format's trainable parameters, the layer-wise and the
-model-wise stages for GPTQ, GPTVQ (also with incoherence), QuIP# and VPTQ (calibration loss and test perplexity go down), the stored format after
-tuning, and an interrupted run."""
+model-wise stages for GPTQ, GPTVQ (also with incoherence), QuIP# and VPTQ (calibration loss and test perplexity go
+down), the stored format after tuning, and an interrupted run."""
 
 from __future__ import annotations
 
