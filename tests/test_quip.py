@@ -143,13 +143,20 @@ def test_incoherent_format_round_trip_and_validation():
     assert torch.equal(back.dequantize(), dense)
     assert set(w.tensors()) == {"in_signs", "out_signs", "inner.codes", "inner.scales"}
     assert w.stored_bytes() == w.inner.stored_bytes() + 8 + 22
+    w.out_gain = (torch.rand(172, generator=torch.Generator().manual_seed(1)) + 0.5).half()
+    assert torch.equal(w.dequantize(), dense * w.out_gain.float()[:, None])
+    assert torch.equal(weight_from_stored("incoherent", w.spec(), w.tensors()).dequantize(), w.dequantize())
+    assert w.stored_bytes() == w.inner.stored_bytes() + 8 + 22 + 2 * 172
     t = w.tensors()
     bad = [({**w.spec(), "in_blocks": [[43, 1], [21, 1]]}, t),  # not Hadamard orders
            ({**w.spec(), "out_blocks": [[1, 128]]}, t),  # does not cover the width
            ({**w.spec(), "inner_kind": "incoherent"}, t),
            ({**w.spec(), "inner": {**w.spec()["inner"], "shape": [64, 64]}}, t),
            (w.spec(), {**t, "out_signs": torch.full((22,), 255, dtype=torch.uint8)}),  # bits past the 172 signs
-           (w.spec(), {k: v for k, v in t.items() if k != "in_signs"})]
+           (w.spec(), {k: v for k, v in t.items() if k != "in_signs"}),
+           (w.spec(), {**t, "out_gain": t["out_gain"].float()}),
+           (w.spec(), {**t, "out_gain": t["out_gain"][:64]}),
+           (w.spec(), {**t, "out_gain": torch.full((172,), float("inf"), dtype=torch.float16)})]
     for spec, tensors in bad:
         with pytest.raises(FormatError):
             weight_from_stored("incoherent", spec, tensors)
@@ -316,8 +323,9 @@ def test_onnx_bundle_of_quip_passes_check(quip2, tmp_path):
 
 
 def test_executorch_runs_the_quip_operators(tmp_path):
-    """A small program with incoherent E8P layers (2, 3 and 4 bits, multi-block widths) through ExecuTorch with our
-    kernel library gives PyTorch's result; two layers reading one input share their input transform."""
+    """A small program with incoherent E8P layers (2, 3 and 4 bits, multi-block widths, one with output gains) through
+    ExecuTorch with our kernel library gives PyTorch's result; two layers reading one input share their input
+    transform."""
     ve = _export()
     from vqmobile.export.et_runtime import load_adapter, portable_lib
     from vqmobile.export.executorch_export import lower_to_executorch
@@ -338,6 +346,7 @@ def test_executorch_runs_the_quip_operators(tmp_path):
             super().__init__()
             self.a, self.b = layer(172, 64, 2, s_in), layer(172, 64, 4, s_in)
             self.c = layer(64, 172, 3)
+            self.c.qweight.out_gain = (1 + 0.1 * torch.randn(64, generator=g)).half()  # as fine-tuning leaves it
 
         def forward(self, x):  # additions only between the layers: both runtimes round those alike
             return self.c(self.a(x) + self.b(x))
@@ -357,6 +366,34 @@ def test_executorch_runs_the_quip_operators(tmp_path):
         out = portable_lib()._load_for_executorch(str(pte)).forward((x,))[0]
         assert torch.equal(out, ref)  # the same native kernels on both sides
     assert ve is not None
+
+
+def test_finetuned_quip_reloads_and_its_onnx_bundle_passes_check(stories, stories_calib, stories_test_ids, tmp_path):
+    """Layer-wise fine-tuning gives every incoherent layer its output gains (16 bits per row, counted in the stored
+    bits), lowers the calibration loss, and the tuned model saves, reloads and exports like any other."""
+    from vqmobile import checkpoint
+    from vqmobile.pipeline import quantize_
+
+    ve = _export()
+    model = copy.deepcopy(stories.model)
+    cfg = QuIPConfig(bits=2, finetune="layer", finetune_epochs=4)
+    rep = quantize_(model, cfg, stories_calib, progress=False)
+    assert all(r["kept"] and r["loss_after"] < r["loss_before"] for r in rep.finetune)
+    out = tmp_path / "ck"
+    checkpoint.save(model, stories.tokenizer, out, config=cfg.to_dict(), source={"model": "stories260k"},
+                    calibration=None)
+    ck = checkpoint.load(out)
+    ids = stories_test_ids[:200][None]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, ck.model(input_ids=ids).logits)
+    for name, entry in ck.manifest["layers"].items():
+        n, k = entry["spec"]["shape"]
+        assert entry["bytes"] == 2 * n * -(-k // 8) + 4 + -(-n // 8) + -(-k // 8) + 2 * n
+    res = ve.export_bundle(str(out), str(tmp_path / "b"), target="x86_64", formats=["onnx"], max_seq=128,
+                           progress=None)
+    assert res["onnx"]["custom_nodes"]["E8PLinear2"] == 35
+    ok, table, _ = ve.check_bundle(str(tmp_path / "b"), windows=2, progress=None)
+    assert ok, table
 
 
 @pytest.mark.slow

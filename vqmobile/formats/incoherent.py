@@ -8,6 +8,11 @@ orthonormal random Hadamard transforms of vqmobile/hadamard.py. Running the laye
 Stored tensors: `in_signs` uint8 [ceil(k/8)] and `out_signs` uint8 [ceil(n/8)] (bit j of byte j // 8, LSB first, set =
 negate; padding bits 0), then the inner weight's tensors prefixed "inner.". The spec holds both block plans and the
 inner weight's kind and spec. Bits per weight count the signs with the inner weight.
+
+Fine-tuning (vqmobile/finetune.py) may add `out_gain` fp16 [n]: y = out_gain * (U^T W' V x). It is QuIP#'s tuned
+sign vectors made continuous on the output side only: a gain on the input side is redundant with what is tuned
+anyway (the RMSNorm before q/k/v and gate/up; v's output gains for o, up's for down), and would stop q, k and v
+from sharing their input transform.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from .base import QuantizedWeight, Trainable, expect_tensor, register_format, we
 from .pack import pack_rows, row_bytes, unpack_rows
 
 INNER = "inner."
+GAIN = "out_gain"
 
 
 def pack_signs(signs: torch.Tensor) -> torch.Tensor:
@@ -61,9 +67,10 @@ class IncoherentWeight(QuantizedWeight):
     kind = "incoherent"
 
     def __init__(self, inner: QuantizedWeight, in_signs: torch.Tensor, out_signs: torch.Tensor,
-                 in_blocks=None, out_blocks=None):
-        """inner: the quantized W'; in_signs/out_signs: packed uint8 sign vectors; blocks default to the plan."""
-        self.inner = inner
+                 in_blocks=None, out_blocks=None, out_gain: torch.Tensor | None = None):
+        """inner: the quantized W'; in_signs/out_signs: packed uint8 sign vectors; blocks default to the plan;
+        out_gain: fp16 [n] or None (all ones)."""
+        self.inner, self.out_gain = inner, out_gain
         n, k = inner.shape
         self.in_signs, self.out_signs = in_signs, out_signs
         self.in_blocks = hadamard.plan(k) if in_blocks is None else tuple(in_blocks)
@@ -89,26 +96,43 @@ class IncoherentWeight(QuantizedWeight):
         return unpack_signs(self.in_signs, k), unpack_signs(self.out_signs, n)
 
     def dequantize(self) -> torch.Tensor:
-        return self._unrotate(self.inner.dequantize())
+        return self._unrotate(self.inner.dequantize(), self.gain())
 
-    def _unrotate(self, inner: torch.Tensor) -> torch.Tensor:
+    def _unrotate(self, inner: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
         s_in, s_out = self.signs()
         w = hadamard.transform(inner, self.in_blocks, s_in, transpose=True)  # W' V
-        return hadamard.transform(w.T, self.out_blocks, s_out, transpose=True).T  # U^T W' V
+        w = hadamard.transform(w.T, self.out_blocks, s_out, transpose=True).T  # U^T W' V
+        return w if gain is None else w * gain[:, None]
 
-    def trainable(self) -> Trainable | None:
-        """The inner weight's parameters, decoded through the fixed transforms: tuning sees the weight the layer
-        computes with, while the parameters stay in the rotated basis they are stored in."""
+    def gain(self) -> torch.Tensor | None:
+        return None if self.out_gain is None else self.out_gain.float()
+
+    def trainable(self) -> Trainable:
+        """The output gains and the inner weight's parameters, decoded through the fixed transforms: tuning sees the
+        weight the layer computes with, while the inner parameters stay in the rotated basis they are stored in."""
         inner = self.inner.trainable()
-        if inner is None:
-            return None
-        return Trainable(inner.params, lambda p: self._unrotate(inner.decode(p)))
+        gain = self.gain()
+        params = {GAIN: torch.ones(self.shape[0]) if gain is None else gain}
+        params.update({} if inner is None else inner.params)
+
+        def decode(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            w = self.inner.dequantize() if inner is None else inner.decode({k: v for k, v in p.items() if k != GAIN})
+            return self._unrotate(w, p[GAIN])  # a gain of exactly 1 changes no bit
+
+        return Trainable(params, decode)
 
     def _store_trainable(self, params: dict[str, torch.Tensor]) -> None:
-        self.inner.load_trainable(params)
+        inner = {k: v for k, v in params.items() if k != GAIN}
+        if inner:
+            self.inner.load_trainable(inner)
+        fp16_max = float(torch.finfo(torch.float16).max)
+        gain = params[GAIN].clamp(-fp16_max, fp16_max).to(torch.float16).contiguous()
+        self.out_gain = None if bool((gain == 1).all()) else gain  # untuned weights keep their size
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"in_signs": self.in_signs, "out_signs": self.out_signs}
+        if self.out_gain is not None:
+            out[GAIN] = self.out_gain
         out.update({INNER + name: t for name, t in self.inner.tensors().items()})
         return out
 
@@ -139,11 +163,16 @@ class IncoherentWeight(QuantizedWeight):
         for name, t, width in (("in_signs", s_in, k), ("out_signs", s_out, n)):
             if width % 8 and int(t[-1]) >> (width % 8):
                 raise FormatError(f"tensor '{name}' has bits set beyond its {width} signs")
-        extra = set(tensors) - {"in_signs", "out_signs"} - {t for t in tensors if t.startswith(INNER)}
+        gain = None
+        if GAIN in tensors:
+            gain = expect_tensor(tensors, GAIN, torch.float16, (n,))
+            if not bool(torch.isfinite(gain).all()):
+                raise FormatError(f"tensor '{GAIN}' of an incoherent weight has non-finite values")
+        extra = set(tensors) - {"in_signs", "out_signs", GAIN} - {t for t in tensors if t.startswith(INNER)}
         if extra:
             raise FormatError(f"incoherent weight has unexpected tensors: {', '.join(sorted(extra))}")
         inner = weight_from_stored(inner_kind, inner_spec,
                                    {t[len(INNER):]: v for t, v in tensors.items() if t.startswith(INNER)})
         if inner.shape != (n, k):
             raise FormatError(f"incoherent weight of shape {n}x{k} wraps an inner weight of shape {inner.shape}")
-        return cls(inner, s_in, s_out, in_blocks, out_blocks)
+        return cls(inner, s_in, s_out, in_blocks, out_blocks, gain)
