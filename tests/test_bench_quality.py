@@ -1,4 +1,5 @@
-"""The quality benchmark on stories260k: rows in their own processes, the JSON it writes, and --resume."""
+"""The quality benchmark on stories260k: rows in their own processes (their progress shown), the JSON it writes, and
+--resume."""
 
 import json
 
@@ -6,7 +7,7 @@ from conftest import STORIES
 from vqmobile.bench import quality
 
 
-def test_rows_and_resume(tmp_path, capsys):
+def test_rows_and_resume(tmp_path, capfd):
     out = tmp_path / "q.json"
     def common(windows=2):
         return ["--model", str(STORIES), "--ctx", "512", "--windows", str(windows), "--nsamples", "4",
@@ -17,10 +18,11 @@ def test_rows_and_resume(tmp_path, capsys):
     fp, rtn = first["rows"]
     assert fp["bpw"] == 32.0 and fp["windows"] == 2 and rtn["bpw"] > 4.0 and rtn["ppl"] > fp["ppl"]
     assert 0 < rtn["quantize_peak_rss_mb"] <= rtn["peak_rss_mb"] and "quantize_peak_rss_mb" not in fp
-    capsys.readouterr()
+    err = capfd.readouterr().err  # each row's own progress, shown while it runs
+    assert "rtn: 100%" in err and "perplexity ctx=512" in err
 
     assert quality.main([*common(), "--resume", "--rows", "fp", "rtn:bits=4,group=32", "gptq:bits=4,group=32"]) == 0
-    printed = capsys.readouterr().out
+    printed = capfd.readouterr().out
     assert "fp: kept from" in printed and "rtn:bits=4,group=32: kept from" in printed
     second = json.loads(out.read_text())
     assert second["rows"][:2] == first["rows"] and second["rows"][2]["row"] == "gptq:bits=4,group=32"
@@ -30,11 +32,11 @@ def test_rows_and_resume(tmp_path, capsys):
     assert quality.main([*common(), "--resume", "--rows", *rows]) == 0
     third = json.loads(out.read_text())
     assert [r["row"] for r in third["rows"]] == rows and third["rows"][2:] == second["rows"][1:]
-    capsys.readouterr()
+    capfd.readouterr()
 
     # other settings (here: window count) make earlier rows stale: they run again
     png = tmp_path / "charts" / "q.png"
     assert quality.main([*common(3), "--resume", "--rows", "fp", "--plot", str(png)]) == 0
-    assert "kept from" not in capsys.readouterr().out and json.loads(out.read_text())["rows"][0]["windows"] == 3
+    assert "kept from" not in capfd.readouterr().out and json.loads(out.read_text())["rows"][0]["windows"] == 3
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the chart, written atomically beside no leftovers
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["charts", "q.json", "q.png"]

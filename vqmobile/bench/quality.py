@@ -78,7 +78,7 @@ def run_row(args: argparse.Namespace) -> dict:
     if args.row != "fp":
         config = make_config(args.row)
         calib = calibration_data(loaded.tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
-        rep = quantize_(loaded.model, config, calib, progress=False)
+        rep = quantize_(loaded.model, config, calib, progress=True)
         mods = quantized_modules(loaded.model).values()
         nbytes = sum(m.qweight.stored_bytes() for m in mods)
         nweights = sum(m.qweight.shape[0] * m.qweight.shape[1] for m in mods)
@@ -88,7 +88,7 @@ def run_row(args: argparse.Namespace) -> dict:
     else:
         record.update(bpw=32.0, quantize_s=0.0)
     ids = wikitext_test_ids(loaded.tokenizer)
-    ppl = perplexity(loaded.model, ids, args.ctx, args.windows, progress=False)
+    ppl = perplexity(loaded.model, ids, args.ctx, args.windows, progress=True)
     record.update(ppl=ppl.ppl, ctx=ppl.ctx, windows=ppl.windows, total_windows=ppl.total_windows,
                   eval_s=ppl.seconds, peak_rss_mb=peak_rss_mb())
     return record
@@ -206,9 +206,11 @@ def run(args: argparse.Namespace) -> int:
         if args.calib:
             cmd += ["--calib", args.calib]
         t0 = time.time()
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        print(f"[{time.strftime('%H:%M:%S')}] {row}: quantizing and evaluating (progress below)", flush=True)
+        # the row's progress bars and errors go straight to our stderr: a row runs for an hour
+        res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         if res.returncode != 0:
-            print(f"row {row} failed:\n{res.stderr[-2000:]}", file=sys.stderr)
+            print(f"row {row} failed (exit status {res.returncode}; its error is above)", file=sys.stderr)
             continue
         record = {**json.loads(res.stdout.strip().splitlines()[-1]), "date": time.strftime("%Y-%m-%d"),
                   "row_wall_s": round(time.time() - t0, 1)}
