@@ -171,37 +171,48 @@ static int avx512_vq_plan(const vqm_vq_weight *w, int flags, vqm_layout *lay)
 /* Per dimension one 64-byte table (k <= 64; k = 16 repeated four times) or four (k = 256). */
 static size_t tab_size(const vqm_vcfg *c) { return (size_t)64 * (size_t)c->de * (c->ke == 256 ? 4u : 1u); }
 
-/* Tables of one codebook block, built with byte permutes (a block's tables are rebuilt every R rows: with
- * R = 1..8 a scalar build costs more than the rows). Entry e of dimension t is component t of centroid e % k;
- * flip = 0x80 stores c + 128 (int8 activations: vpdpbusd's unsigned operand), 0 stores c as a signed byte. */
-static void prep_tab(const vqm_vcfg *c, const int8_t *cbk, uint8_t flip, uint8_t *tab)
+static const uint8_t iota[64] = {
+    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29,
+    30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57,
+    58, 59, 60, 61, 62, 63 };
+
+/* The de tables of a 16-entry codebook (ke == 16, virt included) in registers, straight from its 16 * de bytes (4
+ * when virt): an 8-row tile builds them per block instead of loading them from the table cache, which at R = 4 or 8
+ * would be filled for a single tile. Entry e of dimension t is component t of centroid e % 16. */
+static inline __attribute__((always_inline)) void tab16_regs(const vqm_vcfg *c, const int8_t *cbk, uint8_t flip,
+                                                            __m512i T[4])
 {
-    static const uint8_t iota[64] = {
-        0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29,
-        30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57,
-        58, 59, 60, 61, 62, 63 };
     const __m512i io = ld512(iota), fl = _mm512_set1_epi8((char)flip), m3 = _mm512_set1_epi8(3);
     if (c->virt) { /* a nibble is two 2-bit codes, the low one first */
         int32_t v4;
         memcpy(&v4, cbk, 4);
         const __m512i v = _mm512_set1_epi32(v4);
-        _mm512_storeu_si512(tab, _mm512_xor_si512(_mm512_permutexvar_epi8(_mm512_and_si512(io, m3), v), fl));
-        _mm512_storeu_si512(tab + 64, _mm512_xor_si512(
-            _mm512_permutexvar_epi8(_mm512_and_si512(_mm512_srli_epi16(io, 2), m3), v), fl));
+        T[0] = _mm512_xor_si512(_mm512_permutexvar_epi8(_mm512_and_si512(io, m3), v), fl);
+        T[1] = _mm512_xor_si512(_mm512_permutexvar_epi8(_mm512_and_si512(_mm512_srli_epi16(io, 2), m3), v), fl);
         return;
     }
     const int d = c->de, sh = d == 1 ? 0 : d == 2 ? 1 : 2;
+    const __m512i v = d == 4 ? ld512(cbk) : load_partial((const uint8_t *)cbk, 16 * d); /* no byte past it */
+    for (int t = 0; t < d; t++) {
+        __m512i idx = _mm512_add_epi8(_mm512_slli_epi16(_mm512_and_si512(io, _mm512_set1_epi8(15)), sh),
+                                      _mm512_set1_epi8((char)t));
+        T[t] = _mm512_xor_si512(_mm512_permutexvar_epi8(idx, v), fl);
+    }
+}
+
+/* Tables of one codebook block, built with byte permutes (a block's tables are rebuilt every R rows: with
+ * R = 1..8 a scalar build costs more than the rows). Entry e of dimension t is component t of centroid e % k;
+ * flip = 0x80 stores c + 128 (int8 activations: vpdpbusd's unsigned operand), 0 stores c as a signed byte. */
+static void prep_tab(const vqm_vcfg *c, const int8_t *cbk, uint8_t flip, uint8_t *tab)
+{
     if (c->ke == 16) {
-        uint8_t buf[64] = { 0 };
-        memcpy(buf, cbk, (size_t)(16 * d));
-        const __m512i v = ld512(buf);
-        for (int t = 0; t < d; t++) {
-            __m512i idx = _mm512_add_epi8(_mm512_slli_epi16(_mm512_and_si512(io, _mm512_set1_epi8(15)), sh),
-                                          _mm512_set1_epi8((char)t));
-            _mm512_storeu_si512(tab + 64 * t, _mm512_xor_si512(_mm512_permutexvar_epi8(idx, v), fl));
-        }
+        __m512i T[4];
+        tab16_regs(c, cbk, flip, T);
+        for (int t = 0; t < c->de; t++) _mm512_storeu_si512(tab + 64 * t, T[t]);
         return;
     }
+    const __m512i io = ld512(iota), fl = _mm512_set1_epi8((char)flip);
+    const int d = c->de, sh = d == 1 ? 0 : d == 2 ? 1 : 2;
     /* k = 64 or 256: each run of 64 entries reads a window of 64 * d codebook bytes */
     const int per = c->ke, runs = c->ke / 64;
     for (int q = 0; q < runs; q++) {
@@ -250,10 +261,19 @@ static inline __attribute__((always_inline)) __m512i unpack64(const uint8_t *p, 
     return ld512(p);
 }
 
-/* unpack64 with one 64-byte load for 6-bit codes (the chunk's 48 bytes and 16 beyond it, which the caller
- * guarantees lie inside the matrix): the spreading vpermb takes it as its memory operand, two instructions a chunk */
+/* 4-bit codes: the chunk's 32 bytes in both halves, the upper half's bytes cut 4 bits higher (their high nibbles) */
+static const uint8_t k4_shifts[64] = {
+    0, 8, 16, 24, 32, 40, 48, 56, 0, 8, 16, 24, 32, 40, 48, 56, 0, 8, 16, 24, 32, 40, 48, 56,
+    0, 8, 16, 24, 32, 40, 48, 56, 4, 12, 20, 28, 36, 44, 52, 60, 4, 12, 20, 28, 36, 44, 52, 60,
+    4, 12, 20, 28, 36, 44, 52, 60, 4, 12, 20, 28, 36, 44, 52, 60 };
+
+/* unpack64 for the 8-row tile. 6-bit codes: one 64-byte load (the chunk's 48 bytes and 16 beyond it, which the
+ * caller guarantees lie inside the matrix) that the spreading vpermb takes as its memory operand. 4-bit codes: a
+ * broadcast load and one vpmultishiftqb instead of a shift and an insert (the tile is bound by its vector ops; bits
+ * above a code's nibble differ from unpack64's, and 16-entry tables, repeated every 16 bytes, ignore them). */
 static inline __attribute__((always_inline)) __m512i unpack64_wide(const uint8_t *p, const int BE)
 {
+    if (BE == 4) return _mm512_multishift_epi64_epi8(ld512(k4_shifts), _mm512_broadcast_i64x4(ld256(p)));
     if (BE != 6) return unpack64(p, BE);
     return _mm512_multishift_epi64_epi8(ld512(k6_shifts), _mm512_permutexvar_epi8(ld512(k6_spread), ld512(p)));
 }
@@ -397,32 +417,52 @@ tile_chunks(const uint8_t *const rows[4], int64_t off0, int64_t h0, int64_t h1, 
     acc->fb[0] = fb0; acc->fb[1] = fb1; acc->fb[2] = fb2; acc->fb[3] = fb3;
 }
 
-/* Eight rows of one codebook row block, int8 activations, every block starting on a byte, and 64 bytes readable
- * from any chunk of the tile (rows below it in the matrix): the common tile of the mobile formats (R % 8 == 0) with
- * half the per-row bookkeeping of vq_tile4 (per block: table registers, activation loads, prefetch, the finish) and
- * no partial-chunk path (a block's last chunk reads whole: its codes past the block meet zero activations, the
- * block being zero-padded to whole chunks). The sums and the float finish are vq_tile4's: results are ref.c's. */
+/* Eight rows whose halves (rows 0-3, 4-7) each lie in one codebook row block, int8 activations, every block
+ * starting on a byte, and 64 bytes readable from any chunk of the tile (rows below it in the matrix): the common tile
+ * of the mobile formats (R % 4 == 0) with half the per-row bookkeeping of vq_tile4 (per block: activation loads,
+ * prefetch, the finish) and no partial-chunk path (a block's last chunk reads whole: its codes past the block meet
+ * zero activations, the block being zero-padded to whole chunks). 16-entry codebooks become table registers right
+ * here (tab16_regs); larger ones come from the table cache (tabs_lo, tabs_hi: the halves' row blocks). The sums and
+ * the float finish are vq_tile4's: results are ref.c's. */
 static inline __attribute__((always_inline)) void
-vq_tile8(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r, const float *bias, float *y, const uint8_t *tabs,
-         size_t tsz, int64_t rowbytes, int64_t pf_bytes, const int BE, const int DE, const int KE)
+vq_tile8(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r, const float *bias, float *y, const vqm_vcfg *cfg,
+         const uint8_t *tabs_lo, const uint8_t *tabs_hi, size_t tsz, int64_t rowbytes, int64_t pf_bytes, const int BE,
+         const int DE, const int KE)
 {
     const int64_t k = w->k, C = w->cols_per_block, ncb = vqm_cdiv(k, C);
     const uint8_t *row0 = w->indices + r * rowbytes;
-    const int64_t rb = r / w->rows_per_block;
+    const int64_t rb_lo = r / w->rows_per_block, rb_hi = (r + 4) / w->rows_per_block;
+    const int64_t cbk_bytes = (int64_t)w->ncent * w->d;
     __m256 acc = _mm256_setzero_ps(); /* lane = row */
     for (int64_t cb = 0; cb < ncb; cb++) {
         const int64_t c0 = cb * C, c1 = c0 + C < k ? c0 + C : k;
         const int64_t code0 = c0 / DE, nch = vqm_cdiv(vqm_cdiv(c1, DE) - code0, 64);
         const uint8_t *base = row0 + ((code0 * BE) >> 3);
-        const uint8_t *tab = tabs + cb * tsz;
+        const uint8_t *tab_lo = KE == 16 ? NULL : tabs_lo + cb * tsz, *tab_hi = KE == 16 ? NULL : tabs_hi + cb * tsz;
         const int8_t *xq = xp->xq + cb * xp->blk_pad;
         { /* stream in the tile after next, a block's share of it at a time: its 8 rows are contiguous */
             const uint8_t *pf = row0 + 16 * rowbytes + cb * pf_bytes;
             for (int64_t o = 0; o < pf_bytes; o += 64) _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
+            /* and its codebooks, which tab16_regs reads as it goes (no table fill reads them ahead) */
+            if (KE == 16 && r + 20 < w->n) {
+                const int64_t rn = (r + 16) / w->rows_per_block, rm = (r + 20) / w->rows_per_block;
+                _mm_prefetch((const char *)(w->codebook + (rn * ncb + cb) * cbk_bytes), _MM_HINT_T0);
+                if (rm != rn) _mm_prefetch((const char *)(w->codebook + (rm * ncb + cb) * cbk_bytes), _MM_HINT_T0);
+            }
         }
-        __m512i T[4], a[8];
-        if (KE != 256)
-            for (int t = 0; t < DE; t++) T[t] = ld512(tab + 64 * t);
+        __m512i Tl[4], Th[4], a[8];
+        if (KE == 16) {
+            tab16_regs(cfg, w->codebook + (rb_lo * ncb + cb) * cbk_bytes, 0x80, Tl);
+            if (rb_hi == rb_lo)
+                for (int t = 0; t < DE; t++) Th[t] = Tl[t];
+            else
+                tab16_regs(cfg, w->codebook + (rb_hi * ncb + cb) * cbk_bytes, 0x80, Th);
+        } else if (KE == 64) {
+            for (int t = 0; t < DE; t++) {
+                Tl[t] = ld512(tab_lo + 64 * t);
+                Th[t] = ld512(tab_hi + 64 * t);
+            }
+        }
 #pragma GCC unroll 8
         for (int i = 0; i < 8; i++) a[i] = _mm512_setzero_si512();
         for (int64_t h = 0; h < nch; h++) {
@@ -434,8 +474,8 @@ vq_tile8(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r, const float *bi
             for (int i = 0; i < 8; i++) {
                 const __m512i c = unpack64_wide(p + i * rowbytes, BE);
                 for (int t = 0; t < DE; t++)
-                    a[i] = _mm512_dpbusd_epi32(a[i], KE != 256 ? _mm512_permutexvar_epi8(c, T[t]) : lookup(c, tab, t, KE),
-                                               X[t]);
+                    a[i] = _mm512_dpbusd_epi32(a[i], KE != 256 ? _mm512_permutexvar_epi8(c, i < 4 ? Tl[t] : Th[t])
+                                                               : lookup(c, i < 4 ? tab_lo : tab_hi, t, KE), X[t]);
             }
             VQM_MCA_END("avx512.vq_tile8.loop", BE, DE, KE, 0);
         }
@@ -447,7 +487,8 @@ vq_tile8(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r, const float *bi
         __m256i isum = _mm512_castsi512_si256(_mm512_shuffle_i64x2(uv, uv, 0x08));
         isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(128 * xp->xsum[cb]));
         __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(xp->xs[cb]));
-        f = _mm256_mul_ps(f, _mm256_set1_ps(half_to_float(w->scale[rb * ncb + cb])));
+        f = _mm256_mul_ps(f, _mm256_set_m128(_mm_set1_ps(half_to_float(w->scale[rb_hi * ncb + cb])),
+                                             _mm_set1_ps(half_to_float(w->scale[rb_lo * ncb + cb]))));
         acc = _mm256_add_ps(acc, f);
         VQM_MCA_END("avx512.vq_tile8.finish", BE, DE, KE, 0);
     }
@@ -468,14 +509,16 @@ vq_tile4(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, co
     const int64_t pf_blk = ((vqm_cdiv(4 * rowbytes, ncb) + 63) / 64) * 64;
     tab_cache tc;
     tab_cache_init(&tc, tsz, ncb);
-    /* 8-row tiles where vq_tile8's conditions hold: blocks start on a byte, rows r..r+7 share a row block, and the
-     * 64 bytes from a chunk of row r + 7 stay inside the matrix */
+    /* 8-row tiles where vq_tile8's conditions hold: blocks start on a byte, rows r..r+3 and r+4..r+7 each share a
+     * row block, and the 64 bytes from a chunk of row r + 7 stay inside the matrix */
     const int tile8 = INT8 && (C / DE * BE) % 8 == 0 && C % DE == 0;
     const int64_t pf8 = ((vqm_cdiv(8 * rowbytes, ncb) + 63) / 64) * 64;
     for (int64_t r = r0; r < r1; r += 4) {
-        if (tile8 && r + 8 <= r1 && r / R == (r + 7) / R && (w->n - r - 8) * rowbytes >= 64) {
-            vq_tile8(w, xp, r, bias, y, tab_cache_get(&tc, w, cfg, r / R, ncb, tsz, 0x80), tsz, rowbytes, pf8, BE, DE,
-                     KE);
+        if (tile8 && r + 8 <= r1 && r / R == (r + 3) / R && (r + 4) / R == (r + 7) / R &&
+            (w->n - r - 8) * rowbytes >= 64) {
+            const uint8_t *lo = KE == 16 ? NULL : tab_cache_get(&tc, w, cfg, r / R, ncb, tsz, 0x80);
+            const uint8_t *hi = KE == 16 ? NULL : tab_cache_get(&tc, w, cfg, (r + 4) / R, ncb, tsz, 0x80);
+            vq_tile8(w, xp, r, bias, y, cfg, lo, hi, tsz, rowbytes, pf8, BE, DE, KE);
             r += 4;
             continue;
         }

@@ -153,15 +153,16 @@ def kernel(path: str, row: Row) -> Kernel:
         return Kernel(path, "int_rows_i8", (Unit((Part("avx2.int_rows.loop", (8, 0, 0, 0), loop=True),), 128,
                                                  "4 rows x 1 group of 32"),), "software prefetch")
     if path == "avx512":
-        if row.vq:  # vq_tile8 where eight rows share a codebook row block, else vq_tile4 (SAME), full chunks
+        if row.vq:  # vq_tile8 where each half of eight rows lies in one codebook row block, else vq_tile4 (SAME)
             be, de, ke = _vq_cfg(row)
             n = row.C // de // 64
-            nr, fn, tag, ids = ((8, "vq_tile8", "avx512.vq_tile8", (0, 0)) if row.R % 8 == 0
+            nr, fn, tag, ids = ((8, "vq_tile8", "avx512.vq_tile8", (0, 0)) if row.R % 4 == 0
                                 else (4, "vq_tile4", "avx512.vq_tile", (3, 1)))
+            tables = "16-entry tables built per block" if nr == 8 and ke == 16 else "tables (rebuilt every R rows)"
             return Kernel(path, fn, (Unit((Part(f"{tag}.loop", (be, de, ke, ids[0]), n, loop=True),
                                            Part(f"{tag}.finish", (be, de, ke, ids[1]))),
                                           nr * row.C, f"{nr}-row tile x {row.C}-column block"),),
-                          "tables (rebuilt every R rows), software prefetch" + ("" if nr == 8 else ", partial chunks"))
+                          tables + ", software prefetch" + ("" if nr == 8 else ", partial chunks"))
         return Kernel(path, "int_rows_i8", (Unit((Part("avx512.int_tile.loop", (row.bits, 32, 0, 0), loop=True),), 512,
                                                  "4 rows x 4 groups of 32"),), "software prefetch")
     if path in ("neon", "neon_dot"):

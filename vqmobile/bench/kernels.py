@@ -420,6 +420,11 @@ def plot(result: dict[str, Any], path: str) -> None:
     atomic.write_file(path, lambda tmp: fig.savefig(tmp, dpi=130))
 
 
+def _options(argv: list[str]) -> list[str]:
+    """The options of this run, whether it came through `vqmobile bench kernels` or `python -m`."""
+    return argv[2:] if argv[:2] == ["bench", "kernels"] else argv
+
+
 def run(args: argparse.Namespace) -> int:
     from vqmobile import kernels as K
 
@@ -460,7 +465,7 @@ def run(args: argparse.Namespace) -> int:
     started = _dt.datetime.now(_dt.timezone.utc)
     info = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "cpu": _cpu_model(), "cpus": os.cpu_count(),
             "path": ",".join(paths), "loadavg_start": _loadavg(), "stack_mb": stack_bytes / 1e6,
-            "repeats": repeats, "command": " ".join(["vqmobile bench kernels"] + sys.argv[1:])}
+            "repeats": repeats, "command": " ".join(["vqmobile bench kernels"] + _options(sys.argv[1:]))}
     print(f"# vqmobile bench kernels  {info['date']}  cpu: {info['cpu']} x{info['cpus']}  path: {info['path']}  "
           f"load: {info['loadavg_start']}", flush=True)
     stream = {t: round(_stream_gbps(t, stream_bytes), 2) for t in threads_list}
