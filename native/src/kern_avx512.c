@@ -179,18 +179,24 @@ static const uint8_t iota[64] = {
 /* The de tables of a 16-entry codebook (ke == 16, virt included) in registers, straight from its 16 * de bytes (4
  * when virt): an 8-row tile builds them per block instead of loading them from the table cache, which at R = 4 or 8
  * would be filled for a single tile. Entry e of dimension t is component t of centroid e % 16. */
+static inline __attribute__((always_inline)) void virt_tabs(const int8_t *cbk, uint8_t flip, __m512i T[2])
+{ /* a nibble is two 2-bit codes, the low one first */
+    const __m512i io = ld512(iota), fl = _mm512_set1_epi8((char)flip), m3 = _mm512_set1_epi8(3);
+    int32_t v4;
+    memcpy(&v4, cbk, 4);
+    const __m512i v = _mm512_set1_epi32(v4);
+    T[0] = _mm512_xor_si512(_mm512_permutexvar_epi8(_mm512_and_si512(io, m3), v), fl);
+    T[1] = _mm512_xor_si512(_mm512_permutexvar_epi8(_mm512_and_si512(_mm512_srli_epi16(io, 2), m3), v), fl);
+}
+
 static inline __attribute__((always_inline)) void tab16_regs(const vqm_vcfg *c, const int8_t *cbk, uint8_t flip,
                                                             __m512i T[4])
 {
-    const __m512i io = ld512(iota), fl = _mm512_set1_epi8((char)flip), m3 = _mm512_set1_epi8(3);
-    if (c->virt) { /* a nibble is two 2-bit codes, the low one first */
-        int32_t v4;
-        memcpy(&v4, cbk, 4);
-        const __m512i v = _mm512_set1_epi32(v4);
-        T[0] = _mm512_xor_si512(_mm512_permutexvar_epi8(_mm512_and_si512(io, m3), v), fl);
-        T[1] = _mm512_xor_si512(_mm512_permutexvar_epi8(_mm512_and_si512(_mm512_srli_epi16(io, 2), m3), v), fl);
+    if (c->virt) {
+        virt_tabs(cbk, flip, T);
         return;
     }
+    const __m512i io = ld512(iota), fl = _mm512_set1_epi8((char)flip);
     const int d = c->de, sh = d == 1 ? 0 : d == 2 ? 1 : 2;
     const __m512i v = d == 4 ? ld512(cbk) : load_partial((const uint8_t *)cbk, 16 * d); /* no byte past it */
     for (int t = 0; t < d; t++) {
@@ -205,6 +211,13 @@ static inline __attribute__((always_inline)) void tab16_regs(const vqm_vcfg *c, 
  * flip = 0x80 stores c + 128 (int8 activations: vpdpbusd's unsigned operand), 0 stores c as a signed byte. */
 static void prep_tab(const vqm_vcfg *c, const int8_t *cbk, uint8_t flip, uint8_t *tab)
 {
+    if (c->virt) { /* stored straight from the helper: through tab16_regs this fill ran 20 % slower at R = 1 */
+        __m512i T[2];
+        virt_tabs(cbk, flip, T);
+        _mm512_storeu_si512(tab, T[0]);
+        _mm512_storeu_si512(tab + 64, T[1]);
+        return;
+    }
     if (c->ke == 16) {
         __m512i T[4];
         tab16_regs(c, cbk, flip, T);
@@ -422,12 +435,13 @@ tile_chunks(const uint8_t *const rows[4], int64_t off0, int64_t h0, int64_t h1, 
  * of the mobile formats (R % 4 == 0) with half the per-row bookkeeping of vq_tile4 (per block: activation loads,
  * prefetch, the finish) and no partial-chunk path (a block's last chunk reads whole: its codes past the block meet
  * zero activations, the block being zero-padded to whole chunks). 16-entry codebooks become table registers right
- * here (tab16_regs); larger ones come from the table cache (tabs_lo, tabs_hi: the halves' row blocks). The sums and
- * the float finish are vq_tile4's: results are ref.c's. */
+ * here (tab16_regs); larger ones come from the table cache (tabs_lo, tabs_hi: the halves' row blocks). SPLIT: the
+ * halves lie in different row blocks (else one set of table registers serves all eight rows, and the loop holds no
+ * second set). The sums and the float finish are vq_tile4's: results are ref.c's. */
 static inline __attribute__((always_inline)) void
 vq_tile8(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r, const float *bias, float *y, const vqm_vcfg *cfg,
          const uint8_t *tabs_lo, const uint8_t *tabs_hi, size_t tsz, int64_t rowbytes, int64_t pf_bytes, const int BE,
-         const int DE, const int KE)
+         const int DE, const int KE, const int SPLIT)
 {
     const int64_t k = w->k, C = w->cols_per_block, ncb = vqm_cdiv(k, C);
     const uint8_t *row0 = w->indices + r * rowbytes;
@@ -438,7 +452,8 @@ vq_tile8(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r, const float *bi
         const int64_t c0 = cb * C, c1 = c0 + C < k ? c0 + C : k;
         const int64_t code0 = c0 / DE, nch = vqm_cdiv(vqm_cdiv(c1, DE) - code0, 64);
         const uint8_t *base = row0 + ((code0 * BE) >> 3);
-        const uint8_t *tab_lo = KE == 16 ? NULL : tabs_lo + cb * tsz, *tab_hi = KE == 16 ? NULL : tabs_hi + cb * tsz;
+        const uint8_t *tab_lo = KE == 16 ? NULL : tabs_lo + cb * tsz;
+        const uint8_t *tab_hi = KE == 16 ? NULL : SPLIT ? tabs_hi + cb * tsz : tab_lo;
         const int8_t *xq = xp->xq + cb * xp->blk_pad;
         { /* stream in the tile after next, a block's share of it at a time: its 8 rows are contiguous */
             const uint8_t *pf = row0 + 16 * rowbytes + cb * pf_bytes;
@@ -453,20 +468,16 @@ vq_tile8(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r, const float *bi
         __m512i Tl[4], Th[4], a[8];
         if (KE == 16) {
             tab16_regs(cfg, w->codebook + (rb_lo * ncb + cb) * cbk_bytes, 0x80, Tl);
-            if (rb_hi == rb_lo)
-                for (int t = 0; t < DE; t++) Th[t] = Tl[t];
-            else
-                tab16_regs(cfg, w->codebook + (rb_hi * ncb + cb) * cbk_bytes, 0x80, Th);
+            if (SPLIT) tab16_regs(cfg, w->codebook + (rb_hi * ncb + cb) * cbk_bytes, 0x80, Th);
         } else if (KE == 64) {
-            for (int t = 0; t < DE; t++) {
-                Tl[t] = ld512(tab_lo + 64 * t);
-                Th[t] = ld512(tab_hi + 64 * t);
-            }
+            for (int t = 0; t < DE; t++) Tl[t] = ld512(tab_lo + 64 * t);
+            if (SPLIT)
+                for (int t = 0; t < DE; t++) Th[t] = ld512(tab_hi + 64 * t);
         }
 #pragma GCC unroll 8
         for (int i = 0; i < 8; i++) a[i] = _mm512_setzero_si512();
         for (int64_t h = 0; h < nch; h++) {
-            VQM_MCA_BEGIN("avx512.vq_tile8.loop", BE, DE, KE, 0);
+            VQM_MCA_BEGIN("avx512.vq_tile8.loop", BE, DE, KE, SPLIT);
             __m512i X[4];
             for (int t = 0; t < DE; t++) X[t] = ld512(xq + h * 64 * DE + 64 * t);
             const uint8_t *p = base + h * 8 * BE;
@@ -474,12 +485,12 @@ vq_tile8(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r, const float *bi
             for (int i = 0; i < 8; i++) {
                 const __m512i c = unpack64_wide(p + i * rowbytes, BE);
                 for (int t = 0; t < DE; t++)
-                    a[i] = _mm512_dpbusd_epi32(a[i], KE != 256 ? _mm512_permutexvar_epi8(c, i < 4 ? Tl[t] : Th[t])
+                    a[i] = _mm512_dpbusd_epi32(a[i], KE != 256 ? _mm512_permutexvar_epi8(c, SPLIT && i >= 4 ? Th[t] : Tl[t])
                                                                : lookup(c, i < 4 ? tab_lo : tab_hi, t, KE), X[t]);
             }
-            VQM_MCA_END("avx512.vq_tile8.loop", BE, DE, KE, 0);
+            VQM_MCA_END("avx512.vq_tile8.loop", BE, DE, KE, SPLIT);
         }
-        VQM_MCA_BEGIN("avx512.vq_tile8.finish", BE, DE, KE, 0);
+        VQM_MCA_BEGIN("avx512.vq_tile8.finish", BE, DE, KE, SPLIT);
         __m512i u = transpose4_sum(a[0], a[1], a[2], a[3]), v = transpose4_sum(a[4], a[5], a[6], a[7]);
         /* lanes j of u and v: [rows 0-3] and [rows 4-7] of 128-bit lane j; fold the four lanes of each */
         __m512i uv = _mm512_add_epi32(_mm512_shuffle_i64x2(u, v, 0x44), _mm512_shuffle_i64x2(u, v, 0xee));
@@ -490,7 +501,7 @@ vq_tile8(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r, const float *bi
         f = _mm256_mul_ps(f, _mm256_set_m128(_mm_set1_ps(half_to_float(w->scale[rb_hi * ncb + cb])),
                                              _mm_set1_ps(half_to_float(w->scale[rb_lo * ncb + cb]))));
         acc = _mm256_add_ps(acc, f);
-        VQM_MCA_END("avx512.vq_tile8.finish", BE, DE, KE, 0);
+        VQM_MCA_END("avx512.vq_tile8.finish", BE, DE, KE, SPLIT);
     }
     if (bias) acc = _mm256_add_ps(acc, _mm256_loadu_ps(bias + r));
     _mm256_storeu_ps(y + r, acc);
@@ -517,8 +528,10 @@ vq_tile4(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, co
         if (tile8 && r + 8 <= r1 && r / R == (r + 3) / R && (r + 4) / R == (r + 7) / R &&
             (w->n - r - 8) * rowbytes >= 64) {
             const uint8_t *lo = KE == 16 ? NULL : tab_cache_get(&tc, w, cfg, r / R, ncb, tsz, 0x80);
-            const uint8_t *hi = KE == 16 ? NULL : tab_cache_get(&tc, w, cfg, (r + 4) / R, ncb, tsz, 0x80);
-            vq_tile8(w, xp, r, bias, y, cfg, lo, hi, tsz, rowbytes, pf8, BE, DE, KE);
+            const uint8_t *hi = KE == 16 || r / R == (r + 7) / R ? lo : tab_cache_get(&tc, w, cfg, (r + 4) / R, ncb,
+                                                                                       tsz, 0x80);
+            if (r / R == (r + 7) / R) vq_tile8(w, xp, r, bias, y, cfg, lo, lo, tsz, rowbytes, pf8, BE, DE, KE, 0);
+            else vq_tile8(w, xp, r, bias, y, cfg, lo, hi, tsz, rowbytes, pf8, BE, DE, KE, 1);
             r += 4;
             continue;
         }

@@ -156,7 +156,8 @@ def kernel(path: str, row: Row) -> Kernel:
         if row.vq:  # vq_tile8 where each half of eight rows lies in one codebook row block, else vq_tile4 (SAME)
             be, de, ke = _vq_cfg(row)
             n = row.C // de // 64
-            nr, fn, tag, ids = ((8, "vq_tile8", "avx512.vq_tile8", (0, 0)) if row.R % 4 == 0
+            split = int(row.R % 8 != 0)  # the tile's halves in two row blocks: two sets of table registers
+            nr, fn, tag, ids = ((8, "vq_tile8", "avx512.vq_tile8", (split, split)) if row.R % 4 == 0
                                 else (4, "vq_tile4", "avx512.vq_tile", (3, 1)))
             tables = "16-entry tables built per block" if nr == 8 and ke == 16 else "tables (rebuilt every R rows)"
             return Kernel(path, fn, (Unit((Part(f"{tag}.loop", (be, de, ke, ids[0]), n, loop=True),
