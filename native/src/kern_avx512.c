@@ -176,11 +176,9 @@ static const uint8_t iota[64] = {
     30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57,
     58, 59, 60, 61, 62, 63 };
 
-/* The de tables of a 16-entry codebook (ke == 16, virt included) in registers, straight from its 16 * de bytes (4
- * when virt): an 8-row tile builds them per block instead of loading them from the table cache, which at R = 4 or 8
- * would be filled for a single tile. Entry e of dimension t is component t of centroid e % 16. */
+/* The two tables of a 1-D k = 4 codebook read as 2-D k = 16 (virt: a nibble is two 2-bit codes, the low one first) */
 static inline __attribute__((always_inline)) void virt_tabs(const int8_t *cbk, uint8_t flip, __m512i T[2])
-{ /* a nibble is two 2-bit codes, the low one first */
+{
     const __m512i io = ld512(iota), fl = _mm512_set1_epi8((char)flip), m3 = _mm512_set1_epi8(3);
     int32_t v4;
     memcpy(&v4, cbk, 4);
@@ -189,6 +187,9 @@ static inline __attribute__((always_inline)) void virt_tabs(const int8_t *cbk, u
     T[1] = _mm512_xor_si512(_mm512_permutexvar_epi8(_mm512_and_si512(_mm512_srli_epi16(io, 2), m3), v), fl);
 }
 
+/* The de tables of a 16-entry codebook (ke == 16, virt included) in registers, straight from its 16 * de bytes (4
+ * when virt): an 8-row tile builds them per block instead of loading them from the table cache, which at R = 4 or 8
+ * would be filled for a single tile. Entry e of dimension t is component t of centroid e % 16. */
 static inline __attribute__((always_inline)) void tab16_regs(const vqm_vcfg *c, const int8_t *cbk, uint8_t flip,
                                                             __m512i T[4])
 {
@@ -485,8 +486,10 @@ vq_tile8(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r, const float *bi
             for (int i = 0; i < 8; i++) {
                 const __m512i c = unpack64_wide(p + i * rowbytes, BE);
                 for (int t = 0; t < DE; t++)
-                    a[i] = _mm512_dpbusd_epi32(a[i], KE != 256 ? _mm512_permutexvar_epi8(c, SPLIT && i >= 4 ? Th[t] : Tl[t])
-                                                               : lookup(c, i < 4 ? tab_lo : tab_hi, t, KE), X[t]);
+                    a[i] = _mm512_dpbusd_epi32(a[i],
+                                               KE != 256 ? _mm512_permutexvar_epi8(c, SPLIT && i >= 4 ? Th[t] : Tl[t])
+                                                         : lookup(c, i < 4 ? tab_lo : tab_hi, t, KE),
+                                               X[t]);
             }
             VQM_MCA_END("avx512.vq_tile8.loop", BE, DE, KE, SPLIT);
         }
