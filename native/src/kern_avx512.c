@@ -531,10 +531,12 @@ vq_tile4(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, co
         if (tile8 && r + 8 <= r1 && r / R == (r + 3) / R && (r + 4) / R == (r + 7) / R &&
             (w->n - r - 8) * rowbytes >= 64) {
             const uint8_t *lo = KE == 16 ? NULL : tab_cache_get(&tc, w, cfg, r / R, ncb, tsz, 0x80);
-            const uint8_t *hi = KE == 16 || r / R == (r + 7) / R ? lo : tab_cache_get(&tc, w, cfg, (r + 4) / R, ncb,
-                                                                                       tsz, 0x80);
-            if (r / R == (r + 7) / R) vq_tile8(w, xp, r, bias, y, cfg, lo, lo, tsz, rowbytes, pf8, BE, DE, KE, 0);
-            else vq_tile8(w, xp, r, bias, y, cfg, lo, hi, tsz, rowbytes, pf8, BE, DE, KE, 1);
+            if (r / R == (r + 7) / R) {
+                vq_tile8(w, xp, r, bias, y, cfg, lo, lo, tsz, rowbytes, pf8, BE, DE, KE, 0);
+            } else {
+                const uint8_t *hi = KE == 16 ? NULL : tab_cache_get(&tc, w, cfg, (r + 4) / R, ncb, tsz, 0x80);
+                vq_tile8(w, xp, r, bias, y, cfg, lo, hi, tsz, rowbytes, pf8, BE, DE, KE, 1);
+            }
             r += 4;
             continue;
         }

@@ -111,12 +111,13 @@ class IncoherentWeight(QuantizedWeight):
         """The output gains and the inner weight's parameters, decoded through the fixed transforms: tuning sees the
         weight the layer computes with, while the inner parameters stay in the rotated basis they are stored in."""
         inner = self.inner.trainable()
+        fixed = self.inner.dequantize() if inner is None else None  # nothing inside to tune: decoded once
         gain = self.gain()
         params = {GAIN: torch.ones(self.shape[0]) if gain is None else gain}
         params.update({} if inner is None else inner.params)
 
         def decode(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            w = self.inner.dequantize() if inner is None else inner.decode({k: v for k, v in p.items() if k != GAIN})
+            w = fixed if inner is None else inner.decode({k: v for k, v in p.items() if k != GAIN})
             return self._unrotate(w, p[GAIN])  # a gain of exactly 1 changes no bit
 
         return Trainable(params, decode)
