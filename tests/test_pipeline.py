@@ -51,6 +51,30 @@ def test_gptq_beats_rtn_at_3_bits(quantized, stories_test_ids, fp_ppl):
     assert ppl["gptq"] < 1.5 * fp_ppl  # sane: 3-bit GPTQ stays near the float model
 
 
+def test_decode_cache_decodes_each_weight_once_and_changes_nothing(quantized, stories_test_ids):
+    """perplexity() runs under ops.decode_cache: a window decodes every weight, the next ones reuse it, bit for bit;
+    a stored tensor changed in place is decoded again, and a zero budget caches nothing."""
+    from vqmobile.ops import decode_cache
+
+    model, _ = quantized["gptq"]
+    window = stories_test_ids[:512].unsqueeze(0)
+    nweights = len({id(m.qweight) for m in model.modules() if isinstance(m, QuantLinear)})
+    with torch.no_grad():
+        plain = model(input_ids=window, use_cache=False).logits
+        with decode_cache() as stats:
+            first = model(input_ids=window, use_cache=False).logits
+            second = model(input_ids=window, use_cache=False).logits
+            assert (stats.misses, stats.hits) == (nweights, nweights)
+            model.model.layers[0].mlp.down_proj.qweight.scales.mul_(1)  # same values, a new version: decoded again
+            model(input_ids=window, use_cache=False)
+            assert (stats.misses, stats.hits) == (nweights + 1, 2 * nweights - 1)
+        with decode_cache(budget_bytes=0) as none:
+            model(input_ids=window, use_cache=False)
+            model(input_ids=window, use_cache=False)
+    assert torch.equal(plain, first) and torch.equal(plain, second)
+    assert none.hits == 0 and none.bytes == 0 and stats.bytes > 0
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_checkpoint_round_trip_and_bpw(quantized, stories, tmp_path, method):
     model, cfg = quantized[method]

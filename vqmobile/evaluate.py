@@ -1,5 +1,6 @@
 """Perplexity on a token stream: non-overlapping windows of the context length, the last partial window dropped,
-exp of the mean next-token negative log-likelihood. Results always carry the context length and window count."""
+exp of the mean next-token negative log-likelihood. Results always carry the context length and window count.
+Quantized weights decode once per run (ops.decode_cache), not once per window."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from .ops import decode_cache
 
 
 @dataclass
@@ -38,9 +41,10 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, ctx: int, windows: int
     n = total if windows is None else max(1, min(windows, total))
     nll_sum, count = 0.0, 0
     start = time.perf_counter()
-    for w in tqdm(range(n), desc=f"perplexity ctx={ctx}", unit="window", disable=not progress, leave=False):
-        window = ids[w * ctx:(w + 1) * ctx].unsqueeze(0)
-        logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
-        nll_sum += F.cross_entropy(logits, window[0, 1:], reduction="sum").item()
-        count += ctx - 1
+    with decode_cache():
+        for w in tqdm(range(n), desc=f"perplexity ctx={ctx}", unit="window", disable=not progress, leave=False):
+            window = ids[w * ctx:(w + 1) * ctx].unsqueeze(0)
+            logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
+            nll_sum += F.cross_entropy(logits, window[0, 1:], reduction="sum").item()
+            count += ctx - 1
     return Perplexity(math.exp(nll_sum / count), ctx, n, total, count, time.perf_counter() - start)

@@ -161,6 +161,18 @@ VQM_CLONES static void attn_task(void *vctx, int i)
     const int64_t p = a->pos + t;
     const int64_t lo = a->window > 0 && p - a->window + 1 > 0 ? p - a->window + 1 : 0;
     const int64_t nv = (p - lo + 1 + VL - 1) / VL * VL; /* scores padded to whole vectors */
+    /* The caches are cold (a token streams megabytes of weights between two visits of a layer) and a key row of
+     * the transposed cache is D lines S floats apart, too many streams for the hardware prefetchers: asking for
+     * every line this task reads before touching any of them lets the misses overlap. */
+    {
+        const int D = a->d, S = a->s;
+        const char *kt = (const char *)(a->kt + (int64_t)h * D * S + lo);
+        const char *v = (const char *)(a->v + ((int64_t)h * S + lo) * D);
+        const int64_t kbytes = (p - lo + 1) * (int64_t)sizeof(float);
+        for (int c = 0; c < D; c++)
+            for (int64_t o = 0; o < kbytes; o += 64) __builtin_prefetch(kt + (int64_t)c * S * sizeof(float) + o);
+        for (int64_t o = 0; o < kbytes * D; o += 64) __builtin_prefetch(v + o);
+    }
     const size_t need = (size_t)NH_MAX * (size_t)nv;
     if (need > t_scores_cap) {
         free(t_scores);

@@ -30,10 +30,10 @@ import torch.nn.functional as F
 
 # each module defines its operator and registers its binding
 from . import attention, cvq, dense, e8p, hadamard, incoherent, intlinear, vq  # noqa: F401
-from .library import BINDINGS, KERNEL_MAX_ROWS, native_available, quantize_activations
+from .library import BINDINGS, KERNEL_MAX_ROWS, decode_cache, native_available, quantize_activations
 
-__all__ = ["KERNEL_MAX_ROWS", "decomposed", "decomposing", "decomposition_table", "dense_weight", "native_available",
-           "op_forward", "op_support", "quantize_activations"]
+__all__ = ["KERNEL_MAX_ROWS", "decode_cache", "decomposed", "decomposing", "decomposition_table", "dense_weight",
+           "native_available", "op_forward", "op_support", "quantize_activations"]
 
 _state = threading.local()
 

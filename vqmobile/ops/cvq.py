@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .library import (NAMESPACE, Binding, bias32, check_x, kernel_rows_ok, lib, native, quantize_activations,
-                      register_binding, unpack_bits, write_out)
+from .library import (NAMESPACE, Binding, bias32, cached_decode, check_x, kernel_rows_ok, lib, native,
+                      quantize_activations, register_binding, unpack_bits, write_out)
 
 ACT_BLOCK = 256  # native/include/vqmobile.h VQM_CVQ_ACT_BLOCK
 _TENSORS = ("Tensor x, Tensor indices, Tensor codebook, Tensor codebook_scale, Tensor col_scale, Tensor perm, "
@@ -47,6 +47,7 @@ def _stage(indices, codebook, scale, n, k, v, groups):
     return vals.permute(0, 2, 1).reshape(-1, k)[:n]
 
 
+@cached_decode
 def cvq_stored_weight(indices, codebook, codebook_scale, res_indices, res_codebook, res_scale, n: int, k: int, v: int,
                       outlier_cols: int, cols_per_group: int) -> torch.Tensor:
     """The float32 weight [n, k] in stored column order, without the column scales (standard ops; traceable):

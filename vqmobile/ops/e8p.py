@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from ..formats.e8p import stage_integers
-from .library import (NAMESPACE, Binding, bias32, check_x, kernel_rows_ok, lib, native, quantize_activations,
-                      register_binding, write_out)
+from .library import (NAMESPACE, Binding, bias32, cached_decode, check_x, kernel_rows_ok, lib, native,
+                      quantize_activations, register_binding, write_out)
 
 ACT_BLOCK = 256  # int8 activation block: 32 codes, the kernels' chunk
 _ARGS = "int n, int k, bool act_int8=False"
@@ -25,6 +25,7 @@ lib.define(f"e8p_linear.out(Tensor x, Tensor codes, Tensor scales, Tensor? bias,
            "-> Tensor(a!)")
 
 
+@cached_decode
 def e8p_dequantize(codes: torch.Tensor, scales: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """The float32 weight [n, k] (standard ops; traceable)."""
     w = None

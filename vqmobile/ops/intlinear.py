@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .library import (NAMESPACE, Binding, bias32, check_x, kernel_rows_ok, lib, native, quantize_activations,
-                      register_binding, unpack_bits, write_out)
+from .library import (NAMESPACE, Binding, bias32, cached_decode, check_x, kernel_rows_ok, lib, native,
+                      quantize_activations, register_binding, unpack_bits, write_out)
 
 _ARGS = "int n, int k, int bits, int group, bool act_int8=False"
 
@@ -22,6 +22,7 @@ lib.define(f"int_linear.out(Tensor x, Tensor codes, Tensor scales, Tensor? zeros
            "Tensor(a!) out) -> Tensor(a!)")
 
 
+@cached_decode
 def int_dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, n: int, k: int, bits: int,
                    group: int) -> torch.Tensor:
     """The float32 weight [n, k] of a group-wise integer weight (standard ops; traceable)."""

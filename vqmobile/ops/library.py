@@ -1,11 +1,14 @@
 """The vqmobile torch.library namespace and what every operator module shares: the kernels' row limit, activation
-rounding (the int8 activation semantics, bit for bit the kernels'), bit unpacking with standard ops, and the registry
-that maps a stored format's kind to the operator that runs it."""
+rounding (the int8 activation semantics, bit for bit the kernels'), bit unpacking with standard ops, the decode cache
+of the GEMM path, and the registry that maps a stored format's kind to the operator that runs it."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +47,62 @@ def register_binding(kind: str, binding: Binding) -> None:
 
 def native_available() -> bool:
     return native is not None
+
+
+@dataclass
+class DecodeCacheStats:
+    hits: int = 0
+    misses: int = 0
+    bytes: int = 0
+
+
+_cache = threading.local()
+
+
+@contextlib.contextmanager
+def decode_cache(budget_bytes: int = 1 << 30) -> Iterator[DecodeCacheStats]:
+    """Within this block the GEMM path's weight decodes (functions marked @cached_decode) keep their float32 results,
+    up to `budget_bytes` of them: a perplexity run feeds every weight hundreds of windows, and decoding it again for
+    each one took a fifth of the time. The results are the same tensors bit for bit; the stored tensors must not
+    change inside the block (evaluation only)."""
+    prev = getattr(_cache, "state", None)
+    stats = DecodeCacheStats()
+    _cache.state = ({}, budget_bytes, stats)
+    try:
+        yield stats
+    finally:
+        _cache.state = prev
+
+
+def _key(a):
+    if isinstance(a, torch.Tensor):  # a view of the stored tensor (a row range) is as good a key as the tensor
+        return ("tensor", a.data_ptr(), tuple(a.shape), a.stride(), a.dtype, a._version)
+    return a
+
+
+def cached_decode(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """A stored-weight decode that decode_cache() may answer from its cache (positional arguments only)."""
+
+    @functools.wraps(fn)
+    def decode(*args):
+        state = getattr(_cache, "state", None)
+        if state is None:
+            return fn(*args)
+        entries, budget, stats = state
+        key = (fn.__qualname__, *map(_key, args))
+        hit = entries.get(key)
+        if hit is not None:
+            stats.hits += 1
+            return hit[0]
+        stats.misses += 1
+        w = fn(*args)
+        size = w.numel() * w.element_size()
+        if stats.bytes + size <= budget:
+            stats.bytes += size
+            entries[key] = (w, args)  # holding the arguments keeps their addresses from being reused by other tensors
+        return w
+
+    return decode
 
 
 def kernel_rows_ok(x: torch.Tensor, k: int) -> bool:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .library import (NAMESPACE, Binding, bias32, check_x, kernel_rows_ok, lib, native, quantize_activations,
-                      register_binding, unpack_bits, write_out)
+from .library import (NAMESPACE, Binding, bias32, cached_decode, check_x, kernel_rows_ok, lib, native,
+                      quantize_activations, register_binding, unpack_bits, write_out)
 
 MAX_VQ_DIM = 8  # the native kernels handle d <= 8
 _ARGS = "int n, int k, int d, int rows_per_block, int cols_per_block, bool act_int8=False"
@@ -25,6 +25,7 @@ lib.define(f"vq_linear.out(Tensor x, Tensor indices, Tensor codebook, Tensor cod
            f"{_ARGS}, *, Tensor(a!) out) -> Tensor(a!)")
 
 
+@cached_decode
 def vq_dequantize(indices: torch.Tensor, codebook: torch.Tensor, codebook_scale: torch.Tensor, n: int, k: int, d: int,
                   rows_per_block: int, cols_per_block: int) -> torch.Tensor:
     """The float32 weight [n, k] of a plain int8-codebook VQ weight (standard ops; traceable)."""
