@@ -5,8 +5,8 @@ Contenders:
 - torchao 8da4w g32: the bundle's checkpoint with every quantized linear turned back into a float nn.Linear holding
   its dequantized weight (the same model), its decoder linears (and a quantized head) quantized with torchao
   Int8DynamicActivationIntxWeightConfig(int4, PerGroup(32)) (what ExecuTorch's Llama export calls 8da4w, group 32)
-  and the same static-KV-cache decoder lowered with the XNNPACK partitioners: KV cache and attention are identical in
-  both programs. It is cached in ~/.cache/vqmobile/baselines/, keyed by the checkpoint's and the decoder's sha256;
+  and the same static-KV-cache decoder lowered with the XNNPACK partitioners: KV cache (the bundle's dtype) and
+  attention are identical in both programs. It is cached in ~/.cache/vqmobile/baselines/, keyed by the checkpoint's and the decoder's sha256;
 - llama.cpp Q4_0 and Q4_K_M (export/llamacpp.py): the checkpoint's float source model written as an F32 GGUF and
   quantized by llama.cpp's own quantizer, run through llama-cpp-python's low-level API. Skipped, with the reason,
   when the optional extra `peers` (llama-cpp-python) is not installed.
@@ -87,7 +87,8 @@ def dense_copy(model: nn.Module) -> nn.Module:
     return model
 
 
-def export_torchao_baseline(checkpoint: str | Path, out: str | Path, max_seq: int, group: int = GROUP) -> dict:
+def export_torchao_baseline(checkpoint: str | Path, out: str | Path, max_seq: int, group: int = GROUP,
+                            kv_dtype: torch.dtype = torch.float32) -> dict:
     """Write the 8da4w (torchao int8 dynamic activations, int4 weights, group `group`) XNNPACK .pte of a vqmobile
     checkpoint (its dequantized weights) or of a float model spec, atomically."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
@@ -113,15 +114,15 @@ def export_torchao_baseline(checkpoint: str | Path, out: str | Path, max_seq: in
     quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group)),
               filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and m.in_features % group == 0
               and (fqn.startswith("model.layers.") or (head_quantized and fqn == "lm_head")))
-    wrapper = StaticDecoder(model, max_seq, cache=True, tied_head_op=False)
+    wrapper = StaticDecoder(model, max_seq, cache=True, tied_head_op=False, kv_dtype=kv_dtype)
     ep = export_program(model, max_seq, wrapper=wrapper)
     prog = lower_to_executorch(ep, [XnnpackDynamicallyQuantizedPartitioner(), XnnpackPartitioner()])
     atomic.write_file(out, lambda tmp: tmp.write_bytes(prog.buffer))
     return {"bytes": len(prog.buffer), **program_summary(prog)}
 
 
-def export_without_transforms(checkpoint: str | Path, out: str | Path, max_seq: int, activations: str = "float"
-                              ) -> dict:
+def export_without_transforms(checkpoint: str | Path, out: str | Path, max_seq: int, activations: str = "float",
+                              kv_dtype: torch.dtype = torch.float32) -> dict:
     """Write the .pte of a checkpoint whose incoherent layers run their inner weight alone: the same program minus
     the online Hadamard transforms (wrong outputs, the same work otherwise), to time what the transforms cost."""
     from vqmobile.checkpoint import load
@@ -138,7 +139,7 @@ def export_without_transforms(checkpoint: str | Path, out: str | Path, max_seq: 
     if not stripped:
         raise UserError(f"{checkpoint} has no incoherent layers: there are no transforms to leave out")
     set_activations(model, activations)
-    prog = lower_to_executorch(export_program(model, max_seq))
+    prog = lower_to_executorch(export_program(model, max_seq, kv_dtype=kv_dtype))
     atomic.write_file(out, lambda tmp: tmp.write_bytes(prog.buffer))
     return {"bytes": len(prog.buffer), "layers_without_transforms": stripped, **program_summary(prog)}
 
@@ -376,15 +377,18 @@ def bench_decode(bundle: str, *, baseline_pte: str | None = None, prompt_tokens:
         raise UserError(f"{prompt_tokens} prompt + {new_tokens} new tokens exceed the bundle's max_seq {b.max_seq}: "
                         "lower --prompt-tokens or --new-tokens")
     say = progress or (lambda msg: None)
-    base_path = Path(baseline_pte) if baseline_pte else baseline_cache_path(b.path, b.max_seq)
+    kv = "" if b.kv_cache == "float32" else f"-kv{b.kv_cache}"
+    kv_dtype = getattr(torch, b.kv_cache)
+    base_path = Path(baseline_pte) if baseline_pte else baseline_cache_path(b.path, b.max_seq, f"8da4w-g{GROUP}{kv}")
     base_info = None
     if not base_path.is_file():
-        say(f"exporting the torchao 8da4w g{GROUP} XNNPACK baseline to {base_path} ...")
-        base_info = export_torchao_baseline(b.path / CHECKPOINT_DIR, base_path, b.max_seq)
-    bare_path = baseline_cache_path(b.path, b.max_seq, f"no-transforms-{b.activations}") if without_transforms else None
+        say(f"exporting the torchao 8da4w g{GROUP} XNNPACK baseline ({b.kv_cache} KV cache) to {base_path} ...")
+        base_info = export_torchao_baseline(b.path / CHECKPOINT_DIR, base_path, b.max_seq, kv_dtype=kv_dtype)
+    bare_path = (baseline_cache_path(b.path, b.max_seq, f"no-transforms-{b.activations}{kv}")
+                 if without_transforms else None)
     if bare_path is not None and not bare_path.is_file():
         say(f"exporting the program without its online transforms to {bare_path} ...")
-        export_without_transforms(b.path / CHECKPOINT_DIR, bare_path, b.max_seq, b.activations)
+        export_without_transforms(b.path / CHECKPOINT_DIR, bare_path, b.max_seq, b.activations, kv_dtype)
     tok = b.tokenizer()
     ids = prompt_ids(tok, prompt_tokens)
     manifest = json.loads((b.path / CHECKPOINT_DIR / MANIFEST).read_text())
@@ -437,7 +441,7 @@ def bench_decode(bundle: str, *, baseline_pte: str | None = None, prompt_tokens:
                                "llama_cpp": peer_info.get("versions", {}).get("system_info")}}
     return {
         "bundle": str(b.path), "engine": engine, "threads": threads, "repeats": repeats,
-        "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "prompt_ids": ids,
+        "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "prompt_ids": ids, "kv_cache": b.kv_cache,
         "baseline_pte": str(base_path), "baseline_export": base_info, "llama_cpp": peer_info,
         "rows": rows, "machine": machine, "versions": _versions(), "seconds": time.time() - started,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -462,7 +466,8 @@ def format_table(r: dict) -> str:
                      f"{num(row['vs_torchao_best'], '15.3f')}x "
                      f"{num(row['vs_llamacpp_q4_0_best'], '6.3f')}{'x' if row['vs_llamacpp_q4_0_best'] is not None else ' '}")
     m = r["machine"]
-    lines.append(f"{r['prompt_tokens']}-token prompt, {r['new_tokens']} new tokens, median of {r['repeats']} "
+    lines.append(f"{r['prompt_tokens']}-token prompt, {r['new_tokens']} new tokens, {r.get('kv_cache', 'float32')} "
+                 f"KV cache in both .pte, median of {r['repeats']} "
                  f"(one fresh process each, alternating), engine {r['engine']}; 'best:' the ratios of each "
                  f"contender's fastest process")
     lines.append(f"CPU {m['cpu']} ({', '.join(m['flags']) or 'no listed flags'}), load average "

@@ -25,6 +25,9 @@ from typing import Any, Callable
 
 from vqmobile import atomic
 from vqmobile.errors import FormatError, UserError, VQMobileWarning, first_line
+
+# what the .pte's KV cache holds: float16 halves the bytes attention reads per token at long contexts
+KV_CACHES = ("float32", "float16")
 from vqmobile.hashing import sha256_file
 
 from .runtime.build import TARGETS, _compilers
@@ -67,6 +70,11 @@ class Bundle:
     @property
     def max_seq(self) -> int:
         return int(self.manifest["max_seq"])
+
+    @property
+    def kv_cache(self) -> str:
+        """dtype of the .pte's KV cache ('float32' for bundles written before the option)."""
+        return str(self.manifest.get("kv_cache", "float32"))
 
     @property
     def activations(self) -> str:
@@ -136,6 +144,8 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
     activations = manifest.get("activations", {})
     if not isinstance(activations, dict) or activations.get("executorch", "float") not in ("float", "int8"):
         raise _damaged(p, f"{MANIFEST} has no valid 'activations' entry")
+    if manifest.get("kv_cache", "float32") not in KV_CACHES:
+        raise _damaged(p, f"{MANIFEST} has no valid 'kv_cache' entry ({' or '.join(KV_CACHES)})")
     for fmt, name in (("executorch", PTE), ("onnx", ONNX)):
         if fmt in formats and name not in files:
             raise _damaged(p, f"{MANIFEST} lists the {fmt} format but not its file {name}")
@@ -157,9 +167,12 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
 
 
 def check_export(formats: list[str], target: str, *, decompose: bool, max_seq: int | None, out: str | Path,
-                 overwrite: bool) -> tuple[list[str], str, Path]:
+                 overwrite: bool, kv_cache: str = "float32") -> tuple[list[str], str, Path]:
     """The export's own arguments, checked before any heavy import or work: formats, target, the cross compiler
-    the kernel library needs, --max-seq and the output location. Returns (formats, target, absolute out)."""
+    the kernel library needs, --max-seq, --kv-cache and the output location. Returns (formats, target, absolute
+    out)."""
+    if kv_cache not in KV_CACHES:
+        raise UserError(f"--kv-cache {kv_cache} is not supported: use {' or '.join(KV_CACHES)}")
     formats = list(dict.fromkeys(f.strip().lower() for f in formats if f.strip()))
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
@@ -201,14 +214,18 @@ def _resolve_checkpoint(model_spec: str, tmp: Path, calibration, progress) -> tu
 
 def export_bundle(model_spec: str, out: str, *, target: str, formats: list[str], overwrite: bool = False,
                   decompose: bool = False, max_seq: int | None = None, calibration=None,
-                  activations: str = "float", progress: Callable[[str], None] | None = print) -> dict:
+                  activations: str = "float", kv_cache: str = "float32",
+                  progress: Callable[[str], None] | None = print) -> dict:
     """Export `model_spec` (a vqmobile checkpoint, or a HF directory / GGUF file / 'smollm2' that is first quantized
     with the mobile recipe) to a bundle at `out`. Returns the manifest plus 'out' and 'warnings'.
 
     decompose=True exports the quantized layers as standard ops (portable .pte, no kernel library needed).
     activations: the .pte's activation semantics, 'float' (default: exact, what check gates strictly) or 'int8'
     (the kernels' integer dot products, the fast mode; see export/check.py for how it is checked); the ONNX file
-    always defines float activations."""
+    always defines float activations. kv_cache: the .pte's KV cache dtype, 'float32' or 'float16' (half the bytes
+    read per token at long contexts; its PyTorch reference in `check` rounds keys and values alike)."""
+    import torch
+
     from vqmobile import checkpoint as ckpt
     from vqmobile.layers import check_activations, set_activations
 
@@ -216,7 +233,7 @@ def export_bundle(model_spec: str, out: str, *, target: str, formats: list[str],
 
     check_activations(activations)  # before any work
     formats, target, out_path = check_export(formats, target, decompose=decompose, max_seq=max_seq, out=out,
-                                             overwrite=overwrite)
+                                             overwrite=overwrite, kv_cache=kv_cache)
     needs_lib = "executorch" in formats and not decompose
     say = progress or (lambda _msg: None)
     warnings_out: list[str] = []
@@ -241,9 +258,10 @@ def export_bundle(model_spec: str, out: str, *, target: str, formats: list[str],
         if "executorch" in formats:
             from .executorch_export import export_pte
 
-            say(f"exporting the ExecuTorch program (max_seq {seq}{', decomposed' if decompose else ''}) ...")
+            say(f"exporting the ExecuTorch program (max_seq {seq}, {kv_cache} KV cache"
+                f"{', decomposed' if decompose else ''}) ...")
             set_activations(model, activations)
-            info["pte"] = export_pte(model, tmp / PTE, seq, decompose=decompose)
+            info["pte"] = export_pte(model, tmp / PTE, seq, decompose=decompose, kv_dtype=getattr(torch, kv_cache))
         if "onnx" in formats:
             from .onnx_export import export_onnx
 
@@ -284,6 +302,7 @@ def export_bundle(model_spec: str, out: str, *, target: str, formats: list[str],
             "target": target, "host_built_on": host_target(), "formats": formats, "decomposed": decompose,
             "max_seq": seq,
             "activations": {f: ("float" if f == "onnx" else activations) for f in formats},
+            "kv_cache": kv_cache,
             "method": cm.get("method"), "quant_config": cm.get("config"),
             "bits_per_weight": cm.get("bits_per_weight"),
             "checkpoint_bytes": {"quantized": int(cm["quantized_bytes"]), "embedding": emb_bytes,

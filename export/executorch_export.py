@@ -37,9 +37,11 @@ def _quiet():
 
 
 def export_program(hf_model: torch.nn.Module, max_seq: int, *, decompose: bool = False,
-                   wrapper: torch.nn.Module | None = None) -> torch.export.ExportedProgram:
-    """torch.export of the static-cache decoder with a dynamic sequence length in [1, max_seq]."""
-    module = wrapper if wrapper is not None else StaticDecoder(hf_model, max_seq, cache=True)
+                   wrapper: torch.nn.Module | None = None,
+                   kv_dtype: torch.dtype = torch.float32) -> torch.export.ExportedProgram:
+    """torch.export of the static-cache decoder (KV cache in kv_dtype) with a dynamic sequence length in
+    [1, max_seq]."""
+    module = wrapper if wrapper is not None else StaticDecoder(hf_model, max_seq, cache=True, kv_dtype=kv_dtype)
     module.eval()
     seq = torch.export.Dim("seq", min=1, max=max_seq)
     example = (torch.zeros(1, 2, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
@@ -79,9 +81,10 @@ def lower_to_executorch(ep: torch.export.ExportedProgram, partitioners: list | N
     ))
 
 
-def export_pte(hf_model: torch.nn.Module, path: str | Path, max_seq: int, *, decompose: bool = False) -> dict:
+def export_pte(hf_model: torch.nn.Module, path: str | Path, max_seq: int, *, decompose: bool = False,
+               kv_dtype: torch.dtype = torch.float32) -> dict:
     """Write the .pte; returns facts about it (size, custom-op count, delegated partitions)."""
-    ep = export_program(hf_model, max_seq, decompose=decompose)
+    ep = export_program(hf_model, max_seq, decompose=decompose, kv_dtype=kv_dtype)
     prog = lower_to_executorch(ep)
     data = prog.buffer
     Path(path).write_bytes(data)

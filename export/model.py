@@ -9,8 +9,10 @@ length:
 
 writes the keys/values of positions input_pos .. input_pos+T-1 into the cache and attends over every cached
 position <= the query's position, and, in a sliding-window layer, more recent than the window (prefill: T tokens at
-input_pos 0; decode: T = 1). With ``cache=False`` the module is stateless (``forward(tokens) -> logits``, causal
-attention over the T tokens; used for ONNX).
+input_pos 0; decode: T = 1). The cache holds float32 or, with ``kv_dtype=torch.float16``, float16 values (half the
+bytes a long context reads per generated token; the keys and values are rounded to it as they are written). With
+``cache=False`` the module is stateless (``forward(tokens) -> logits``, causal attention over the T tokens; used for
+ONNX).
 
 What differs between the families is what the structure has, each handled where it occurs: per-head q/k norms,
 biases (they come with the linears), a sliding window per layer (vqmobile::attention's window), one RoPE table per layer type
@@ -23,6 +25,10 @@ standard-op decompositions when traced under ``vqmobile.ops.decomposed()``.
 """
 
 from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -53,8 +59,38 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return torch.cat((xr * cos + _rotate_half(xr) * sin, x[..., rot:]), dim=-1)
 
 
+@contextlib.contextmanager
+def kv_rounded(hf_model: nn.Module, kv_dtype: torch.dtype) -> Iterator[None]:
+    """Within this block the Hugging Face model attends over its keys and values rounded to kv_dtype, as the
+    exported program's KV cache of that dtype holds them: the PyTorch reference of that program (vqmobile check).
+    Its own attention implementation does the rest."""
+    if kv_dtype == torch.float32:
+        yield
+        return
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    cfg = hf_model.config
+    impl = cfg._attn_implementation
+    base = (sys.modules[type(hf_model).__module__].eager_attention_forward if impl == "eager"
+            else ALL_ATTENTION_FUNCTIONS[impl])
+
+    def attend(module, query, key, value, *args, **kwargs):
+        return base(module, query, key.to(kv_dtype).to(key.dtype), value.to(kv_dtype).to(value.dtype), *args,
+                    **kwargs)
+
+    name = f"vqmobile_kv_{str(kv_dtype).removeprefix('torch.')}_{impl}"
+    AttentionInterface.register(name, attend)
+    cfg._attn_implementation = name
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = impl
+
+
 class StaticDecoder(nn.Module):
-    def __init__(self, hf_model: nn.Module, max_seq: int, cache: bool = True, tied_head_op: bool = True):
+    def __init__(self, hf_model: nn.Module, max_seq: int, cache: bool = True, tied_head_op: bool = True,
+                 kv_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.hf_model = hf_model  # registers every weight of the model with this module
         self.parts = decoder_structure(hf_model)
@@ -80,10 +116,10 @@ class StaticDecoder(nn.Module):
             # the caches as they are: a transposed operand would be copied by the runtime at every step.
             for i, layer in enumerate(self.parts.layers):
                 a = layer.attn
-                self.register_buffer(f"k_cache_{i}", torch.zeros(a.n_kv_heads, a.head_dim, self.max_seq),
-                                     persistent=False)
-                self.register_buffer(f"v_cache_{i}", torch.zeros(a.n_kv_heads, self.max_seq, a.head_dim),
-                                     persistent=False)
+                self.register_buffer(f"k_cache_{i}", torch.zeros(a.n_kv_heads, a.head_dim, self.max_seq,
+                                                                 dtype=kv_dtype), persistent=False)
+                self.register_buffer(f"v_cache_{i}", torch.zeros(a.n_kv_heads, self.max_seq, a.head_dim,
+                                                                 dtype=kv_dtype), persistent=False)
 
     def reset_cache(self) -> None:
         for name, buf in self.named_buffers():
@@ -104,8 +140,8 @@ class StaticDecoder(nn.Module):
             # The new keys and values go into the cache, then vqmobile::attention reads it in place, only the
             # positions each query sees (its decomposition: masked attention over the whole cache).
             kt, vc = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
-            kt.index_copy_(2, pos, k.transpose(1, 2))
-            vc.index_copy_(1, pos, v)
+            kt.index_copy_(2, pos, k.transpose(1, 2).to(kt.dtype))
+            vc.index_copy_(1, pos, v.to(vc.dtype))
             start = pos[:1]
             if ops.decomposing():
                 o = ops.attention.attention_decomposed(q, kt, vc, start, a.scaling, window)

@@ -147,6 +147,23 @@ def test_attention_op_reads_only_the_positions_each_query_sees(heads, kv, t, pos
         torch.ops.vqmobile.attention(q, kc, vc, torch.tensor([s - t + 1]), scale, window)
 
 
+def test_attention_over_a_float16_cache_widens_it_exactly():
+    """A float16 cache (vqm_attention_f16) gives what the same values widened to float32 give, and the decomposition
+    (which widens the cache with standard ops) agrees; mixed cache dtypes are refused."""
+    g = torch.Generator().manual_seed(7)
+    heads, kv, t, d, s, pos = 9, 3, 2, 64, 96, 70
+    q = torch.randn(heads, t, d, generator=g)
+    kc = torch.randn(kv, d, s, generator=g).half()
+    vc = torch.randn(kv, s, d, generator=g).half()
+    ip, scale = torch.tensor([pos]), d ** -0.5
+    got = torch.ops.vqmobile.attention(q, kc, vc, ip, scale, 0)
+    wide = torch.ops.vqmobile.attention(q, kc.float(), vc.float(), ip, scale, 0)
+    assert got.dtype == torch.float32 and (got - wide).abs().max() < 1e-6
+    assert (ops.attention.attention_decomposed(q, kc, vc, ip, scale, 0) - wide).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="v_cache must have dtype float16"):
+        torch.ops.vqmobile.attention(q, kc, vc.float(), ip, scale, 0)
+
+
 def test_unsupported_vq_variant_falls_back_to_dense():
     qw = _random_vq(48, 64, 2, 16, 16, 64, kind="fp16")
     op, why = ops.op_support(qw)
@@ -396,6 +413,42 @@ def test_check_passes_within_tolerance(float_bundle, tmp_path):
     assert row["activations"] == "float" and row["max_abs_logit_diff"] < 1e-3
     assert abs(row["ppl_rel_diff"]) < 0.005 and row["top1_agreement"] >= 0.99
     assert json.loads((tmp_path / "check.json").read_text())["ok"] is True
+
+
+def test_float16_kv_cache_bundle(float_bundle, stories_test_ids, tmp_path):
+    """--kv-cache float16: the program's caches hold float16, it computes what the eager decoder with that cache
+    computes, and `check` compares it with a reference whose keys and values are rounded alike (top-1 and perplexity
+    gated as for float32; the one-step float16 roundings are reported, not gated)."""
+    from vqmobile import checkpoint
+    from vqmobile.errors import UserError
+    from vqmobile.export.et_runtime import ETDecoder
+    from vqmobile.export.model import StaticDecoder
+    from vqmobile.export.runtime.build import host_target
+
+    out = tmp_path / "kv16"
+    ve.export_bundle(str(float_bundle / "checkpoint"), str(out), target=host_target(), formats=["executorch"],
+                     max_seq=MAX_SEQ, kv_cache="float16", progress=None)
+    assert ve.open_bundle(out).kv_cache == "float16" and ve.open_bundle(float_bundle).kv_cache == "float32"
+    model = checkpoint.load(out / "checkpoint").model
+    dec16 = StaticDecoder(model, MAX_SEQ, kv_dtype=torch.float16).eval()
+    assert dec16.k_cache_0.dtype == torch.float16
+    window = stories_test_ids[:MAX_SEQ][None]
+    with torch.no_grad():
+        want = dec16(window, torch.tensor([0]))[0]
+        want32 = StaticDecoder(model, MAX_SEQ).eval()(window, torch.tensor([0]))[0]
+    got = ETDecoder(out / "model.pte", out / "lib" / "libvqmobile_executorch.so")(window, 0)[0]
+    # A float32 reordering (XNNPACK's norm or RoPE) can round a key to the neighbouring float16 value: what is left
+    # is a few such steps (3e-3 here), far below what rounding the cache to float16 moves (3e-2 here).
+    err, rounding = (got - want).abs(), (want - want32).abs()
+    assert err.median() < 1e-4 and err.max() < rounding.max() / 4
+    ok, table, record = ve.check_bundle(str(out), windows=2)
+    assert ok, table
+    row = {r["runtime"]: r for r in record["rows"]}["executorch"]
+    assert row["reference"] == "pytorch (quantized, float activations, float16 keys and values)"
+    assert row["kv_cache"] == "float16" and row["top1_agreement"] >= 0.99 and abs(row["ppl_rel_diff"]) < 0.005
+    with pytest.raises(UserError, match="--kv-cache bfloat16 is not supported"):
+        ve.export_bundle(str(float_bundle / "checkpoint"), str(tmp_path / "bad"), target=host_target(),
+                         formats=["executorch"], kv_cache="bfloat16", progress=None)
 
 
 def test_check_compares_each_runtime_in_its_own_mode(bundle):

@@ -338,7 +338,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     _check_model(args.model)
     formats, target, _ = check_export(args.format.split(","), args.target, decompose=args.decompose, max_seq=args.max_seq,
-                                      out=args.out, overwrite=args.overwrite)
+                                      out=args.out, overwrite=args.overwrite, kv_cache=args.kv_cache)
     if args.calib:  # used when the model is a float one, quantized first
         calibration_file(args.calib, args.nsamples, args.seqlen)
 
@@ -351,7 +351,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         res = export_bundle(args.model, args.out, target=target, formats=formats, overwrite=args.overwrite,
                             decompose=args.decompose, max_seq=args.max_seq, calibration=calib,
-                            activations=args.activations, progress=steps)
+                            activations=args.activations, kv_cache=args.kv_cache, progress=steps)
     finally:
         if isinstance(steps, _Steps):
             steps.close()
@@ -493,6 +493,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--activations", choices=["float", "int8"], default="float",
                    help="activations of the .pte's quantized linears: int8 per block with integer dot products "
                         "(the fast mode) or float (default, exact); the ONNX file always uses float")
+    p.add_argument("--kv-cache", choices=["float32", "float16"], default="float32",
+                   help="dtype of the .pte's KV cache: float16 halves what attention reads per token, which grows "
+                        "with the context (default float32)")
     _add_calibration_args(p)
     p.set_defaults(func=cmd_export)
 

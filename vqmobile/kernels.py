@@ -592,20 +592,23 @@ def stream_read(buf: np.ndarray, threads: int = 1) -> int:
 def attention(q: "torch.Tensor", k_cache: "torch.Tensor", v_cache: "torch.Tensor", pos: int, scale: float,
               window: int = 0, *, threads: int | None = None) -> "torch.Tensor":
     """Attention of queries q [heads, t, d] at positions pos .. pos+t-1 over a static KV cache, k_cache
-    [kv_heads, d, max_seq] (keys transposed) and v_cache [kv_heads, max_seq, d], reading only the positions each
-    query sees (window > 0: the last `window`); float32 [heads, t, d]. See vqm_attention in native/include/vqmobile.h."""
+    [kv_heads, d, max_seq] (keys transposed) and v_cache [kv_heads, max_seq, d], both float32 or both float16,
+    reading only the positions each query sees (window > 0: the last `window`); float32 [heads, t, d]. See
+    vqm_attention and vqm_attention_f16 in native/include/vqmobile.h."""
     heads, t, d = q.shape
     kv_heads, dk, max_seq = k_cache.shape
     if dk != d or tuple(v_cache.shape) != (kv_heads, max_seq, d):
         raise ValueError(f"attention: caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} do not fit q "
                          f"{tuple(q.shape)}")
     q = q.to(torch.float32).contiguous()
-    kc = _check(k_cache, "k_cache", ("float32",), None)
-    vc = _check(v_cache, "v_cache", ("float32",), None)
+    kc = _check(k_cache, "k_cache", ("float32", "float16"), None)
+    kdt = _info(k_cache, "k_cache")[0]
+    vc = _check(v_cache, "v_cache", (kdt,), None)
     out = torch.empty_like(q)
-    rc = lib.vqm_attention(ffi.cast("const float *", q.data_ptr()), ffi.cast("const float *", kc),
-                           ffi.cast("const float *", vc), heads, kv_heads, t, d, max_seq, int(pos), float(scale),
-                           int(window), ffi.cast("float *", out.data_ptr()), _threads(threads))
+    run, elem = (lib.vqm_attention, "const float *") if kdt == "float32" else (lib.vqm_attention_f16,
+                                                                               "const uint16_t *")
+    rc = run(ffi.cast("const float *", q.data_ptr()), ffi.cast(elem, kc), ffi.cast(elem, vc), heads, kv_heads, t, d,
+             max_seq, int(pos), float(scale), int(window), ffi.cast("float *", out.data_ptr()), _threads(threads))
     if rc != 0:
         raise ValueError(f"attention failed ({_ERRORS.get(rc, rc)}): heads={heads} kv_heads={kv_heads} t={t} "
                          f"pos={pos} max_seq={max_seq}")

@@ -208,16 +208,18 @@ Tensor& dense_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tenso
 }
 
 // vqmobile::attention.out(Tensor q, Tensor k_cache, Tensor v_cache, Tensor input_pos, float scale, int window=0, *,
-// Tensor(a!) out): the decoder's attention over its static KV cache, read in place (vqm_attention).
+// Tensor(a!) out): the decoder's attention over its static KV cache, float32 or float16, read in place
+// (vqm_attention, vqm_attention_f16).
 Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                       const Tensor& input_pos, double scale, int64_t window, Tensor& out) {
-  if (q.scalar_type() != ScalarType::Float || k_cache.scalar_type() != ScalarType::Float ||
-      v_cache.scalar_type() != ScalarType::Float || out.scalar_type() != ScalarType::Float || q.dim() != 3 ||
+  const ScalarType kv = k_cache.scalar_type();
+  if (q.scalar_type() != ScalarType::Float || (kv != ScalarType::Float && kv != ScalarType::Half) ||
+      v_cache.scalar_type() != kv || out.scalar_type() != ScalarType::Float || q.dim() != 3 ||
       k_cache.dim() != 3 || v_cache.dim() != 3 || input_pos.scalar_type() != ScalarType::Long ||
       input_pos.numel() != 1 || v_cache.size(0) != k_cache.size(0) || v_cache.size(1) != k_cache.size(2) ||
       v_cache.size(2) != q.size(2) || k_cache.size(1) != q.size(2)) {
-    ET_LOG(Error, "vqmobile::attention: expected float32 q [H,T,D], k_cache [Hkv,D,S], v_cache [Hkv,S,D], "
-                  "int64 input_pos [1]");
+    ET_LOG(Error, "vqmobile::attention: expected float32 q [H,T,D], k_cache [Hkv,D,S] and v_cache [Hkv,S,D] both "
+                  "float32 or both float16, int64 input_pos [1]");
     ctx.fail(Error::InvalidArgument);
     return out;
   }
@@ -226,10 +228,15 @@ Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& 
     ctx.fail(Error::InvalidArgument);
     return out;
   }
-  const int rc = vqm_attention(q.const_data_ptr<float>(), k_cache.const_data_ptr<float>(),
-                               v_cache.const_data_ptr<float>(), (int)q.size(0), (int)k_cache.size(0), (int)q.size(1),
-                               (int)q.size(2), (int)k_cache.size(2), input_pos.const_data_ptr<int64_t>()[0],
-                               (float)scale, (int)window, out.mutable_data_ptr<float>(), 0);
+  const int heads = (int)q.size(0), kv_heads = (int)k_cache.size(0), t = (int)q.size(1), d = (int)q.size(2);
+  const int max_seq = (int)k_cache.size(2);
+  const int64_t pos = input_pos.const_data_ptr<int64_t>()[0];
+  const int rc = kv == ScalarType::Float
+      ? vqm_attention(q.const_data_ptr<float>(), k_cache.const_data_ptr<float>(), v_cache.const_data_ptr<float>(),
+                      heads, kv_heads, t, d, max_seq, pos, (float)scale, (int)window, out.mutable_data_ptr<float>(), 0)
+      : vqm_attention_f16(q.const_data_ptr<float>(), static_cast<const uint16_t*>(k_cache.const_data_ptr()),
+                          static_cast<const uint16_t*>(v_cache.const_data_ptr()), heads, kv_heads, t, d, max_seq, pos,
+                          (float)scale, (int)window, out.mutable_data_ptr<float>(), 0);
   if (rc != VQM_OK) {
     ET_LOG(Error, "vqmobile::attention: position %lld + %lld queries outside the %lld-position cache",
            (long long)input_pos.const_data_ptr<int64_t>()[0], (long long)q.size(1), (long long)k_cache.size(2));

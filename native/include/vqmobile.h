@@ -131,6 +131,10 @@ int vqm_nearest_path(int path, const float *x, const float *w, const float *c, i
  * functions, split over (kv head, query) pairs. */
 int vqm_attention(const float *q, const float *k_cache, const float *v_cache, int heads, int kv_heads, int t, int d,
                   int max_seq, int64_t pos, float scale, int window, float *out, int threads);
+/* The same over a float16 cache (IEEE binary16 bits, same layouts): half the bytes a long context reads per token.
+ * Every cached value is widened to float exactly; the arithmetic after that is vqm_attention's. */
+int vqm_attention_f16(const float *q, const uint16_t *k_cache, const uint16_t *v_cache, int heads, int kv_heads, int t,
+                      int d, int max_seq, int64_t pos, float scale, int window, float *out, int threads);
 
 /* ---- dispatch ----------------------------------------------------------- */
 int vqm_path_available(int path);

@@ -21,7 +21,8 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 typedef struct {
-    const float *q, *kt, *v;
+    const float *q;
+    const void *kt, *v; /* float, or _Float16 for a float16 cache */
     float *out;
     int heads, kv_heads, t, d, s, window;
     int64_t pos;
@@ -43,6 +44,22 @@ static inline vf vload(const float *p)
 static inline void vstore(float *p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
 
 static inline vf vsplat(float x) { return (vf){ 0 } + x; }
+
+/* 16 cached values from element i of a float (F16 = 0) or float16 (F16 = 1) cache, widened to float exactly */
+typedef _Float16 vh __attribute__((vector_size(VL * sizeof(_Float16))));
+
+static inline __attribute__((always_inline)) vf vload_kv(const void *base, int64_t i, const int F16)
+{
+    if (!F16) return vload((const float *)base + i);
+    vh h;
+    __builtin_memcpy(&h, (const _Float16 *)base + i, sizeof h);
+    return __builtin_convertvector(h, vf);
+}
+
+static inline __attribute__((always_inline)) float kv_at(const void *base, int64_t i, const int F16)
+{
+    return F16 ? (float)((const _Float16 *)base)[i] : ((const float *)base)[i];
+}
 
 static inline vf vsel(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); } /* mask ? a : b */
 
@@ -81,14 +98,14 @@ static __thread size_t t_scores_cap;
 
 /* nh (a constant after inlining) query heads of kv head h, query t: sc holds nh score rows of nv floats */
 static inline __attribute__((always_inline)) void attend(const attn_ctx *a, int h, int t, int g0, const int nh,
-                                                         float *sc, int64_t nv)
+                                                         float *sc, int64_t nv, const int F16)
 {
     const int groups = a->heads / a->kv_heads, D = a->d, S = a->s;
     const int64_t p = a->pos + t;
     const int64_t lo = a->window > 0 && p - a->window + 1 > 0 ? p - a->window + 1 : 0;
     const int64_t n = p - lo + 1;
-    const float *kt = a->kt + (int64_t)h * D * S + lo; /* [D][S] from position lo */
-    const float *v = a->v + ((int64_t)h * S + lo) * D; /* [S][D] from position lo */
+    const int64_t kt = (int64_t)h * D * S + lo; /* element of K^T [D][S] at position lo */
+    const int64_t v = ((int64_t)h * S + lo) * D; /* element of V [S][D] at position lo */
     const float *q[NH_MAX];
     float *o[NH_MAX];
     _Pragma("GCC unroll 4") for (int g = 0; g < nh; g++) {
@@ -104,7 +121,7 @@ static inline __attribute__((always_inline)) void attend(const attn_ctx *a, int 
         vf acc[NH_MAX];
         _Pragma("GCC unroll 4") for (int g = 0; g < nh; g++) acc[g] = vsplat(0.0f);
         for (int c = 0; c < D; c++) {
-            const vf k = vload(kt + (int64_t)c * S + j);
+            const vf k = vload_kv(a->kt, kt + (int64_t)c * S + j, F16);
             _Pragma("GCC unroll 4") for (int g = 0; g < nh; g++) acc[g] += q[g][c] * k;
         }
         _Pragma("GCC unroll 4") for (int g = 0; g < nh; g++) vstore(sc + g * nv + j, acc[g] * a->scale);
@@ -112,7 +129,7 @@ static inline __attribute__((always_inline)) void attend(const attn_ctx *a, int 
     for (; j < n; j++) /* the cache's last positions: the same sums, one lane at a time */
         _Pragma("GCC unroll 4") for (int g = 0; g < nh; g++) {
             float acc = 0.0f;
-            for (int c = 0; c < D; c++) acc += q[g][c] * kt[(int64_t)c * S + j];
+            for (int c = 0; c < D; c++) acc += q[g][c] * kv_at(a->kt, kt + (int64_t)c * S + j, F16);
             sc[g * nv + j] = acc * a->scale;
         }
     float inv[NH_MAX];
@@ -139,7 +156,7 @@ static inline __attribute__((always_inline)) void attend(const attn_ctx *a, int 
         vf acc[NH_MAX];
         _Pragma("GCC unroll 4") for (int g = 0; g < nh; g++) acc[g] = vsplat(0.0f);
         for (j = 0; j < n; j++) {
-            const vf x = vload(v + j * D + c);
+            const vf x = vload_kv(a->v, v + j * D + c, F16);
             _Pragma("GCC unroll 4") for (int g = 0; g < nh; g++) acc[g] += sc[g * nv + j] * x;
         }
         _Pragma("GCC unroll 4") for (int g = 0; g < nh; g++) vstore(o[g] + c, acc[g] * inv[g]);
@@ -147,30 +164,30 @@ static inline __attribute__((always_inline)) void attend(const attn_ctx *a, int 
     for (; c < D; c++)
         _Pragma("GCC unroll 4") for (int g = 0; g < nh; g++) {
             float acc = 0.0f;
-            for (j = 0; j < n; j++) acc += sc[g * nv + j] * v[j * D + c];
+            for (j = 0; j < n; j++) acc += sc[g * nv + j] * kv_at(a->v, v + j * D + c, F16);
             o[g][c] = acc * inv[g];
         }
 }
 
 /* one (kv head, query) pair: the group's query heads, NH_MAX at a time */
-VQM_CLONES static void attn_task(void *vctx, int i)
+static inline __attribute__((always_inline)) void attn_pair(const attn_ctx *a, int i, const int F16)
 {
-    const attn_ctx *a = vctx;
     const int groups = a->heads / a->kv_heads;
     const int h = i / a->t, t = i % a->t;
     const int64_t p = a->pos + t;
     const int64_t lo = a->window > 0 && p - a->window + 1 > 0 ? p - a->window + 1 : 0;
     const int64_t nv = (p - lo + 1 + VL - 1) / VL * VL; /* scores padded to whole vectors */
     /* The caches are cold (a token streams megabytes of weights between two visits of a layer) and a key row of
-     * the transposed cache is D lines S floats apart, too many streams for the hardware prefetchers: asking for
+     * the transposed cache is D lines S values apart, too many streams for the hardware prefetchers: asking for
      * every line this task reads before touching any of them lets the misses overlap. */
     {
         const int D = a->d, S = a->s;
-        const char *kt = (const char *)(a->kt + (int64_t)h * D * S + lo);
-        const char *v = (const char *)(a->v + ((int64_t)h * S + lo) * D);
-        const int64_t kbytes = (p - lo + 1) * (int64_t)sizeof(float);
+        const int64_t es = F16 ? 2 : 4;
+        const char *kt = (const char *)a->kt + ((int64_t)h * D * S + lo) * es;
+        const char *v = (const char *)a->v + ((int64_t)h * S + lo) * D * es;
+        const int64_t kbytes = (p - lo + 1) * es;
         for (int c = 0; c < D; c++)
-            for (int64_t o = 0; o < kbytes; o += 64) __builtin_prefetch(kt + (int64_t)c * S * sizeof(float) + o);
+            for (int64_t o = 0; o < kbytes; o += 64) __builtin_prefetch(kt + (int64_t)c * S * es + o);
         for (int64_t o = 0; o < kbytes * D; o += 64) __builtin_prefetch(v + o);
     }
     const size_t need = (size_t)NH_MAX * (size_t)nv;
@@ -182,16 +199,21 @@ VQM_CLONES static void attn_task(void *vctx, int i)
     }
     for (int g0 = 0; g0 < groups; g0 += NH_MAX) {
         switch (groups - g0 < NH_MAX ? groups - g0 : NH_MAX) { /* constant head counts: accumulators in registers */
-        case 1: attend(a, h, t, g0, 1, t_scores, nv); break;
-        case 2: attend(a, h, t, g0, 2, t_scores, nv); break;
-        case 3: attend(a, h, t, g0, 3, t_scores, nv); break;
-        default: attend(a, h, t, g0, 4, t_scores, nv); break;
+        case 1: attend(a, h, t, g0, 1, t_scores, nv, F16); break;
+        case 2: attend(a, h, t, g0, 2, t_scores, nv, F16); break;
+        case 3: attend(a, h, t, g0, 3, t_scores, nv, F16); break;
+        default: attend(a, h, t, g0, 4, t_scores, nv, F16); break;
         }
     }
 }
 
-int vqm_attention(const float *q, const float *k_cache, const float *v_cache, int heads, int kv_heads, int t, int d,
-                  int max_seq, int64_t pos, float scale, int window, float *out, int threads)
+VQM_CLONES static void attn_task(void *vctx, int i) { attn_pair(vctx, i, 0); }
+
+VQM_CLONES static void attn_task_f16(void *vctx, int i) { attn_pair(vctx, i, 1); }
+
+static int run_attention(const float *q, const void *k_cache, const void *v_cache, int heads, int kv_heads, int t,
+                         int d, int max_seq, int64_t pos, float scale, int window, float *out, int threads,
+                         void (*task)(void *, int))
 {
     if (!q || !k_cache || !v_cache || !out) return VQM_EINVAL;
     if (heads < 1 || kv_heads < 1 || heads % kv_heads || t < 1 || d < 1 || max_seq < 1 || window < 0)
@@ -201,6 +223,20 @@ int vqm_attention(const float *q, const float *k_cache, const float *v_cache, in
     const int ntasks = kv_heads * t;
     if (threads <= 0) threads = vqm_get_num_threads();
     if (threads > ntasks) threads = ntasks;
-    vqm_pool_run(threads, ntasks, attn_task, &a);
+    vqm_pool_run(threads, ntasks, task, &a);
     return VQM_OK;
+}
+
+int vqm_attention(const float *q, const float *k_cache, const float *v_cache, int heads, int kv_heads, int t, int d,
+                  int max_seq, int64_t pos, float scale, int window, float *out, int threads)
+{
+    return run_attention(q, k_cache, v_cache, heads, kv_heads, t, d, max_seq, pos, scale, window, out, threads,
+                         attn_task);
+}
+
+int vqm_attention_f16(const float *q, const uint16_t *k_cache, const uint16_t *v_cache, int heads, int kv_heads, int t,
+                      int d, int max_seq, int64_t pos, float scale, int window, float *out, int threads)
+{
+    return run_attention(q, k_cache, v_cache, heads, kv_heads, t, d, max_seq, pos, scale, window, out, threads,
+                         attn_task_f16);
 }

@@ -461,8 +461,20 @@ static void test_nearest_args(void)
     }
 }
 
-/* vqm_attention against a double-precision attention over the same cache (positions the query sees only), with
- * grouped heads, a sliding window, several queries at once and threads; and its argument checks */
+/* a float16 cache holding exactly the float cache's values (which are rounded to float16 first) */
+static uint16_t *to_f16(float *x, int n)
+{
+    uint16_t *h = malloc(sizeof(uint16_t) * (size_t)n);
+    for (int i = 0; i < n; i++) {
+        _Float16 v = (_Float16)x[i];
+        x[i] = (float)v;
+        memcpy(&h[i], &v, sizeof v);
+    }
+    return h;
+}
+
+/* vqm_attention and vqm_attention_f16 against a double-precision attention over the same cache (positions the query
+ * sees only), with grouped heads, a sliding window, several queries at once and threads; and the argument checks */
 static void test_attention(int heads, int kv, int t, int d, int S, long pos, int window)
 {
     float *q = malloc(sizeof(float) * (size_t)(heads * t * d)), *kc = malloc(sizeof(float) * (size_t)(kv * d * S));
@@ -471,13 +483,17 @@ static void test_attention(int heads, int kv, int t, int d, int S, long pos, int
     for (int i = 0; i < heads * t * d; i++) q[i] = 2.0f * rndf();
     for (int i = 0; i < kv * d * S; i++) kc[i] = rndf();
     for (int i = 0; i < kv * S * d; i++) vc[i] = rndf();
+    uint16_t *kh = to_f16(kc, kv * d * S), *vh = to_f16(vc, kv * S * d);
     const float scale = 1.0f / sqrtf((float)d);
-    for (int th = 1; th <= 2; th++) {
+    for (int run = 0; run < 4; run++) {
+        const int th = 1 + (run & 1), f16 = run >> 1;
         char what[160];
-        snprintf(what, sizeof what, "attention H=%d Hkv=%d T=%d D=%d S=%d pos=%ld window=%d threads=%d", heads, kv, t,
-                 d, S, pos, window, th);
+        snprintf(what, sizeof what, "attention%s H=%d Hkv=%d T=%d D=%d S=%d pos=%ld window=%d threads=%d",
+                 f16 ? "_f16" : "", heads, kv, t, d, S, pos, window, th);
         g_checks++;
-        if (vqm_attention(q, kc, vc, heads, kv, t, d, S, pos, scale, window, out, th) != VQM_OK) {
+        const int rc = f16 ? vqm_attention_f16(q, kh, vh, heads, kv, t, d, S, pos, scale, window, out, th)
+                           : vqm_attention(q, kc, vc, heads, kv, t, d, S, pos, scale, window, out, th);
+        if (rc != VQM_OK) {
             printf("FAIL %s: rc\n", what);
             g_fail++;
             continue;
@@ -511,11 +527,13 @@ static void test_attention(int heads, int kv, int t, int d, int S, long pos, int
     g_checks++;
     if (vqm_attention(q, kc, vc, heads, kv, t, d, S, S - t + 1, scale, window, out, 1) != VQM_EINVAL ||
         vqm_attention(q, kc, vc, heads, heads + 1, t, d, S, 0, scale, window, out, 1) != VQM_EINVAL ||
-        vqm_attention(NULL, kc, vc, heads, kv, t, d, S, 0, scale, window, out, 1) != VQM_EINVAL) {
+        vqm_attention(NULL, kc, vc, heads, kv, t, d, S, 0, scale, window, out, 1) != VQM_EINVAL ||
+        vqm_attention_f16(q, kh, vh, heads, kv, t, d, S, S - t + 1, scale, window, out, 1) != VQM_EINVAL ||
+        vqm_attention_f16(q, NULL, vh, heads, kv, t, d, S, 0, scale, window, out, 1) != VQM_EINVAL) {
         printf("FAIL attention argument checks\n");
         g_fail++;
     }
-    free(q); free(kc); free(vc); free(out); free(sc);
+    free(q); free(kc); free(vc); free(kh); free(vh); free(out); free(sc);
 }
 
 /* ---------------------------------------------------------------- column-vector VQ (VPTQ) */

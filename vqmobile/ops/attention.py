@@ -5,7 +5,8 @@
 
 q float32 [heads, T, D] at positions input_pos .. input_pos+T-1; k_cache [kv_heads, D, max_seq] (keys transposed) and
 v_cache [kv_heads, max_seq, D] as the exported decoders keep them (export/model.py, which writes the new keys and
-values first); window > 0: a sliding-window layer's last `window` positions. Query head hq reads kv head
+values first), both float32 or both float16 (each cached value is widened to float32 exactly; a float16 cache halves
+what a long context reads per token); window > 0: a sliding-window layer's last `window` positions. Query head hq reads kv head
 hq // (heads / kv_heads). Result float32 [heads, T, D].
 
 CPU and the ExecuTorch adapter run the native kernel (vqm_attention), which reads only the positions each query sees;
@@ -35,9 +36,9 @@ def attention_decomposed(q, k_cache, v_cache, input_pos, scale, window=0):
         seen = seen & (key[None, :] > pos[:, None] - window)
     mask = torch.where(seen, 0.0, float("-inf")).repeat(groups, 1)  # [groups * T, S]: rows g * T + i
     qg = q.to(torch.float32).reshape(kv_heads, groups * t, d)  # head hq = h * groups + g
-    scores = torch.bmm(qg, k_cache) * scale + mask
+    scores = torch.bmm(qg, k_cache.to(torch.float32)) * scale + mask
     # unflatten + flatten, not reshape(heads, t, d): that reshape makes torch.export guard T to one value
-    return torch.bmm(torch.softmax(scores, dim=-1), v_cache).unflatten(1, (groups, t)).flatten(0, 1)
+    return torch.bmm(torch.softmax(scores, dim=-1), v_cache.to(torch.float32)).unflatten(1, (groups, t)).flatten(0, 1)
 
 
 @torch.library.impl(lib, "attention", "CPU")
