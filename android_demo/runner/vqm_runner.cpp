@@ -164,7 +164,8 @@ const float* forward_last(Module& m, std::vector<int64_t> tokens, int64_t pos, i
   auto out = m.forward({EValue(tok), EValue(p)});
   if (!out.ok())
     fail("forward failed with ExecuTorch error " + std::to_string((int)out.error()) +
-         " (token ids must be below the model's vocabulary size, positions below its max_seq)");
+         " (the log line above names the failing step; token ids must be below the model's vocabulary size, "
+         "positions below its max_seq, and the kernel library as new as the program)");
   const auto& logits = out.get()[0].toTensor();
   if (logits.dim() != 3 || logits.scalar_type() != executorch::aten::ScalarType::Float)
     fail("the program's output is not float logits [1, T, vocab]: is this a vqmobile model.pte?");
