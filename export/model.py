@@ -68,6 +68,7 @@ def kv_rounded(hf_model: nn.Module, kv_dtype: torch.dtype) -> Iterator[None]:
         yield
         return
     from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     cfg = hf_model.config
@@ -81,6 +82,7 @@ def kv_rounded(hf_model: nn.Module, kv_dtype: torch.dtype) -> Iterator[None]:
 
     name = f"vqmobile_kv_{str(kv_dtype).removeprefix('torch.')}_{impl}"
     AttentionInterface.register(name, attend)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[impl])  # the mask the wrapped one expects
     cfg._attn_implementation = name
     try:
         yield

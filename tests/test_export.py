@@ -451,6 +451,33 @@ def test_float16_kv_cache_bundle(float_bundle, stories_test_ids, tmp_path):
                          formats=["executorch"], kv_cache="bfloat16", progress=None)
 
 
+def test_kv_rounded_reference_under_either_attention(reference, stories_test_ids):
+    """kv_rounded (the reference of a float16-cache program) wraps eager and sdpa attention alike, masks included:
+    the two agree as closely with rounded keys and values as without, and rounding moves the logits."""
+    from vqmobile.export.model import kv_rounded
+
+    model = reference.model
+    window = stories_test_ids[:MAX_SEQ][None]
+    cfg = model.config
+    impl = cfg._attn_implementation
+    out = {}
+    with torch.no_grad():
+        for name in ("eager", "sdpa"):
+            cfg._attn_implementation = name
+            try:
+                for dt in (torch.float32, torch.float16):
+                    with kv_rounded(model, dt):
+                        out[name, dt] = model(input_ids=window, use_cache=False).logits
+            finally:
+                cfg._attn_implementation = impl
+    assert cfg._attn_implementation == impl
+    rounding = (out["sdpa", torch.float16] - out["sdpa", torch.float32]).abs().max()
+    assert (out["eager", torch.float32] - out["sdpa", torch.float32]).abs().max() < 1e-3 < rounding
+    # a key that the two orders of the previous layer's sums put on either side of a float16 rounding boundary moves
+    # the logits a little (4e-3 here); a missing causal mask would move them by whole units
+    assert (out["eager", torch.float16] - out["sdpa", torch.float16]).abs().max() < rounding / 4
+
+
 def test_check_compares_each_runtime_in_its_own_mode(bundle):
     path, _ = bundle
     _, table, record = ve.check_bundle(str(path), windows=3)
