@@ -89,8 +89,7 @@ def _format_table(rows: list[dict[str, Any]]) -> str:
 
 def _failures(r: dict[str, Any]) -> list[str]:
     fails = []
-    if (r["activations"] == "float" and r.get("kv_cache", "float32") == "float32"
-            and not r["max_abs_logit_diff"] <= MAX_ABS_LOGIT):
+    if r["activations"] == "float" and r["kv_cache"] == "float32" and not r["max_abs_logit_diff"] <= MAX_ABS_LOGIT:
         fails.append(f"max|dlogit| > {MAX_ABS_LOGIT:g}")
     if not r["top1_agreement"] >= MIN_TOP1:
         fails.append(f"top-1 < {100 * MIN_TOP1:g}%")
