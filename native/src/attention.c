@@ -12,7 +12,8 @@
  * same sums in the same order and may differ only where the compiler fuses a multiply and an add.
  * Float semantics: the scores are q . k accumulated over the head dimension in order, times scale; the softmax
  * subtracts the maximum and exponentiates with a degree-6 polynomial (about 1 ulp of expf); the output is
- * sum_s e_s v_s (positions in order) times 1 / sum_s e_s. */
+ * sum_s e_s v_s (positions in order) times 1 / sum_s e_s. A float16 cache (vqm_attention_f16) is widened to float
+ * value by value (exact) and then computed the same way: one source, instantiated for each element type. */
 #include "internal.h"
 #include <math.h>
 #include <stdlib.h>
