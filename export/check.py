@@ -116,7 +116,8 @@ def _reordering_floor(model, forward, wins: list[torch.Tensor], ref: dict[str, A
                 tally.add(*_timed(forward, w), ref=base, window=w)
         finally:
             cfg._attn_implementation = impl
-    row = tally.row() | {"activations": "int8", "kv_cache": ref["kv_cache"], "reference": ref["runtime"]}
+    row = tally.row() | {"activations": "int8", "kv_cache": str(kv_dtype).removeprefix("torch."),
+                         "reference": ref["runtime"]}
     row["ppl_rel_diff"] = row["ppl"] / ref["ppl"] - 1.0
     row["status"] = "noise floor: " + (", ".join(_failures(row)) or "within the tolerances")
     return row

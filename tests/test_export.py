@@ -508,7 +508,7 @@ def test_int8_noise_floor_of_a_stable_model(reference, stories_test_ids):
         for w in wins:
             out = forward(w)
             ref.add(out, 0.0, ref=out, window=w)
-        floor = check._reordering_floor(model, forward, wins, ref.row())
+        floor = check._reordering_floor(model, forward, wins, ref.row(), torch.float32)
     assert model.config._attn_implementation == impl
     assert floor["status"] == "noise floor: within the tolerances", floor
     assert floor["top1_agreement"] >= check.MIN_TOP1 and floor["max_abs_logit_diff"] > 0.0
