@@ -6,7 +6,8 @@ Contenders:
   its dequantized weight (the same model), its decoder linears (and a quantized head) quantized with torchao
   Int8DynamicActivationIntxWeightConfig(int4, PerGroup(32)) (what ExecuTorch's Llama export calls 8da4w, group 32)
   and the same static-KV-cache decoder lowered with the XNNPACK partitioners: KV cache (the bundle's dtype) and
-  attention are identical in both programs. It is cached in ~/.cache/vqmobile/baselines/, keyed by the checkpoint's and the decoder's sha256;
+  attention are identical in both programs. It is cached in ~/.cache/vqmobile/baselines/, keyed by the checkpoint's
+  and the decoder's sha256;
 - llama.cpp Q4_0 and Q4_K_M (export/llamacpp.py): the checkpoint's float source model written as an F32 GGUF and
   quantized by llama.cpp's own quantizer, run through llama-cpp-python's low-level API. Skipped, with the reason,
   when the optional extra `peers` (llama-cpp-python) is not installed.

@@ -25,12 +25,12 @@ from typing import Any, Callable
 
 from vqmobile import atomic
 from vqmobile.errors import FormatError, UserError, VQMobileWarning, first_line
-
-# what the .pte's KV cache holds: float16 halves the bytes attention reads per token at long contexts
-KV_CACHES = ("float32", "float16")
 from vqmobile.hashing import sha256_file
 
 from .runtime.build import TARGETS, _compilers
+
+# what the .pte's KV cache holds: float16 halves the bytes attention reads per token at long contexts
+KV_CACHES = ("float32", "float16")
 
 MANIFEST = "bundle.json"
 FORMAT = "vqmobile-bundle"

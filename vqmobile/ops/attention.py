@@ -6,8 +6,8 @@
 q float32 [heads, T, D] at positions input_pos .. input_pos+T-1; k_cache [kv_heads, D, max_seq] (keys transposed) and
 v_cache [kv_heads, max_seq, D] as the exported decoders keep them (export/model.py, which writes the new keys and
 values first), both float32 or both float16 (each cached value is widened to float32 exactly; a float16 cache halves
-what a long context reads per token); window > 0: a sliding-window layer's last `window` positions. Query head hq reads kv head
-hq // (heads / kv_heads). Result float32 [heads, T, D].
+what a long context reads per token); window > 0: a sliding-window layer's last `window` positions. Query head hq
+reads kv head hq // (heads / kv_heads). Result float32 [heads, T, D].
 
 CPU and the ExecuTorch adapter run the native kernel (vqm_attention), which reads only the positions each query sees;
 the decomposition (portable export, and CPU without the native module) is the masked attention over the whole cache
