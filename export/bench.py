@@ -89,7 +89,7 @@ def dense_copy(model: nn.Module) -> nn.Module:
 
 
 def export_torchao_baseline(checkpoint: str | Path, out: str | Path, max_seq: int, group: int = GROUP,
-                            kv_dtype: torch.dtype = torch.float32) -> dict:
+                            kv_dtype: torch.dtype = torch.float32, chunk: int | None = None) -> dict:
     """Write the 8da4w (torchao int8 dynamic activations, int4 weights, group `group`) XNNPACK .pte of a vqmobile
     checkpoint (its dequantized weights) or of a float model spec, atomically."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
@@ -116,14 +116,14 @@ def export_torchao_baseline(checkpoint: str | Path, out: str | Path, max_seq: in
               filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and m.in_features % group == 0
               and (fqn.startswith("model.layers.") or (head_quantized and fqn == "lm_head")))
     wrapper = StaticDecoder(model, max_seq, cache=True, tied_head_op=False, kv_dtype=kv_dtype)
-    ep = export_program(model, max_seq, wrapper=wrapper)
+    ep = export_program(model, max_seq, chunk=chunk, wrapper=wrapper)
     prog = lower_to_executorch(ep, [XnnpackDynamicallyQuantizedPartitioner(), XnnpackPartitioner()])
     atomic.write_file(out, lambda tmp: tmp.write_bytes(prog.buffer))
     return {"bytes": len(prog.buffer), **program_summary(prog)}
 
 
 def export_without_transforms(checkpoint: str | Path, out: str | Path, max_seq: int, activations: str = "float",
-                              kv_dtype: torch.dtype = torch.float32) -> dict:
+                              kv_dtype: torch.dtype = torch.float32, chunk: int | None = None) -> dict:
     """Write the .pte of a checkpoint whose incoherent layers run their inner weight alone: the same program minus
     the online Hadamard transforms (wrong outputs, the same work otherwise), to time what the transforms cost."""
     from vqmobile.checkpoint import load
@@ -140,7 +140,7 @@ def export_without_transforms(checkpoint: str | Path, out: str | Path, max_seq: 
     if not stripped:
         raise UserError(f"{checkpoint} has no incoherent layers: there are no transforms to leave out")
     set_activations(model, activations)
-    prog = lower_to_executorch(export_program(model, max_seq, kv_dtype=kv_dtype))
+    prog = lower_to_executorch(export_program(model, max_seq, chunk=chunk, kv_dtype=kv_dtype))
     atomic.write_file(out, lambda tmp: tmp.write_bytes(prog.buffer))
     return {"bytes": len(prog.buffer), "layers_without_transforms": stripped, **program_summary(prog)}
 
@@ -378,18 +378,22 @@ def bench_decode(bundle: str, *, baseline_pte: str | None = None, prompt_tokens:
         raise UserError(f"{prompt_tokens} prompt + {new_tokens} new tokens exceed the bundle's max_seq {b.max_seq}: "
                         "lower --prompt-tokens or --new-tokens")
     say = progress or (lambda msg: None)
-    kv = "" if b.kv_cache == "float32" else f"-kv{b.kv_cache}"
+    # the baselines are exported like the bundle's program: its cache dtype, its tokens per call
+    kv = ("" if b.kv_cache == "float32" else f"-kv{b.kv_cache}") + (
+        "" if b.prefill_chunk == b.max_seq else f"-chunk{b.prefill_chunk}")
     kv_dtype = getattr(torch, b.kv_cache)
     base_path = Path(baseline_pte) if baseline_pte else baseline_cache_path(b.path, b.max_seq, f"8da4w-g{GROUP}{kv}")
     base_info = None
     if not base_path.is_file():
         say(f"exporting the torchao 8da4w g{GROUP} XNNPACK baseline ({b.kv_cache} KV cache) to {base_path} ...")
-        base_info = export_torchao_baseline(b.path / CHECKPOINT_DIR, base_path, b.max_seq, kv_dtype=kv_dtype)
+        base_info = export_torchao_baseline(b.path / CHECKPOINT_DIR, base_path, b.max_seq, kv_dtype=kv_dtype,
+                                            chunk=b.prefill_chunk)
     bare_path = (baseline_cache_path(b.path, b.max_seq, f"no-transforms-{b.activations}{kv}")
                  if without_transforms else None)
     if bare_path is not None and not bare_path.is_file():
         say(f"exporting the program without its online transforms to {bare_path} ...")
-        export_without_transforms(b.path / CHECKPOINT_DIR, bare_path, b.max_seq, b.activations, kv_dtype)
+        export_without_transforms(b.path / CHECKPOINT_DIR, bare_path, b.max_seq, b.activations, kv_dtype,
+                                  b.prefill_chunk)
     tok = b.tokenizer()
     ids = prompt_ids(tok, prompt_tokens)
     manifest = json.loads((b.path / CHECKPOINT_DIR / MANIFEST).read_text())
@@ -443,6 +447,7 @@ def bench_decode(bundle: str, *, baseline_pte: str | None = None, prompt_tokens:
     return {
         "bundle": str(b.path), "engine": engine, "threads": threads, "repeats": repeats,
         "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "prompt_ids": ids, "kv_cache": b.kv_cache,
+        "prefill_chunk": b.prefill_chunk,
         "baseline_pte": str(base_path), "baseline_export": base_info, "llama_cpp": peer_info,
         "rows": rows, "machine": machine, "versions": _versions(), "seconds": time.time() - started,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -468,7 +473,8 @@ def format_table(r: dict) -> str:
                      f"{num(row['vs_llamacpp_q4_0_best'], '6.3f')}{'x' if row['vs_llamacpp_q4_0_best'] is not None else ' '}")
     m = r["machine"]
     lines.append(f"{r['prompt_tokens']}-token prompt, {r['new_tokens']} new tokens, {r.get('kv_cache', 'float32')} "
-                 f"KV cache in both .pte, median of {r['repeats']} "
+                 f"KV cache and at most {r.get('prefill_chunk', 'max_seq')} tokens per call in both .pte, median of "
+                 f"{r['repeats']} "
                  f"(one fresh process each, alternating), engine {r['engine']}; 'best:' the ratios of each "
                  f"contender's fastest process")
     lines.append(f"CPU {m['cpu']} ({', '.join(m['flags']) or 'no listed flags'}), load average "

@@ -43,6 +43,10 @@ TOKENIZER_DIR = "tokenizer"
 CHECKPOINT_DIR = "checkpoint"
 FORMATS = ("executorch", "onnx")
 DEFAULT_MAX_SEQ = 512
+# Tokens per forward call of the .pte: a longer prompt goes in several calls. The runtime plans (and touches) memory
+# for the largest call, whose logits alone are T x vocab floats (12.6 MB at 64 for a 49152-word vocabulary, 100 MB
+# at 512); prefill at 64 per call ran as fast as in one call of 448 (README, "Prefill in chunks").
+DEFAULT_PREFILL_CHUNK = 64
 
 
 @dataclass
@@ -70,6 +74,11 @@ class Bundle:
     @property
     def max_seq(self) -> int:
         return int(self.manifest["max_seq"])
+
+    @property
+    def prefill_chunk(self) -> int:
+        """Most tokens per forward call of the .pte (max_seq for bundles written before the option)."""
+        return int(self.manifest.get("prefill_chunk", self.max_seq))
 
     @property
     def kv_cache(self) -> str:
@@ -144,6 +153,9 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
     activations = manifest.get("activations", {})
     if not isinstance(activations, dict) or activations.get("executorch", "float") not in ("float", "int8"):
         raise _damaged(p, f"{MANIFEST} has no valid 'activations' entry")
+    chunk = manifest.get("prefill_chunk", max_seq)
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or not 2 <= chunk <= max_seq:
+        raise _damaged(p, f"{MANIFEST} has no valid 'prefill_chunk' entry (2 to max_seq)")
     if manifest.get("kv_cache", "float32") not in KV_CACHES:
         raise _damaged(p, f"{MANIFEST} has no valid 'kv_cache' entry ({' or '.join(KV_CACHES)})")
     for fmt, name in (("executorch", PTE), ("onnx", ONNX)):
@@ -167,9 +179,10 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
 
 
 def check_export(formats: list[str], target: str, *, decompose: bool, max_seq: int | None, out: str | Path,
-                 overwrite: bool, kv_cache: str = "float32") -> tuple[list[str], str, Path]:
+                 overwrite: bool, kv_cache: str = "float32",
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> tuple[list[str], str, Path]:
     """The export's own arguments, checked before any heavy import or work: formats, target, the cross compiler
-    the kernel library needs, --max-seq, --kv-cache and the output location. Returns (formats, target, absolute
+    the kernel library needs, --max-seq, --prefill-chunk, --kv-cache and the output location. Returns (formats, target, absolute
     out)."""
     if kv_cache not in KV_CACHES:
         raise UserError(f"--kv-cache {kv_cache} is not supported: use {' or '.join(KV_CACHES)}")
@@ -184,6 +197,8 @@ def check_export(formats: list[str], target: str, *, decompose: bool, max_seq: i
         _compilers(target)  # a missing cross compiler fails now, not after the export
     if max_seq is not None and max_seq < 2:
         raise UserError(f"--max-seq {max_seq} must be at least 2")
+    if prefill_chunk < 2:
+        raise UserError(f"--prefill-chunk {prefill_chunk} must be at least 2 (tokens per forward call)")
     return formats, target, atomic.check_output(out, overwrite=overwrite)
 
 
@@ -214,7 +229,7 @@ def _resolve_checkpoint(model_spec: str, tmp: Path, calibration, progress) -> tu
 
 def export_bundle(model_spec: str, out: str, *, target: str, formats: list[str], overwrite: bool = False,
                   decompose: bool = False, max_seq: int | None = None, calibration=None,
-                  activations: str = "float", kv_cache: str = "float32",
+                  activations: str = "float", kv_cache: str = "float32", prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                   progress: Callable[[str], None] | None = print) -> dict:
     """Export `model_spec` (a vqmobile checkpoint, or a HF directory / GGUF file / 'smollm2' that is first quantized
     with the mobile recipe) to a bundle at `out`. Returns the manifest plus 'out' and 'warnings'.
@@ -223,7 +238,8 @@ def export_bundle(model_spec: str, out: str, *, target: str, formats: list[str],
     activations: the .pte's activation semantics, 'float' (default: exact, what check gates strictly) or 'int8'
     (the kernels' integer dot products, the fast mode; see export/check.py for how it is checked); the ONNX file
     always defines float activations. kv_cache: the .pte's KV cache dtype, 'float32' or 'float16' (half the bytes
-    read per token at long contexts; its PyTorch reference in `check` rounds keys and values alike)."""
+    read per token at long contexts; its PyTorch reference in `check` rounds keys and values alike).
+    prefill_chunk: the most tokens one forward call of the .pte takes (at most max_seq)."""
     import torch
 
     from vqmobile import checkpoint as ckpt
@@ -233,7 +249,7 @@ def export_bundle(model_spec: str, out: str, *, target: str, formats: list[str],
 
     check_activations(activations)  # before any work
     formats, target, out_path = check_export(formats, target, decompose=decompose, max_seq=max_seq, out=out,
-                                             overwrite=overwrite, kv_cache=kv_cache)
+                                             overwrite=overwrite, kv_cache=kv_cache, prefill_chunk=prefill_chunk)
     needs_lib = "executorch" in formats and not decompose
     say = progress or (lambda _msg: None)
     warnings_out: list[str] = []
@@ -254,14 +270,15 @@ def export_bundle(model_spec: str, out: str, *, target: str, formats: list[str],
             warnings.warn(msg, VQMobileWarning)
         limit = int(getattr(model.config, "max_position_embeddings", DEFAULT_MAX_SEQ))
         seq = min(max_seq or DEFAULT_MAX_SEQ, limit)
+        chunk = min(prefill_chunk, seq)
         info: dict[str, Any] = {}
         if "executorch" in formats:
             from .executorch_export import export_pte
 
-            say(f"exporting the ExecuTorch program (max_seq {seq}, {kv_cache} KV cache"
+            say(f"exporting the ExecuTorch program (max_seq {seq}, up to {chunk} tokens per call, {kv_cache} KV cache"
                 f"{', decomposed' if decompose else ''}) ...")
             set_activations(model, activations)
-            info["pte"] = export_pte(model, tmp / PTE, seq, decompose=decompose, kv_dtype=getattr(torch, kv_cache))
+            info["pte"] = export_pte(model, tmp / PTE, seq, chunk=chunk, decompose=decompose, kv_dtype=getattr(torch, kv_cache))
         if "onnx" in formats:
             from .onnx_export import export_onnx
 
@@ -300,7 +317,7 @@ def export_bundle(model_spec: str, out: str, *, target: str, formats: list[str],
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "source": model_spec, "quantized_during_export": quantized_here,
             "target": target, "host_built_on": host_target(), "formats": formats, "decomposed": decompose,
-            "max_seq": seq,
+            "max_seq": seq, "prefill_chunk": chunk,
             "activations": {f: ("float" if f == "onnx" else activations) for f in formats},
             "kv_cache": kv_cache,
             "method": cm.get("method"), "quant_config": cm.get("config"),
@@ -311,7 +328,8 @@ def export_bundle(model_spec: str, out: str, *, target: str, formats: list[str],
             "architecture": model.config.model_type,
             "model_config": json.loads(model.config.to_json_string()),
             "program": {"inputs": "tokens int64 [1, T], input_pos int64 [1]", "outputs": "logits float32 [1, T, V]",
-                        "T": f"1..{seq}", "kv_cache": "static, in the program's mutable buffers"},
+                        "T": f"1..{chunk}", "kv_cache": "static, in the program's mutable buffers",
+                        "prompt": f"at most {chunk} tokens per call, each call at its start position"},
             **info,
             "pte_to_checkpoint_ratio": (info["pte"]["bytes"] / packed) if "pte" in info else None,
             "library": library,

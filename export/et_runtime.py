@@ -84,19 +84,26 @@ def adapter_threads() -> int | None:
 
 
 class ETDecoder:
-    """The exported decoder: __call__(tokens [1, T] int64, start_pos int) -> logits float32 [1, T, vocab]."""
+    """The exported decoder: __call__(tokens [1, T] int64, start_pos int) -> logits float32 [1, T, vocab], in as
+    many forward calls as the program's largest T (its prefill chunk) needs."""
 
     def __init__(self, pte: str | Path, library: str | Path | None):
         if library is not None:
             load_adapter(library)
         self.module = portable_lib()._load_for_executorch(str(pte))
         self.path = Path(pte)
+        self.chunk = int(self.module.method_meta("forward").input_tensor_meta(0).sizes()[1])
 
     def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         tokens = tokens.to(torch.int64).contiguous()
         if tokens.dim() == 1:
             tokens = tokens[None]
-        inputs = (tokens, torch.tensor([int(start_pos)], dtype=torch.int64))
+        parts = [self._forward(tokens[:, i:i + self.chunk].contiguous(), int(start_pos) + i)
+                 for i in range(0, tokens.shape[1], self.chunk)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        inputs = (tokens, torch.tensor([start_pos], dtype=torch.int64))
         global _ran_once
         if _ran_once:
             out = self.module.forward(inputs)

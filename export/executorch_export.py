@@ -1,8 +1,10 @@
 """ExecuTorch export: torch.export of the static-KV-cache decoder, lowering with the XNNPACK partitioner, .pte.
 
 The program has one method, ``forward(tokens int64 [1, T], input_pos int64 [1]) -> logits [1, T, vocab]`` with
-T dynamic in [1, max_seq] (prefill: the prompt at input_pos 0; decode: one token at its position); the KV cache is a
-set of mutable buffers inside the program. Every op that is not ours goes to XNNPACK where it can; the
+T dynamic in [1, chunk] (prefill: the prompt at input_pos 0, in calls of at most `chunk` tokens; decode: one token at
+its position); the KV cache is a set of mutable buffers inside the program. The runtime plans memory for the largest
+T, and the logits dominate it (a 49152-word vocabulary at T = 512 is 100 MB, touched when the program loads), so a
+chunk well below max_seq is what keeps a decoding program small. Every op that is not ours goes to XNNPACK where it can; the
 ``vqmobile::vq_linear`` / ``vqmobile::int_linear`` nodes stay custom ops (their ``.out`` variants) whose packed
 weights are constants of the program, run by the adapter library in export/runtime/ (load it before the program).
 
@@ -36,14 +38,14 @@ def _quiet():
         pass
 
 
-def export_program(hf_model: torch.nn.Module, max_seq: int, *, decompose: bool = False,
+def export_program(hf_model: torch.nn.Module, max_seq: int, *, chunk: int | None = None, decompose: bool = False,
                    wrapper: torch.nn.Module | None = None,
                    kv_dtype: torch.dtype = torch.float32) -> torch.export.ExportedProgram:
     """torch.export of the static-cache decoder (KV cache in kv_dtype) with a dynamic sequence length in
-    [1, max_seq]."""
+    [1, min(chunk, max_seq)] (chunk None: max_seq)."""
     module = wrapper if wrapper is not None else StaticDecoder(hf_model, max_seq, cache=True, kv_dtype=kv_dtype)
     module.eval()
-    seq = torch.export.Dim("seq", min=1, max=max_seq)
+    seq = torch.export.Dim("seq", min=1, max=min(chunk or max_seq, max_seq))
     example = (torch.zeros(1, 2, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
     ctx = ops.decomposed() if decompose else contextlib.nullcontext()
     with ctx, torch.no_grad():
@@ -81,10 +83,10 @@ def lower_to_executorch(ep: torch.export.ExportedProgram, partitioners: list | N
     ))
 
 
-def export_pte(hf_model: torch.nn.Module, path: str | Path, max_seq: int, *, decompose: bool = False,
-               kv_dtype: torch.dtype = torch.float32) -> dict:
+def export_pte(hf_model: torch.nn.Module, path: str | Path, max_seq: int, *, chunk: int | None = None,
+               decompose: bool = False, kv_dtype: torch.dtype = torch.float32) -> dict:
     """Write the .pte; returns facts about it (size, custom-op count, delegated partitions)."""
-    ep = export_program(hf_model, max_seq, decompose=decompose, kv_dtype=kv_dtype)
+    ep = export_program(hf_model, max_seq, chunk=chunk, decompose=decompose, kv_dtype=kv_dtype)
     prog = lower_to_executorch(ep)
     data = prog.buffer
     Path(path).write_bytes(data)

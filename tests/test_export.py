@@ -580,6 +580,33 @@ def test_benchmark_runner_equals_python_runtime(bundle, tmp_path):
     assert bad.stderr.count("\n") == 1
 
 
+def test_prompt_longer_than_the_prefill_chunk(bundle, stories_test_ids, tmp_path):
+    """A prompt longer than the program's largest T (--prefill-chunk, default 64) goes in several calls, each at its
+    start position: the Python runtime's logits are those of one call per token through the decode path, and the C++
+    runner decodes what the Python runtime decodes."""
+    from vqmobile.errors import UserError
+    from vqmobile.export.et_runtime import ETDecoder, greedy
+    from vqmobile.export.runtime.build import host_target
+
+    path, _ = bundle
+    b = ve.open_bundle(path)
+    assert b.prefill_chunk == 64 < b.max_seq == MAX_SEQ and b.manifest["program"]["T"] == "1..64"
+    dec = ETDecoder(path / "model.pte", path / "lib" / "libvqmobile_executorch.so")
+    assert dec.chunk == 64
+    ids = stories_test_ids[:100]
+    chunked = dec(ids[None], 0)[0]
+    one_by_one = torch.cat([dec(ids[i:i + 1][None], i)[0] for i in range(len(ids))])
+    assert chunked.shape == one_by_one.shape == (100, 512)
+    assert (chunked.argmax(-1) == one_by_one.argmax(-1)).float().mean() >= 0.98
+    assert (chunked - one_by_one).abs().max() < 0.05 * one_by_one.abs().max()
+    prompt = ids[:70]
+    expected = greedy(dec, prompt, 8, MAX_SEQ)["new_tokens"]
+    assert _run_runner([str(path / "bin" / "vqm_runner"), str(path / "model.pte")], prompt, 8) == expected
+    with pytest.raises(UserError, match="--prefill-chunk 1 must be at least 2"):
+        ve.export_bundle(str(path / "checkpoint"), str(tmp_path / "bad"), target=host_target(),
+                         formats=["executorch"], prefill_chunk=1, progress=None)
+
+
 def test_arm64_runner_under_qemu_follows_host(bundle, stories_test_ids, tmp_path):
     """The arm64 runner and kernels (what an arm64 bundle ships) compute what the host runner computes, with and
     without the dotprod extension: teacher-forced logits of 40 real tokens through the decode path (`--logits`).

@@ -338,7 +338,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     _check_model(args.model)
     formats, target, _ = check_export(args.format.split(","), args.target, decompose=args.decompose, max_seq=args.max_seq,
-                                      out=args.out, overwrite=args.overwrite, kv_cache=args.kv_cache)
+                                      out=args.out, overwrite=args.overwrite, kv_cache=args.kv_cache,
+                                      prefill_chunk=args.prefill_chunk)
     if args.calib:  # used when the model is a float one, quantized first
         calibration_file(args.calib, args.nsamples, args.seqlen)
 
@@ -351,7 +352,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         res = export_bundle(args.model, args.out, target=target, formats=formats, overwrite=args.overwrite,
                             decompose=args.decompose, max_seq=args.max_seq, calibration=calib,
-                            activations=args.activations, kv_cache=args.kv_cache, progress=steps)
+                            activations=args.activations, kv_cache=args.kv_cache,
+                            prefill_chunk=args.prefill_chunk, progress=steps)
     finally:
         if isinstance(steps, _Steps):
             steps.close()
@@ -441,6 +443,8 @@ def _add_calibration_args(p: argparse.ArgumentParser) -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    from .export.bundle import DEFAULT_PREFILL_CHUNK  # light: no torch, no ExecuTorch
+
     parser = _Parser(prog="vqmobile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.set_defaults(quiet=False)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -490,6 +494,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq", type=int, default=None,
                    help="tokens the program's KV cache holds, prompt and generated (default 512, at most the model's "
                         "maximum); longer than a sliding window for the window to matter")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                   help=f"most tokens per forward call of the .pte; a longer prompt goes in several calls. The "
+                        f"program's memory grows with it (its logits are this many rows of the vocabulary) "
+                        f"(default {DEFAULT_PREFILL_CHUNK})")
     p.add_argument("--activations", choices=["float", "int8"], default="float",
                    help="activations of the .pte's quantized linears: int8 per block with integer dot products "
                         "(the fast mode) or float (default, exact); the ONNX file always uses float")

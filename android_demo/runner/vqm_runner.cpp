@@ -1,11 +1,11 @@
 // vqm_runner: the on-device latency benchmark. Loads a bundle's model.pte with the ExecuTorch runtime (our kernels
-// come from libvqmobile_executorch.so, linked in, which registers them when it loads), prefills a prompt of token ids,
-// decodes greedily with the KV cache and prints prefill latency and tokens/s, decode tokens/s, per-token latency
+// come from libvqmobile_executorch.so, linked in, which registers them when it loads), prefills a prompt of token ids
+// (in calls of at most the program's largest T, its prefill chunk), decodes greedily with the KV cache and prints prefill latency and tokens/s, decode tokens/s, per-token latency
 // percentiles and the process's peak RSS. With --logits FILE it instead runs the given tokens one per call (the
 // decode path through the KV cache, teacher-forced) and writes their float32 logits, for accuracy checks on a device.
 //
 // The program's contract is the one export/executorch_export.py writes: forward(tokens int64 [1, T],
-// input_pos int64 [1]) -> logits float32 [1, T, vocab]. Tokenization stays on the host (`vqmobile generate` prints
+// input_pos int64 [1]) -> logits float32 [1, T, vocab], T from 1 to the export's prefill chunk. Tokenization stays on the host (`vqmobile generate` prints
 // the ids of a prompt), so this binary needs nothing but the runtime and our adapter.
 //
 // usage: vqm_runner MODEL.pte [--tokens 1,2,3 | --prompt-len N] [--new-tokens N] [--repeats R] [--warmup W]
@@ -197,6 +197,29 @@ int64_t step(Module& m, std::vector<int64_t> tokens, int64_t pos) {
   return argmax(last, vocab);
 }
 
+// The most tokens one forward call takes (the program's largest T: its memory is planned for that many rows of
+// logits, so it is usually far below max_seq).
+int64_t tokens_per_call(Module& m) {
+  auto meta = m.method_meta("forward");
+  if (!meta.ok()) fail("the program has no forward method: is this a vqmobile model.pte?");
+  auto in = meta->input_tensor_meta(0);
+  if (!in.ok() || in->sizes().size() != 2 || in->sizes()[1] < 1)
+    fail("the program's first input is not tokens [1, T]: is this a vqmobile model.pte?");
+  return in->sizes()[1];
+}
+
+// The prompt in calls of at most `chunk` tokens, each at its start position; returns the argmax of the last
+// position's logits.
+int64_t prefill(Module& m, const std::vector<int64_t>& prompt, int64_t chunk) {
+  int64_t vocab = 0;
+  const float* last = nullptr;
+  for (size_t i = 0; i < prompt.size(); i += (size_t)chunk) {
+    std::vector<int64_t> part(prompt.begin() + i, prompt.begin() + std::min(prompt.size(), i + (size_t)chunk));
+    last = forward_last(m, std::move(part), (int64_t)i, &vocab);
+  }
+  return argmax(last, vocab);
+}
+
 // Teacher forcing through the decode path: token i at position i, one call each; the logits of every call go to
 // `path` as raw float32 [ntokens, vocab], row-major, little-endian (written to a temporary name, then renamed).
 void write_logits(Module& m, const std::vector<int64_t>& tokens, const std::string& path) {
@@ -261,8 +284,9 @@ int main(int argc, char** argv) {
     return 0;
   }
 
+  const int64_t chunk = tokens_per_call(m);
   for (int w = 0; w < o.warmup; ++w) {
-    int64_t first = step(m, o.prompt, 0);
+    int64_t first = prefill(m, o.prompt, chunk);
     if (o.new_tokens > 1) step(m, {first}, (int64_t)o.prompt.size());
   }
   std::vector<int64_t> generated;
@@ -270,7 +294,7 @@ int main(int argc, char** argv) {
   for (int r = 0; r < o.repeats; ++r) {
     std::vector<int64_t> out;
     double t0 = now_s();
-    int64_t next = step(m, o.prompt, 0);
+    int64_t next = prefill(m, o.prompt, chunk);
     double t1 = now_s();
     out.push_back(next);
     int64_t pos = (int64_t)o.prompt.size();
