@@ -379,16 +379,17 @@ def bench_decode(bundle: str, *, baseline_pte: str | None = None, prompt_tokens:
                         "lower --prompt-tokens or --new-tokens")
     say = progress or (lambda msg: None)
     # the baselines are exported like the bundle's program: its cache dtype, its tokens per call
-    kv = ("" if b.kv_cache == "float32" else f"-kv{b.kv_cache}") + (
+    variant = ("" if b.kv_cache == "float32" else f"-kv{b.kv_cache}") + (
         "" if b.prefill_chunk == b.max_seq else f"-chunk{b.prefill_chunk}")
     kv_dtype = getattr(torch, b.kv_cache)
-    base_path = Path(baseline_pte) if baseline_pte else baseline_cache_path(b.path, b.max_seq, f"8da4w-g{GROUP}{kv}")
+    base_path = (Path(baseline_pte) if baseline_pte
+                 else baseline_cache_path(b.path, b.max_seq, f"8da4w-g{GROUP}{variant}"))
     base_info = None
     if not base_path.is_file():
         say(f"exporting the torchao 8da4w g{GROUP} XNNPACK baseline ({b.kv_cache} KV cache) to {base_path} ...")
         base_info = export_torchao_baseline(b.path / CHECKPOINT_DIR, base_path, b.max_seq, kv_dtype=kv_dtype,
                                             chunk=b.prefill_chunk)
-    bare_path = (baseline_cache_path(b.path, b.max_seq, f"no-transforms-{b.activations}{kv}")
+    bare_path = (baseline_cache_path(b.path, b.max_seq, f"no-transforms-{b.activations}{variant}")
                  if without_transforms else None)
     if bare_path is not None and not bare_path.is_file():
         say(f"exporting the program without its online transforms to {bare_path} ...")

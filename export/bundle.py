@@ -182,8 +182,8 @@ def check_export(formats: list[str], target: str, *, decompose: bool, max_seq: i
                  overwrite: bool, kv_cache: str = "float32",
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> tuple[list[str], str, Path]:
     """The export's own arguments, checked before any heavy import or work: formats, target, the cross compiler
-    the kernel library needs, --max-seq, --prefill-chunk, --kv-cache and the output location. Returns (formats, target, absolute
-    out)."""
+    the kernel library needs, --max-seq, --prefill-chunk, --kv-cache and the output location. Returns (formats,
+    target, absolute out)."""
     if kv_cache not in KV_CACHES:
         raise UserError(f"--kv-cache {kv_cache} is not supported: use {' or '.join(KV_CACHES)}")
     formats = list(dict.fromkeys(f.strip().lower() for f in formats if f.strip()))
@@ -278,7 +278,8 @@ def export_bundle(model_spec: str, out: str, *, target: str, formats: list[str],
             say(f"exporting the ExecuTorch program (max_seq {seq}, up to {chunk} tokens per call, {kv_cache} KV cache"
                 f"{', decomposed' if decompose else ''}) ...")
             set_activations(model, activations)
-            info["pte"] = export_pte(model, tmp / PTE, seq, chunk=chunk, decompose=decompose, kv_dtype=getattr(torch, kv_cache))
+            info["pte"] = export_pte(model, tmp / PTE, seq, chunk=chunk, decompose=decompose,
+                                     kv_dtype=getattr(torch, kv_cache))
         if "onnx" in formats:
             from .onnx_export import export_onnx
 

@@ -4,8 +4,8 @@ The program has one method, ``forward(tokens int64 [1, T], input_pos int64 [1]) 
 T dynamic in [1, chunk] (prefill: the prompt at input_pos 0, in calls of at most `chunk` tokens; decode: one token at
 its position); the KV cache is a set of mutable buffers inside the program. The runtime plans memory for the largest
 T, and the logits dominate it (a 49152-word vocabulary at T = 512 is 100 MB, touched when the program loads), so a
-chunk well below max_seq is what keeps a decoding program small. Every op that is not ours goes to XNNPACK where it can; the
-``vqmobile::vq_linear`` / ``vqmobile::int_linear`` nodes stay custom ops (their ``.out`` variants) whose packed
+chunk well below max_seq is what keeps a decoding program small. Every op that is not ours goes to XNNPACK where it
+can; the ``vqmobile::vq_linear`` / ``vqmobile::int_linear`` nodes stay custom ops (their ``.out`` variants) whose packed
 weights are constants of the program, run by the adapter library in export/runtime/ (load it before the program).
 
 ``decompose=True`` traces the standard-op decompositions instead: a .pte any ExecuTorch runtime can run, slow and

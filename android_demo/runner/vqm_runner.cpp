@@ -1,12 +1,14 @@
 // vqm_runner: the on-device latency benchmark. Loads a bundle's model.pte with the ExecuTorch runtime (our kernels
 // come from libvqmobile_executorch.so, linked in, which registers them when it loads), prefills a prompt of token ids
-// (in calls of at most the program's largest T, its prefill chunk), decodes greedily with the KV cache and prints prefill latency and tokens/s, decode tokens/s, per-token latency
-// percentiles and the process's peak RSS. With --logits FILE it instead runs the given tokens one per call (the
-// decode path through the KV cache, teacher-forced) and writes their float32 logits, for accuracy checks on a device.
+// (in calls of at most the program's largest T, its prefill chunk), decodes greedily with the KV cache and prints
+// prefill latency and tokens/s, decode tokens/s, per-token latency percentiles and the process's peak RSS.
+// With --logits FILE it instead runs the given tokens one per call (the decode path through the KV cache,
+// teacher-forced) and writes their float32 logits, for accuracy checks on a device.
 //
 // The program's contract is the one export/executorch_export.py writes: forward(tokens int64 [1, T],
-// input_pos int64 [1]) -> logits float32 [1, T, vocab], T from 1 to the export's prefill chunk. Tokenization stays on the host (`vqmobile generate` prints
-// the ids of a prompt), so this binary needs nothing but the runtime and our adapter.
+// input_pos int64 [1]) -> logits float32 [1, T, vocab], T from 1 to the export's prefill chunk. Tokenization stays
+// on the host (`vqmobile generate` prints the ids of a prompt), so this binary needs nothing but the runtime and our
+// adapter.
 //
 // usage: vqm_runner MODEL.pte [--tokens 1,2,3 | --prompt-len N] [--new-tokens N] [--repeats R] [--warmup W]
 //                   [--threads N] [--json FILE]
