@@ -99,6 +99,7 @@ def test_model_finetune_lowers_kl_and_keeps_the_format(stories, calib, stories_t
     rep = quantize_(tuned, cfg, calib, progress=False)
     (model_rep,) = rep.finetune
     assert model_rep["scope"] == "model" and model_rep["steps"] == 16 and model_rep["kept"]
+    assert model_rep["probe"] == "held-out"  # trained on sequences 0-7, judged on 8-15
     assert model_rep["loss_after"] < 0.9 * model_rep["loss_before"]
     assert _ppl(tuned, stories_test_ids) < _ppl(plain, stories_test_ids)
     # the tuned model is an ordinary quantized model: same kinds and operators, and it reloads bit for bit
@@ -143,6 +144,27 @@ def test_interrupted_finetune_leaves_the_layer_as_it_was(stories, calib, monkeyp
     # norm weights moved by the two steps that ran are put back as well
     assert torch.equal(layer.input_layernorm.weight, norms[0])
     assert torch.equal(layer.post_attention_layernorm.weight, norms[1])
+
+
+def test_layer_finetune_is_judged_on_sequences_it_did_not_train_on(stories, calib):
+    """Trained on the first batch of 8 sequences, the keep-or-revert decision is taken on the second: the reported
+    losses are the layer's error there, before and after."""
+    from vqmobile.finetune import _rel_mse
+    from vqmobile.pipeline import _capture_layer_inputs, _run_layer
+
+    model = copy.deepcopy(stories.model)
+    quantize_(model, METHODS["vptq"](), calib, progress=False)
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        inputs, _ = _capture_layer_inputs(model, calib, 8)
+        targets = [o for o, _ in _run_layer(stories.model.model.layers[0], inputs)]
+        quantized = [o for o, _ in _run_layer(layer, inputs)]
+    assert len(inputs) == 2
+    rep, outs = finetune_layer(layer, inputs, targets, epochs=4, lr=1e-2, samples=8)
+    assert rep.probe == "held-out" and rep.steps == 4
+    assert rep.loss_before == pytest.approx(float(_rel_mse(quantized[1], targets[1])), rel=1e-6)
+    assert rep.loss_after == pytest.approx(float(_rel_mse(outs[1], targets[1])), rel=1e-6)
+    assert rep.kept == (rep.loss_after < rep.loss_before)
 
 
 def test_bad_finetune_options_are_refused():

@@ -264,13 +264,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
           f"quantized in {res.report.seconds:.1f} s, peak RSS {res.report.peak_rss_mb:.0f} MB")
     layers = [r for r in res.report.finetune if r["scope"] != "model"]
     if layers:
+        before, after = (sum(r[k] for r in layers) / len(layers) for k in ("loss_before", "loss_after"))
         print(f"fine-tuned {len(layers)} decoder layers ({sum(r['kept'] for r in layers)} improved): mean relative "
-              f"output error {sum(r['loss_before'] for r in layers) / len(layers):.4g} -> "
-              f"{sum(r['loss_after'] for r in layers) / len(layers):.4g} in {sum(r['seconds'] for r in layers):.0f} s")
+              f"output error on {layers[0]['probe']} sequences {before:.4g} -> {after:.4g} in "
+              f"{sum(r['seconds'] for r in layers):.0f} s")
     for r in res.report.finetune:
         if r["scope"] == "model":
-            print(f"fine-tuned the model: KL to the float logits {r['loss_before']:.4g} -> {r['loss_after']:.4g} "
-                  f"({r['steps']} steps, {r['seconds']:.0f} s{'' if r['kept'] else ', not kept: no improvement'})")
+            print(f"fine-tuned the model: KL to the float logits on {r['probe']} sequences {r['loss_before']:.4g} -> "
+                  f"{r['loss_after']:.4g} ({r['steps']} steps, {r['seconds']:.0f} s"
+                  f"{'' if r['kept'] else ', not kept: no improvement'})")
     if args.eval_windows:
         ck = load(res.out)
         print(evaluate(ck.model, ck.tokenizer, windows=args.eval_windows, progress=not args.quiet))

@@ -18,9 +18,13 @@ not change.
   step (memory: one sequence's activations and gradients).
 
 Adam's step size is `finetune_lr` times each parameter tensor's RMS, so one setting suits codebook entries, fp16
-scales and norm weights of very different magnitudes. Tuning never makes a result worse: the loss on the training data
-is measured before and after (with the stored, rounded parameters), and the parameters are put back if it did not go
-down. Both stages keep the model unchanged if interrupted (the parameters are written back only at the end).
+scales and norm weights of very different magnitudes. Tuning is kept only if it generalizes: the loss is measured
+before and after (with the stored, rounded parameters) on calibration sequences the stage did not train on (as many
+as it trained on, at most 8 for the model stage), and the parameters are put back if it did not go down. A tuner
+with hundreds of thousands of values (VPTQ's codebooks) can lower its training loss while the model gets worse; only
+when the calibration set holds no other sequences does the decision fall back to the training ones (the report's
+`probe` says which). Both stages keep the model unchanged if interrupted (the parameters are written back only at the
+end).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class FinetuneReport:
     parameters: int  # trainable scalars
     seconds: float
     kept: bool  # False: the tuned parameters did not lower the loss and were put back
+    probe: str  # what loss_before and loss_after were measured on: "held-out" or "training" sequences
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -187,12 +192,13 @@ def finetune_layer(layer: nn.Module, inputs: list, targets: list[torch.Tensor], 
 
 def _finetune_layer(layer, scope, inputs, targets, used, epochs, lr, index, progress):
     t0 = time.perf_counter()
+    probe = list(range(used, min(len(inputs), 2 * used))) or list(range(used))
 
     def loss(outs) -> float:
-        return sum(float(_rel_mse(o, t)) for o, t in zip(outs, targets[:used])) / used
+        return sum(float(_rel_mse(outs[b], targets[b])) for b in probe) / len(probe)
 
     with torch.no_grad():
-        loss_before = loss([_layer_out(layer, h, kw) for h, kw in inputs[:used]])
+        loss_before = loss({b: _layer_out(layer, *inputs[b]) for b in probe})
     steps = 0
     with _tuning(layer, scope) as pairs, torch.enable_grad():
         tuner = _Tuner(pairs, _norm_weights(layer), lr)
@@ -215,7 +221,7 @@ def _finetune_layer(layer, scope, inputs, targets, used, epochs, lr, index, prog
             after = [_layer_out(layer, h, kw) for h, kw in inputs]
         loss_after = loss_before
     report = FinetuneReport(f"layer {index}", loss_before, loss_after, steps, tuner.count,
-                            time.perf_counter() - t0, kept)
+                            time.perf_counter() - t0, kept, "held-out" if probe[0] >= used else "training")
     return report, after
 
 
@@ -234,7 +240,8 @@ def finetune_model(model: nn.Module, teacher: nn.Module, calibration: torch.Tens
 
     t0 = time.perf_counter()
     seqs = calibration[: samples or len(calibration)]
-    probe = seqs[: min(8, len(seqs))]  # the before/after loss: a fixed subset, teacher logits recomputed each time
+    held_out = calibration[len(seqs): len(seqs) + 8]
+    probe = held_out if len(held_out) else seqs[:8]  # teacher logits recomputed each time: no 49k-wide cache
 
     def probe_loss() -> float:
         with torch.no_grad():
@@ -260,4 +267,5 @@ def finetune_model(model: nn.Module, teacher: nn.Module, calibration: torch.Tens
     if not kept:
         tuner.store(tuned=False)
         loss_after = loss_before
-    return FinetuneReport("model", loss_before, loss_after, steps, tuner.count, time.perf_counter() - t0, kept)
+    return FinetuneReport("model", loss_before, loss_after, steps, tuner.count, time.perf_counter() - t0, kept,
+                          "held-out" if len(held_out) else "training")
