@@ -82,8 +82,9 @@ static int64_t group_end(const vqm_cvq_weight *w, int g, int64_t start)
     return e < w->k ? e : w->k;
 }
 
-/* The block structure (independent of x) and the prepared activations of rows [0, batch) of x. */
-static int cvq_prepare(const vqm_cvq_weight *w, const float *x, int64_t batch, int flags, cvq_call *call)
+/* The block structure (independent of x) and the prepared activations of rows [0, batch) of x; with `tables` (the
+ * AVX-512 kernel) also the codebooks' component tables and each block's sum of q. */
+static int cvq_prepare(const vqm_cvq_weight *w, const float *x, int64_t batch, int flags, int tables, cvq_call *call)
 {
     const int64_t k = w->k;
     const int ng = vqm_cvq_groups(w);
@@ -103,7 +104,11 @@ static int cvq_prepare(const vqm_cvq_weight *w, const float *x, int64_t batch, i
     size_t off_xp2 = off_xq + (int8 ? a64((size_t)(batch * k)) : 0);
     size_t off_xquad = off_xp2 + (int8 ? a64(sizeof(int32_t) * (size_t)(batch * npairs_max)) : 0);
     size_t off_xs = off_xquad + (int8 ? a64((size_t)(16 * batch * nquads_max)) : 0);
-    size_t total = off_xs + (int8 ? a64(sizeof(float) * (size_t)(batch * nblk)) : 0);
+    size_t off_qsum = off_xs + (int8 ? a64(sizeof(float) * (size_t)(batch * nblk)) : 0);
+    size_t off_tab = off_qsum + (tables ? a64(sizeof(int32_t) * (size_t)(batch * nblk)) : 0);
+    size_t off_rtab = off_tab + (tables ? a64((size_t)ng * (size_t)w->v * (size_t)vqm_cvq_tab_stride(w->ncent)) : 0);
+    size_t total = off_rtab + (tables && w->res_ncent
+                                   ? a64((size_t)ng * (size_t)w->v * (size_t)vqm_cvq_tab_stride(w->res_ncent)) : 0);
     uint8_t *mem = aligned_alloc(64, total);
     if (!mem) return VQM_ENOMEM;
     int32_t *c0 = (int32_t *)(void *)(mem + off_c0), *grp = (int32_t *)(void *)(mem + off_grp);
@@ -114,6 +119,7 @@ static int cvq_prepare(const vqm_cvq_weight *w, const float *x, int64_t batch, i
     int32_t *xp2 = int8 ? (int32_t *)(void *)(mem + off_xp2) : NULL;
     int8_t *xquad = int8 ? (int8_t *)(mem + off_xquad) : NULL;
     float *xs = int8 ? (float *)(void *)(mem + off_xs) : NULL;
+    int32_t *qsum = tables ? (int32_t *)(void *)(mem + off_qsum) : NULL;
 
     int bi = 0;
     int64_t pairs = 0, quads = 0;
@@ -148,6 +154,11 @@ static int cvq_prepare(const vqm_cvq_weight *w, const float *x, int64_t batch, i
             const int64_t s = c0[blk], len = c0[blk + 1] - s;
             int8_t *q = xq + b * k + s;
             vqm_quantize_act(dst + s, len, len, q, &xs[b * nblk + blk]);
+            if (qsum) {
+                int32_t sum = 0;
+                for (int64_t i = 0; i < len; i++) sum += q[i];
+                qsum[b * nblk + blk] = sum;
+            }
             int32_t *pp = xp2 + b * pairs + poff[blk];
             for (int64_t i = 0; i < len; i += 2) {
                 uint32_t lo = (uint16_t)(int16_t)q[i], hi = i + 1 < len ? (uint16_t)(int16_t)q[i + 1] : 0u;
@@ -159,33 +170,45 @@ static int cvq_prepare(const vqm_cvq_weight *w, const float *x, int64_t batch, i
                     for (int u = 0; u < 4; u++) qq[4 * i + 4 * r + u] = i + u < len ? q[i + u] : 0;
         }
     }
+    uint8_t *tab = NULL, *rtab = NULL;
+#if defined(__x86_64__) || defined(_M_X64)
+    if (tables) {
+        tab = mem + off_tab;
+        vqm_cvq_build_tables(w->codebook, ng, w->ncent, w->v, tab);
+        if (w->res_ncent) {
+            rtab = mem + off_rtab;
+            vqm_cvq_build_tables(w->res_codebook, ng, w->res_ncent, w->v, rtab);
+        }
+    }
+#endif
     call->mem = mem;
     call->p = (cvq_prep){ batch, k, nblk, c0, grp, poff, pairs, xf, xq, xp2, qoff, quads, xquad, xs, gs,
-                          w->res_ncent ? rs : NULL };
+                          w->res_ncent ? rs : NULL, qsum, tab, rtab };
     return VQM_OK;
 }
 
 /* ---------------------------------------------------------------- dispatch */
-static cvq_rows_fn rows_of(int path)
+static cvq_rows_fn rows_of(int path, const vqm_cvq_weight *w, int flags)
 {
 #if defined(__x86_64__) || defined(_M_X64)
-    /* The AVX-512 path runs the AVX2 kernel: a VNNI variant (16 columns per step, vpdpbusd) measured no faster, the
-     * entry loads bound both (native/README.md). An AVX-512 CPU has AVX2; the SIMDe test build, which emulates
-     * AVX-512 on any x86-64 CPU, is checked. */
+    /* AVX-512 looks the codebooks up in registers (cvq_avx512.c) where their codes are 4 or 8 bits wide and the
+     * activations int8; otherwise it runs the AVX2 kernel, which an AVX-512 CPU has (the SIMDe test build, which
+     * emulates AVX-512 on any x86-64 CPU, checks it). */
+    if (path == VQM_PATH_AVX512 && (flags & VQM_ACT_INT8) && vqm_cvq_avx512_fits(w)) return vqm_cvq_rows_avx512;
     if (path == VQM_PATH_AVX2 || (path == VQM_PATH_AVX512 && vqm_path_available(VQM_PATH_AVX2)))
         return vqm_cvq_rows_avx2;
 #endif
 #if defined(__aarch64__)
     if (path == VQM_PATH_NEON || path == VQM_PATH_NEON_DOT) return vqm_cvq_rows_neon;
 #endif
-    (void)path;
+    (void)path, (void)w, (void)flags;
     return vqm_cvq_rows_ref;
 }
 
 int vqm_cvq_path_has_kernel(int path, const vqm_cvq_weight *w)
 {
     if (cvq_check(w) || !vqm_path_available(path)) return 0;
-    return rows_of(path) != vqm_cvq_rows_ref;
+    return rows_of(path, w, VQM_ACT_INT8) != vqm_cvq_rows_ref;
 }
 
 #define CVQ_UNIT 4 /* vector rows per unit of the thread split */
@@ -218,7 +241,7 @@ int vqm_cvq_linear_path(int path, const vqm_cvq_weight *w, const float *x, int64
     if (path == VQM_PATH_AUTO) path = vqm_get_path();
     if (!vqm_path_available(path)) return VQM_EPATH;
     if (batch == 0) return VQM_OK;
-    const cvq_rows_fn fn = rows_of(path);
+    const cvq_rows_fn fn = rows_of(path, w, flags);
     const int64_t nv = vqm_cdiv(w->n, w->v), units = vqm_cdiv(nv, CVQ_UNIT);
     if (threads <= 0) threads = vqm_get_num_threads();
     if (threads > 64) threads = 64;
@@ -226,7 +249,12 @@ int vqm_cvq_linear_path(int path, const vqm_cvq_weight *w, const float *x, int64
     for (int64_t b0 = 0; b0 < batch; b0 += VQM_BATCH_TILE) {
         const int64_t nb = batch - b0 < VQM_BATCH_TILE ? batch - b0 : VQM_BATCH_TILE;
         cvq_call call;
-        rc = cvq_prepare(w, x + b0 * w->k, nb, flags, &call);
+#if defined(__x86_64__) || defined(_M_X64)
+        const int tables = fn == vqm_cvq_rows_avx512;
+#else
+        const int tables = 0;
+#endif
+        rc = cvq_prepare(w, x + b0 * w->k, nb, flags, tables, &call);
         if (rc) return rc;
         const int ntasks = threads == 1 ? 1 : (int)(units < 4 * threads ? units : 4 * threads);
         cvq_split s = { fn, w, &call.p, bias, y + b0 * w->n, flags, ntasks, nv };

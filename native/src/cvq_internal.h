@@ -28,6 +28,9 @@ typedef struct cvq_prep {
     const float *xs;         /* [batch][nblk] block scales (int8 mode) */
     const float *gscale;     /* [G] codebook scales, decoded */
     const float *rscale;     /* [G] residual codebook scales, or NULL */
+    const int32_t *qsum;     /* [batch][nblk] sum of each block's q (int8 mode, AVX-512 kernel), else NULL */
+    const uint8_t *tab;      /* [G][v][stride] codebook tables (AVX-512 kernel, vqm_cvq_build_tables), else NULL */
+    const uint8_t *rtab;     /* the residual codebooks' tables, or NULL */
 } cvq_prep;
 
 /* y[bi * n + r] for the rows r of vector rows [j0, j1), bi < p->batch. */
@@ -39,6 +42,12 @@ void vqm_cvq_rows_ref(const vqm_cvq_weight *w, const cvq_prep *p, int64_t j0, in
 #if defined(__x86_64__) || defined(_M_X64)
 void vqm_cvq_rows_avx2(const vqm_cvq_weight *w, const cvq_prep *p, int64_t j0, int64_t j1, const float *bias,
                        float *y, int flags);
+/* int8 activations, codebooks of b = 4 or 8 bits per code (vqm_cvq_avx512_fits), tables built by
+ * vqm_cvq_build_tables */
+void vqm_cvq_rows_avx512(const vqm_cvq_weight *w, const cvq_prep *p, int64_t j0, int64_t j1, const float *bias,
+                         float *y, int flags);
+int vqm_cvq_avx512_fits(const vqm_cvq_weight *w);
+void vqm_cvq_build_tables(const int8_t *cb, int groups, int ncent, int v, uint8_t *tab);
 #endif
 #if defined(__aarch64__)
 void vqm_cvq_rows_neon(const vqm_cvq_weight *w, const cvq_prep *p, int64_t j0, int64_t j1, const float *bias,
@@ -73,5 +82,8 @@ static inline int vqm_cvq_bits(int ncent)
     while ((1 << b) < ncent) b++;
     return b;
 }
+
+/* bytes per component table of the AVX-512 kernel: 256 entries (b = 8) or one 64-byte register (b = 4) */
+static inline int vqm_cvq_tab_stride(int ncent) { return vqm_cvq_bits(ncent) == 8 ? 256 : 64; }
 
 #endif
