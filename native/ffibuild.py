@@ -57,7 +57,7 @@ ffibuilder.set_source(
     sources=[_rel("src", s) for s in SOURCES],
     include_dirs=[_rel("include"), _rel("src")],
     depends=[_rel("include", "vqmobile.h"), _rel("src", "internal.h"), _rel("src", "quip.h"),
-             _rel("src", "cvq_internal.h")],
+             _rel("src", "cvq_internal.h"), _rel("src", "cvq_x86.h")],
     extra_compile_args=["-O2", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno"],
     libraries=["m", "pthread"],
 )

@@ -28,6 +28,7 @@
 #pragma GCC target("avx2,fma")
 #endif
 #include <immintrin.h>
+#include "cvq_x86.h"
 
 /* the v int8 values of a codebook entry in the low bytes, zeros above (never reads past the entry) */
 static inline __attribute__((always_inline)) __m128i entry(const int8_t *p, const int v)
@@ -228,15 +229,7 @@ static inline __attribute__((always_inline)) void rows_v(const vqm_cvq_weight *w
             if (int8) {
                 block_isum(cb, idx, len, p, blk, nb, v, NB, is);
                 if (res) block_isum(w->res_codebook + (int64_t)g * w->res_ncent * v, ridx, len, p, blk, nb, v, NB, ir);
-                for (int64_t bi = 0; bi < NBATCH; bi++) {
-                    const __m256 xs = _mm256_set1_ps(p->xs[bi * p->nblk + blk]);
-                    __m256 a = _mm256_mul_ps(_mm256_cvtepi32_ps(is[bi]), xs);
-                    acc[bi] = _mm256_add_ps(acc[bi], _mm256_mul_ps(a, gs));
-                    if (res) {
-                        a = _mm256_mul_ps(_mm256_cvtepi32_ps(ir[bi]), xs);
-                        acc[bi] = _mm256_add_ps(acc[bi], _mm256_mul_ps(a, _mm256_set1_ps(p->rscale[g])));
-                    }
-                }
+                cvq_finish_int8(p, blk, g, NBATCH, is, res ? ir : NULL, acc);
             } else {
                 block_fsum(cb, idx, len, p, c0, nb, v, NB, fs);
                 if (res) block_fsum(w->res_codebook + (int64_t)g * w->res_ncent * v, ridx, len, p, c0, nb, v, NB, fr);
@@ -246,13 +239,7 @@ static inline __attribute__((always_inline)) void rows_v(const vqm_cvq_weight *w
                 }
             }
         }
-        const int64_t r0 = j * v;
-        const int nvalid = n - r0 < v ? (int)(n - r0) : v;
-        for (int64_t bi = 0; bi < NBATCH; bi++) {
-            float out[8];
-            _mm256_storeu_ps(out, acc[bi]);
-            for (int t = 0; t < nvalid; t++) y[bi * n + r0 + t] = bias ? out[t] + bias[r0 + t] : out[t];
-        }
+        cvq_store_rows(acc, NBATCH, n, j * v, v, bias, y);
     }
 }
 

@@ -32,6 +32,8 @@ typedef simde__mmask64 __mmask64;
 #include <immintrin.h>
 #endif
 
+#include "cvq_x86.h"
+
 #define CH 64 /* columns per step */
 
 int vqm_cvq_avx512_fits(const vqm_cvq_weight *w)
@@ -189,25 +191,9 @@ static inline __attribute__((always_inline)) void rows_v(const vqm_cvq_weight *w
             else stage_block(p->tab + (int64_t)g * V * S, row, c0, len, p, blk, nb, V, 4, NB, is);
             if (res && rb == 8) stage_block(p->rtab + (int64_t)g * V * RS, rrow, c0, len, p, blk, nb, V, 8, NB, ir);
             else if (res) stage_block(p->rtab + (int64_t)g * V * RS, rrow, c0, len, p, blk, nb, V, 4, NB, ir);
-            /* the reference's float operations, in its order: main stage, then residual */
-            const __m256 gs = _mm256_set1_ps(p->gscale[g]);
-            for (int64_t bi = 0; bi < NBATCH; bi++) {
-                const __m256 xs = _mm256_set1_ps(p->xs[bi * p->nblk + blk]);
-                __m256 a = _mm256_mul_ps(_mm256_cvtepi32_ps(is[bi]), xs);
-                acc[bi] = _mm256_add_ps(acc[bi], _mm256_mul_ps(a, gs));
-                if (res) {
-                    a = _mm256_mul_ps(_mm256_cvtepi32_ps(ir[bi]), xs);
-                    acc[bi] = _mm256_add_ps(acc[bi], _mm256_mul_ps(a, _mm256_set1_ps(p->rscale[g])));
-                }
-            }
+            cvq_finish_int8(p, blk, g, NBATCH, is, res ? ir : NULL, acc);
         }
-        const int64_t r0 = j * V;
-        const int nvalid = n - r0 < V ? (int)(n - r0) : V;
-        for (int64_t bi = 0; bi < NBATCH; bi++) {
-            float out[8];
-            _mm256_storeu_ps(out, acc[bi]);
-            for (int t = 0; t < nvalid; t++) y[bi * n + r0 + t] = bias ? out[t] + bias[r0 + t] : out[t];
-        }
+        cvq_store_rows(acc, NBATCH, n, j * V, V, bias, y);
     }
 }
 
