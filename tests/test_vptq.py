@@ -99,6 +99,8 @@ def test_bad_configurations_are_refused():
     with pytest.raises(UserError, match="fewer than the 256 centroids") as e:
         VPTQConfig.from_preset("mobile").check_layer("model.layers.0.self_attn.k_proj", 32, 64)
     assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="outlier column.* hold 192 vectors.*--vptq-outlier 0"):
+        VPTQConfig.from_preset("paper").check_layer("model.layers.0.self_attn.k_proj", 192, 576)  # SmolLM2's k_proj
     with pytest.raises(UserError, match="at most 32768"):
         VPTQConfig().check_layer("wide", 64, 40000)
 

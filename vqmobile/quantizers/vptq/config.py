@@ -11,7 +11,8 @@ Presets (bpv: the index bits per weight; the stored bpw adds the overheads above
 - `mobile3`: v=4, k=256 plus a residual k=16 (3 bits).
 - `paper`: the paper's 2-bit shape, v=6, k=4096 (2 bits), 1 % outlier columns; its codebook is 24 KB of int8
   entries per group (the paper's fp16 entries would be 48 KB), which on a 135M model's small layers costs far more
-  than on Llama-2-7B (every linear has its own).
+  than on Llama-2-7B (every linear has its own). On SmolLM2 its 1 % outlier columns (6 of 576) hold fewer vectors than
+  4096 centroids, so it runs there as `paper` with outlier=0 (about 2.43 bpw stored).
 """
 
 from __future__ import annotations
@@ -90,11 +91,18 @@ class VPTQConfig(QuantConfig):
         if out_features < 1:
             raise UserError(f"layer {name} has an empty weight ({out_features} x {in_features})")
         g = self.layer_geometry(out_features, in_features)
-        smallest = min(c1 - c0 for c0, c1 in g.bounds()) * g.vector_rows
-        if smallest < max(self.k, self.res_k):
-            raise UserError(f"layer {name} ({out_features} x {in_features}) has a codebook group of {smallest} "
-                            f"vectors, fewer than the {max(self.k, self.res_k)} centroids of its codebook: use a "
-                            f"smaller --vptq-k/--vptq-res-k, a larger --vptq-outlier or --vptq-group 0")
+        sizes = [(c1 - c0) * g.vector_rows for c0, c1 in g.bounds()]
+        smallest, k = min(sizes), max(self.k, self.res_k)
+        if smallest >= k:
+            return
+        if g.outlier_cols and sizes[0] == smallest:
+            # a small model's 1 % of columns holds few vectors: the paper's k = 4096 cannot fit them
+            raise UserError(f"layer {name} ({out_features} x {in_features}): its {g.outlier_cols} outlier column(s) "
+                            f"hold {smallest} vectors, fewer than the {k} centroids of a codebook: use "
+                            f"--vptq-outlier 0 (no outlier codebook), a larger --vptq-outlier or a smaller --vptq-k")
+        raise UserError(f"layer {name} ({out_features} x {in_features}) has a codebook group of {smallest} "
+                        f"vectors, fewer than the {k} centroids of its codebook: use a "
+                        f"smaller --vptq-k/--vptq-res-k, a larger --vptq-outlier or --vptq-group 0")
 
     def layer_geometry(self, n: int, cols: int) -> CVQGeometry:
         o = self.outlier_cols(cols)
