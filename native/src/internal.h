@@ -118,6 +118,25 @@ static inline int vqm_vq_simd_cfg(const vqm_vq_weight *w, vqm_vcfg *c)
     return 1;
 }
 
+/* Every (be, de, ke) vqm_vq_simd_cfg can return: each SIMD path instantiates its VQ kernel, vq_<be>_<de>_<ke>(w, xp,
+ * r0, r1, bias, y, cfg, int8), for each with X(be, de, ke), and VQM_VQ_ROWS_FN(name) then defines its
+ * vqm_path_ops.vq_rows, which picks the instance. */
+#define VQM_VQ_SHAPES(X) \
+    X(4, 1, 16) X(4, 2, 16) X(4, 4, 16) X(6, 1, 64) X(6, 2, 64) X(6, 4, 64) X(8, 1, 256) X(8, 2, 256) X(8, 4, 256)
+#define VQM_VQ_CASE_(BE, DE, KE) \
+    if (c.be == BE && c.de == DE) { vq_##BE##_##DE##_##KE(w, xp, r0, r1, bias, y, &c, i8); return; }
+#define VQM_VQ_ROWS_FN(name)                                                                                    \
+    static void name(const vqm_vq_weight *w, const vqm_layout *lay, const vqm_xprep *xp, int64_t r0, int64_t r1, \
+                     const float *bias, float *y, int flags)                                                   \
+    {                                                                                                          \
+        (void)lay;                                                                                             \
+        vqm_vcfg c;                                                                                            \
+        if (!vqm_vq_simd_cfg(w, &c)) abort();                                                                  \
+        const int i8 = (flags & VQM_ACT_INT8) != 0;                                                            \
+        VQM_VQ_SHAPES(VQM_VQ_CASE_)                                                                            \
+        abort();                                                                                               \
+    }
+
 /* vqm_nearest's SIMD paths take `lanes` vectors at a time, component-major: xs[t * lanes + l] = x[l][t]. Lanes past
  * `cnt` get x = 0 and weight 0 (their results are dropped). */
 static inline void vqm_nearest_lanes(const float *x, const float *w, int cnt, int lanes, int d, float *xs, float *ws)

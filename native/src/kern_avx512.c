@@ -740,30 +740,9 @@ vq_rows(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, con
             else vq_rows(w, xp, r0, r1, bias, y, cfg, BE, DE, KE, 0, 0);                                        \
         }                                                                                                       \
     }
-VQ_INST(4, 1, 16)
-VQ_INST(4, 2, 16)
-VQ_INST(4, 4, 16)
-VQ_INST(6, 1, 64)
-VQ_INST(6, 2, 64)
-VQ_INST(6, 4, 64)
-VQ_INST(8, 1, 256)
-VQ_INST(8, 2, 256)
-VQ_INST(8, 4, 256)
+VQM_VQ_SHAPES(VQ_INST)
 
-static void avx512_vq_rows(const vqm_vq_weight *w, const vqm_layout *lay, const vqm_xprep *xp, int64_t r0,
-                           int64_t r1, const float *bias, float *y, int flags)
-{
-    (void)lay;
-    vqm_vcfg c;
-    if (!vqm_vq_simd_cfg(w, &c)) abort();
-    const int i8 = (flags & VQM_ACT_INT8) != 0;
-#define CASE(BE, DE, KE) if (c.be == BE && c.de == DE) { vq_##BE##_##DE##_##KE(w, xp, r0, r1, bias, y, &c, i8); return; }
-    CASE(4, 1, 16) CASE(4, 2, 16) CASE(4, 4, 16)
-    CASE(6, 1, 64) CASE(6, 2, 64) CASE(6, 4, 64)
-    CASE(8, 1, 256) CASE(8, 2, 256) CASE(8, 4, 256)
-#undef CASE
-    abort();
-}
+VQM_VQ_ROWS_FN(avx512_vq_rows)
 
 /* ---------------------------------------------------------------- int4 and int8 weights
  * The activation layout is AVX2's (chunks of 32 columns; 4-bit: even columns then odd ones, as the nibbles
