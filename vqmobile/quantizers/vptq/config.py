@@ -12,7 +12,7 @@ Presets (bpv: the index bits per weight; the stored bpw adds the overheads above
 - `paper`: the paper's 2-bit shape, v=6, k=4096 (2 bits), 1 % outlier columns; its codebook is 24 KB of int8
   entries per group (the paper's fp16 entries would be 48 KB), which on a 135M model's small layers costs far more
   than on Llama-2-7B (every linear has its own). On SmolLM2 its 1 % outlier columns (6 of 576) hold fewer vectors than
-  4096 centroids, so it runs there as `paper` with outlier=0 (about 2.43 bpw stored).
+  4096 centroids: use it there with `--vptq-outlier 0` (about 2.43 bpw stored).
 """
 
 from __future__ import annotations
