@@ -45,6 +45,20 @@ def linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return mod(x)
 
 
+def stacked_linear(mods: list[nn.Module]) -> QuantLinear | None:
+    """One QuantLinear computing what the quantized linears `mods` (which read the same input) compute, its output
+    their outputs side by side, or None where their formats cannot be joined or no operator runs the result. Fewer,
+    larger calls per token: each call quantizes its activations, fills its tables and dispatches once."""
+    if len(mods) < 2 or not all(isinstance(m, QuantLinear) for m in mods):
+        return None
+    if len({type(m.qweight) for m in mods}) != 1 or len({m.bias is None for m in mods}) != 1:
+        return None
+    w = type(mods[0].qweight).stack_rows([m.qweight for m in mods])
+    if w is None or ops.op_support(w)[0] is None:
+        return None
+    return QuantLinear(w, None if mods[0].bias is None else torch.cat([m.bias for m in mods]))
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -92,7 +106,7 @@ def kv_rounded(hf_model: nn.Module, kv_dtype: torch.dtype) -> Iterator[None]:
 
 class StaticDecoder(nn.Module):
     def __init__(self, hf_model: nn.Module, max_seq: int, cache: bool = True, tied_head_op: bool = True,
-                 kv_dtype: torch.dtype = torch.float32):
+                 kv_dtype: torch.dtype = torch.float32, stack_projections: bool = True):
         super().__init__()
         self.hf_model = hf_model  # registers every weight of the model with this module
         self.parts = decoder_structure(hf_model)
@@ -108,6 +122,11 @@ class StaticDecoder(nn.Module):
             for mod in hf_model.modules():
                 if isinstance(mod, QuantLinear) and ops.op_support(mod.qweight)[0] is None:
                     ops.dense_weight(mod.qweight)
+        # q/k/v and gate/up of a layer run as one call each where stacked_linear can join them (210 calls per
+        # SmolLM2 token -> 120). A plain list: the joined weights are traced as constants in place of the parts'.
+        self.stacked: list[tuple[QuantLinear | None, QuantLinear | None]] = [
+            (stacked_linear([layer.attn.q, layer.attn.k, layer.attn.v]), stacked_linear([layer.gate, layer.up]))
+            if stack_projections else (None, None) for layer in self.parts.layers]
         tables = rotary_tables(self.parts, self.max_seq)
         self.rope_index = {key: j for j, key in enumerate(tables)}
         for j, (cos, sin) in enumerate(tables.values()):
@@ -128,11 +147,23 @@ class StaticDecoder(nn.Module):
             if "_cache_" in name:
                 buf.zero_()
 
+    @staticmethod
+    def _linears(stacked: QuantLinear | None, mods: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+        """The outputs of mods on x: one call through their stacked linear, unless their activation settings
+        (set after this module was made) differ."""
+        if stacked is None or len({m.act_int8 for m in mods}) != 1:
+            return [linear(m, x) for m in mods]
+        y = ops.op_forward(stacked.qweight, x, stacked.bias, mods[0].act_int8)
+        # contiguous, as the separate outputs were: PyTorch's elementwise kernels (SiLU) round differently on
+        # strided views (the exported program's split makes copies anyway)
+        return [part.contiguous() for part in torch.split(y, [m.out_features for m in mods], dim=-1)]
+
     def _attention(self, i: int, a: Attention, x: torch.Tensor, cos, sin, pos) -> torch.Tensor:
         t, hd = x.shape[1], a.head_dim
-        q = linear(a.q, x).view(t, a.n_heads, hd)
-        k = linear(a.k, x).view(t, a.n_kv_heads, hd)
-        v = linear(a.v, x).view(t, a.n_kv_heads, hd).transpose(0, 1)
+        q, k, v = self._linears(self.stacked[i][0], [a.q, a.k, a.v], x)
+        q = q.reshape(t, a.n_heads, hd)
+        k = k.reshape(t, a.n_kv_heads, hd)
+        v = v.reshape(t, a.n_kv_heads, hd).transpose(0, 1)
         if a.q_norm is not None:
             q, k = a.q_norm(q), a.k_norm(k)
         q = _rope(q.transpose(0, 1), cos, sin)  # [H, T, D]
@@ -166,7 +197,8 @@ class StaticDecoder(nn.Module):
             a = self._attention(i, layer.attn, layer.attn_norm(h), cos, sin, pos)
             h = h + (a if layer.attn_out_norm is None else layer.attn_out_norm(a))
             x = layer.mlp_norm(h)
-            m = linear(layer.down, layer.act(linear(layer.gate, x)) * linear(layer.up, x))
+            g, u = self._linears(self.stacked[i][1], [layer.gate, layer.up], x)
+            m = linear(layer.down, layer.act(g) * u)
             h = h + (m if layer.mlp_out_norm is None else layer.mlp_out_norm(m))
         h = self.parts.norm(h)
         head = self.parts.head

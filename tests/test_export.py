@@ -246,9 +246,11 @@ def test_bundle_contents(bundle):
     ops_ = m["pte"]["custom_ops"]
     # int8 embedding (the default): the tied head is one more int_linear, over the embedding's own codes
     assert m["checkpoint_embedding"]["tied_head"] is True
-    assert ops_.get("vqmobile.int_linear.out", 0) == 5 * 3 + 1
+    # per layer one call for gate/up and one for down (the MLPs are int4), one for q/k/v and one for o (VQ; layer
+    # 0's o has no kernel): export/model.py stacks the projections that read the same input
+    assert ops_.get("vqmobile.int_linear.out", 0) == 5 * 2 + 1
     if m["method"] != "gptq":
-        assert ops_.get("vqmobile.vq_linear.out", 0) == 5 * 4 - 1
+        assert ops_.get("vqmobile.vq_linear.out", 0) == 5 * 2 - 1
     assert "vqmobile.dense_linear.out" not in ops_
     assert m["pte"]["xnnpack_partitions"] > 0
     assert "model.layers.0.self_attn.o_proj" in m["standard_op_layers"]
@@ -677,6 +679,40 @@ def test_bench_decode_both_engines(bundle, tmp_path, monkeypatch):
         ve.bench_decode(str(path), baseline_pte=str(base), engine="python", threads=[1, 2], progress=None)
     with pytest.raises(UserError, match="max_seq"):
         ve.bench_decode(str(path), baseline_pte=str(base), prompt_tokens=MAX_SEQ, progress=None)
+
+
+def test_stack_rows_joins_only_what_decodes_unchanged():
+    """A stacked weight dequantizes to its parts one above the other; parts that would share a codebook block, or
+    differ in format settings, are refused (None) so that the caller keeps separate calls."""
+    parts = [_random_vq(64, 96, 2, 16, 32, 32, seed=1), _random_vq(32, 96, 2, 16, 32, 32, seed=2)]
+    joined = VQWeight.stack_rows(parts)
+    assert joined.shape == (96, 96)
+    assert torch.equal(joined.dequantize(), torch.cat([p.dequantize() for p in parts]))
+    assert VQWeight.stack_rows([_random_vq(48, 96, 2, 16, 32, 32), parts[1]]) is None  # 48 rows: a split block
+    assert VQWeight.stack_rows([parts[0], _random_vq(32, 96, 2, 64, 32, 32)]) is None  # another k
+    assert VQWeight.stack_rows([parts[0], _random_vq(32, 96, 2, 16, 32, 32, kind="fp16")]) is None
+    w = torch.randn(80, 96, generator=torch.Generator().manual_seed(3))
+    ints = [RTNConfig(bits=4, group=32, symmetric=s).quantize_weight(w[a:b], None)
+            for a, b, s in ((0, 48, False), (48, 80, False), (48, 80, True))]
+    assert torch.equal(type(ints[0]).stack_rows(ints[:2]).dequantize(), torch.cat([q.dequantize() for q in ints[:2]]))
+    assert type(ints[0]).stack_rows([ints[0], ints[2]]) is None  # asymmetric and symmetric
+
+
+def test_stacked_projections_run_as_their_parts(reference):
+    """q/k/v and gate/up of each layer run as one call each: at decode-sized inputs the native kernels compute every
+    output row on its own, so the decoder's logits equal those of the separate calls bit for bit, with int8 and float
+    activations (test_bundle_contents counts the exported program's calls)."""
+    from vqmobile.export.model import StaticDecoder
+    from vqmobile.layers import activations_set
+
+    model = reference.model
+    ids = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(4))
+    for act in ("int8", "float"):
+        with activations_set(model, act), torch.no_grad():
+            joined, separate = StaticDecoder(model, 32).eval(), StaticDecoder(model, 32, stack_projections=False).eval()
+            assert all(qkv is not None and gate_up is not None for qkv, gate_up in joined.stacked)
+            for tokens, pos in ((ids, 0), (ids[:, :1], 8)):
+                assert torch.equal(joined(tokens, torch.tensor([pos])), separate(tokens, torch.tensor([pos])))
 
 
 def test_decomposed_export_uses_standard_ops(reference):

@@ -366,6 +366,7 @@ static __attribute__((noinline)) const uint8_t *tab_cache_fill(tab_cache *tc, co
     for (int64_t cb = 0; cb < ncb; cb++)
         prep_tab(c, w->codebook + (rb * ncb + cb) * (int64_t)w->ncent * w->d, flip, slot + cb * tsz);
     tc->rb[rb & 3] = rb;
+    vqm_prefetch_codebooks(w, rb, ncb);
     return slot;
 }
 

@@ -219,6 +219,7 @@ vq_rows_impl(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1
             for (int64_t cb = 0; cb < ncb; cb++)
                 prep_tab(cfg, w->codebook + (rb * ncb + cb) * (int64_t)w->ncent * d, (int)d, tabs + cb * tsz);
             cur_rb = rb;
+            vqm_prefetch_codebooks(w, rb, ncb);
         }
         const uint8_t *row = w->indices + r * rowbytes;
         float acc[VQM_BATCH_TILE];
@@ -372,6 +373,7 @@ vq_tile4(const vqm_vq_weight *w, const vqm_xprep *xp, int64_t r0, int64_t r1, co
             for (int64_t cb = 0; cb < ncb; cb++)
                 prep_tab(cfg, w->codebook + (rb * ncb + cb) * (int64_t)w->ncent * d, (int)d, tabs + cb * tsz);
             cur_rb = rb;
+            vqm_prefetch_codebooks(w, rb, ncb);
         }
         const uint8_t *rows[4];
         for (int i = 0; i < 4; i++) rows[i] = w->indices + (r + i < r1 ? r + i : r1 - 1) * rowbytes;

@@ -77,6 +77,12 @@ class QuantizedWeight(ABC):
     def _store_trainable(self, params: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError(f"{type(self).__name__} has no trainable parameters")
 
+    @classmethod
+    def stack_rows(cls, parts: list["QuantizedWeight"]) -> "QuantizedWeight | None":
+        """One weight whose rows are those of `parts` in order, each row decoding exactly as it did, or None where
+        this format cannot join them. Linears that read the same input (q/k/v, gate/up) then run as one call."""
+        return None
+
     def stored_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 

@@ -92,6 +92,17 @@ class IntWeight(QuantizedWeight):
         fp16_max = float(torch.finfo(torch.float16).max)
         self.scales = params["scales"].clamp(-fp16_max, fp16_max).to(torch.float16).contiguous()
 
+    @classmethod
+    def stack_rows(cls, parts: list[QuantizedWeight]) -> "IntWeight | None":
+        """Codes, scales and zeros are per row: any parts of one bit width, group, column count and symmetry."""
+        p0 = parts[0]
+        if not all(type(p) is cls and (p.bits, p.group, p.shape[1], p.symmetric)
+                   == (p0.bits, p0.group, p0.shape[1], p0.symmetric) for p in parts):
+            return None
+        return cls(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
+                   None if p0.symmetric else torch.cat([p.zeros for p in parts]), bits=p0.bits, group=p0.group,
+                   shape=(sum(p.shape[0] for p in parts), p0.shape[1]))
+
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"codes": self.codes, "scales": self.scales}
         if self.zeros is not None:

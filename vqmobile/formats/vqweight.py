@@ -246,6 +246,21 @@ class VQWeight(QuantizedWeight):
         if scale is not None:
             self.codebook_scale = scale.to(torch.float16).contiguous()
 
+    @classmethod
+    def stack_rows(cls, parts: list[QuantizedWeight]) -> "VQWeight | None":
+        """Plain int8 codebooks of one geometry but the row count, every part but the last a whole number of row
+        blocks (so no codebook serves rows of two parts)."""
+        g0 = parts[0].geom
+        same = all(type(p) is cls and p.codebook_kind == "int8" and p.svd is None and p.norm is None
+                   and (p.geom.cols, p.geom.d, p.geom.k, p.geom.rows_per_block, p.geom.cols_per_block)
+                   == (g0.cols, g0.d, g0.k, g0.rows_per_block, g0.cols_per_block) for p in parts)
+        if not same or any(p.geom.n % g0.rows_per_block for p in parts[:-1]):
+            return None
+        geom = VQGeometry(sum(p.geom.n for p in parts), g0.cols, g0.d, g0.k, g0.rows_per_block, g0.cols_per_block)
+        return cls(geom, torch.cat([p.indices for p in parts]), codebook_kind="int8",
+                   codebook=torch.cat([p.codebook for p in parts]),
+                   codebook_scale=torch.cat([p.codebook_scale for p in parts]))
+
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"indices": self.indices}
         if self.svd is not None:
