@@ -80,6 +80,28 @@ def test_size_accounting_is_exact(layers):
     assert stored_bits(VPTQConfig.from_preset("mobile"), 576, 576) == 144 * 576 * 8 + 2 * (256 * 4 * 8 + 16) + 576 * 32
 
 
+def test_bpw_cap_keeps_the_largest_codebook_that_fits(layers):
+    """With a cap on bits per weight, a small linear gets a smaller codebook than a large one, the largest that fits."""
+    cap = VPTQConfig(v=6, k=4096, bpw=2.3)
+    smollm2 = ((576, 576), (192, 576), (1536, 576), (576, 1536))  # q/o, k/v, gate/up, down
+    assert [cap.layer_geometry(n, c).k for n, c in smollm2] == [2048, 1024, 4096, 4096]
+    for n, c in smollm2:
+        g = cap.layer_geometry(n, c)
+        assert stored_bits(cap, n, c) <= 2.3 * n * c
+        assert g.k == 4096 or stored_bits(VPTQConfig(v=6, k=2 * g.k), n, c) > 2.3 * n * c
+    # stories260k's layer 1: its fp16 column scales alone cost 0.5 bits per weight of a 64-row linear
+    small = VPTQConfig(**SMALL, bpw=1.6)
+    fits = {(64, 64): 8, (32, 64): 4, (172, 64): 16, (64, 172): 16}
+    for name, (w, h) in layers.items():
+        qw, _ = vptq_quantize(w, h, small)
+        assert qw.stored_bytes() * 8 == stored_bits(small, *w.shape) <= 1.6 * w.numel(), name
+        assert qw.geom.k == fits[tuple(w.shape)], name
+    with pytest.raises(UserError, match="needs 0.556 bits per weight even with a 2-entry codebook, above --vptq-bpw 0.5"):
+        VPTQConfig(v=2, k=256, bpw=0.5).check_layer("model.layers.0.mlp.down_proj", 576, 1536)
+    with pytest.raises(UserError, match="--vptq-bpw"):
+        VPTQConfig(bpw=-1)
+
+
 def test_deterministic_with_a_seed(layers):
     w, h = layers["self_attn.q_proj"]
     a, _ = vptq_quantize(w, h, VPTQConfig(**SMALL, res_k=4))

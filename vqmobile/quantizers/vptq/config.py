@@ -13,6 +13,12 @@ Presets (bpv: the index bits per weight; the stored bpw adds the overheads above
   entries per group (the paper's fp16 entries would be 48 KB), which on a 135M model's small layers costs far more
   than on Llama-2-7B (every linear has its own). On SmolLM2 its 1 % outlier columns (6 of 576) hold fewer vectors than
   4096 centroids: use it there with `--vptq-outlier 0` (about 2.43 bpw stored).
+
+`bpw` caps every linear's stored bits per weight. A codebook's bytes do not shrink with its layer, so on a small
+model one k costs a small linear (SmolLM2's 576 x 192 k_proj: 1.78 bpw for a 4096 x 6 codebook) many times what it
+costs a large one (the 1536 x 576 MLP weights: 0.22). With the cap, each linear keeps the largest codebook, k or a
+smaller power of two, whose stored size fits; the residual codebook and everything else stay as configured (with
+`incoherence`, its sign vectors come on top of the cap).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class VPTQConfig(QuantConfig):
     damp: float = 0.01  # Hessian dampening, as a fraction of the mean diagonal
     block_size: int = 128  # lazy-batch width of the column pass
     seed: int = 0  # k-means++ seeding
+    bpw: float = 0.0  # cap on each linear's stored bits per weight (smaller codebooks where k does not fit); 0 = none
 
     @classmethod
     def from_preset(cls, preset: str | None = None, **overrides: Any) -> "VPTQConfig":
@@ -80,6 +87,8 @@ class VPTQConfig(QuantConfig):
             raise UserError(f"--vptq-damp {self.damp} must be positive")
         if self.block_size < 1:
             raise UserError(f"--vptq-block-size {self.block_size} must be at least 1")
+        if self.bpw < 0:
+            raise UserError(f"--vptq-bpw {self.bpw} must be 0 (no cap) or a positive number of bits per weight")
 
     def outlier_cols(self, cols: int) -> int:
         return min(cols - 1, math.ceil(self.outlier * cols)) if self.outlier > 0 else 0
@@ -91,8 +100,13 @@ class VPTQConfig(QuantConfig):
         if out_features < 1:
             raise UserError(f"layer {name} has an empty weight ({out_features} x {in_features})")
         g = self.layer_geometry(out_features, in_features)
+        if self.bpw and geometry_bits(g) > self.bpw * out_features * in_features:
+            raise UserError(f"layer {name} ({out_features} x {in_features}) needs "
+                            f"{geometry_bits(g) / (out_features * in_features):.3f} bits per weight even with a "
+                            f"{g.k}-entry codebook, above --vptq-bpw {self.bpw:g}: raise the cap or lower the index "
+                            f"bits (--vptq-k, --vptq-v, --vptq-res-k)")
         sizes = [(c1 - c0) * g.vector_rows for c0, c1 in g.bounds()]
-        smallest, k = min(sizes), max(self.k, self.res_k)
+        smallest, k = min(sizes), max(g.k, g.res_k)
         if smallest >= k:
             return
         if g.outlier_cols and sizes[0] == smallest:
@@ -105,17 +119,25 @@ class VPTQConfig(QuantConfig):
                         f"smaller --vptq-k/--vptq-res-k, a larger --vptq-outlier or --vptq-group 0")
 
     def layer_geometry(self, n: int, cols: int) -> CVQGeometry:
+        """The geometry of an N x K linear: with the `bpw` cap, the first of k, 2^(ceil(log2 k) - 1), ..., 2 whose
+        stored size fits (the last one tried when none does; check_layer refuses it)."""
         o = self.outlier_cols(cols)
-        return CVQGeometry(n, cols, self.v, self.k, self.res_k, o, self.group or (cols - o))
+        g = CVQGeometry(n, cols, self.v, self.k, self.res_k, o, self.group or (cols - o))
+        for bits in range(index_bits(self.k) - 1, 0, -1):
+            if not self.bpw or geometry_bits(g) <= self.bpw * n * cols:
+                break
+            g = dataclasses.replace(g, k=1 << bits)
+        return g
 
     def index_bpv(self) -> float:
         """Index bits per weight (without the overheads)."""
-        return (index_bits(self.k) + (index_bits(self.res_k) if self.res_k else 0)) / self.v
+        return (index_bits(self.k) + (index_bits(self.res_k) if self.res_k else 0)) / self.v  # at most, with bpw
 
     def describe(self) -> str:
         res = f" + residual k={self.res_k}" if self.res_k else ""
         out = f", {100 * self.outlier:g} % outlier columns" if self.outlier else ""
-        return f"VPTQ v={self.v} k={self.k}{res}{out} ({self.index_bpv():g} index bits per weight)"
+        cap = f", at most {self.bpw:g} bits per weight per linear" if self.bpw else ""
+        return f"VPTQ v={self.v} k={self.k}{res}{out}{cap} ({self.index_bpv():g} index bits per weight)"
 
     # ------------------------------------------------------------------------------------------ quantization
     def quantize_weight(self, weight: torch.Tensor, hessian: torch.Tensor | None) -> CVQWeight:
@@ -126,9 +148,13 @@ class VPTQConfig(QuantConfig):
 
 def stored_bits(cfg: VPTQConfig, n: int, cols: int) -> int:
     """Exact stored bits of one N x K layer (the formula in the module docstring)."""
-    g = cfg.layer_geometry(n, cols)
-    nbits = g.vector_rows * (-(-cols * g.bits // 8)) * 8
+    return geometry_bits(cfg.layer_geometry(n, cols))
+
+
+def geometry_bits(g: CVQGeometry) -> int:
+    """Exact stored bits of a layer of geometry g."""
+    nbits = g.vector_rows * (-(-g.cols * g.bits // 8)) * 8
     nbits += g.groups * (g.k * g.v * 8 + 16)
     if g.res_k:
-        nbits += g.vector_rows * (-(-cols * g.res_bits // 8)) * 8 + g.groups * (g.res_k * g.v * 8 + 16)
-    return nbits + cols * 32
+        nbits += g.vector_rows * (-(-g.cols * g.res_bits // 8)) * 8 + g.groups * (g.res_k * g.v * 8 + 16)
+    return nbits + g.cols * 32
