@@ -325,7 +325,7 @@ def test_executorch_ops_are_bit_exact(bundle, reference, tmp_path):
     path, _ = bundle
     load_adapter(path / "lib" / "libvqmobile_executorch.so")
     layers = reference.model.model.layers
-    head4 = QuantLinear(quantize_embedding(reference.model.lm_head.qweight.dequantize(), bits=4))
+    head4 = QuantLinear(quantize_embedding(reference.model.lm_head.qweight.dequantize(), "int4"))
     cases = {"vq_linear": layers[1].self_attn.q_proj, "int_linear g32": layers[1].mlp.down_proj,
              "int_linear head (8-bit)": reference.model.lm_head, "int_linear head (4-bit)": head4}
     class _Attention(torch.nn.Module):

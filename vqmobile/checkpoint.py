@@ -24,11 +24,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import atomic
-from .embedding import VALID_BITS as EMBEDDING_BITS
-from .embedding import QuantEmbedding, tied_head, use_quantized_embedding
+from .embedding import QuantEmbedding, tied_head, unsupported, use_quantized_embedding
 from .errors import FormatError, UserError, first_line
 from .formats import weight_from_stored
-from .formats.intweight import IntWeight
 from .hashing import sha256_file
 from .layers import QuantLinear
 
@@ -143,10 +141,10 @@ def _load_embedding(model: torch.nn.Module, entry: Any, packed: dict[str, torch.
         raise _damaged(path, f"its embedding entry says tied_head={entry.get('tied_head')}, config.json says "
                              f"tie_word_embeddings={tie_config}")
     qw = _stored_weight(path, name, entry, packed)
-    if (not isinstance(qw, IntWeight) or qw.bits not in EMBEDDING_BITS or not qw.symmetric
-            or qw.shape != tuple(emb.weight.shape)):
-        raise _damaged(path, f"the embedding {name} must be 4- or 8-bit symmetric integers of shape "
-                             f"{tuple(emb.weight.shape)}")
+    why = unsupported(qw) or (None if qw.shape == tuple(emb.weight.shape) else
+                              f"its shape {qw.shape} is not the model's {tuple(emb.weight.shape)}")
+    if why:
+        raise _damaged(path, f"the embedding {name} cannot be loaded ({why})")
     use_quantized_embedding(model, qw, bool(entry.get("tied_head")))
     return True
 

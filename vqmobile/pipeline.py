@@ -210,12 +210,12 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration: torch.Tensor |
             inputs = _run_layer(layer, inputs)
         per_layer.append(time.perf_counter() - t0)
     head_hessian = None
-    if config.embedding == "int4" and inputs is not None:
+    if config.embedding in ("int4", "vq") and inputs is not None:
         head_hessian = _head_hessian(decoder_structure(model).norm, inputs)
     inputs = None
     emb_err = None
     if config.embedding != "float":
-        emb_err = quantize_embeddings_(model, int(config.embedding.removeprefix("int")), head_hessian)
+        emb_err = quantize_embeddings_(model, config.embedding, head_hessian)
     if tune_model:
         tuned.append(finetune_model(model, teacher, calibration, epochs=config.finetune_epochs, lr=config.finetune_lr,
                                     samples=config.finetune_samples, progress=progress).to_dict())

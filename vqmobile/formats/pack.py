@@ -37,6 +37,23 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(packed))
 
 
+def gather_codes(packed: torch.Tensor, bits: int, ncodes: int) -> torch.Tensor:
+    """uint8 [..., row_bytes] rows (already gathered) -> int32 [..., ncodes] codes of at most 8 bits, with
+    integer arithmetic only (no shifts or bitwise ops), so a model that decodes rows in its forward exports to
+    ExecuTorch's portable operators and to ONNX as is. A code of b <= 8 bits spans at most two bytes."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"gather_codes unpacks codes of 1..8 bits, got {bits}")
+    q = packed.to(torch.int32)
+    if bits == 8:
+        return q[..., :ncodes]
+    first = torch.arange(ncodes) * bits
+    byte, shift = torch.div(first, 8, rounding_mode="floor"), torch.remainder(first, 8)
+    q = torch.nn.functional.pad(q, (0, 1))  # the byte after the last: a code ending the row reads a zero
+    word = q[..., byte] + q[..., byte + 1] * 256
+    v = torch.div(word, (2 ** shift).to(torch.int32), rounding_mode="floor")
+    return v - torch.div(v, 1 << bits, rounding_mode="floor") * (1 << bits)
+
+
 def unpack_rows(packed: torch.Tensor, bits: int, ncodes: int) -> torch.Tensor:
     """Inverse of pack_rows: uint8 [rows, row_bytes] -> int64 [rows, ncodes]."""
     p = packed.detach().cpu().numpy()

@@ -17,8 +17,9 @@ from ..errors import UserError
 from ..formats.base import QuantizedWeight
 from . import incoherence as incoh
 
-# The token embedding (and a head tied to it): int8 or int4 groups of 32 (vqmobile/embedding.py), or float as loaded.
-EMBEDDINGS = ("int8", "int4", "float")
+# The token embedding (and a head tied to it): int8 or int4 groups of 32, GPTVQ's mobile VQ (vqmobile/embedding.py), or
+# float as loaded.
+EMBEDDINGS = ("int8", "int4", "vq", "float")
 # Fine-tuning after quantization (vqmobile/finetune.py): per decoder layer, of the whole model, both, or none.
 FINETUNE = ("none", "layer", "model", "layer+model")
 
