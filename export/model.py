@@ -51,7 +51,7 @@ def stacked_linear(mods: list[nn.Module]) -> QuantLinear | None:
     larger calls per token: each call quantizes its activations, fills its tables and dispatches once."""
     if len(mods) < 2 or not all(isinstance(m, QuantLinear) for m in mods):
         return None
-    if len({type(m.qweight) for m in mods}) != 1 or len({m.bias is None for m in mods}) != 1:
+    if len({m.bias is None for m in mods}) != 1:
         return None
     w = type(mods[0].qweight).stack_rows([m.qweight for m in mods])
     if w is None or ops.op_support(w)[0] is None:
