@@ -2,6 +2,12 @@
 --resume."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 from conftest import STORIES
 from vqmobile.bench import quality
@@ -40,3 +46,34 @@ def test_rows_and_resume(tmp_path, capfd):
     assert "kept from" not in capfd.readouterr().out and json.loads(out.read_text())["rows"][0]["windows"] == 3
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the chart, written atomically beside no leftovers
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["charts", "q.json", "q.png"]
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == pid]
+
+
+def _ppid(proc: Path) -> int | None:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def test_a_killed_benchmark_takes_its_row_along(tmp_path):
+    """SIGTERM to the benchmark ends the row's process too (its result could go nowhere), and nothing is written."""
+    out = tmp_path / "q.json"
+    bench = subprocess.Popen([sys.executable, "-m", "vqmobile.bench.quality", "--model", str(STORIES), "--ctx", "512",
+                              "--nsamples", "4", "--seqlen", "128", "--rows", "gptq:bits=4,group=32", "--json",
+                              str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (rows := _children(bench.pid)) and time.time() < deadline and bench.poll() is None:
+        time.sleep(0.2)
+    assert rows, "the row's process never started"
+    os.kill(bench.pid, signal.SIGTERM)
+    assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+    for pid in rows:
+        deadline = time.time() + 30
+        while Path(f"/proc/{pid}").exists() and _ppid(Path(f"/proc/{pid}")) is not None and time.time() < deadline:
+            time.sleep(0.1)
+        assert not Path(f"/proc/{pid}").exists() or _ppid(Path(f"/proc/{pid}")) is None, "the row outlived the benchmark"
+    assert not out.exists()

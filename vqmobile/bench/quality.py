@@ -17,12 +17,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from vqmobile import atomic
+
+
+def _run_child(cmd: list[str]) -> tuple[int, str]:
+    """Run a row's process and return (exit status, its stdout). The row ends with this process: a SIGTERM here (a
+    killed benchmark) or Ctrl-C terminates it too, instead of leaving an hour of work whose result goes nowhere."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        out, _ = proc.communicate()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait()
+    return proc.returncode, out
 
 
 def _parse_value(v: str):
@@ -208,11 +224,11 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.time()
         print(f"[{time.strftime('%H:%M:%S')}] {row}: quantizing and evaluating (progress below)", flush=True)
         # the row's progress bars and errors go straight to our stderr: a row runs for an hour
-        res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-        if res.returncode != 0:
-            print(f"row {row} failed (exit status {res.returncode}; its error is above)", file=sys.stderr)
+        status, stdout = _run_child(cmd)
+        if status != 0:
+            print(f"row {row} failed (exit status {status}; its error is above)", file=sys.stderr)
             continue
-        record = {**json.loads(res.stdout.strip().splitlines()[-1]), "date": time.strftime("%Y-%m-%d"),
+        record = {**json.loads(stdout.strip().splitlines()[-1]), "date": time.strftime("%Y-%m-%d"),
                   "row_wall_s": round(time.time() - t0, 1)}
         records.append(record)
         print(f"[{time.strftime('%H:%M:%S')}] {row}: ppl {record['ppl']:.3f}, bpw {record['bpw']:.3f} "
