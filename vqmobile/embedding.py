@@ -110,15 +110,11 @@ def _dequantize_rows(qw: QuantizedWeight, rows) -> torch.Tensor:
     if isinstance(qw, IntWeight):
         q = gather_codes(qw.codes[rows], qw.bits, h).to(torch.float32) - float(1 << (qw.bits - 1))
         return q * qw.scales[rows].to(torch.float32).repeat_interleave(qw.group, dim=-1)[..., :h]
+    from .ops.vq import vq_rows
+
     g = qw.geom
-    ids = torch.arange(n)[rows]
-    rb = torch.div(ids, g.rows_per_block, rounding_mode="floor")
-    cb = torch.div(torch.arange(g.vectors) * g.d, g.cols_per_block, rounding_mode="floor")
-    flat = (rb[..., None] * g.col_blocks + cb) * g.k + gather_codes(qw.indices[rows], g.bits, g.vectors)
-    # gather, then convert: converting the whole codebook tensor would cost a decode step 2.4 MB on SmolLM2
-    vals = qw.codebook.reshape(-1, g.d)[flat].flatten(-2)[..., :h].to(torch.float32)
-    colb = torch.div(torch.arange(h), g.cols_per_block, rounding_mode="floor")
-    return vals * qw.codebook_scale[rb].to(torch.float32)[..., colb]
+    return vq_rows(qw.codebook, qw.codebook_scale, gather_codes(qw.indices[rows], g.bits, g.vectors),
+                   torch.arange(n)[rows], h, g.d, g.rows_per_block, g.cols_per_block)
 
 
 def max_abs_error(qweight: QuantizedWeight, weight: torch.Tensor) -> float:

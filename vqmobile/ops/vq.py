@@ -32,15 +32,22 @@ def vq_dequantize(indices: torch.Tensor, codebook: torch.Tensor, codebook_scale:
     ncent = codebook.shape[2]
     nvec = -(-k // d)
     bits = max(1, (ncent - 1).bit_length())
-    ncb = codebook.shape[1]
     idx = unpack_bits(indices, nvec, bits)  # [n, V]
-    rb = torch.div(torch.arange(n), rows_per_block, rounding_mode="floor")
-    cb = torch.div(torch.arange(nvec) * d, cols_per_block, rounding_mode="floor")
-    flat = (rb[:, None] * ncb + cb[None, :]) * ncent + idx
-    vals = codebook.to(torch.float32).reshape(-1, d)[flat].reshape(n, nvec * d)[:, :k]
+    return vq_rows(codebook, codebook_scale, idx, torch.arange(n), k, d, rows_per_block, cols_per_block)
+
+
+def vq_rows(codebook: torch.Tensor, codebook_scale: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, k: int,
+            d: int, rows_per_block: int, cols_per_block: int) -> torch.Tensor:
+    """The float32 rows `rows` (int64, any shape) of a plain int8-codebook VQ weight from their codes idx [..., V]
+    (standard ops; traceable). The codebook entries are gathered before they are converted: a VQ embedding decodes a
+    token's row per step, and converting its whole codebook tensor would cost 2.4 MB a step on SmolLM2."""
+    ncent, ncb = codebook.shape[2], codebook.shape[1]
+    rb = torch.div(rows, rows_per_block, rounding_mode="floor")
+    cb = torch.div(torch.arange(idx.shape[-1]) * d, cols_per_block, rounding_mode="floor")
+    flat = (rb[..., None] * ncb + cb) * ncent + idx
+    vals = codebook.reshape(-1, d)[flat].flatten(-2)[..., :k].to(torch.float32)
     colb = torch.div(torch.arange(k), cols_per_block, rounding_mode="floor")
-    scale = codebook_scale.to(torch.float32)[rb][:, colb]
-    return vals * scale
+    return vals * codebook_scale[rb].to(torch.float32)[..., colb]
 
 
 def vq_linear_decomposed(x, indices, codebook, codebook_scale, bias, n, k, d, rows_per_block, cols_per_block,
