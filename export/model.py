@@ -59,20 +59,6 @@ def stacked_linear(mods: list[nn.Module]) -> QuantLinear | None:
     return QuantLinear(w, None if mods[0].bias is None else torch.cat([m.bias for m in mods]))
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on the first cos.shape[-1] features of each head (all of them unless the rotary dim is partial)."""
-    rot = cos.shape[-1]
-    if rot == x.shape[-1]:
-        return x * cos + _rotate_half(x) * sin
-    xr = x[..., :rot]
-    return torch.cat((xr * cos + _rotate_half(xr) * sin, x[..., rot:]), dim=-1)
-
-
 @contextlib.contextmanager
 def kv_rounded(hf_model: nn.Module, kv_dtype: torch.dtype) -> Iterator[None]:
     """Within this block the Hugging Face model attends over its keys and values rounded to kv_dtype, as the
@@ -106,7 +92,7 @@ def kv_rounded(hf_model: nn.Module, kv_dtype: torch.dtype) -> Iterator[None]:
 
 class StaticDecoder(nn.Module):
     def __init__(self, hf_model: nn.Module, max_seq: int, cache: bool = True, tied_head_op: bool = True,
-                 kv_dtype: torch.dtype = torch.float32, stack_projections: bool = True):
+                 kv_dtype: torch.dtype = torch.float32, stack_projections: bool = True, fuse_norm_rope: bool = True):
         super().__init__()
         self.hf_model = hf_model  # registers every weight of the model with this module
         self.parts = decoder_structure(hf_model)
@@ -127,6 +113,13 @@ class StaticDecoder(nn.Module):
         self.stacked: list[tuple[QuantLinear | None, QuantLinear | None]] = [
             (stacked_linear([layer.attn.q, layer.attn.k, layer.attn.v]), stacked_linear([layer.gate, layer.up]))
             if stack_projections else (None, None) for layer in self.parts.layers]
+        # Norms and RoPE as one vqmobile call each (a norm only where rms_norm_form recognizes its arithmetic),
+        # else in the standard ops the model defines them with.
+        self.fuse_norm_rope = fuse_norm_rope
+        norms = [self.parts.norm, *(m for layer in self.parts.layers
+                                    for m in (layer.attn_norm, layer.attn_out_norm, layer.mlp_norm,
+                                              layer.mlp_out_norm, layer.attn.q_norm, layer.attn.k_norm))]
+        self.norm_forms = {m: ops.norm_rope.rms_norm_form(m) for m in norms if m is not None} if fuse_norm_rope else {}
         tables = rotary_tables(self.parts, self.max_seq)
         self.rope_index = {key: j for j, key in enumerate(tables)}
         for j, (cos, sin) in enumerate(tables.values()):
@@ -158,16 +151,26 @@ class StaticDecoder(nn.Module):
         # strided views (the exported program's split makes copies anyway)
         return [part.contiguous() for part in torch.split(y, [m.out_features for m in mods], dim=-1)]
 
+    def _norm(self, mod: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+        form = self.norm_forms.get(mod)
+        if mod is None or form is None or ops.decomposing():
+            return x if mod is None else mod(x)
+        return torch.ops.vqmobile.rms_norm(x, *form)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, H, D] -> [H, T, D], its heads rotated."""
+        if self.fuse_norm_rope and not ops.decomposing():
+            return torch.ops.vqmobile.rope(x, cos, sin)
+        return ops.norm_rope.rope_decomposed(x, cos, sin)
+
     def _attention(self, i: int, a: Attention, x: torch.Tensor, cos, sin, pos) -> torch.Tensor:
         t, hd = x.shape[1], a.head_dim
         q, k, v = self._linears(self.stacked[i][0], [a.q, a.k, a.v], x)
-        q = q.reshape(t, a.n_heads, hd)
-        k = k.reshape(t, a.n_kv_heads, hd)
+        q = self._norm(a.q_norm, q.reshape(t, a.n_heads, hd))
+        k = self._norm(a.k_norm, k.reshape(t, a.n_kv_heads, hd))
         v = v.reshape(t, a.n_kv_heads, hd).transpose(0, 1)
-        if a.q_norm is not None:
-            q, k = a.q_norm(q), a.k_norm(k)
-        q = _rope(q.transpose(0, 1), cos, sin)  # [H, T, D]
-        k = _rope(k.transpose(0, 1), cos, sin)
+        q = self._rope(q, cos, sin)  # [H, T, D]
+        k = self._rope(k, cos, sin)
         window = a.window or 0
         if self.use_cache:
             # The new keys and values go into the cache, then vqmobile::attention reads it in place, only the
@@ -194,13 +197,13 @@ class StaticDecoder(nn.Module):
         h = self.parts.embed(tokens)
         for i, layer in enumerate(self.parts.layers):
             cos, sin = ropes[layer.rope]
-            a = self._attention(i, layer.attn, layer.attn_norm(h), cos, sin, pos)
-            h = h + (a if layer.attn_out_norm is None else layer.attn_out_norm(a))
-            x = layer.mlp_norm(h)
+            a = self._attention(i, layer.attn, self._norm(layer.attn_norm, h), cos, sin, pos)
+            h = h + self._norm(layer.attn_out_norm, a)
+            x = self._norm(layer.mlp_norm, h)
             g, u = self._linears(self.stacked[i][1], [layer.gate, layer.up], x)
             m = linear(layer.down, layer.act(g) * u)
-            h = h + (m if layer.mlp_out_norm is None else layer.mlp_out_norm(m))
-        h = self.parts.norm(h)
+            h = h + self._norm(layer.mlp_out_norm, m)
+        h = self._norm(self.parts.norm, h)
         head = self.parts.head
         if self.tied_head:
             if ops.decomposing():

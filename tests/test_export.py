@@ -164,6 +164,39 @@ def test_attention_over_a_float16_cache_widens_it_exactly():
         torch.ops.vqmobile.attention(q, kc, vc.float(), ip, scale, 0)
 
 
+def test_norm_and_rope_ops_compute_the_models_own_steps():
+    """vqmobile::rope equals PyTorch's rotate-half RoPE bit for bit, with a full and a partial rotary dimension (the
+    kernel rounds each product and sum as the standard ops do); vqmobile::rms_norm stays within float rounding of
+    Llama's and Gemma 3's own norm modules (its mean of squares is summed in another order); rms_norm_form recognizes
+    those two by their outputs, and a LayerNorm (weight and eps alike) not; bad shapes are refused."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, 64, generator=g)  # [T, H, D]
+    for rot in (64, 32):
+        cos, sin = torch.randn(1, 3, rot, generator=g), torch.randn(1, 3, rot, generator=g)
+        got = torch.ops.vqmobile.rope(x, cos, sin)
+        assert got.shape == (4, 3, 64) and torch.equal(got, ops.norm_rope.rope_decomposed(x, cos, sin)), rot
+    with pytest.raises(ValueError, match="rope failed"):
+        torch.ops.vqmobile.rope(x, torch.randn(1, 3, 3), torch.randn(1, 3, 3))  # an odd rotary dimension
+    llama, gemma = LlamaRMSNorm(576, eps=1e-5), Gemma3RMSNorm(576, eps=1e-6)
+    with torch.no_grad():
+        llama.weight.copy_(torch.randn(576, generator=g))
+        gemma.weight.copy_(torch.randn(576, generator=g))
+    h = 5 * torch.randn(2, 7, 576, generator=g)
+    for norm, offset in ((llama, 0.0), (gemma, 1.0)):
+        w, eps, off = ops.norm_rope.rms_norm_form(norm)
+        assert w is norm.weight and off == offset and eps == getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+        with torch.no_grad():
+            want = norm(h)
+        got = torch.ops.vqmobile.rms_norm(h, w, eps, off)
+        assert ((got - want).abs() <= 1e-6 * want.abs() + 1e-7).all(), (offset, (got - want).abs().max())
+    assert ops.norm_rope.rms_norm_form(torch.nn.LayerNorm(576)) is None
+    with pytest.raises(ValueError, match="weight must have shape"):
+        torch.ops.vqmobile.rms_norm(h, torch.ones(575), 1e-5, 0.0)
+
+
 def test_unsupported_vq_variant_falls_back_to_dense():
     qw = _random_vq(48, 64, 2, 16, 16, 64, kind="fp16")
     op, why = ops.op_support(qw)
@@ -316,7 +349,7 @@ def test_onnx_bitstream_reader_equals_unpack_rows(bits):
 
 def test_executorch_ops_are_bit_exact(bundle, reference, tmp_path):
     """Op level: every vqmobile operator, as the bundle's adapter library runs it inside ExecuTorch, returns exactly
-    what the PyTorch operator returns on the same inputs: the attention over a cache, and the linears for every weight
+    what the PyTorch operator returns on the same inputs: the attention over a cache, a norm and RoPE, and the linears for every weight
     kind the model holds, with int8 and float activations, at decode (1 row) and prefill (5 rows) batch. Both sides call the native kernels, whose int8 results
     are defined bit for bit on every path and CPU, so this holds on any machine."""
     from vqmobile.export.et_runtime import load_adapter, portable_lib
@@ -340,6 +373,18 @@ def test_executorch_ops_are_bit_exact(bundle, reference, tmp_path):
     pte = tmp_path / "attention.pte"
     pte.write_bytes(lower_to_executorch(ep).buffer)
     assert torch.equal(portable_lib()._load_for_executorch(str(pte)).forward(args)[0], _Attention()(*args))
+
+    class _NormRope(torch.nn.Module):
+        def forward(self, x, w, cos, sin):
+            return torch.ops.vqmobile.rope(torch.ops.vqmobile.rms_norm(x, w, 1e-5, 1.0), cos, sin)
+
+    args = (torch.randn(3, 4, 16, generator=gen), torch.randn(16, generator=gen), torch.randn(1, 3, 12, generator=gen),
+            torch.randn(1, 3, 12, generator=gen))
+    with torch.no_grad():
+        ep = torch.export.export(_NormRope(), args, strict=False)
+    pte = tmp_path / "norm_rope.pte"
+    pte.write_bytes(lower_to_executorch(ep).buffer)
+    assert torch.equal(portable_lib()._load_for_executorch(str(pte)).forward(args)[0], _NormRope()(*args))
     assert ops.op_support(cases["vq_linear"].qweight)[0] == "vq_linear"
     assert ops.op_support(cases["int_linear g32"].qweight)[0] == "int_linear"
     gen = torch.Generator().manual_seed(7)

@@ -613,3 +613,33 @@ def attention(q: "torch.Tensor", k_cache: "torch.Tensor", v_cache: "torch.Tensor
         raise ValueError(f"attention failed ({_ERRORS.get(rc, rc)}): heads={heads} kv_heads={kv_heads} t={t} "
                          f"pos={pos} max_seq={max_seq}")
     return out
+
+
+def rms_norm(x: "torch.Tensor", weight: "torch.Tensor", eps: float, offset: float = 0.0) -> "torch.Tensor":
+    """RMSNorm over the last dimension of float32 x: (x * rsqrt(mean(x^2) + eps)) * (offset + weight). See
+    vqm_rms_norm in native/include/vqmobile.h."""
+    d = x.shape[-1]
+    x = x.to(torch.float32).contiguous()
+    w = _check(weight, "weight", ("float32",), (d,))
+    out = torch.empty_like(x)
+    rc = lib.vqm_rms_norm(ffi.cast("const float *", x.data_ptr()), ffi.cast("const float *", w), x.numel() // d, d,
+                          float(eps), float(offset), ffi.cast("float *", out.data_ptr()))
+    if rc != 0:
+        raise ValueError(f"rms_norm failed ({_ERRORS.get(rc, rc)}): x {tuple(x.shape)}")
+    return out
+
+
+def rope(x: "torch.Tensor", cos: "torch.Tensor", sin: "torch.Tensor") -> "torch.Tensor":
+    """Rotary position embedding (rotate-half) of x float32 [t, heads, d] with cos and sin [t, rot] (any leading
+    dimensions of size 1), returned as [heads, t, d]. See vqm_rope in native/include/vqmobile.h."""
+    t, heads, d = x.shape
+    rot = cos.shape[-1]
+    x = x.to(torch.float32).contiguous()
+    cos, sin = cos.reshape(t, rot).contiguous(), sin.reshape(t, rot).contiguous()  # held until the call returns
+    c, s = _check(cos, "cos", ("float32",), (t, rot)), _check(sin, "sin", ("float32",), (t, rot))
+    out = x.new_empty((heads, t, d))
+    rc = lib.vqm_rope(ffi.cast("const float *", x.data_ptr()), ffi.cast("const float *", c),
+                      ffi.cast("const float *", s), t, heads, d, rot, ffi.cast("float *", out.data_ptr()))
+    if rc != 0:
+        raise ValueError(f"rope failed ({_ERRORS.get(rc, rc)}): x {tuple(x.shape)}, rotary dim {rot}")
+    return out

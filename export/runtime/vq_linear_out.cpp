@@ -7,6 +7,8 @@
 //   vqmobile::dense_linear.out(Tensor x, Tensor weight, Tensor? bias, *, Tensor(a!) out)
 //   vqmobile::attention.out(Tensor q, Tensor k_cache, Tensor v_cache, Tensor input_pos, float scale, int window=0, *,
 //                           Tensor(a!) out)
+//   vqmobile::rms_norm.out(Tensor x, Tensor weight, float eps, float offset=0., *, Tensor(a!) out)
+//   vqmobile::rope.out(Tensor x, Tensor cos, Tensor sin, *, Tensor(a!) out)
 //   vqmobile::e8p_linear.out(Tensor x, Tensor codes, Tensor scales, Tensor? bias, int n, int k, bool act_int8=False,
 //                            *, Tensor(a!) out)
 //   vqmobile::hadamard.out(Tensor x, Tensor signs, Tensor had, int m, int p, bool transpose=False, *, Tensor(a!) out)
@@ -245,6 +247,56 @@ Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& 
   return out;
 }
 
+// vqmobile::rms_norm.out(Tensor x, Tensor weight, float eps, float offset=0., *, Tensor(a!) out): RMSNorm over the
+// last dimension (vqm_rms_norm).
+Tensor& rms_norm_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& weight, double eps, double offset,
+                     Tensor& out) {
+  const int64_t d = x.dim() >= 1 ? x.size(x.dim() - 1) : 0;
+  if (x.scalar_type() != ScalarType::Float || weight.scalar_type() != ScalarType::Float ||
+      out.scalar_type() != ScalarType::Float || d < 1 || weight.numel() != d) {
+    ET_LOG(Error, "vqmobile::rms_norm: expected float32 x [..., d] and weight [d]");
+    ctx.fail(Error::InvalidArgument);
+    return out;
+  }
+  if (executorch::runtime::resize_tensor(out, x.sizes()) != Error::Ok) {
+    ET_LOG(Error, "vqmobile::rms_norm: cannot resize the output");
+    ctx.fail(Error::InvalidArgument);
+    return out;
+  }
+  if (vqm_rms_norm(x.const_data_ptr<float>(), weight.const_data_ptr<float>(), x.numel() / d, d, (float)eps,
+                   (float)offset, out.mutable_data_ptr<float>()) != VQM_OK) {
+    ET_LOG(Error, "vqmobile::rms_norm: native kernel failed");
+    ctx.fail(Error::InvalidArgument);
+  }
+  return out;
+}
+
+// vqmobile::rope.out(Tensor x, Tensor cos, Tensor sin, *, Tensor(a!) out): rotary embedding of x [T, H, D] with cos,
+// sin [.., T, R] into out [H, T, D] (vqm_rope).
+Tensor& rope_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& out) {
+  const int64_t rot = cos.dim() >= 1 ? cos.size(cos.dim() - 1) : 0;
+  if (x.scalar_type() != ScalarType::Float || cos.scalar_type() != ScalarType::Float ||
+      sin.scalar_type() != ScalarType::Float || out.scalar_type() != ScalarType::Float || x.dim() != 3 ||
+      cos.numel() != x.size(0) * rot || sin.numel() != cos.numel() || rot > x.size(2) || rot % 2) {
+    ET_LOG(Error, "vqmobile::rope: expected float32 x [T, H, D] and cos, sin [T, R] (R even, R <= D)");
+    ctx.fail(Error::InvalidArgument);
+    return out;
+  }
+  const SizesType sizes[3] = {static_cast<SizesType>(x.size(1)), static_cast<SizesType>(x.size(0)),
+                              static_cast<SizesType>(x.size(2))};
+  if (executorch::runtime::resize_tensor(out, {sizes, 3}) != Error::Ok) {
+    ET_LOG(Error, "vqmobile::rope: cannot resize the output");
+    ctx.fail(Error::InvalidArgument);
+    return out;
+  }
+  if (vqm_rope(x.const_data_ptr<float>(), cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), x.size(0),
+               x.size(1), x.size(2), rot, out.mutable_data_ptr<float>()) != VQM_OK) {
+    ET_LOG(Error, "vqmobile::rope: native kernel failed");
+    ctx.fail(Error::InvalidArgument);
+  }
+  return out;
+}
+
 // vqmobile::e8p_linear.out(Tensor x, Tensor codes, Tensor scales, Tensor? bias, int n, int k, bool act_int8=False, *,
 // Tensor(a!) out): an E8P lattice-codebook weight (QuIP#), codes uint8 [n, bits, ceil(k/8)], scales float32 [stages].
 Tensor& e8p_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& codes, const Tensor& scales,
@@ -356,6 +408,8 @@ constexpr char kIntName[] = "vqmobile::int_linear.out";
 constexpr char kE8pName[] = "vqmobile::e8p_linear.out";
 constexpr char kHadName[] = "vqmobile::hadamard.out";
 constexpr char kCvqName[] = "vqmobile::cvq_linear.out";
+constexpr char kNormName[] = "vqmobile::rms_norm.out";
+constexpr char kRopeName[] = "vqmobile::rope.out";
 
 // registry_has_op_function logs an error for every op it does not find, which would print three alarming lines
 // on each start; scanning the registered kernels says the same silently.
@@ -390,6 +444,12 @@ int register_once() {
   }
   if (!registered_already(kCvqName)) {
     (void)executorch::runtime::register_kernel(make_boxed_kernel(kCvqName, EXECUTORCH_FN(cvq_linear_out, kCvqName)));
+  }
+  if (!registered_already(kNormName)) {
+    (void)executorch::runtime::register_kernel(make_boxed_kernel(kNormName, EXECUTORCH_FN(rms_norm_out, kNormName)));
+  }
+  if (!registered_already(kRopeName)) {
+    (void)executorch::runtime::register_kernel(make_boxed_kernel(kRopeName, EXECUTORCH_FN(rope_out, kRopeName)));
   }
   return 0;
 }

@@ -1,0 +1,107 @@
+"""vqmobile::rms_norm and vqmobile::rope: the exported decoders' norms and rotary embedding, one call each.
+
+    vqmobile::rms_norm(Tensor x, Tensor weight, float eps, float offset=0.) -> Tensor
+    vqmobile::rope(Tensor x, Tensor cos, Tensor sin) -> Tensor
+
+rms_norm: float32 x [..., d] -> (x * rsqrt(mean(x^2) + eps)) * (offset + weight) over the last dimension (offset 0:
+Llama, Qwen, Phi; 1: Gemma, whose weight is stored minus one). rope: x float32 [T, H, D], a projection's output with
+its heads side by side, and cos, sin [1, T, R] (R <= D, even) -> [H, T, D], the first R features of each head rotated
+(rotate-half convention), the rest copied.
+
+In standard ops a norm is a portable mean between two XNNPACK partitions and a RoPE two slices, a concatenation
+and a partition, each call costing an ExecuTorch program more than a 576-wide row's arithmetic. CPU and the
+ExecuTorch adapter run the native kernels (vqm_rms_norm, vqm_rope); the decompositions are the standard ops the
+Hugging Face modules run. export/model.py uses rms_norm only for a norm that `rms_norm_form` recognizes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .library import NAMESPACE, lib, native, write_out
+
+lib.define("rms_norm(Tensor x, Tensor weight, float eps, float offset=0.) -> Tensor")
+lib.define("rms_norm.out(Tensor x, Tensor weight, float eps, float offset=0., *, Tensor(a!) out) -> Tensor(a!)")
+lib.define("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor")
+lib.define("rope.out(Tensor x, Tensor cos, Tensor sin, *, Tensor(a!) out) -> Tensor(a!)")
+
+
+def rms_norm_decomposed(x, weight, eps, offset=0.0):
+    xf = x.to(torch.float32)
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)) * (offset + weight)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_decomposed(x, cos, sin):
+    """RoPE of x [T, H, D] as [H, T, D] on the first cos.shape[-1] features of each head."""
+    x = x.to(torch.float32).transpose(0, 1)
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    xr = x[..., :rot]
+    return torch.cat((xr * cos + rotate_half(xr) * sin, x[..., rot:]), dim=-1)
+
+
+def rms_norm_form(module: torch.nn.Module) -> tuple[torch.Tensor, float, float] | None:
+    """(weight, eps, offset) when `module` computes rms_norm's values exactly, judged on its own outputs for a random
+    input, else None: a norm of another kind (or with other arithmetic) keeps running as itself."""
+    w = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if not isinstance(w, torch.Tensor) or w.dim() != 1 or w.dtype != torch.float32 or not isinstance(eps, float):
+        return None
+    x = 3 * torch.randn(4, w.numel(), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = module(x)
+        for offset in (0.0, 1.0):
+            if torch.equal(rms_norm_decomposed(x, w, eps, offset), y):
+                return w, eps, offset
+    return None
+
+
+@torch.library.impl(lib, "rms_norm", "CPU")
+def _rms_norm_cpu(x, weight, eps, offset=0.0):
+    if native is None:
+        return rms_norm_decomposed(x, weight, eps, offset)
+    return native.rms_norm(x, weight.to(torch.float32).contiguous(), eps, offset)
+
+
+@torch.library.impl(lib, "rms_norm.out", "CPU")
+def _rms_norm_out_cpu(x, weight, eps, offset=0.0, *, out):
+    return write_out(out, _rms_norm_cpu(x, weight, eps, offset))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::rms_norm")
+def _rms_norm_fake(x, weight, eps, offset=0.0):
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::rms_norm.out")
+def _rms_norm_out_fake(x, weight, eps, offset=0.0, *, out):
+    return out
+
+
+@torch.library.impl(lib, "rope", "CPU")
+def _rope_cpu(x, cos, sin):
+    if native is None:
+        return rope_decomposed(x, cos, sin)
+    return native.rope(x, cos.to(torch.float32), sin.to(torch.float32))
+
+
+@torch.library.impl(lib, "rope.out", "CPU")
+def _rope_out_cpu(x, cos, sin, *, out):
+    return write_out(out, _rope_cpu(x, cos, sin))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::rope")
+def _rope_fake(x, cos, sin):
+    torch._check(cos.shape[-1] <= x.shape[-1], lambda: "rope: the rotary dimension exceeds the head dimension")
+    return x.new_empty((x.shape[1], x.shape[0], x.shape[2]), dtype=torch.float32)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::rope.out")
+def _rope_out_fake(x, cos, sin, *, out):
+    return out
