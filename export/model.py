@@ -147,9 +147,12 @@ class StaticDecoder(nn.Module):
         if stacked is None or len({m.act_int8 for m in mods}) != 1:
             return [linear(m, x) for m in mods]
         y = ops.op_forward(stacked.qweight, x, stacked.bias, mods[0].act_int8)
+        parts = torch.split(y, [m.out_features for m in mods], dim=-1)
+        if torch.compiler.is_exporting():  # the program's split makes copies: another copy would be a call more
+            return list(parts)
         # contiguous, as the separate outputs were: PyTorch's elementwise kernels (SiLU) round differently on
-        # strided views (the exported program's split makes copies anyway)
-        return [part.contiguous() for part in torch.split(y, [m.out_features for m in mods], dim=-1)]
+        # strided views
+        return [part.contiguous() for part in parts]
 
     def _norm(self, mod: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
         form = self.norm_forms.get(mod)
@@ -158,7 +161,7 @@ class StaticDecoder(nn.Module):
         return torch.ops.vqmobile.rms_norm(x, *form)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [T, H, D] -> [H, T, D], its heads rotated."""
+        """x [T, H, D], its heads rotated."""
         if self.fuse_norm_rope and not ops.decomposing():
             return torch.ops.vqmobile.rope(x, cos, sin)
         return ops.norm_rope.rope_decomposed(x, cos, sin)
@@ -168,15 +171,16 @@ class StaticDecoder(nn.Module):
         q, k, v = self._linears(self.stacked[i][0], [a.q, a.k, a.v], x)
         q = self._norm(a.q_norm, q.reshape(t, a.n_heads, hd))
         k = self._norm(a.k_norm, k.reshape(t, a.n_kv_heads, hd))
-        v = v.reshape(t, a.n_kv_heads, hd).transpose(0, 1)
-        q = self._rope(q, cos, sin)  # [H, T, D]
-        k = self._rope(k, cos, sin)
+        v = v.reshape(t, a.n_kv_heads, hd)
+        q = self._rope(q, cos, sin)  # [T, H, D]
+        k = self._rope(k, cos, sin).permute(1, 2, 0)  # [Hkv, D, T]: the cache's layout
+        v = v.transpose(0, 1)  # [Hkv, T, D]
         window = a.window or 0
         if self.use_cache:
             # The new keys and values go into the cache, then vqmobile::attention reads it in place, only the
             # positions each query sees (its decomposition: masked attention over the whole cache).
             kt, vc = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
-            kt.index_copy_(2, pos, k.transpose(1, 2).to(kt.dtype))
+            kt.index_copy_(2, pos, k.to(kt.dtype))
             vc.index_copy_(1, pos, v.to(vc.dtype))
             start = pos[:1]
             if ops.decomposing():
@@ -184,9 +188,8 @@ class StaticDecoder(nn.Module):
             else:
                 o = torch.ops.vqmobile.attention(q, kt, vc, start, a.scaling, window)
         else:  # stateless (ONNX): the T tokens are the whole cache, from position 0
-            o = ops.attention.attention_decomposed(q, k.transpose(1, 2).contiguous(), v.contiguous(), pos[:1],
-                                                   a.scaling, window)
-        return linear(a.o, o.transpose(0, 1).reshape(1, t, a.n_heads * hd))
+            o = ops.attention.attention_decomposed(q, k.contiguous(), v.contiguous(), pos[:1], a.scaling, window)
+        return linear(a.o, o.reshape(1, t, a.n_heads * hd))
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         t = tokens.shape[1]

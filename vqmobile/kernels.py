@@ -591,11 +591,11 @@ def stream_read(buf: np.ndarray, threads: int = 1) -> int:
 
 def attention(q: "torch.Tensor", k_cache: "torch.Tensor", v_cache: "torch.Tensor", pos: int, scale: float,
               window: int = 0, *, threads: int | None = None) -> "torch.Tensor":
-    """Attention of queries q [heads, t, d] at positions pos .. pos+t-1 over a static KV cache, k_cache
+    """Attention of queries q [t, heads, d] at positions pos .. pos+t-1 over a static KV cache, k_cache
     [kv_heads, d, max_seq] (keys transposed) and v_cache [kv_heads, max_seq, d], both float32 or both float16,
-    reading only the positions each query sees (window > 0: the last `window`); float32 [heads, t, d]. See
+    reading only the positions each query sees (window > 0: the last `window`); float32 [t, heads, d]. See
     vqm_attention and vqm_attention_f16 in native/include/vqmobile.h."""
-    heads, t, d = q.shape
+    t, heads, d = q.shape
     kv_heads, dk, max_seq = k_cache.shape
     if dk != d or tuple(v_cache.shape) != (kv_heads, max_seq, d):
         raise ValueError(f"attention: caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} do not fit q "
@@ -631,13 +631,13 @@ def rms_norm(x: "torch.Tensor", weight: "torch.Tensor", eps: float, offset: floa
 
 def rope(x: "torch.Tensor", cos: "torch.Tensor", sin: "torch.Tensor") -> "torch.Tensor":
     """Rotary position embedding (rotate-half) of x float32 [t, heads, d] with cos and sin [t, rot] (any leading
-    dimensions of size 1), returned as [heads, t, d]. See vqm_rope in native/include/vqmobile.h."""
+    dimensions of size 1), returned in x's layout. See vqm_rope in native/include/vqmobile.h."""
     t, heads, d = x.shape
     rot = cos.shape[-1]
     x = x.to(torch.float32).contiguous()
     cos, sin = cos.reshape(t, rot).contiguous(), sin.reshape(t, rot).contiguous()  # held until the call returns
     c, s = _check(cos, "cos", ("float32",), (t, rot)), _check(sin, "sin", ("float32",), (t, rot))
-    out = x.new_empty((heads, t, d))
+    out = torch.empty_like(x)
     rc = lib.vqm_rope(ffi.cast("const float *", x.data_ptr()), ffi.cast("const float *", c),
                       ffi.cast("const float *", s), t, heads, d, rot, ffi.cast("float *", out.data_ptr()))
     if rc != 0:

@@ -220,7 +220,7 @@ Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& 
       k_cache.dim() != 3 || v_cache.dim() != 3 || input_pos.scalar_type() != ScalarType::Long ||
       input_pos.numel() != 1 || v_cache.size(0) != k_cache.size(0) || v_cache.size(1) != k_cache.size(2) ||
       v_cache.size(2) != q.size(2) || k_cache.size(1) != q.size(2)) {
-    ET_LOG(Error, "vqmobile::attention: expected float32 q [H,T,D], k_cache [Hkv,D,S] and v_cache [Hkv,S,D] both "
+    ET_LOG(Error, "vqmobile::attention: expected float32 q [T,H,D], k_cache [Hkv,D,S] and v_cache [Hkv,S,D] both "
                   "float32 or both float16, int64 input_pos [1]");
     ctx.fail(Error::InvalidArgument);
     return out;
@@ -230,7 +230,7 @@ Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& 
     ctx.fail(Error::InvalidArgument);
     return out;
   }
-  const int heads = (int)q.size(0), kv_heads = (int)k_cache.size(0), t = (int)q.size(1), d = (int)q.size(2);
+  const int heads = (int)q.size(1), kv_heads = (int)k_cache.size(0), t = (int)q.size(0), d = (int)q.size(2);
   const int max_seq = (int)k_cache.size(2);
   const int64_t pos = input_pos.const_data_ptr<int64_t>()[0];
   const int rc = kv == ScalarType::Float
@@ -241,7 +241,7 @@ Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& 
                           (float)scale, (int)window, out.mutable_data_ptr<float>(), 0);
   if (rc != VQM_OK) {
     ET_LOG(Error, "vqmobile::attention: position %lld + %lld queries outside the %lld-position cache",
-           (long long)input_pos.const_data_ptr<int64_t>()[0], (long long)q.size(1), (long long)k_cache.size(2));
+           (long long)input_pos.const_data_ptr<int64_t>()[0], (long long)q.size(0), (long long)k_cache.size(2));
     ctx.fail(Error::InvalidArgument);
   }
   return out;
@@ -272,7 +272,7 @@ Tensor& rms_norm_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& w
 }
 
 // vqmobile::rope.out(Tensor x, Tensor cos, Tensor sin, *, Tensor(a!) out): rotary embedding of x [T, H, D] with cos,
-// sin [.., T, R] into out [H, T, D] (vqm_rope).
+// sin [.., T, R] into out [T, H, D] (vqm_rope).
 Tensor& rope_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& out) {
   const int64_t rot = cos.dim() >= 1 ? cos.size(cos.dim() - 1) : 0;
   if (x.scalar_type() != ScalarType::Float || cos.scalar_type() != ScalarType::Float ||
@@ -282,9 +282,7 @@ Tensor& rope_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& cos, 
     ctx.fail(Error::InvalidArgument);
     return out;
   }
-  const SizesType sizes[3] = {static_cast<SizesType>(x.size(1)), static_cast<SizesType>(x.size(0)),
-                              static_cast<SizesType>(x.size(2))};
-  if (executorch::runtime::resize_tensor(out, {sizes, 3}) != Error::Ok) {
+  if (executorch::runtime::resize_tensor(out, x.sizes()) != Error::Ok) {
     ET_LOG(Error, "vqmobile::rope: cannot resize the output");
     ctx.fail(Error::InvalidArgument);
     return out;

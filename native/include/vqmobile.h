@@ -125,8 +125,9 @@ int vqm_nearest_path(int path, const float *x, const float *w, const float *c, i
 /* out[hq, i, :] = softmax_j(scale * q[hq, i, :] . K[h, :, j]) . V[h, j, :] over the positions j the query at
  * position p = pos + i sees: lo..p, lo = max(0, p - window + 1) when window > 0, else 0. h = hq / (heads /
  * kv_heads) (grouped-query attention).
- *  q: float32 [heads, t, d];  k_cache: float32 [kv_heads, d, max_seq] (keys transposed);
- *  v_cache: float32 [kv_heads, max_seq, d];  out: float32 [heads, t, d].
+ *  q: float32 [t, heads, d] (a projection's output, its heads side by side);  k_cache: float32 [kv_heads, d,
+ *  max_seq] (keys transposed);  v_cache: float32 [kv_heads, max_seq, d];  out: float32 [t, heads, d], the input
+ *  of the output projection as it is.
  * Returns VQM_EINVAL for bad shapes or pos + t > max_seq. Plain C (no per-ISA variant); threads as for the linear
  * functions, split over (kv head, query) pairs. */
 int vqm_attention(const float *q, const float *k_cache, const float *v_cache, int heads, int kv_heads, int t, int d,
@@ -141,7 +142,7 @@ int vqm_attention_f16(const float *q, const uint16_t *k_cache, const uint16_t *v
  * (offset 0: Llama's norm; 1: Gemma's, whose weight is stored minus one). Returns VQM_EINVAL for bad arguments. */
 int vqm_rms_norm(const float *x, const float *w, int64_t rows, int64_t d, float eps, float offset, float *out);
 /* Rotary position embedding, rotate-half convention, of x [t, heads, d] (a linear's output: heads side by side) into
- * out [heads, t, d]: for each head and position i, feature j < rot / 2 becomes x_j cos_ij - x_{j + rot/2} sin_ij,
+ * out of the same layout: for each head and position i, feature j < rot / 2 becomes x_j cos_ij - x_{j + rot/2} sin_ij,
  * feature rot / 2 <= j < rot becomes x_j cos_ij + x_{j - rot/2} sin_ij, features j >= rot are copied; cos, sin:
  * [t, rot], rot even and <= d. Each value is rounded as PyTorch's x * cos + rotate_half(x) * sin rounds it. */
 int vqm_rope(const float *x, const float *cos, const float *sin, int64_t t, int64_t heads, int64_t d, int64_t rot,

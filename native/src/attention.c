@@ -111,8 +111,8 @@ static inline __attribute__((always_inline)) void attend(const attn_ctx *a, int 
     float *o[NH_MAX];
     _Pragma("GCC unroll 4") for (int g = 0; g < nh; g++) {
         const int hq = h * groups + g0 + g;
-        q[g] = a->q + ((int64_t)hq * a->t + t) * D;
-        o[g] = a->out + ((int64_t)hq * a->t + t) * D;
+        q[g] = a->q + ((int64_t)t * a->heads + hq) * D;
+        o[g] = a->out + ((int64_t)t * a->heads + hq) * D;
     }
     /* Scores, a vector of positions at a time, each accumulated over the head dimension in order. Vectors may run
      * past the last position the query sees (those lanes become -inf below) but never past the cache's end. */

@@ -56,7 +56,7 @@ int vqm_rms_norm(const float *x, const float *w, int64_t rows, int64_t d, float 
     return VQM_OK;
 }
 
-/* out[h, i, :] = RoPE of x[i, h, :]: features j < rot / 2 become x_j cos_j - x_{j + rot/2} sin_j, features
+/* out[i, h, :] = RoPE of x[i, h, :]: features j < rot / 2 become x_j cos_j - x_{j + rot/2} sin_j, features
  * rot / 2 <= j < rot become x_j cos_j + x_{j - rot/2} sin_j (rotate-half), the rest stay; cos, sin: [t, rot]. */
 VQM_CLONES static void rope(const float *x, const float *cos, const float *sin, int64_t t, int64_t heads, int64_t d,
                              int64_t rot, float *out)
@@ -66,7 +66,7 @@ VQM_CLONES static void rope(const float *x, const float *cos, const float *sin, 
         const float *c = cos + i * rot, *s = sin + i * rot;
         for (int64_t h = 0; h < heads; h++) {
             const float *xr = x + (i * heads + h) * d;
-            float *yr = out + (h * t + i) * d;
+            float *yr = out + (i * heads + h) * d;
             int64_t j = 0;
             for (; j + VL <= half; j += VL) {
                 vstore(yr + j, vload(xr + j) * vload(c + j) + (-vload(xr + half + j)) * vload(s + j));

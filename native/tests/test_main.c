@@ -506,7 +506,7 @@ static void test_attention(int heads, int kv, int t, int d, int S, long pos, int
                 double m = -1e300, sum = 0;
                 for (long j = lo; j <= p; j++) {
                     double a = 0;
-                    for (int c = 0; c < d; c++) a += (double)q[(hq * t + i) * d + c] * kc[((long)h * d + c) * S + j];
+                    for (int c = 0; c < d; c++) a += (double)q[(i * heads + hq) * d + c] * kc[((long)h * d + c) * S + j];
                     sc[j] = a * scale;
                     m = sc[j] > m ? sc[j] : m;
                 }
@@ -515,9 +515,9 @@ static void test_attention(int heads, int kv, int t, int d, int S, long pos, int
                     double o = 0;
                     for (long j = lo; j <= p; j++) o += sc[j] * vc[((long)h * S + j) * d + c];
                     o /= sum;
-                    if (!(fabs(out[(hq * t + i) * d + c] - o) <= 1e-5 + 1e-5 * fabs(o))) {
+                    if (!(fabs(out[(i * heads + hq) * d + c] - o) <= 1e-5 + 1e-5 * fabs(o))) {
                         printf("FAIL %s: head %d query %d component %d got %.8g want %.8g\n", what, hq, i, c,
-                               out[(hq * t + i) * d + c], o);
+                               out[(i * heads + hq) * d + c], o);
                         bad = 1;
                     }
                 }

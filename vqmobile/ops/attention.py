@@ -3,11 +3,11 @@
     vqmobile::attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor input_pos, float scale, int window=0)
         -> Tensor
 
-q float32 [heads, T, D] at positions input_pos .. input_pos+T-1; k_cache [kv_heads, D, max_seq] (keys transposed) and
+q float32 [T, heads, D] (a projection's output, its heads side by side) at positions input_pos .. input_pos+T-1; k_cache [kv_heads, D, max_seq] (keys transposed) and
 v_cache [kv_heads, max_seq, D] as the exported decoders keep them (export/model.py, which writes the new keys and
 values first), both float32 or both float16 (each cached value is widened to float32 exactly; a float16 cache halves
 what a long context reads per token); window > 0: a sliding-window layer's last `window` positions. Query head hq
-reads kv head hq // (heads / kv_heads). Result float32 [heads, T, D].
+reads kv head hq // (heads / kv_heads). Result float32 [T, heads, D]: the output projection's input as it is.
 
 CPU and the ExecuTorch adapter run the native kernel (vqm_attention), which reads only the positions each query sees;
 the decomposition (portable export, and CPU without the native module) is the masked attention over the whole cache
@@ -26,7 +26,7 @@ lib.define("attention.out(Tensor q, Tensor k_cache, Tensor v_cache, Tensor input
 
 
 def attention_decomposed(q, k_cache, v_cache, input_pos, scale, window=0):
-    heads, t, d = q.shape
+    t, heads, d = q.shape
     kv_heads, _, max_seq = k_cache.shape
     groups = heads // kv_heads
     pos = input_pos.reshape(1).to(torch.int64) + torch.arange(t, dtype=torch.int64)  # [T]
@@ -35,10 +35,11 @@ def attention_decomposed(q, k_cache, v_cache, input_pos, scale, window=0):
     if window:
         seen = seen & (key[None, :] > pos[:, None] - window)
     mask = torch.where(seen, 0.0, float("-inf")).repeat(groups, 1)  # [groups * T, S]: rows g * T + i
-    qg = q.to(torch.float32).reshape(kv_heads, groups * t, d)  # head hq = h * groups + g
+    qg = q.to(torch.float32).transpose(0, 1).reshape(kv_heads, groups * t, d)  # head hq = h * groups + g
     scores = torch.bmm(qg, k_cache.to(torch.float32)) * scale + mask
     # unflatten + flatten, not reshape(heads, t, d): that reshape makes torch.export guard T to one value
-    return torch.bmm(torch.softmax(scores, dim=-1), v_cache.to(torch.float32)).unflatten(1, (groups, t)).flatten(0, 1)
+    o = torch.bmm(torch.softmax(scores, dim=-1), v_cache.to(torch.float32)).unflatten(1, (groups, t)).flatten(0, 1)
+    return o.transpose(0, 1)
 
 
 @torch.library.impl(lib, "attention", "CPU")
@@ -56,7 +57,7 @@ def _attention_out_cpu(q, k_cache, v_cache, input_pos, scale, window=0, *, out):
 
 @torch.library.register_fake(f"{NAMESPACE}::attention")
 def _attention_fake(q, k_cache, v_cache, input_pos, scale, window=0):
-    torch._check(q.shape[0] % k_cache.shape[0] == 0, lambda: "attention: heads must be a multiple of kv_heads")
+    torch._check(q.shape[1] % k_cache.shape[0] == 0, lambda: "attention: heads must be a multiple of kv_heads")
     return q.new_empty(q.shape, dtype=torch.float32)
 
 

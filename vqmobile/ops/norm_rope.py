@@ -5,8 +5,8 @@
 
 rms_norm: float32 x [..., d] -> (x * rsqrt(mean(x^2) + eps)) * (offset + weight) over the last dimension (offset 0:
 Llama, Qwen, Phi; 1: Gemma, whose weight is stored minus one). rope: x float32 [T, H, D], a projection's output with
-its heads side by side, and cos, sin [1, T, R] (R <= D, even) -> [H, T, D], the first R features of each head rotated
-(rotate-half convention), the rest copied.
+its heads side by side, and cos, sin [1, T, R] (R <= D, even) -> [T, H, D], the first R features of each head
+rotated (rotate-half convention), the rest copied.
 
 In standard ops a norm is a portable mean between two XNNPACK partitions and a RoPE two slices, a concatenation
 and a partition, each call costing an ExecuTorch program more than a 576-wide row's arithmetic. CPU and the
@@ -37,8 +37,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rope_decomposed(x, cos, sin):
-    """RoPE of x [T, H, D] as [H, T, D] on the first cos.shape[-1] features of each head."""
-    x = x.to(torch.float32).transpose(0, 1)
+    """RoPE of x [T, H, D] on the first cos.shape[-1] features of each head."""
+    x = x.to(torch.float32)
+    cos, sin = cos.squeeze(0).unsqueeze(1), sin.squeeze(0).unsqueeze(1)  # [1, T, R] -> [T, 1, R]: every head
     rot = cos.shape[-1]
     if rot == x.shape[-1]:
         return x * cos + rotate_half(x) * sin
@@ -99,7 +100,7 @@ def _rope_out_cpu(x, cos, sin, *, out):
 @torch.library.register_fake(f"{NAMESPACE}::rope")
 def _rope_fake(x, cos, sin):
     torch._check(cos.shape[-1] <= x.shape[-1], lambda: "rope: the rotary dimension exceeds the head dimension")
-    return x.new_empty((x.shape[1], x.shape[0], x.shape[2]), dtype=torch.float32)
+    return x.new_empty(x.shape, dtype=torch.float32)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::rope.out")
