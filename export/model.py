@@ -160,6 +160,14 @@ class StaticDecoder(nn.Module):
             return x if mod is None else mod(x)
         return torch.ops.vqmobile.rms_norm(x, *form)
 
+    def _add_norm(self, h: torch.Tensor, a: torch.Tensor, mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h + a, mod(h + a)): the residual connection and the norm after it, one call where the norm is fused."""
+        form = self.norm_forms.get(mod)
+        if form is None or ops.decomposing():
+            h = h + a
+            return h, mod(h)
+        return torch.ops.vqmobile.add_rms_norm(h, a, *form)
+
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, H, D], its heads rotated."""
         if self.fuse_norm_rope and not ops.decomposing():
@@ -198,15 +206,17 @@ class StaticDecoder(nn.Module):
         ropes = {key: (getattr(self, f"rope_cos_{j}")[pos][None], getattr(self, f"rope_sin_{j}")[pos][None])
                  for key, j in self.rope_index.items()}  # [1, T, rotary dim]
         h = self.parts.embed(tokens)
-        for i, layer in enumerate(self.parts.layers):
+        layers = self.parts.layers
+        x = self._norm(layers[0].attn_norm, h)
+        for i, layer in enumerate(layers):
             cos, sin = ropes[layer.rope]
-            a = self._attention(i, layer.attn, self._norm(layer.attn_norm, h), cos, sin, pos)
-            h = h + self._norm(layer.attn_out_norm, a)
-            x = self._norm(layer.mlp_norm, h)
+            a = self._attention(i, layer.attn, x, cos, sin, pos)
+            h, x = self._add_norm(h, self._norm(layer.attn_out_norm, a), layer.mlp_norm)
             g, u = self._linears(self.stacked[i][1], [layer.gate, layer.up], x)
             m = linear(layer.down, layer.act(g) * u)
-            h = h + self._norm(layer.mlp_out_norm, m)
-        h = self._norm(self.parts.norm, h)
+            after = layers[i + 1].attn_norm if i + 1 < len(layers) else self.parts.norm
+            h, x = self._add_norm(h, self._norm(layer.mlp_out_norm, m), after)
+        h = x
         head = self.parts.head
         if self.tied_head:
             if ops.decomposing():

@@ -167,8 +167,9 @@ def test_attention_over_a_float16_cache_widens_it_exactly():
 def test_norm_and_rope_ops_compute_the_models_own_steps():
     """vqmobile::rope equals PyTorch's rotate-half RoPE bit for bit, with a full and a partial rotary dimension (the
     kernel rounds each product and sum as the standard ops do); vqmobile::rms_norm stays within float rounding of
-    Llama's and Gemma 3's own norm modules (its mean of squares is summed in another order); rms_norm_form recognizes
-    those two by their outputs, and a LayerNorm (weight and eps alike) not; bad shapes are refused."""
+    Llama's and Gemma 3's own norm modules (its mean of squares is summed in another order), and add_rms_norm is the
+    exact residual sum and that same norm of it; rms_norm_form recognizes those two norms by their outputs, and a
+    LayerNorm (weight and eps alike) not; bad shapes are refused."""
     from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -192,6 +193,9 @@ def test_norm_and_rope_ops_compute_the_models_own_steps():
             want = norm(h)
         got = torch.ops.vqmobile.rms_norm(h, w, eps, off)
         assert ((got - want).abs() <= 1e-6 * want.abs() + 1e-7).all(), (offset, (got - want).abs().max())
+        r = torch.randn(2, 7, 576, generator=g)
+        total, normed = torch.ops.vqmobile.add_rms_norm(h, r, w, eps, off)  # the residual sum, then the same norm
+        assert torch.equal(total, h + r) and torch.equal(normed, torch.ops.vqmobile.rms_norm(h + r, w, eps, off))
     assert ops.norm_rope.rms_norm_form(torch.nn.LayerNorm(576)) is None
     with pytest.raises(ValueError, match="weight must have shape"):
         torch.ops.vqmobile.rms_norm(h, torch.ones(575), 1e-5, 0.0)
@@ -375,16 +379,18 @@ def test_executorch_ops_are_bit_exact(bundle, reference, tmp_path):
     assert torch.equal(portable_lib()._load_for_executorch(str(pte)).forward(args)[0], _Attention()(*args))
 
     class _NormRope(torch.nn.Module):
-        def forward(self, x, w, cos, sin):
-            return torch.ops.vqmobile.rope(torch.ops.vqmobile.rms_norm(x, w, 1e-5, 1.0), cos, sin)
+        def forward(self, x, r, w, cos, sin):
+            total, y = torch.ops.vqmobile.add_rms_norm(x, r, w, 1e-5, 0.0)
+            return torch.ops.vqmobile.rope(torch.ops.vqmobile.rms_norm(y, w, 1e-5, 1.0), cos, sin), total
 
-    args = (torch.randn(3, 4, 16, generator=gen), torch.randn(16, generator=gen), torch.randn(1, 3, 12, generator=gen),
-            torch.randn(1, 3, 12, generator=gen))
+    args = (torch.randn(3, 4, 16, generator=gen), torch.randn(3, 4, 16, generator=gen), torch.randn(16, generator=gen),
+            torch.randn(1, 3, 12, generator=gen), torch.randn(1, 3, 12, generator=gen))
     with torch.no_grad():
         ep = torch.export.export(_NormRope(), args, strict=False)
     pte = tmp_path / "norm_rope.pte"
     pte.write_bytes(lower_to_executorch(ep).buffer)
-    assert torch.equal(portable_lib()._load_for_executorch(str(pte)).forward(args)[0], _NormRope()(*args))
+    got, want = portable_lib()._load_for_executorch(str(pte)).forward(args), _NormRope()(*args)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert ops.op_support(cases["vq_linear"].qweight)[0] == "vq_linear"
     assert ops.op_support(cases["int_linear g32"].qweight)[0] == "int_linear"
     gen = torch.Generator().manual_seed(7)

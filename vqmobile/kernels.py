@@ -615,18 +615,30 @@ def attention(q: "torch.Tensor", k_cache: "torch.Tensor", v_cache: "torch.Tensor
     return out
 
 
-def rms_norm(x: "torch.Tensor", weight: "torch.Tensor", eps: float, offset: float = 0.0) -> "torch.Tensor":
-    """RMSNorm over the last dimension of float32 x: (x * rsqrt(mean(x^2) + eps)) * (offset + weight). See
-    vqm_rms_norm in native/include/vqmobile.h."""
+def rms_norm(x: "torch.Tensor", weight: "torch.Tensor", eps: float, offset: float = 0.0,
+             residual: "torch.Tensor | None" = None):
+    """RMSNorm over the last dimension of float32 x: (x * rsqrt(mean(x^2) + eps)) * (offset + weight). With a
+    residual: (x + residual, the norm of that sum). See vqm_rms_norm and vqm_add_rms_norm in
+    native/include/vqmobile.h."""
     d = x.shape[-1]
     x = x.to(torch.float32).contiguous()
     w = _check(weight, "weight", ("float32",), (d,))
     out = torch.empty_like(x)
-    rc = lib.vqm_rms_norm(ffi.cast("const float *", x.data_ptr()), ffi.cast("const float *", w), x.numel() // d, d,
-                          float(eps), float(offset), ffi.cast("float *", out.data_ptr()))
+    args = (x.numel() // d, d, float(eps), float(offset))
+    if residual is None:
+        rc = lib.vqm_rms_norm(ffi.cast("const float *", x.data_ptr()), ffi.cast("const float *", w), *args,
+                              ffi.cast("float *", out.data_ptr()))
+    else:
+        residual = residual.to(torch.float32).contiguous()
+        if residual.shape != x.shape:
+            raise ValueError(f"rms_norm: residual {tuple(residual.shape)} does not match x {tuple(x.shape)}")
+        total = torch.empty_like(x)
+        rc = lib.vqm_add_rms_norm(ffi.cast("const float *", x.data_ptr()), ffi.cast("const float *",
+                                  residual.data_ptr()), ffi.cast("const float *", w), *args,
+                                  ffi.cast("float *", total.data_ptr()), ffi.cast("float *", out.data_ptr()))
     if rc != 0:
         raise ValueError(f"rms_norm failed ({_ERRORS.get(rc, rc)}): x {tuple(x.shape)}")
-    return out
+    return out if residual is None else (total, out)
 
 
 def rope(x: "torch.Tensor", cos: "torch.Tensor", sin: "torch.Tensor") -> "torch.Tensor":

@@ -8,6 +8,8 @@
 //   vqmobile::attention.out(Tensor q, Tensor k_cache, Tensor v_cache, Tensor input_pos, float scale, int window=0, *,
 //                           Tensor(a!) out)
 //   vqmobile::rms_norm.out(Tensor x, Tensor weight, float eps, float offset=0., *, Tensor(a!) out)
+//   vqmobile::add_rms_norm.out(Tensor x, Tensor residual, Tensor weight, float eps, float offset=0., *,
+//                              Tensor(a!) total, Tensor(b!) out) -> (Tensor(a!), Tensor(b!))
 //   vqmobile::rope.out(Tensor x, Tensor cos, Tensor sin, *, Tensor(a!) out)
 //   vqmobile::e8p_linear.out(Tensor x, Tensor codes, Tensor scales, Tensor? bias, int n, int k, bool act_int8=False,
 //                            *, Tensor(a!) out)
@@ -271,6 +273,44 @@ Tensor& rms_norm_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& w
   return out;
 }
 
+// vqmobile::add_rms_norm.out(Tensor x, Tensor residual, Tensor weight, float eps, float offset=0., *,
+// Tensor(a!) total, Tensor(b!) out): total = x + residual and its RMSNorm (vqm_add_rms_norm). Two outputs, which
+// WrapUnboxedIntoFunctor does not take: boxed by hand. The emitter passes the schema's arguments in order, then one
+// list of the outputs.
+void add_rms_norm_boxed(KernelRuntimeContext& ctx, executorch::runtime::Span<executorch::runtime::EValue*> stack) {
+  if (stack.size() < 7 || !stack[0]->isTensor() || !stack[1]->isTensor() || !stack[2]->isTensor() ||
+      !stack[3]->isDouble() || !stack[4]->isDouble() || !stack[5]->isTensor() || !stack[6]->isTensor()) {
+    ET_LOG(Error, "vqmobile::add_rms_norm: unexpected arguments");
+    ctx.fail(Error::InvalidArgument);
+    return;
+  }
+  const Tensor& x = stack[0]->toTensor();
+  const Tensor& residual = stack[1]->toTensor();
+  const Tensor& weight = stack[2]->toTensor();
+  Tensor& total = stack[5]->toTensor();
+  Tensor& out = stack[6]->toTensor();
+  const int64_t d = x.dim() >= 1 ? x.size(x.dim() - 1) : 0;
+  if (x.scalar_type() != ScalarType::Float || residual.scalar_type() != ScalarType::Float ||
+      weight.scalar_type() != ScalarType::Float || total.scalar_type() != ScalarType::Float ||
+      out.scalar_type() != ScalarType::Float || d < 1 || weight.numel() != d || residual.numel() != x.numel()) {
+    ET_LOG(Error, "vqmobile::add_rms_norm: expected float32 x and residual [..., d] alike, weight [d]");
+    ctx.fail(Error::InvalidArgument);
+    return;
+  }
+  if (executorch::runtime::resize_tensor(total, x.sizes()) != Error::Ok ||
+      executorch::runtime::resize_tensor(out, x.sizes()) != Error::Ok) {
+    ET_LOG(Error, "vqmobile::add_rms_norm: cannot resize the outputs");
+    ctx.fail(Error::InvalidArgument);
+    return;
+  }
+  if (vqm_add_rms_norm(x.const_data_ptr<float>(), residual.const_data_ptr<float>(), weight.const_data_ptr<float>(),
+                       x.numel() / d, d, (float)stack[3]->toDouble(), (float)stack[4]->toDouble(),
+                       total.mutable_data_ptr<float>(), out.mutable_data_ptr<float>()) != VQM_OK) {
+    ET_LOG(Error, "vqmobile::add_rms_norm: native kernel failed");
+    ctx.fail(Error::InvalidArgument);
+  }
+}
+
 // vqmobile::rope.out(Tensor x, Tensor cos, Tensor sin, *, Tensor(a!) out): rotary embedding of x [T, H, D] with cos,
 // sin [.., T, R] into out [T, H, D] (vqm_rope).
 Tensor& rope_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& cos, const Tensor& sin, Tensor& out) {
@@ -408,6 +448,7 @@ constexpr char kHadName[] = "vqmobile::hadamard.out";
 constexpr char kCvqName[] = "vqmobile::cvq_linear.out";
 constexpr char kNormName[] = "vqmobile::rms_norm.out";
 constexpr char kRopeName[] = "vqmobile::rope.out";
+constexpr char kAddNormName[] = "vqmobile::add_rms_norm.out";
 
 // registry_has_op_function logs an error for every op it does not find, which would print three alarming lines
 // on each start; scanning the registered kernels says the same silently.
@@ -445,6 +486,9 @@ int register_once() {
   }
   if (!registered_already(kNormName)) {
     (void)executorch::runtime::register_kernel(make_boxed_kernel(kNormName, EXECUTORCH_FN(rms_norm_out, kNormName)));
+  }
+  if (!registered_already(kAddNormName)) {
+    (void)executorch::runtime::register_kernel(executorch::runtime::Kernel(kAddNormName, add_rms_norm_boxed));
   }
   if (!registered_already(kRopeName)) {
     (void)executorch::runtime::register_kernel(make_boxed_kernel(kRopeName, EXECUTORCH_FN(rope_out, kRopeName)));

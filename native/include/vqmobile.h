@@ -141,6 +141,10 @@ int vqm_attention_f16(const float *q, const uint16_t *k_cache, const uint16_t *v
 /* out[r, :] = (x[r, :] * inv_r) * (offset + w), inv_r = 1 / sqrt(sum_c x[r, c]^2 / d + eps), for rows r of d values
  * (offset 0: Llama's norm; 1: Gemma's, whose weight is stored minus one). Returns VQM_EINVAL for bad arguments. */
 int vqm_rms_norm(const float *x, const float *w, int64_t rows, int64_t d, float eps, float offset, float *out);
+/* sum = x + residual (elementwise, rows x d), out = vqm_rms_norm of sum: a residual connection and the next norm in
+ * one pass. sum and out must not be the same buffer. */
+int vqm_add_rms_norm(const float *x, const float *residual, const float *w, int64_t rows, int64_t d, float eps,
+                     float offset, float *sum, float *out);
 /* Rotary position embedding, rotate-half convention, of x [t, heads, d] (a linear's output: heads side by side) into
  * out of the same layout: for each head and position i, feature j < rot / 2 becomes x_j cos_ij - x_{j + rot/2} sin_ij,
  * feature rot / 2 <= j < rot becomes x_j cos_ij + x_{j - rot/2} sin_ij, features j >= rot are copied; cos, sin:

@@ -27,13 +27,19 @@ static inline vf vload(const float *p)
 static inline void vstore(float *p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
 
 /* out = (x * inv) * (offset + w), inv = 1 / sqrt(mean(x^2) + eps): Llama's weight * (x * rsqrt(var + eps)) with
- * offset 0, Gemma's (x * rsqrt(var + eps)) * (1 + weight) with offset 1 (offset + w is exact for offset 0). */
-VQM_CLONES static void rms_norm(const float *x, const float *w, int64_t rows, int64_t d, float eps, float offset,
-                                 float *out)
+ * offset 0, Gemma's (x * rsqrt(var + eps)) * (1 + weight) with offset 1 (offset + w is exact for offset 0). With a
+ * residual, x is first replaced by sum = x + residual (the decoder's h + a before its next norm). */
+VQM_CLONES static void rms_norm(const float *x, const float *residual, const float *w, int64_t rows, int64_t d,
+                                 float eps, float offset, float *sum, float *out)
 {
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * d;
         float *yr = out + r * d;
+        if (residual) {
+            float *sr = sum + r * d;
+            for (int64_t c = 0; c < d; c++) sr[c] = xr[c] + residual[r * d + c];
+            xr = sr;
+        }
         vf acc = { 0 };
         int64_t c = 0;
         for (; c + VL <= d; c += VL) {
@@ -52,7 +58,15 @@ VQM_CLONES static void rms_norm(const float *x, const float *w, int64_t rows, in
 int vqm_rms_norm(const float *x, const float *w, int64_t rows, int64_t d, float eps, float offset, float *out)
 {
     if (!x || !w || !out || rows < 0 || d < 1) return VQM_EINVAL;
-    rms_norm(x, w, rows, d, eps, offset, out);
+    rms_norm(x, NULL, w, rows, d, eps, offset, NULL, out);
+    return VQM_OK;
+}
+
+int vqm_add_rms_norm(const float *x, const float *residual, const float *w, int64_t rows, int64_t d, float eps,
+                     float offset, float *sum, float *out)
+{
+    if (!x || !residual || !w || !sum || !out || sum == out || rows < 0 || d < 1) return VQM_EINVAL;
+    rms_norm(x, residual, w, rows, d, eps, offset, sum, out);
     return VQM_OK;
 }
 

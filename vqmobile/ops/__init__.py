@@ -4,8 +4,8 @@ One operator per stored format with a native kernel, each in its own module (``v
 ``int_linear`` in ops/intlinear.py, ``cvq_linear`` in ops/cvq.py, ``e8p_linear`` in ops/e8p.py), ``hadamard`` (ops/hadamard.py) for the online
 transforms of incoherent weights (ops/incoherent.py runs them around the inner weight's operator), ``dense_linear``
 (ops/dense.py) for a float head tied to the embedding, ``attention`` (ops/attention.py), the exported decoders'
-attention over their static KV cache, and ``rms_norm`` and ``rope`` (ops/norm_rope.py), their norms and rotary
-embedding.
+attention over their static KV cache, and ``rms_norm``, ``add_rms_norm`` and ``rope`` (ops/norm_rope.py), their
+norms (with the residual sum before them) and rotary embedding.
 Every operator has an ``.out`` overload (``..., *, Tensor(a!) out) -> Tensor(a!)``) that ExecuTorch's memory planning
 needs and that the C++ adapter in export/runtime/ implements, a fake kernel for torch.export, and a decomposition into
 standard aten ops (the portable export option, ``decompose=True``, traces those). ``x`` is float32 [..., k]; the
@@ -90,6 +90,7 @@ def decomposition_table() -> dict:
     table = {torch.ops.vqmobile.dense_linear.default: dense.dense_linear_decomposed,
              torch.ops.vqmobile.attention.default: attention.attention_decomposed,
              torch.ops.vqmobile.rms_norm.default: norm_rope.rms_norm_decomposed,
+             torch.ops.vqmobile.add_rms_norm.default: norm_rope.add_rms_norm_decomposed,
              torch.ops.vqmobile.rope.default: norm_rope.rope_decomposed}
     for binding in BINDINGS.values():
         table.update(binding.decomposition)

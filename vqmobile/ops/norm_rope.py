@@ -1,16 +1,19 @@
-"""vqmobile::rms_norm and vqmobile::rope: the exported decoders' norms and rotary embedding, one call each.
+"""vqmobile::rms_norm, vqmobile::add_rms_norm and vqmobile::rope: the exported decoders' norms (with the residual
+connection before them) and rotary embedding, one call each.
 
     vqmobile::rms_norm(Tensor x, Tensor weight, float eps, float offset=0.) -> Tensor
+    vqmobile::add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps, float offset=0.) -> (Tensor, Tensor)
     vqmobile::rope(Tensor x, Tensor cos, Tensor sin) -> Tensor
 
 rms_norm: float32 x [..., d] -> (x * rsqrt(mean(x^2) + eps)) * (offset + weight) over the last dimension (offset 0:
-Llama, Qwen, Phi; 1: Gemma, whose weight is stored minus one). rope: x float32 [T, H, D], a projection's output with
+Llama, Qwen, Phi; 1: Gemma, whose weight is stored minus one); add_rms_norm: (x + residual, rms_norm of that sum).
+rope: x float32 [T, H, D], a projection's output with
 its heads side by side, and cos, sin [1, T, R] (R <= D, even) -> [T, H, D], the first R features of each head
 rotated (rotate-half convention), the rest copied.
 
 In standard ops a norm is a portable mean between two XNNPACK partitions and a RoPE two slices, a concatenation
-and a partition, each call costing an ExecuTorch program more than a 576-wide row's arithmetic. CPU and the
-ExecuTorch adapter run the native kernels (vqm_rms_norm, vqm_rope); the decompositions are the standard ops the
+and a partition, a residual sum a partition of its own, each call costing an ExecuTorch program more than a 576-wide
+row's arithmetic. CPU and the ExecuTorch adapter run the native kernels (vqm_rms_norm, vqm_add_rms_norm, vqm_rope); the decompositions are the standard ops the
 Hugging Face modules run. export/model.py uses rms_norm only for a norm that `rms_norm_form` recognizes.
 """
 
@@ -22,6 +25,9 @@ from .library import NAMESPACE, lib, native, write_out
 
 lib.define("rms_norm(Tensor x, Tensor weight, float eps, float offset=0.) -> Tensor")
 lib.define("rms_norm.out(Tensor x, Tensor weight, float eps, float offset=0., *, Tensor(a!) out) -> Tensor(a!)")
+lib.define("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps, float offset=0.) -> (Tensor, Tensor)")
+lib.define("add_rms_norm.out(Tensor x, Tensor residual, Tensor weight, float eps, float offset=0., *, Tensor(a!) total, "
+           "Tensor(b!) out) -> (Tensor(a!), Tensor(b!))")
 lib.define("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor")
 lib.define("rope.out(Tensor x, Tensor cos, Tensor sin, *, Tensor(a!) out) -> Tensor(a!)")
 
@@ -29,6 +35,11 @@ lib.define("rope.out(Tensor x, Tensor cos, Tensor sin, *, Tensor(a!) out) -> Ten
 def rms_norm_decomposed(x, weight, eps, offset=0.0):
     xf = x.to(torch.float32)
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)) * (offset + weight)
+
+
+def add_rms_norm_decomposed(x, residual, weight, eps, offset=0.0):
+    total = x + residual
+    return total, rms_norm_decomposed(total, weight, eps, offset)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -83,6 +94,29 @@ def _rms_norm_fake(x, weight, eps, offset=0.0):
 @torch.library.register_fake(f"{NAMESPACE}::rms_norm.out")
 def _rms_norm_out_fake(x, weight, eps, offset=0.0, *, out):
     return out
+
+
+@torch.library.impl(lib, "add_rms_norm", "CPU")
+def _add_rms_norm_cpu(x, residual, weight, eps, offset=0.0):
+    if native is None:
+        return add_rms_norm_decomposed(x, residual, weight, eps, offset)
+    return native.rms_norm(x, weight.to(torch.float32).contiguous(), eps, offset, residual=residual)
+
+
+@torch.library.impl(lib, "add_rms_norm.out", "CPU")
+def _add_rms_norm_out_cpu(x, residual, weight, eps, offset=0.0, *, total, out):
+    s, y = _add_rms_norm_cpu(x, residual, weight, eps, offset)
+    return write_out(total, s), write_out(out, y)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::add_rms_norm")
+def _add_rms_norm_fake(x, residual, weight, eps, offset=0.0):
+    return x.new_empty(x.shape, dtype=torch.float32), x.new_empty(x.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::add_rms_norm.out")
+def _add_rms_norm_out_fake(x, residual, weight, eps, offset=0.0, *, total, out):
+    return total, out
 
 
 @torch.library.impl(lib, "rope", "CPU")
