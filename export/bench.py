@@ -115,7 +115,7 @@ def export_torchao_baseline(checkpoint: str | Path, out: str | Path, max_seq: in
     quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group)),
               filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and m.in_features % group == 0
               and (fqn.startswith("model.layers.") or (head_quantized and fqn == "lm_head")))
-    wrapper = StaticDecoder(model, max_seq, cache=True, tied_head_op=False, kv_dtype=kv_dtype, fuse_norm_rope=False)
+    wrapper = StaticDecoder(model, max_seq, cache=True, tied_head_op=False, kv_dtype=kv_dtype, fuse_steps=False)
     ep = export_program(model, max_seq, chunk=chunk, wrapper=wrapper)
     prog = lower_to_executorch(ep, [XnnpackDynamicallyQuantizedPartitioner(), XnnpackPartitioner()])
     atomic.write_file(out, lambda tmp: tmp.write_bytes(prog.buffer))

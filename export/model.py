@@ -92,7 +92,7 @@ def kv_rounded(hf_model: nn.Module, kv_dtype: torch.dtype) -> Iterator[None]:
 
 class StaticDecoder(nn.Module):
     def __init__(self, hf_model: nn.Module, max_seq: int, cache: bool = True, tied_head_op: bool = True,
-                 kv_dtype: torch.dtype = torch.float32, stack_projections: bool = True, fuse_norm_rope: bool = True):
+                 kv_dtype: torch.dtype = torch.float32, stack_projections: bool = True, fuse_steps: bool = True):
         super().__init__()
         self.hf_model = hf_model  # registers every weight of the model with this module
         self.parts = decoder_structure(hf_model)
@@ -113,13 +113,15 @@ class StaticDecoder(nn.Module):
         self.stacked: list[tuple[QuantLinear | None, QuantLinear | None]] = [
             (stacked_linear([layer.attn.q, layer.attn.k, layer.attn.v]), stacked_linear([layer.gate, layer.up]))
             if stack_projections else (None, None) for layer in self.parts.layers]
-        # Norms and RoPE as one vqmobile call each (a norm only where rms_norm_form recognizes its arithmetic),
-        # else in the standard ops the model defines them with.
-        self.fuse_norm_rope = fuse_norm_rope
+        # Norms, RoPE and the gated product as one vqmobile call each (a norm only where rms_norm_form recognizes its
+        # arithmetic, the product only after a SiLU and a stacked gate/up), else in the model's own standard ops.
+        self.fuse_steps = fuse_steps
         norms = [self.parts.norm, *(m for layer in self.parts.layers
                                     for m in (layer.attn_norm, layer.attn_out_norm, layer.mlp_norm,
                                               layer.mlp_out_norm, layer.attn.q_norm, layer.attn.k_norm))]
-        self.norm_forms = {m: ops.norm_rope.rms_norm_form(m) for m in norms if m is not None} if fuse_norm_rope else {}
+        self.norm_forms = {m: ops.decoder_steps.rms_norm_form(m) for m in norms if m is not None} if fuse_steps else {}
+        self.silu_layers = {i for i, layer in enumerate(self.parts.layers)
+                            if fuse_steps and ops.decoder_steps.is_silu(layer.act)}
         tables = rotary_tables(self.parts, self.max_seq)
         self.rope_index = {key: j for j, key in enumerate(tables)}
         for j, (cos, sin) in enumerate(tables.values()):
@@ -154,6 +156,15 @@ class StaticDecoder(nn.Module):
         # strided views
         return [part.contiguous() for part in parts]
 
+    def _gated(self, i: int, layer, x: torch.Tensor) -> torch.Tensor:
+        """act(gate(x)) * up(x): one vqmobile::silu_mul over the stacked projection's output where that applies."""
+        stacked, mods = self.stacked[i][1], [layer.gate, layer.up]
+        if (stacked is None or i not in self.silu_layers or layer.gate.act_int8 != layer.up.act_int8
+                or ops.decomposing()):
+            g, u = self._linears(stacked, mods, x)
+            return layer.act(g) * u
+        return torch.ops.vqmobile.silu_mul(ops.op_forward(stacked.qweight, x, stacked.bias, layer.gate.act_int8))
+
     def _norm(self, mod: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
         form = self.norm_forms.get(mod)
         if mod is None or form is None or ops.decomposing():
@@ -170,9 +181,9 @@ class StaticDecoder(nn.Module):
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, H, D], its heads rotated."""
-        if self.fuse_norm_rope and not ops.decomposing():
+        if self.fuse_steps and not ops.decomposing():
             return torch.ops.vqmobile.rope(x, cos, sin)
-        return ops.norm_rope.rope_decomposed(x, cos, sin)
+        return ops.decoder_steps.rope_decomposed(x, cos, sin)
 
     def _attention(self, i: int, a: Attention, x: torch.Tensor, cos, sin, pos) -> torch.Tensor:
         t, hd = x.shape[1], a.head_dim
@@ -212,8 +223,7 @@ class StaticDecoder(nn.Module):
             cos, sin = ropes[layer.rope]
             a = self._attention(i, layer.attn, x, cos, sin, pos)
             h, x = self._add_norm(h, self._norm(layer.attn_out_norm, a), layer.mlp_norm)
-            g, u = self._linears(self.stacked[i][1], [layer.gate, layer.up], x)
-            m = linear(layer.down, layer.act(g) * u)
+            m = linear(layer.down, self._gated(i, layer, x))
             after = layers[i + 1].attn_norm if i + 1 < len(layers) else self.parts.norm
             h, x = self._add_norm(h, self._norm(layer.mlp_out_norm, m), after)
         h = x

@@ -380,7 +380,7 @@ def export_onnx(hf_model: torch.nn.Module, path: str | Path, max_seq: int) -> di
 def _export_onnx(hf_model: torch.nn.Module, path: str | Path, max_seq: int) -> dict:
     import onnx
 
-    module = StaticDecoder(hf_model, max_seq, cache=False, fuse_norm_rope=False).eval()  # ORT fuses its own
+    module = StaticDecoder(hf_model, max_seq, cache=False, fuse_steps=False).eval()  # ORT fuses its own
     example = torch.zeros(1, 8, dtype=torch.int64)
     path = Path(path)
     with warnings.catch_warnings(), torch.no_grad():

@@ -44,7 +44,7 @@ def _cdef_from_header(path: str) -> str:
 
 CDEF = _cdef_from_header(os.path.join(_HERE, "include", "vqmobile.h"))
 
-SOURCES = ["ref.c", "dispatch.c", "threadpool.c", "attention.c", "norm_rope.c", "kern_avx2.c", "kern_avx512.c", "kern_neon.c", "kern_neon_dot.c",
+SOURCES = ["ref.c", "dispatch.c", "threadpool.c", "attention.c", "decoder_steps.c", "kern_avx2.c", "kern_avx512.c", "kern_neon.c", "kern_neon_dot.c",
            "hadamard.c", "hadamard_ref.c", "hadamard_avx2.c", "hadamard_avx512.c", "hadamard_neon.c",
            "e8p.c", "e8p_ref.c", "e8p_avx2.c", "e8p_avx512.c", "e8p_neon.c", "e8p_neon_dot.c",
            "cvq.c", "cvq_ref.c", "cvq_avx2.c", "cvq_avx512.c", "cvq_neon.c"]
@@ -56,7 +56,7 @@ ffibuilder.set_source(
     '#include "vqmobile.h"\n',
     sources=[_rel("src", s) for s in SOURCES],
     include_dirs=[_rel("include"), _rel("src")],
-    depends=[_rel("include", "vqmobile.h"), _rel("src", "internal.h"), _rel("src", "quip.h"),
+    depends=[_rel("include", "vqmobile.h"), _rel("src", "internal.h"), _rel("src", "vecf.h"), _rel("src", "quip.h"),
              _rel("src", "cvq_internal.h"), _rel("src", "cvq_x86.h")],
     extra_compile_args=["-O2", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno"],
     libraries=["m", "pthread"],

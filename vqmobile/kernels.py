@@ -655,3 +655,18 @@ def rope(x: "torch.Tensor", cos: "torch.Tensor", sin: "torch.Tensor") -> "torch.
     if rc != 0:
         raise ValueError(f"rope failed ({_ERRORS.get(rc, rc)}): x {tuple(x.shape)}, rotary dim {rot}")
     return out
+
+
+def silu_mul(x: "torch.Tensor") -> "torch.Tensor":
+    """silu(gate) * up of float32 x [..., 2n] holding [gate | up] side by side (a stacked gate/up projection's
+    output): float32 [..., n]. See vqm_silu_mul in native/include/vqmobile.h."""
+    if x.shape[-1] % 2:
+        raise ValueError(f"silu_mul: x has {x.shape[-1]} features, not [gate | up] of equal halves")
+    n = x.shape[-1] // 2
+    x = x.to(torch.float32).contiguous()
+    out = x.new_empty((*x.shape[:-1], n))
+    rc = lib.vqm_silu_mul(ffi.cast("const float *", x.data_ptr()), x.numel() // (2 * n) if n else 0, n,
+                          ffi.cast("float *", out.data_ptr()))
+    if rc != 0:
+        raise ValueError(f"silu_mul failed ({_ERRORS.get(rc, rc)}): x {tuple(x.shape)}")
+    return out

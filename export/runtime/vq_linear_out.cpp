@@ -11,6 +11,7 @@
 //   vqmobile::add_rms_norm.out(Tensor x, Tensor residual, Tensor weight, float eps, float offset=0., *,
 //                              Tensor(a!) total, Tensor(b!) out) -> (Tensor(a!), Tensor(b!))
 //   vqmobile::rope.out(Tensor x, Tensor cos, Tensor sin, *, Tensor(a!) out)
+//   vqmobile::silu_mul.out(Tensor gate_up, *, Tensor(a!) out)
 //   vqmobile::e8p_linear.out(Tensor x, Tensor codes, Tensor scales, Tensor? bias, int n, int k, bool act_int8=False,
 //                            *, Tensor(a!) out)
 //   vqmobile::hadamard.out(Tensor x, Tensor signs, Tensor had, int m, int p, bool transpose=False, *, Tensor(a!) out)
@@ -335,6 +336,31 @@ Tensor& rope_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& cos, 
   return out;
 }
 
+// vqmobile::silu_mul.out(Tensor gate_up, *, Tensor(a!) out): silu(gate) * up of [..., 2n] rows [gate | up] into
+// [..., n] (vqm_silu_mul).
+Tensor& silu_mul_out(KernelRuntimeContext& ctx, const Tensor& gate_up, Tensor& out) {
+  const int64_t w = gate_up.dim() >= 1 ? gate_up.size(gate_up.dim() - 1) : 0;
+  if (gate_up.scalar_type() != ScalarType::Float || out.scalar_type() != ScalarType::Float || w < 2 || w % 2) {
+    ET_LOG(Error, "vqmobile::silu_mul: expected float32 gate_up [..., 2n]");
+    ctx.fail(Error::InvalidArgument);
+    return out;
+  }
+  SizesType sizes[executorch::runtime::kTensorDimensionLimit];
+  for (int64_t i = 0; i < gate_up.dim(); ++i) sizes[i] = static_cast<SizesType>(gate_up.size(i));
+  sizes[gate_up.dim() - 1] = static_cast<SizesType>(w / 2);
+  if (executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(gate_up.dim())}) != Error::Ok) {
+    ET_LOG(Error, "vqmobile::silu_mul: cannot resize the output");
+    ctx.fail(Error::InvalidArgument);
+    return out;
+  }
+  if (vqm_silu_mul(gate_up.const_data_ptr<float>(), gate_up.numel() / w, w / 2, out.mutable_data_ptr<float>()) !=
+      VQM_OK) {
+    ET_LOG(Error, "vqmobile::silu_mul: native kernel failed");
+    ctx.fail(Error::InvalidArgument);
+  }
+  return out;
+}
+
 // vqmobile::e8p_linear.out(Tensor x, Tensor codes, Tensor scales, Tensor? bias, int n, int k, bool act_int8=False, *,
 // Tensor(a!) out): an E8P lattice-codebook weight (QuIP#), codes uint8 [n, bits, ceil(k/8)], scales float32 [stages].
 Tensor& e8p_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& codes, const Tensor& scales,
@@ -449,6 +475,7 @@ constexpr char kCvqName[] = "vqmobile::cvq_linear.out";
 constexpr char kNormName[] = "vqmobile::rms_norm.out";
 constexpr char kRopeName[] = "vqmobile::rope.out";
 constexpr char kAddNormName[] = "vqmobile::add_rms_norm.out";
+constexpr char kSiluName[] = "vqmobile::silu_mul.out";
 
 // registry_has_op_function logs an error for every op it does not find, which would print three alarming lines
 // on each start; scanning the registered kernels says the same silently.
@@ -489,6 +516,9 @@ int register_once() {
   }
   if (!registered_already(kAddNormName)) {
     (void)executorch::runtime::register_kernel(executorch::runtime::Kernel(kAddNormName, add_rms_norm_boxed));
+  }
+  if (!registered_already(kSiluName)) {
+    (void)executorch::runtime::register_kernel(make_boxed_kernel(kSiluName, EXECUTORCH_FN(silu_mul_out, kSiluName)));
   }
   if (!registered_already(kRopeName)) {
     (void)executorch::runtime::register_kernel(make_boxed_kernel(kRopeName, EXECUTORCH_FN(rope_out, kRopeName)));

@@ -137,7 +137,7 @@ int vqm_attention(const float *q, const float *k_cache, const float *v_cache, in
 int vqm_attention_f16(const float *q, const uint16_t *k_cache, const uint16_t *v_cache, int heads, int kv_heads, int t,
                       int d, int max_seq, int64_t pos, float scale, int window, float *out, int threads);
 
-/* ---- RMSNorm and RoPE (the exported decoders' steps between linears and attention) ---- */
+/* ---- RMSNorm, RoPE, SiLU-gated product (the exported decoders' steps between linears and attention) ---- */
 /* out[r, :] = (x[r, :] * inv_r) * (offset + w), inv_r = 1 / sqrt(sum_c x[r, c]^2 / d + eps), for rows r of d values
  * (offset 0: Llama's norm; 1: Gemma's, whose weight is stored minus one). Returns VQM_EINVAL for bad arguments. */
 int vqm_rms_norm(const float *x, const float *w, int64_t rows, int64_t d, float eps, float offset, float *out);
@@ -151,6 +151,9 @@ int vqm_add_rms_norm(const float *x, const float *residual, const float *w, int6
  * [t, rot], rot even and <= d. Each value is rounded as PyTorch's x * cos + rotate_half(x) * sin rounds it. */
 int vqm_rope(const float *x, const float *cos, const float *sin, int64_t t, int64_t heads, int64_t d, int64_t rot,
              float *out);
+/* out[r, j] = silu(x[r, j]) * x[r, n + j], silu(g) = g * sigmoid(g): rows of [gate | up] (n values each) as a stacked
+ * gate/up projection writes them, out [rows, n]. */
+int vqm_silu_mul(const float *x, int64_t rows, int64_t n, float *out);
 
 /* ---- dispatch ----------------------------------------------------------- */
 int vqm_path_available(int path);

@@ -15,11 +15,9 @@
  * sum_s e_s v_s (positions in order) times 1 / sum_s e_s. A float16 cache (vqm_attention_f16) is widened to float
  * value by value (exact) and then computed the same way: one source, instantiated for each element type. */
 #include "internal.h"
+#include "vecf.h"
 #include <math.h>
 #include <stdlib.h>
-
-/* The vector helpers are static inline: the ABI of 64-byte vector arguments that GCC warns about never applies. */
-#pragma GCC diagnostic ignored "-Wpsabi"
 
 typedef struct {
     const float *q;
@@ -29,22 +27,6 @@ typedef struct {
     int64_t pos;
     float scale;
 } attn_ctx;
-
-/* 16 floats, as GCC vector extensions: one zmm, two ymm, four xmm or four NEON q registers, whatever the target. */
-#define VL 16
-typedef float vf __attribute__((vector_size(VL * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
-
-static inline vf vload(const float *p)
-{
-    vf v;
-    __builtin_memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void vstore(float *p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
-
-static inline vf vsplat(float x) { return (vf){ 0 } + x; }
 
 /* 16 cached values from element i of a float (F16 = 0) or float16 (F16 = 1) cache, widened to float exactly */
 typedef _Float16 vh __attribute__((vector_size(VL * sizeof(_Float16))));
@@ -62,33 +44,7 @@ static inline __attribute__((always_inline)) float kv_at(const void *base, int64
     return F16 ? (float)((const _Float16 *)base)[i] : ((const float *)base)[i];
 }
 
-static inline vf vsel(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); } /* mask ? a : b */
-
 static inline vf vmax(vf a, vf b) { return vsel(a > b, a, b); }
-
-/* e^x for x <= 0 (scores minus their maximum): 2^n * p(r), n = round(x / ln 2), r = x - n ln 2 (two-part ln 2),
- * p Cephes' degree-6 polynomial (expf's, about 1 ulp); below -87.3 the result is 0. */
-static inline vf vexp_nonpos(vf x)
-{
-    const vf lo = vsplat(-87.3f);
-    const vi under = x < lo;
-    x = vsel(under, lo, x);
-    vf n = x * 1.44269504088896341f + 12582912.0f; /* + 1.5 * 2^23: round to nearest in the low mantissa bits */
-    n = n - 12582912.0f;
-    const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    vf p = vsplat(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-    vf scale;
-    __builtin_memcpy(&scale, &bits, sizeof scale);
-    p = p * scale;
-    return vsel(under, vsplat(0.0f), p);
-}
 
 static __thread float *t_scores;
 static __thread size_t t_scores_cap;

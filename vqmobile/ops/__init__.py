@@ -4,8 +4,8 @@ One operator per stored format with a native kernel, each in its own module (``v
 ``int_linear`` in ops/intlinear.py, ``cvq_linear`` in ops/cvq.py, ``e8p_linear`` in ops/e8p.py), ``hadamard`` (ops/hadamard.py) for the online
 transforms of incoherent weights (ops/incoherent.py runs them around the inner weight's operator), ``dense_linear``
 (ops/dense.py) for a float head tied to the embedding, ``attention`` (ops/attention.py), the exported decoders'
-attention over their static KV cache, and ``rms_norm``, ``add_rms_norm`` and ``rope`` (ops/norm_rope.py), their
-norms (with the residual sum before them) and rotary embedding.
+attention over their static KV cache, and ``rms_norm``, ``add_rms_norm``, ``rope`` and ``silu_mul``
+(ops/decoder_steps.py), their norms (with the residual sum before them), rotary embedding and gated MLP product.
 Every operator has an ``.out`` overload (``..., *, Tensor(a!) out) -> Tensor(a!)``) that ExecuTorch's memory planning
 needs and that the C++ adapter in export/runtime/ implements, a fake kernel for torch.export, and a decomposition into
 standard aten ops (the portable export option, ``decompose=True``, traces those). ``x`` is float32 [..., k]; the
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 # each module defines its operator and registers its binding
-from . import attention, cvq, dense, e8p, hadamard, incoherent, intlinear, norm_rope, vq  # noqa: F401
+from . import attention, cvq, decoder_steps, dense, e8p, hadamard, incoherent, intlinear, vq  # noqa: F401
 from .library import BINDINGS, KERNEL_MAX_ROWS, decode_cache, native_available, quantize_activations
 
 __all__ = ["KERNEL_MAX_ROWS", "decode_cache", "decomposed", "decomposing", "decomposition_table", "dense_weight",
@@ -89,9 +89,10 @@ def decomposition_table() -> dict:
     """{operator overload: standard-op implementation}, e.g. for ExportedProgram.run_decompositions."""
     table = {torch.ops.vqmobile.dense_linear.default: dense.dense_linear_decomposed,
              torch.ops.vqmobile.attention.default: attention.attention_decomposed,
-             torch.ops.vqmobile.rms_norm.default: norm_rope.rms_norm_decomposed,
-             torch.ops.vqmobile.add_rms_norm.default: norm_rope.add_rms_norm_decomposed,
-             torch.ops.vqmobile.rope.default: norm_rope.rope_decomposed}
+             torch.ops.vqmobile.rms_norm.default: decoder_steps.rms_norm_decomposed,
+             torch.ops.vqmobile.add_rms_norm.default: decoder_steps.add_rms_norm_decomposed,
+             torch.ops.vqmobile.rope.default: decoder_steps.rope_decomposed,
+             torch.ops.vqmobile.silu_mul.default: decoder_steps.silu_mul_decomposed}
     for binding in BINDINGS.values():
         table.update(binding.decomposition)
     return table

@@ -1,25 +1,31 @@
-"""vqmobile::rms_norm, vqmobile::add_rms_norm and vqmobile::rope: the exported decoders' norms (with the residual
-connection before them) and rotary embedding, one call each.
+"""vqmobile::rms_norm, vqmobile::add_rms_norm, vqmobile::rope and vqmobile::silu_mul: the exported decoders' steps
+between the linears and attention, one call each: norms (with the residual connection before them), rotary embedding
+and the MLP's SiLU-gated product.
 
     vqmobile::rms_norm(Tensor x, Tensor weight, float eps, float offset=0.) -> Tensor
     vqmobile::add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps, float offset=0.) -> (Tensor, Tensor)
     vqmobile::rope(Tensor x, Tensor cos, Tensor sin) -> Tensor
+    vqmobile::silu_mul(Tensor gate_up) -> Tensor
 
 rms_norm: float32 x [..., d] -> (x * rsqrt(mean(x^2) + eps)) * (offset + weight) over the last dimension (offset 0:
 Llama, Qwen, Phi; 1: Gemma, whose weight is stored minus one); add_rms_norm: (x + residual, rms_norm of that sum).
 rope: x float32 [T, H, D], a projection's output with
 its heads side by side, and cos, sin [1, T, R] (R <= D, even) -> [T, H, D], the first R features of each head
-rotated (rotate-half convention), the rest copied.
+rotated (rotate-half convention), the rest copied. silu_mul: gate_up float32 [..., 2n], a stacked gate/up
+projection's output -> silu(gate) * up [..., n].
 
 In standard ops a norm is a portable mean between two XNNPACK partitions and a RoPE two slices, a concatenation
-and a partition, a residual sum a partition of its own, each call costing an ExecuTorch program more than a 576-wide
-row's arithmetic. CPU and the ExecuTorch adapter run the native kernels (vqm_rms_norm, vqm_add_rms_norm, vqm_rope); the decompositions are the standard ops the
-Hugging Face modules run. export/model.py uses rms_norm only for a norm that `rms_norm_form` recognizes.
+and a partition, a residual sum a partition of its own, the gated product a split and a partition, each call costing an ExecuTorch program more than a 576-wide
+row's arithmetic. CPU and the ExecuTorch adapter run the native kernels (vqm_rms_norm, vqm_add_rms_norm, vqm_rope,
+vqm_silu_mul); the decompositions are the standard ops the
+Hugging Face modules run. export/model.py uses rms_norm only for a norm that `rms_norm_form` recognizes, silu_mul
+only for an activation that `is_silu` does.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .library import NAMESPACE, lib, native, write_out
 
@@ -30,6 +36,8 @@ lib.define("add_rms_norm.out(Tensor x, Tensor residual, Tensor weight, float eps
            "Tensor(b!) out) -> (Tensor(a!), Tensor(b!))")
 lib.define("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor")
 lib.define("rope.out(Tensor x, Tensor cos, Tensor sin, *, Tensor(a!) out) -> Tensor(a!)")
+lib.define("silu_mul(Tensor gate_up) -> Tensor")
+lib.define("silu_mul.out(Tensor gate_up, *, Tensor(a!) out) -> Tensor(a!)")
 
 
 def rms_norm_decomposed(x, weight, eps, offset=0.0):
@@ -56,6 +64,18 @@ def rope_decomposed(x, cos, sin):
         return x * cos + rotate_half(x) * sin
     xr = x[..., :rot]
     return torch.cat((xr * cos + rotate_half(xr) * sin, x[..., rot:]), dim=-1)
+
+
+def silu_mul_decomposed(gate_up):
+    g, u = gate_up.to(torch.float32).chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
+def is_silu(act: torch.nn.Module) -> bool:
+    """Whether the activation module computes SiLU, judged on its outputs for a random input."""
+    x = 4 * torch.randn(64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return torch.equal(act(x), F.silu(x))
 
 
 def rms_norm_form(module: torch.nn.Module) -> tuple[torch.Tensor, float, float] | None:
@@ -139,4 +159,26 @@ def _rope_fake(x, cos, sin):
 
 @torch.library.register_fake(f"{NAMESPACE}::rope.out")
 def _rope_out_fake(x, cos, sin, *, out):
+    return out
+
+
+@torch.library.impl(lib, "silu_mul", "CPU")
+def _silu_mul_cpu(gate_up):
+    if native is None:
+        return silu_mul_decomposed(gate_up)
+    return native.silu_mul(gate_up)
+
+
+@torch.library.impl(lib, "silu_mul.out", "CPU")
+def _silu_mul_out_cpu(gate_up, *, out):
+    return write_out(out, _silu_mul_cpu(gate_up))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::silu_mul")
+def _silu_mul_fake(gate_up):
+    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2), dtype=torch.float32)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::silu_mul.out")
+def _silu_mul_out_fake(gate_up, *, out):
     return out

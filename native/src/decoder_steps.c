@@ -1,30 +1,19 @@
-/* RMSNorm and RoPE for the exported decoders: the per-token steps between the linears and attention.
+/* The exported decoders' steps between the linears and attention: RMSNorm (with the residual sum before it), RoPE
+ * and the SiLU-gated product of the MLP.
  *
- * Written in standard ops, each RMSNorm is pow, mean, add, rsqrt and two products, and each RoPE two slices, a
- * negation, a concatenation, two products and a sum: in an ExecuTorch program that is a portable mean between two
- * XNNPACK partitions per norm and four slice copies plus partitions per layer, each partition call costing more than
- * the arithmetic of a 576-wide row. One call each instead.
+ * Written in standard ops, each RMSNorm is pow, mean, add, rsqrt and two products, each RoPE two slices, a negation,
+ * a concatenation, two products and a sum, and the gated product a split, a sigmoid and two products: in an
+ * ExecuTorch program a portable mean between two XNNPACK partitions per norm, slice copies and partitions, each call
+ * costing more than the arithmetic of a 576-wide row. One call each instead.
  *
  * Portable C with GCC vector extensions, one build per x86 level (VQM_CLONES), compiled without contraction
  * (-ffp-contract=off): every value is the product or sum PyTorch's standard-op definition rounds, in its order, so
  * RoPE equals PyTorch's bit for bit; RMSNorm's mean of squares is summed in 16 lanes, then across them, an order of
- * its own (PyTorch's differs between its own CPU builds). */
+ * its own (PyTorch's differs between its own CPU builds), and SiLU takes its exponential from a polynomial (about
+ * 1 ulp, as PyTorch's vectorized one is). */
 #include "internal.h"
+#include "vecf.h"
 #include <math.h>
-
-#pragma GCC diagnostic ignored "-Wpsabi"
-
-#define VL 16
-typedef float vf __attribute__((vector_size(VL * sizeof(float))));
-
-static inline vf vload(const float *p)
-{
-    vf v;
-    __builtin_memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void vstore(float *p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
 
 /* out = (x * inv) * (offset + w), inv = 1 / sqrt(mean(x^2) + eps): Llama's weight * (x * rsqrt(var + eps)) with
  * offset 0, Gemma's (x * rsqrt(var + eps)) * (1 + weight) with offset 1 (offset + w is exact for offset 0). With a
@@ -100,5 +89,39 @@ int vqm_rope(const float *x, const float *cos, const float *sin, int64_t t, int6
 {
     if (!x || !cos || !sin || !out || t < 0 || heads < 1 || d < 1 || rot < 0 || rot > d || rot % 2) return VQM_EINVAL;
     rope(x, cos, sin, t, heads, d, rot, out);
+    return VQM_OK;
+}
+
+/* 16 values of silu(g) * u = (g * sigmoid(g)) * u, sigmoid from e^-|g| (no overflow for any g) */
+static inline vf silu_mul16(vf g, vf u)
+{
+    const vi neg = g < 0.0f;
+    const vf e = vexp_nonpos(vsel(neg, g, -g)), inv = 1.0f / (1.0f + e);
+    return (g * vsel(neg, e * inv, inv)) * u;
+}
+
+/* out[r, j] = silu(x[r, j]) * x[r, n + j]: rows of [gate | up], n features each, as the stacked gate/up projection
+ * writes them. A row's last n % 16 values go through the same vector code (zero-padded copies). */
+VQM_CLONES static void silu_mul(const float *x, int64_t rows, int64_t n, float *out)
+{
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = x + r * 2 * n, *u = g + n;
+        float *y = out + r * n;
+        int64_t j = 0;
+        for (; j + VL <= n; j += VL) vstore(y + j, silu_mul16(vload(g + j), vload(u + j)));
+        if (j < n) {
+            float gt[VL] = { 0 }, ut[VL] = { 0 }, yt[VL];
+            __builtin_memcpy(gt, g + j, sizeof(float) * (size_t)(n - j));
+            __builtin_memcpy(ut, u + j, sizeof(float) * (size_t)(n - j));
+            vstore(yt, silu_mul16(vload(gt), vload(ut)));
+            __builtin_memcpy(y + j, yt, sizeof(float) * (size_t)(n - j));
+        }
+    }
+}
+
+int vqm_silu_mul(const float *x, int64_t rows, int64_t n, float *out)
+{
+    if (!x || !out || rows < 0 || n < 1) return VQM_EINVAL;
+    silu_mul(x, rows, n, out);
     return VQM_OK;
 }
