@@ -119,7 +119,8 @@ class StaticDecoder(nn.Module):
         norms = [self.parts.norm, *(m for layer in self.parts.layers
                                     for m in (layer.attn_norm, layer.attn_out_norm, layer.mlp_norm,
                                               layer.mlp_out_norm, layer.attn.q_norm, layer.attn.k_norm))]
-        self.norm_forms = {m: ops.decoder_steps.rms_norm_form(m) for m in norms if m is not None} if fuse_steps else {}
+        self.norm_forms = ({m: ops.decoder_steps.rms_norm_form(m) for m in norms if m is not None} if fuse_steps
+                           else {})
         self.silu_layers = {i for i, layer in enumerate(self.parts.layers)
                             if fuse_steps and ops.decoder_steps.is_silu(layer.act)}
         tables = rotary_tables(self.parts, self.max_seq)

@@ -188,7 +188,8 @@ def test_norm_and_rope_ops_compute_the_models_own_steps():
     h = 5 * torch.randn(2, 7, 576, generator=g)
     for norm, offset in ((llama, 0.0), (gemma, 1.0)):
         w, eps, off = ops.decoder_steps.rms_norm_form(norm)
-        assert w is norm.weight and off == offset and eps == getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+        assert w is norm.weight and off == offset
+        assert eps == getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
         with torch.no_grad():
             want = norm(h)
         got = torch.ops.vqmobile.rms_norm(h, w, eps, off)

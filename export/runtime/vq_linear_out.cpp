@@ -50,6 +50,14 @@ using executorch::runtime::KernelRuntimeContext;
 
 namespace {
 
+// Resize `out` to `sizes`; else log that `op` cannot and fail the call.
+bool resized(KernelRuntimeContext& ctx, Tensor& out, executorch::aten::ArrayRef<SizesType> sizes, const char* op) {
+  if (executorch::runtime::resize_tensor(out, sizes) == Error::Ok) return true;
+  ET_LOG(Error, "%s: cannot resize the output", op);
+  ctx.fail(Error::InvalidArgument);
+  return false;
+}
+
 // Resize `out` to x.sizes()[:-1] + [n]; returns the batch (rows of x) or -1 on failure.
 int64_t prepare(KernelRuntimeContext& ctx, const Tensor& x, int64_t n, int64_t k, Tensor& out) {
   if (x.scalar_type() != ScalarType::Float || out.scalar_type() != ScalarType::Float || x.dim() < 1 ||
@@ -66,12 +74,7 @@ int64_t prepare(KernelRuntimeContext& ctx, const Tensor& x, int64_t n, int64_t k
     batch *= x.size(i);
   }
   sizes[nd - 1] = static_cast<SizesType>(n);
-  if (executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(nd)}) != Error::Ok) {
-    ET_LOG(Error, "vqmobile: cannot resize the output");
-    ctx.fail(Error::InvalidArgument);
-    return -1;
-  }
-  return batch;
+  return resized(ctx, out, {sizes, static_cast<size_t>(nd)}, "vqmobile") ? batch : -1;
 }
 
 const float* bias_ptr(KernelRuntimeContext& ctx, const std::optional<Tensor>& bias, int64_t n, bool* ok) {
@@ -228,11 +231,7 @@ Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& 
     ctx.fail(Error::InvalidArgument);
     return out;
   }
-  if (executorch::runtime::resize_tensor(out, q.sizes()) != Error::Ok) {
-    ET_LOG(Error, "vqmobile::attention: cannot resize the output");
-    ctx.fail(Error::InvalidArgument);
-    return out;
-  }
+  if (!resized(ctx, out, q.sizes(), "vqmobile::attention")) return out;
   const int heads = (int)q.size(1), kv_heads = (int)k_cache.size(0), t = (int)q.size(0), d = (int)q.size(2);
   const int max_seq = (int)k_cache.size(2);
   const int64_t pos = input_pos.const_data_ptr<int64_t>()[0];
@@ -261,11 +260,7 @@ Tensor& rms_norm_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& w
     ctx.fail(Error::InvalidArgument);
     return out;
   }
-  if (executorch::runtime::resize_tensor(out, x.sizes()) != Error::Ok) {
-    ET_LOG(Error, "vqmobile::rms_norm: cannot resize the output");
-    ctx.fail(Error::InvalidArgument);
-    return out;
-  }
+  if (!resized(ctx, out, x.sizes(), "vqmobile::rms_norm")) return out;
   if (vqm_rms_norm(x.const_data_ptr<float>(), weight.const_data_ptr<float>(), x.numel() / d, d, (float)eps,
                    (float)offset, out.mutable_data_ptr<float>()) != VQM_OK) {
     ET_LOG(Error, "vqmobile::rms_norm: native kernel failed");
@@ -298,10 +293,8 @@ void add_rms_norm_boxed(KernelRuntimeContext& ctx, executorch::runtime::Span<exe
     ctx.fail(Error::InvalidArgument);
     return;
   }
-  if (executorch::runtime::resize_tensor(total, x.sizes()) != Error::Ok ||
-      executorch::runtime::resize_tensor(out, x.sizes()) != Error::Ok) {
-    ET_LOG(Error, "vqmobile::add_rms_norm: cannot resize the outputs");
-    ctx.fail(Error::InvalidArgument);
+  if (!resized(ctx, total, x.sizes(), "vqmobile::add_rms_norm") ||
+      !resized(ctx, out, x.sizes(), "vqmobile::add_rms_norm")) {
     return;
   }
   if (vqm_add_rms_norm(x.const_data_ptr<float>(), residual.const_data_ptr<float>(), weight.const_data_ptr<float>(),
@@ -323,11 +316,7 @@ Tensor& rope_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& cos, 
     ctx.fail(Error::InvalidArgument);
     return out;
   }
-  if (executorch::runtime::resize_tensor(out, x.sizes()) != Error::Ok) {
-    ET_LOG(Error, "vqmobile::rope: cannot resize the output");
-    ctx.fail(Error::InvalidArgument);
-    return out;
-  }
+  if (!resized(ctx, out, x.sizes(), "vqmobile::rope")) return out;
   if (vqm_rope(x.const_data_ptr<float>(), cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), x.size(0),
                x.size(1), x.size(2), rot, out.mutable_data_ptr<float>()) != VQM_OK) {
     ET_LOG(Error, "vqmobile::rope: native kernel failed");
@@ -340,21 +329,14 @@ Tensor& rope_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& cos, 
 // [..., n] (vqm_silu_mul).
 Tensor& silu_mul_out(KernelRuntimeContext& ctx, const Tensor& gate_up, Tensor& out) {
   const int64_t w = gate_up.dim() >= 1 ? gate_up.size(gate_up.dim() - 1) : 0;
-  if (gate_up.scalar_type() != ScalarType::Float || out.scalar_type() != ScalarType::Float || w < 2 || w % 2) {
-    ET_LOG(Error, "vqmobile::silu_mul: expected float32 gate_up [..., 2n]");
+  if (w < 2 || w % 2) {
+    ET_LOG(Error, "vqmobile::silu_mul: expected gate_up [..., 2n]");
     ctx.fail(Error::InvalidArgument);
     return out;
   }
-  SizesType sizes[executorch::runtime::kTensorDimensionLimit];
-  for (int64_t i = 0; i < gate_up.dim(); ++i) sizes[i] = static_cast<SizesType>(gate_up.size(i));
-  sizes[gate_up.dim() - 1] = static_cast<SizesType>(w / 2);
-  if (executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(gate_up.dim())}) != Error::Ok) {
-    ET_LOG(Error, "vqmobile::silu_mul: cannot resize the output");
-    ctx.fail(Error::InvalidArgument);
-    return out;
-  }
-  if (vqm_silu_mul(gate_up.const_data_ptr<float>(), gate_up.numel() / w, w / 2, out.mutable_data_ptr<float>()) !=
-      VQM_OK) {
+  const int64_t rows = prepare(ctx, gate_up, w / 2, w, out);
+  if (rows < 0) return out;
+  if (vqm_silu_mul(gate_up.const_data_ptr<float>(), rows, w / 2, out.mutable_data_ptr<float>()) != VQM_OK) {
     ET_LOG(Error, "vqmobile::silu_mul: native kernel failed");
     ctx.fail(Error::InvalidArgument);
   }

@@ -9,17 +9,16 @@ and the MLP's SiLU-gated product.
 
 rms_norm: float32 x [..., d] -> (x * rsqrt(mean(x^2) + eps)) * (offset + weight) over the last dimension (offset 0:
 Llama, Qwen, Phi; 1: Gemma, whose weight is stored minus one); add_rms_norm: (x + residual, rms_norm of that sum).
-rope: x float32 [T, H, D], a projection's output with
-its heads side by side, and cos, sin [1, T, R] (R <= D, even) -> [T, H, D], the first R features of each head
-rotated (rotate-half convention), the rest copied. silu_mul: gate_up float32 [..., 2n], a stacked gate/up
-projection's output -> silu(gate) * up [..., n].
+rope: x float32 [T, H, D], a projection's output with its heads side by side, and cos, sin [1, T, R] (R <= D, even)
+-> [T, H, D], the first R features of each head rotated (rotate-half convention), the rest copied. silu_mul: gate_up
+float32 [..., 2n], a stacked gate/up projection's output -> silu(gate) * up [..., n].
 
-In standard ops a norm is a portable mean between two XNNPACK partitions and a RoPE two slices, a concatenation
-and a partition, a residual sum a partition of its own, the gated product a split and a partition, each call costing an ExecuTorch program more than a 576-wide
-row's arithmetic. CPU and the ExecuTorch adapter run the native kernels (vqm_rms_norm, vqm_add_rms_norm, vqm_rope,
-vqm_silu_mul); the decompositions are the standard ops the
-Hugging Face modules run. export/model.py uses rms_norm only for a norm that `rms_norm_form` recognizes, silu_mul
-only for an activation that `is_silu` does.
+In standard ops a norm is a portable mean between two XNNPACK partitions, a RoPE two slices, a concatenation and a
+partition, a residual sum and the gated product (after a split) partitions of their own, each call costing an
+ExecuTorch program more than a 576-wide row's arithmetic. CPU and the ExecuTorch adapter run the native kernels
+(vqm_rms_norm, vqm_add_rms_norm, vqm_rope, vqm_silu_mul); the decompositions are the standard ops the Hugging Face
+modules run. export/model.py uses rms_norm only for a norm that `rms_norm_form` recognizes, silu_mul only for an
+activation that `is_silu` does.
 """
 
 from __future__ import annotations
@@ -32,8 +31,8 @@ from .library import NAMESPACE, lib, native, write_out
 lib.define("rms_norm(Tensor x, Tensor weight, float eps, float offset=0.) -> Tensor")
 lib.define("rms_norm.out(Tensor x, Tensor weight, float eps, float offset=0., *, Tensor(a!) out) -> Tensor(a!)")
 lib.define("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps, float offset=0.) -> (Tensor, Tensor)")
-lib.define("add_rms_norm.out(Tensor x, Tensor residual, Tensor weight, float eps, float offset=0., *, Tensor(a!) total, "
-           "Tensor(b!) out) -> (Tensor(a!), Tensor(b!))")
+lib.define("add_rms_norm.out(Tensor x, Tensor residual, Tensor weight, float eps, float offset=0., *, "
+           "Tensor(a!) total, Tensor(b!) out) -> (Tensor(a!), Tensor(b!))")
 lib.define("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor")
 lib.define("rope.out(Tensor x, Tensor cos, Tensor sin, *, Tensor(a!) out) -> Tensor(a!)")
 lib.define("silu_mul(Tensor gate_up) -> Tensor")
