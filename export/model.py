@@ -193,22 +193,17 @@ class StaticDecoder(nn.Module):
         k = self._norm(a.k_norm, k.reshape(t, a.n_kv_heads, hd))
         v = v.reshape(t, a.n_kv_heads, hd)
         q = self._rope(q, cos, sin)  # [T, H, D]
-        k = self._rope(k, cos, sin).permute(1, 2, 0)  # [Hkv, D, T]: the cache's layout
-        v = v.transpose(0, 1)  # [Hkv, T, D]
+        k = self._rope(k, cos, sin)  # [T, Hkv, D]
         window = a.window or 0
         if self.use_cache:
-            # The new keys and values go into the cache, then vqmobile::attention reads it in place, only the
-            # positions each query sees (its decomposition: masked attention over the whole cache).
+            # vqmobile::attention writes the new keys and values into the cache, then reads it in place, only the
+            # positions each query sees (its decomposition: index_copy_, then masked attention over the whole cache).
             kt, vc = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
-            kt.index_copy_(2, pos, k.to(kt.dtype))
-            vc.index_copy_(1, pos, v.to(vc.dtype))
-            start = pos[:1]
-            if ops.decomposing():
-                o = ops.attention.attention_decomposed(q, kt, vc, start, a.scaling, window)
-            else:
-                o = torch.ops.vqmobile.attention(q, kt, vc, start, a.scaling, window)
+            attend = ops.attention.attention_decomposed if ops.decomposing() else torch.ops.vqmobile.attention
+            o = attend(q, k, v, kt, vc, pos[:1], a.scaling, window)
         else:  # stateless (ONNX): the T tokens are the whole cache, from position 0
-            o = ops.attention.attention_decomposed(q, k.contiguous(), v.contiguous(), pos[:1], a.scaling, window)
+            o = ops.attention.masked_attention(q, k.permute(1, 2, 0).contiguous(), v.transpose(0, 1).contiguous(),
+                                               pos[:1], a.scaling, window)
         return linear(a.o, o.reshape(1, t, a.n_heads * hd))
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:

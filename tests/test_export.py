@@ -122,46 +122,58 @@ def test_int8_activations_are_one_definition(kind):
 @pytest.mark.parametrize("heads,kv,t,pos,window", [(9, 3, 1, 0, 0), (9, 3, 1, 40, 0), (4, 2, 6, 10, 0),
                                                     (4, 1, 5, 20, 8), (2, 2, 3, 61, 1)])
 def test_attention_op_reads_only_the_positions_each_query_sees(heads, kv, t, pos, window):
-    """vqmobile::attention (native kernel) and its decomposition (masked attention over the whole cache) against an
-    explicit float64 attention over positions lo..p; positions past p hold garbage that must not matter."""
+    """vqmobile::attention (native kernels) and its decomposition (index_copy_, then masked attention over the whole
+    cache) write the new keys and values at their positions, exactly, and attend as an explicit float64 attention
+    over positions lo..p; positions past the new ones hold garbage that must not matter."""
     g = torch.Generator().manual_seed(heads * 100 + pos)
     d, s = 16, 64
     q, kc, vc = torch.randn(t, heads, d, generator=g), torch.randn(kv, d, s, generator=g), torch.randn(kv, s, d, generator=g)
+    k, v = torch.randn(t, kv, d, generator=g), torch.randn(t, kv, d, generator=g)
     kc[..., pos + t:] = 1e30  # not yet written: never read
     vc[:, pos + t:] = float("nan")
     ip, scale = torch.tensor([pos]), d ** -0.5
+    want_k, want_v = kc.clone(), vc.clone()
+    want_k[..., pos:pos + t], want_v[:, pos:pos + t] = k.permute(1, 2, 0), v.transpose(0, 1)
     want = torch.empty(t, heads, d, dtype=torch.float64)
     for hq in range(heads):
         h = hq // (heads // kv)
         for i in range(t):
             p = pos + i
             lo = max(0, p - window + 1) if window else 0
-            sc = (q[i, hq].double() @ kc[h, :, lo:p + 1].double()) * scale
-            want[i, hq] = torch.softmax(sc, -1) @ vc[h, lo:p + 1].double()
-    got = torch.ops.vqmobile.attention(q, kc, vc, ip, scale, window)
+            sc = (q[i, hq].double() @ want_k[h, :, lo:p + 1].double()) * scale
+            want[i, hq] = torch.softmax(sc, -1) @ want_v[h, lo:p + 1].double()
+    got = torch.ops.vqmobile.attention(q, k, v, kc, vc, ip, scale, window)
+    assert torch.equal(kc, want_k) and torch.equal(vc.nan_to_num(7.0), want_v.nan_to_num(7.0))
     assert (got.double() - want).abs().max() < 1e-5
     kc[..., pos + t:], vc[:, pos + t:] = 0.0, 0.0  # the decomposition multiplies masked positions by 0
-    dec = ops.attention.attention_decomposed(q, kc, vc, ip, scale, window)
-    assert (dec.double() - want).abs().max() < 1e-5
-    with pytest.raises(ValueError, match="attention failed"):
-        torch.ops.vqmobile.attention(q, kc, vc, torch.tensor([s - t + 1]), scale, window)
+    dk, dv = kc.clone(), vc.clone()
+    dec = ops.attention.attention_decomposed(q, k, v, dk, dv, ip, scale, window)
+    assert torch.equal(dk, kc) and torch.equal(dv, vc) and (dec.double() - want).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="kv_write failed"):
+        torch.ops.vqmobile.attention(q, k, v, kc, vc, torch.tensor([s - t + 1]), scale, window)
 
 
 def test_attention_over_a_float16_cache_widens_it_exactly():
-    """A float16 cache (vqm_attention_f16) gives what the same values widened to float32 give, and the decomposition
-    (which widens the cache with standard ops) agrees; mixed cache dtypes are refused."""
+    """A float16 cache takes the new keys and values rounded to float16 (vqm_kv_write) and gives what the same values
+    widened to float32 give (vqm_attention_f16); the decomposition (which writes and widens with standard ops) agrees;
+    mixed cache dtypes are refused."""
     g = torch.Generator().manual_seed(7)
     heads, kv, t, d, s, pos = 9, 3, 2, 64, 96, 70
     q = torch.randn(t, heads, d, generator=g)
     kc = torch.randn(kv, d, s, generator=g).half()
     vc = torch.randn(kv, s, d, generator=g).half()
+    k, v = torch.randn(t, kv, d, generator=g), torch.randn(t, kv, d, generator=g)
     ip, scale = torch.tensor([pos]), d ** -0.5
-    got = torch.ops.vqmobile.attention(q, kc, vc, ip, scale, 0)
-    wide = torch.ops.vqmobile.attention(q, kc.float(), vc.float(), ip, scale, 0)
+    kw, vw = kc.float(), vc.float()
+    wide = torch.ops.vqmobile.attention(q, k.half().float(), v.half().float(), kw, vw, ip, scale, 0)
+    got = torch.ops.vqmobile.attention(q, k, v, kc, vc, ip, scale, 0)
+    assert torch.equal(kc.float(), kw) and torch.equal(vc.float(), vw)  # the new values rounded as .half() rounds
     assert got.dtype == torch.float32 and (got - wide).abs().max() < 1e-6
-    assert (ops.attention.attention_decomposed(q, kc, vc, ip, scale, 0) - wide).abs().max() < 1e-5
+    dk, dv = kc.clone(), vc.clone()
+    assert (ops.attention.attention_decomposed(q, k, v, dk, dv, ip, scale, 0) - wide).abs().max() < 1e-5
+    assert torch.equal(dk, kc) and torch.equal(dv, vc)
     with pytest.raises(ValueError, match="v_cache must have dtype float16"):
-        torch.ops.vqmobile.attention(q, kc, vc.float(), ip, scale, 0)
+        torch.ops.vqmobile.attention(q, k, v, kc, vc.float(), ip, scale, 0)
 
 
 def test_norm_and_rope_ops_compute_the_models_own_steps():
@@ -374,18 +386,26 @@ def test_executorch_ops_are_bit_exact(bundle, reference, tmp_path):
     head4 = QuantLinear(quantize_embedding(reference.model.lm_head.qweight.dequantize(), "int4"))
     cases = {"vq_linear": layers[1].self_attn.q_proj, "int_linear g32": layers[1].mlp.down_proj,
              "int_linear head (8-bit)": reference.model.lm_head, "int_linear head (4-bit)": head4}
-    class _Attention(torch.nn.Module):
-        def forward(self, q, kc, vc, ip):
-            return torch.ops.vqmobile.attention(q, kc, vc, ip, 0.25, 3)
+    class _Attention(torch.nn.Module):  # the caches are the program's buffers, zeros at first, written by the op
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("kc", torch.zeros(2, 16, 32), persistent=False)
+            self.register_buffer("vc", torch.zeros(2, 32, 16), persistent=False)
+
+        def forward(self, q, k, v, ip):
+            return torch.ops.vqmobile.attention(q, k, v, self.kc, self.vc, ip, 0.25, 3)
 
     gen = torch.Generator().manual_seed(5)
-    args = (torch.randn(3, 4, 16, generator=gen), torch.randn(2, 16, 32, generator=gen),
-            torch.randn(2, 32, 16, generator=gen), torch.tensor([7]))
+    args = (torch.randn(3, 4, 16, generator=gen), torch.randn(3, 2, 16, generator=gen),
+            torch.randn(3, 2, 16, generator=gen), torch.tensor([7]))
     with torch.no_grad():
         ep = torch.export.export(_Attention(), args, strict=False)
     pte = tmp_path / "attention.pte"
     pte.write_bytes(lower_to_executorch(ep).buffer)
-    assert torch.equal(portable_lib()._load_for_executorch(str(pte)).forward(args)[0], _Attention()(*args))
+    program, eager = portable_lib()._load_for_executorch(str(pte)), _Attention()
+    for step in range(2):  # the second call sees the first call's keys and values in the program's caches
+        call = (args[0], args[1] + step, args[2] - step, torch.tensor([7 + 3 * step]))
+        assert torch.equal(program.forward(call)[0], eager(*call)), step
 
     class _Steps(torch.nn.Module):
         def forward(self, x, r, w, cos, sin):

@@ -670,3 +670,24 @@ def silu_mul(x: "torch.Tensor") -> "torch.Tensor":
     if rc != 0:
         raise ValueError(f"silu_mul failed ({_ERRORS.get(rc, rc)}): x {tuple(x.shape)}")
     return out
+
+
+def kv_write(k: "torch.Tensor", v: "torch.Tensor", k_cache: "torch.Tensor", v_cache: "torch.Tensor", pos: int) -> None:
+    """Write the new keys and values k, v [t, kv_heads, d] into k_cache [kv_heads, d, max_seq] and v_cache [kv_heads,
+    max_seq, d] (both float32 or both float16, C-contiguous; changed in place) at positions pos .. pos+t-1. See
+    vqm_kv_write in native/include/vqmobile.h."""
+    t, kv_heads, d = k.shape
+    max_seq = k_cache.shape[2]
+    if tuple(v.shape) != (t, kv_heads, d) or tuple(k_cache.shape) != (kv_heads, d, max_seq) or \
+            tuple(v_cache.shape) != (kv_heads, max_seq, d):
+        raise ValueError(f"kv_write: k {tuple(k.shape)}, v {tuple(v.shape)} do not fit the caches "
+                         f"{tuple(k_cache.shape)} / {tuple(v_cache.shape)}")
+    kc = _check(k_cache, "k_cache", ("float32", "float16"), None)
+    kdt = _info(k_cache, "k_cache")[0]
+    vc = _check(v_cache, "v_cache", (kdt,), None)
+    k, v = k.to(torch.float32).contiguous(), v.to(torch.float32).contiguous()
+    rc = lib.vqm_kv_write(ffi.cast("const float *", k.data_ptr()), ffi.cast("const float *", v.data_ptr()),
+                          ffi.cast("void *", kc), ffi.cast("void *", vc), int(kdt == "float16"), kv_heads, t, d,
+                          max_seq, int(pos))
+    if rc != 0:
+        raise ValueError(f"kv_write failed ({_ERRORS.get(rc, rc)}): t={t} pos={pos} max_seq={max_seq}")

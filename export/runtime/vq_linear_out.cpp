@@ -5,8 +5,8 @@
 //   vqmobile::int_linear.out(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor? bias,
 //                            int n, int k, int bits, int group, bool act_int8=False, *, Tensor(a!) out)
 //   vqmobile::dense_linear.out(Tensor x, Tensor weight, Tensor? bias, *, Tensor(a!) out)
-//   vqmobile::attention.out(Tensor q, Tensor k_cache, Tensor v_cache, Tensor input_pos, float scale, int window=0, *,
-//                           Tensor(a!) out)
+//   vqmobile::attention.out(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor input_pos,
+//                           float scale, int window=0, *, Tensor(c!) out)
 //   vqmobile::rms_norm.out(Tensor x, Tensor weight, float eps, float offset=0., *, Tensor(a!) out)
 //   vqmobile::add_rms_norm.out(Tensor x, Tensor residual, Tensor weight, float eps, float offset=0., *,
 //                              Tensor(a!) total, Tensor(b!) out) -> (Tensor(a!), Tensor(b!))
@@ -215,19 +215,24 @@ Tensor& dense_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tenso
   return out;
 }
 
-// vqmobile::attention.out(Tensor q, Tensor k_cache, Tensor v_cache, Tensor input_pos, float scale, int window=0, *,
-// Tensor(a!) out): the decoder's attention over its static KV cache, float32 or float16, read in place
-// (vqm_attention, vqm_attention_f16).
-Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                      const Tensor& input_pos, double scale, int64_t window, Tensor& out) {
+// vqmobile::attention.out(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor input_pos,
+// float scale, int window=0, *, Tensor(c!) out): the new keys and values into the decoder's static KV cache (float32
+// or float16), then the attention over it, read in place (vqm_kv_write, vqm_attention, vqm_attention_f16). The caches
+// come as const references, as WrapUnboxedIntoFunctor takes one mutable tensor (the output); their data is written.
+Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+                      const Tensor& k_cache, const Tensor& v_cache, const Tensor& input_pos, double scale,
+                      int64_t window, Tensor& out) {
   const ScalarType kv = k_cache.scalar_type();
-  if (q.scalar_type() != ScalarType::Float || (kv != ScalarType::Float && kv != ScalarType::Half) ||
-      v_cache.scalar_type() != kv || out.scalar_type() != ScalarType::Float || q.dim() != 3 ||
-      k_cache.dim() != 3 || v_cache.dim() != 3 || input_pos.scalar_type() != ScalarType::Long ||
+  if (q.scalar_type() != ScalarType::Float || k.scalar_type() != ScalarType::Float ||
+      v.scalar_type() != ScalarType::Float || (kv != ScalarType::Float && kv != ScalarType::Half) ||
+      v_cache.scalar_type() != kv || out.scalar_type() != ScalarType::Float || q.dim() != 3 || k.dim() != 3 ||
+      v.dim() != 3 || k_cache.dim() != 3 || v_cache.dim() != 3 || input_pos.scalar_type() != ScalarType::Long ||
       input_pos.numel() != 1 || v_cache.size(0) != k_cache.size(0) || v_cache.size(1) != k_cache.size(2) ||
-      v_cache.size(2) != q.size(2) || k_cache.size(1) != q.size(2)) {
-    ET_LOG(Error, "vqmobile::attention: expected float32 q [T,H,D], k_cache [Hkv,D,S] and v_cache [Hkv,S,D] both "
-                  "float32 or both float16, int64 input_pos [1]");
+      v_cache.size(2) != q.size(2) || k_cache.size(1) != q.size(2) || k.size(0) != q.size(0) ||
+      k.size(1) != k_cache.size(0) || k.size(2) != q.size(2) || v.size(0) != k.size(0) || v.size(1) != k.size(1) ||
+      v.size(2) != k.size(2)) {
+    ET_LOG(Error, "vqmobile::attention: expected float32 q [T,H,D], k and v [T,Hkv,D], k_cache [Hkv,D,S] and "
+                  "v_cache [Hkv,S,D] both float32 or both float16, int64 input_pos [1]");
     ctx.fail(Error::InvalidArgument);
     return out;
   }
@@ -235,15 +240,20 @@ Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& 
   const int heads = (int)q.size(1), kv_heads = (int)k_cache.size(0), t = (int)q.size(0), d = (int)q.size(2);
   const int max_seq = (int)k_cache.size(2);
   const int64_t pos = input_pos.const_data_ptr<int64_t>()[0];
-  const int rc = kv == ScalarType::Float
-      ? vqm_attention(q.const_data_ptr<float>(), k_cache.const_data_ptr<float>(), v_cache.const_data_ptr<float>(),
-                      heads, kv_heads, t, d, max_seq, pos, (float)scale, (int)window, out.mutable_data_ptr<float>(), 0)
-      : vqm_attention_f16(q.const_data_ptr<float>(), static_cast<const uint16_t*>(k_cache.const_data_ptr()),
-                          static_cast<const uint16_t*>(v_cache.const_data_ptr()), heads, kv_heads, t, d, max_seq, pos,
-                          (float)scale, (int)window, out.mutable_data_ptr<float>(), 0);
+  int rc = vqm_kv_write(k.const_data_ptr<float>(), v.const_data_ptr<float>(), k_cache.mutable_data_ptr(),
+                        v_cache.mutable_data_ptr(), kv == ScalarType::Half, kv_heads, t, d, max_seq, pos);
+  if (rc == VQM_OK) {
+    rc = kv == ScalarType::Float
+        ? vqm_attention(q.const_data_ptr<float>(), k_cache.const_data_ptr<float>(), v_cache.const_data_ptr<float>(),
+                        heads, kv_heads, t, d, max_seq, pos, (float)scale, (int)window, out.mutable_data_ptr<float>(),
+                        0)
+        : vqm_attention_f16(q.const_data_ptr<float>(), static_cast<const uint16_t*>(k_cache.const_data_ptr()),
+                            static_cast<const uint16_t*>(v_cache.const_data_ptr()), heads, kv_heads, t, d, max_seq,
+                            pos, (float)scale, (int)window, out.mutable_data_ptr<float>(), 0);
+  }
   if (rc != VQM_OK) {
     ET_LOG(Error, "vqmobile::attention: position %lld + %lld queries outside the %lld-position cache",
-           (long long)input_pos.const_data_ptr<int64_t>()[0], (long long)q.size(0), (long long)k_cache.size(2));
+           (long long)pos, (long long)q.size(0), (long long)k_cache.size(2));
     ctx.fail(Error::InvalidArgument);
   }
   return out;

@@ -136,6 +136,11 @@ int vqm_attention(const float *q, const float *k_cache, const float *v_cache, in
  * Every cached value is widened to float exactly; the arithmetic after that is vqm_attention's. */
 int vqm_attention_f16(const float *q, const uint16_t *k_cache, const uint16_t *v_cache, int heads, int kv_heads, int t,
                       int d, int max_seq, int64_t pos, float scale, int window, float *out, int threads);
+/* The new keys and values k, v: float32 [t, kv_heads, d] (the projections' layout), written into the caches above at
+ * positions pos .. pos+t-1: float32 caches (f16 = 0) take them as they are, float16 ones (f16 = 1, IEEE binary16
+ * bits) rounded to nearest even. Returns VQM_EINVAL for bad shapes or pos + t > max_seq. */
+int vqm_kv_write(const float *k, const float *v, void *k_cache, void *v_cache, int f16, int kv_heads, int t, int d,
+                 int max_seq, int64_t pos);
 
 /* ---- RMSNorm, RoPE, SiLU-gated product (the exported decoders' steps between linears and attention) ---- */
 /* out[r, :] = (x[r, :] * inv_r) * (offset + w), inv_r = 1 / sqrt(sum_c x[r, c]^2 / d + eps), for rows r of d values

@@ -197,3 +197,27 @@ int vqm_attention_f16(const float *q, const uint16_t *k_cache, const uint16_t *v
     return run_attention(q, k_cache, v_cache, heads, kv_heads, t, d, max_seq, pos, scale, window, out, threads,
                          attn_task_f16);
 }
+
+/* One writer for both element types: a float16 cache takes each value rounded to nearest even (C's conversion, as
+ * PyTorch's .to(torch.float16) rounds). Keys go to a transposed row: d values max_seq apart per position. */
+int vqm_kv_write(const float *k, const float *v, void *k_cache, void *v_cache, int f16, int kv_heads, int t, int d,
+                 int max_seq, int64_t pos)
+{
+    if (!k || !v || !k_cache || !v_cache || kv_heads < 1 || t < 0 || d < 1 || max_seq < 1) return VQM_EINVAL;
+    if (pos < 0 || pos + t > max_seq) return VQM_EINVAL; /* a position past the cache */
+    for (int i = 0; i < t; i++)
+        for (int h = 0; h < kv_heads; h++) {
+            const float *kr = k + ((int64_t)i * kv_heads + h) * d, *vr = v + ((int64_t)i * kv_heads + h) * d;
+            const int64_t kt = (int64_t)h * d * max_seq + pos + i, vo = ((int64_t)h * max_seq + pos + i) * d;
+            for (int c = 0; c < d; c++) {
+                if (f16) {
+                    ((_Float16 *)k_cache)[kt + (int64_t)c * max_seq] = (_Float16)kr[c];
+                    ((_Float16 *)v_cache)[vo + c] = (_Float16)vr[c];
+                } else {
+                    ((float *)k_cache)[kt + (int64_t)c * max_seq] = kr[c];
+                    ((float *)v_cache)[vo + c] = vr[c];
+                }
+            }
+        }
+    return VQM_OK;
+}
