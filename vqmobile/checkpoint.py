@@ -6,7 +6,9 @@ Layout:
                          fingerprint, calibration settings, sha256 of every other file (older checkpoints:
                          of the two tensor files only)
   quantized.safetensors  packed tensors of every quantized linear and of a quantized embedding (whose tied head
-                         shares them), keyed "<module path>.<tensor name>"
+                         shares them), keyed "<module path>.<tensor name>"; a tensor several linears share (VPTQ's
+                         codebook of the linears reading one input) is stored once, the manifest's "aliases" naming
+                         the key that holds it
   model.safetensors      every other tensor (a float embedding, norms, biases), tied weights stored once
   config.json, tokenizer files
 """
@@ -85,14 +87,24 @@ def save(model: torch.nn.Module, tokenizer, out: str | Path, *, config: dict[str
         embedding = {"module": emb_name, "kind": emb_qw.kind, "spec": emb_qw.spec(), "bytes": emb_qw.stored_bytes(),
                      "bits_per_weight": emb_qw.bits_per_weight(), "tied_head": tied_head(model)}
     qbytes = qweights = 0
+    holders: dict[tuple[str, str], str] = {}  # (shared set, tensor name) -> the packed key holding the tensor
+    aliases: dict[str, str] = {}  # a shared tensor of a linear -> the key of the set's first holder
     for name, mod in qmods.items():
         qw = mod.qweight
+        shared = qw.shared_tensors()
         for tname, t in qw.tensors().items():
-            packed[f"{name}.{tname}"] = t.contiguous()
+            key = f"{name}.{tname}"
+            first = holders.setdefault((shared[tname], tname), key) if tname in shared else key
+            if first != key:
+                if not torch.equal(t, packed[first]):
+                    raise ValueError(f"{key} differs from {first}, which its shared set '{shared[tname]}' holds")
+                aliases[key] = first
+                continue
+            packed[key] = t.contiguous()
+            qbytes += t.numel() * t.element_size()
         n, k = qw.shape
         layers[name] = {"kind": qw.kind, "spec": qw.spec(), "bytes": qw.stored_bytes(),
                         "bits_per_weight": qw.bits_per_weight()}
-        qbytes += qw.stored_bytes()
         qweights += n * k
     floats = _float_tensors(model)
     manifest: dict[str, Any] = {
@@ -102,7 +114,8 @@ def save(model: torch.nn.Module, tokenizer, out: str | Path, *, config: dict[str
         "config": config,
         "source": source,
         "calibration": calibration,
-        "layers": layers,
+        "layers": layers,  # each with its own bytes; the totals below count a shared tensor once
+        "aliases": aliases,
         "quantized_weights": qweights,
         "quantized_bytes": qbytes,
         "bits_per_weight": 8 * qbytes / qweights,
@@ -257,6 +270,14 @@ def load(path: str | Path) -> Checkpoint:
     packed = _read_safetensors(path, QUANTIZED_FILE)
     floats = _read_safetensors(path, FLOAT_FILE)
     layers = manifest["layers"]
+    aliases = manifest.get("aliases", {})
+    if not isinstance(aliases, dict):
+        raise _damaged(path, f"{MANIFEST} has an 'aliases' entry that is not a table")
+    for key, target in aliases.items():
+        if not isinstance(target, str) or key in packed or target not in packed:
+            raise _damaged(path, f"{MANIFEST} aliases {key!r} to {target!r}, which {QUANTIZED_FILE} does not hold "
+                                 f"(or holds both)")
+    packed.update({key: packed[target] for key, target in aliases.items()})
     weights = {name: _stored_weight(path, name, entry, packed) for name, entry in layers.items()}
     try:
         _check_shapes(path, hf_config, layers, floats)

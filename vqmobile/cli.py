@@ -93,6 +93,8 @@ def _add_vptq_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     g.add_argument("--vptq-bpw", type=float, default=None,
                    help="cap on each linear's stored bits per weight: linears where k does not fit get the largest "
                         "smaller power-of-two codebook that does (default: no cap)")
+    g.add_argument("--vptq-shared", default=None, choices=("none", "input"),
+                   help="input: the linears that read one input (q/k/v, gate/up) share one codebook (stored once)")
     g.add_argument("--kmeans-iters", type=int, default=25, help="max k-means iterations per codebook (default 25)")
     g.add_argument("--vptq-damp", type=float, default=0.01, help="Hessian dampening, fraction of the mean diagonal")
     g.add_argument("--vptq-block-size", type=int, default=128, help="lazy-batch width of the column pass")
@@ -146,7 +148,7 @@ def _vptq_config(args: argparse.Namespace):
     overrides: dict[str, Any] = {"kmeans_iters": args.kmeans_iters, "damp": args.vptq_damp,
                                  "block_size": args.vptq_block_size, "seed": args.seed, **_shared(args)}
     for arg, field in (("vptq_v", "v"), ("vptq_k", "k"), ("vptq_res_k", "res_k"), ("vptq_outlier", "outlier"),
-                       ("vptq_group", "group"), ("vptq_bpw", "bpw")):
+                       ("vptq_group", "group"), ("vptq_bpw", "bpw"), ("vptq_shared", "shared")):
         if getattr(args, arg) is not None:
             overrides[field] = getattr(args, arg)
     return VPTQConfig.from_preset(args.vptq_preset, **overrides)

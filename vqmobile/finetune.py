@@ -3,8 +3,9 @@ stage any method can use after the pipeline quantizes a decoder layer (`finetune
 (`finetune="model"`).
 
 What is tuned: every quantized linear's continuous quantization parameters, as its format exposes them
-(QuantizedWeight.trainable: codebook entries, scales, VPTQ's column scales), and the normalization weights (RMSNorm)
-in scope, which are float parameters of the model anyway. After tuning, each weight stores its parameters rounded to
+(QuantizedWeight.trainable: codebook entries, scales, VPTQ's column scales; a codebook shared by several linears is
+one set of tensors), and the normalization weights (RMSNorm) in scope, which are float parameters of the model
+anyway. After tuning, each weight stores its parameters rounded to
 its own dtypes (int8 codebooks with their fp16 scale, fp16 scales), so the format, the kernels and the exporters do
 not change.
 
@@ -92,12 +93,14 @@ def _norm_weights(root: nn.Module) -> list[nn.Parameter]:
 def _tuning(root: nn.Module, tuned: dict[str, QuantLinear]) -> Iterator[list[tuple[QuantLinear, Trainable]]]:
     """Replace every QuantLinear under `root` by a _TunedLinear (trainable for those in `tuned`) for the duration;
     yields the (layer, trainable) pairs."""
-    swapped, pairs = [], []
+    swapped, pairs, tied = [], [], {}
     for name, mod in list(root.named_modules()):
         if not isinstance(mod, QuantLinear):
             continue
         tr = mod.qweight.trainable() if name in tuned else None
         if tr is not None:
+            for pname, key in tr.tied.items():  # a shared codebook: every holder decodes from the first one's tensor
+                tr.params[pname] = tied.setdefault(key, tr.params[pname])
             pairs.append((mod, tr))
         parent, _, child = name.rpartition(".")
         owner = root.get_submodule(parent) if parent else root
@@ -119,11 +122,13 @@ class _Tuner:
         self.initial = [{k: v.clone() for k, v in tr.params.items()} for _, tr in pairs]
         self.norms_initial = [p.detach().clone() for p in norms]
         self.norms_grad = [p.requires_grad for p in norms]
-        groups = []
+        groups, seen = [], set()
         for _, tr in pairs:
             for t in tr.params.values():
-                t.requires_grad_(True)
-                groups.append(t)
+                if id(t) not in seen:  # tied parameters (a shared codebook set) are one tensor, tuned once
+                    seen.add(id(t))
+                    t.requires_grad_(True)
+                    groups.append(t)
         for p in norms:
             p.requires_grad_(True)
         groups += norms

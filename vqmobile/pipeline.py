@@ -192,14 +192,17 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration: torch.Tensor |
             hessians = _collect_hessians(layer, linears, inputs, targets)
         elif tune_layers:
             targets = [out for out, _ in _run_layer(layer, inputs)]
-        readers: dict[int, str] = {}  # one Hessian per distinct input: the first linear reading it names that input
-        for name, lin in linears.items():
-            bar.set_postfix_str(f"layer {i} {name}")
+        readers: dict[int, list[str]] = {}  # one Hessian per distinct input, with the linears reading it in order
+        for name in linears:
             h = hessians.get(name)
-            input_key = f"{i}.{readers.setdefault(id(h), name)}" if h is not None else None
-            qweight = config.quantize(lin.weight.detach().float(), h, key=f"{i}.{name}", input_key=input_key)
-            _set_module(layer, name, QuantLinear(qweight, lin.bias))
-            nlinears += 1
+            readers.setdefault(id(h) if h is not None else id(linears[name]), []).append(name)
+        for names in readers.values():
+            bar.set_postfix_str(f"layer {i} {'/'.join(names)}")
+            qweights = config.quantize_readers([linears[n].weight.detach().float() for n in names],
+                                               hessians.get(names[0]), [f"{i}.{n}" for n in names])
+            for name, qweight in zip(names, qweights):
+                _set_module(layer, name, QuantLinear(qweight, linears[name].bias))
+            nlinears += len(names)
         hessians.clear()
         if tune_layers:
             rep, outs = finetune_layer(layer, inputs, targets, epochs=config.finetune_epochs, lr=config.finetune_lr,

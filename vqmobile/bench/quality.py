@@ -87,6 +87,7 @@ def run_row(args: argparse.Namespace) -> dict:
     from ..model import load_model
     from ..pipeline import peak_rss_mb, quantize_
     from ..checkpoint import quantized_modules
+    from ..formats.base import distinct_bytes
 
     torch.manual_seed(0)
     loaded = load_model(args.model)
@@ -96,7 +97,7 @@ def run_row(args: argparse.Namespace) -> dict:
         calib = calibration_data(loaded.tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
         rep = quantize_(loaded.model, config, calib, progress=True)
         mods = quantized_modules(loaded.model).values()
-        nbytes = sum(m.qweight.stored_bytes() for m in mods)
+        nbytes = distinct_bytes(m.qweight for m in mods)
         nweights = sum(m.qweight.shape[0] * m.qweight.shape[1] for m in mods)
         record.update(config=config.to_dict(), bpw=8 * nbytes / nweights, quantize_s=rep.seconds,
                       quantize_peak_rss_mb=rep.peak_rss_mb, calibration=f"{args.nsamples}x{args.seqlen}",

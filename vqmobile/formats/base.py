@@ -8,8 +8,8 @@ so a new method adds a format module without touching the pipeline or the file l
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 
@@ -36,6 +36,9 @@ class Trainable:
 
     params: dict[str, torch.Tensor]
     decode: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    # parameter name -> a key: the parameters of several weights under one key are one tensor (a codebook the
+    # linears reading one input share), tuned once. Parameters not named are this weight's own.
+    tied: dict[str, Any] = field(default_factory=dict)
 
 
 class QuantizedWeight(ABC):
@@ -83,6 +86,11 @@ class QuantizedWeight(ABC):
         this format cannot join them. Linears that read the same input (q/k/v, gate/up) then run as one call."""
         return None
 
+    def shared_tensors(self) -> dict[str, str]:
+        """Tensor name -> the name of a set of weights that all hold this very tensor (a codebook the linears reading
+        one input share): stored once for the set. Empty: every tensor is this weight's own."""
+        return {}
+
     def stored_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
@@ -97,6 +105,22 @@ class QuantizedWeight(ABC):
         from ..ops import op_forward
 
         return op_forward(self, x, bias, act_int8)
+
+
+def distinct_bytes(weights: Iterable["QuantizedWeight"]) -> int:
+    """Stored bytes of `weights` with a tensor several of them share (shared_tensors) counted once, as the
+    checkpoint stores it."""
+    seen: set[tuple[str, str]] = set()
+    total = 0
+    for w in weights:
+        shared = w.shared_tensors()
+        for name, t in w.tensors().items():
+            key = (shared[name], name) if name in shared else None
+            if key is None or key not in seen:
+                total += t.numel() * t.element_size()
+            if key is not None:
+                seen.add(key)
+    return total
 
 
 def expect_tensor(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

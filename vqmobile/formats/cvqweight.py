@@ -104,15 +104,19 @@ def expand_columns(codebooks: torch.Tensor, idx: torch.Tensor, geom: CVQGeometry
 class CVQWeight(QuantizedWeight):
     kind = "cvq"
 
-    def __init__(self, geom: CVQGeometry, tensors: dict[str, torch.Tensor]):
-        """Build from already-stored tensors (validated by from_stored); use from_parts() for float parts."""
+    def __init__(self, geom: CVQGeometry, tensors: dict[str, torch.Tensor], shared: str | None = None):
+        """Build from already-stored tensors (validated by from_stored); use from_parts() for float parts. `shared`
+        names a set of weights (the linears reading one input) that hold the same codebooks and permutation, each
+        with its own indices and column scales: fine-tuning tunes the codebooks as one, the checkpoint stores them
+        once."""
         self.geom = geom
         self.stored = tensors
+        self.shared = shared
 
     @classmethod
     def from_parts(cls, geom: CVQGeometry, perm: torch.Tensor, col_scale: torch.Tensor, idx: torch.Tensor,
                    codebook: torch.Tensor, res_idx: torch.Tensor | None = None,
-                   res_codebook: torch.Tensor | None = None) -> "CVQWeight":
+                   res_codebook: torch.Tensor | None = None, shared: str | None = None) -> "CVQWeight":
         """perm int [K]; col_scale float [K] (rounded to fp16 here); idx / res_idx int [ceil(N/v), K]; codebook /
         res_codebook float [G, k, v] (rounded to int8 with a per-group fp16 scale here)."""
         t = {"indices": pack_rows(idx.to(torch.int64), geom.bits), "perm": perm.to(torch.int16).contiguous(),
@@ -123,7 +127,7 @@ class CVQWeight(QuantizedWeight):
             _, ints, scale = quantize_codebooks(res_codebook, "int8")
             t["res_indices"] = pack_rows(res_idx.to(torch.int64), geom.res_bits)
             t["res_codebook"], t["res_scale"] = ints.to(torch.int8).contiguous(), scale.to(torch.float16).contiguous()
-        return cls(geom, t)
+        return cls(geom, t, shared)
 
     # ------------------------------------------------------------------------------------------------- interface
     @property
@@ -164,13 +168,14 @@ class CVQWeight(QuantizedWeight):
             params["res_codebook"] = self.codebooks(residual=True)
         return decode, params
 
+    def trainable(self) -> Trainable:
+        decode, params = self._decoder()
+        tied = {} if self.shared is None else {p: (self.kind, self.shared, p) for p in params if p != "col_scale"}
+        return Trainable(params, decode, tied)
+
     def dequantize(self) -> torch.Tensor:
         decode, params = self._decoder()
         return decode(params)
-
-    def trainable(self) -> Trainable:
-        decode, params = self._decoder()
-        return Trainable(params, decode)
 
     def _store_trainable(self, params: dict[str, torch.Tensor]) -> None:
         for cb, sc in (("codebook", "codebook_scale"), ("res_codebook", "res_scale")):
@@ -183,10 +188,17 @@ class CVQWeight(QuantizedWeight):
     def tensors(self) -> dict[str, torch.Tensor]:
         return dict(self.stored)
 
+    def shared_tensors(self) -> dict[str, str]:
+        if self.shared is None:
+            return {}
+        return {t: self.shared for t in self.stored if t not in ("indices", "res_indices", "col_scale")}
+
     def spec(self) -> dict[str, Any]:
         g = self.geom
-        return {"shape": [g.n, g.cols], "v": g.v, "k": g.k, "res_k": g.res_k, "outlier_cols": g.outlier_cols,
+        spec = {"shape": [g.n, g.cols], "v": g.v, "k": g.k, "res_k": g.res_k, "outlier_cols": g.outlier_cols,
                 "cols_per_group": g.cols_per_group}
+        return spec if self.shared is None else {**spec, "shared": self.shared}
+
 
     # ---------------------------------------------------------------------------------------------- validation
     @classmethod
@@ -197,6 +209,9 @@ class CVQWeight(QuantizedWeight):
             outlier_cols, cpg = int(spec["outlier_cols"]), int(spec["cols_per_group"])
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(f"cvq weight spec is malformed ({e!r})") from None
+        shared = spec.get("shared")
+        if shared is not None and not (isinstance(shared, str) and 0 < len(shared) <= 256):
+            raise FormatError("cvq weight spec has a 'shared' entry that is not a short name")
         if n < 1 or not 1 <= cols <= MAX_COLS or not 1 <= v <= MAX_V or not 0 <= outlier_cols < cols or cpg < 1:
             raise FormatError(f"cvq weight spec is out of range: shape={n}x{cols} v={v} outlier_cols={outlier_cols} "
                               f"cols_per_group={cpg} (K <= {MAX_COLS}, v <= {MAX_V})")
@@ -230,4 +245,4 @@ class CVQWeight(QuantizedWeight):
             expected |= {"res_indices", "res_codebook", "res_scale"}
         if set(tensors) != expected:
             raise FormatError(f"cvq weight tensors {sorted(tensors)} do not match its spec {sorted(expected)}")
-        return cls(geom, {name: tensors[name] for name in expected})
+        return cls(geom, {name: tensors[name] for name in expected}, shared)

@@ -67,6 +67,12 @@ class QuantConfig(ABC):
                                              f"out:{key}")
         return self.quantize_weight(weight, hessian)
 
+    def quantize_readers(self, weights: list[torch.Tensor], hessian: torch.Tensor | None, keys: list[str]
+                         ) -> list[QuantizedWeight]:
+        """Quantize the linears that read one input (q/k/v, gate/up: one Hessian), keys[0] naming that input. Each
+        alone here; a method that shares parameters between them (VPTQ's `shared="input"`) overrides this."""
+        return [self.quantize(w, hessian, key=k, input_key=keys[0]) for w, k in zip(weights, keys)]
+
     @abstractmethod
     def quantize_weight(self, weight: torch.Tensor, hessian: torch.Tensor | None) -> QuantizedWeight:
         """Quantize a float32 weight [out, in]; hessian is 2 X^T X [in, in] from calibration inputs, or None."""

@@ -18,12 +18,16 @@ Steps, with the decisions where the paper leaves a choice:
    seeded by weighted k-means++ from the config's seed. The residual codebook is fitted the same way to what the
    first codebook leaves of those vectors. Both are rounded to int8 (per-group fp16 scale) before the pass, so the
    error feedback sees the stored values.
-4. No codebook update after the pass: the continuous parameters (codebooks, column scales) are what the optional
+4. Linears that read one input (`shared="input"`: q/k/v, gate/up) are one stacked weight for steps 1-3 and the pass,
+   each with its own column scales and weighted in the k-means by its relative error, so the codebooks and the
+   permutation are stored once for all of them.
+5. No codebook update after the pass: the continuous parameters (codebooks, column scales) are what the optional
    fine-tuning stage (vqmobile/finetune.py) optimizes, with the indices fixed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -40,10 +44,39 @@ from .. import codebook as cbk
 def vptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg) -> tuple[CVQWeight, dict[str, Any]]:
     """Quantize one layer's float32 weight [N, K] with its Hessian [K, K]; returns the weight and statistics
     (k-means iterations, the pass's proxy loss, timings)."""
+    qws, stats = vptq_quantize_readers([weight], hessian, cfg)
+    return qws[0], stats
+
+
+def vptq_quantize_readers(weights: list[torch.Tensor], hessian: torch.Tensor, cfg, shared: str | None = None
+                          ) -> tuple[list[CVQWeight], dict[str, Any]]:
+    """Quantize the weights [N_i, K] of linears that read one input (one Hessian) as one stacked weight: one column
+    permutation and one codebook per group for all of them, each weight normalized by its own column scales (the
+    linears of one input can differ in scale severalfold: stories260k's v_proj is 6x smaller than its q_proj). Each
+    weight's rows start a new vector (each is padded to a multiple of v inside the stack, the padding weighs
+    nothing), so each is stored as a CVQWeight of its own whose codebooks and permutation equal the others';
+    `shared` names the set in their specs (what fine-tuning ties, the checkpoint stores once)."""
     if hessian is None:
         raise ValueError("VPTQ needs the layer's Hessian")
+    v, cols = cfg.v, weights[0].shape[1]
+    padded = [-(-w.shape[0] // v) * v for w in weights] if len(weights) > 1 else [weights[0].shape[0]]
+    stack = torch.zeros(sum(padded), cols) if len(weights) > 1 else weights[0]
+    segments, r0 = [], 0
+    for w, p in zip(weights, padded):
+        stack[r0:r0 + w.shape[0]] = w
+        segments.append((r0, r0 + w.shape[0]))
+        r0 += p
     with column_pass() as threads:
-        return _quantize(weight, hessian, cfg, threads)
+        geom, parts, stats = _quantize(stack, hessian, cfg, threads, segments)
+    perm, scales, idx, cbs, ridx, rcbs = parts
+    out, j0 = [], 0
+    for w, p, scale in zip(weights, padded, scales):
+        g = dataclasses.replace(geom, n=w.shape[0])
+        j1 = j0 + -(-p // v)
+        out.append(CVQWeight.from_parts(g, perm, scale, idx[j0:j1], cbs, None if ridx is None else ridx[j0:j1], rcbs,
+                                        shared=shared))
+        j0 = j1
+    return out, stats
 
 
 def column_scales(w: torch.Tensor) -> torch.Tensor:
@@ -62,7 +95,10 @@ def _fit(x: torch.Tensor, wt: torch.Tensor, k: int, cfg, gen: torch.Generator) -
     return quantize_codebooks(cb[0], "int8")[0], assign[0], iters
 
 
-def _quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg, threads) -> tuple[CVQWeight, dict[str, Any]]:
+def _quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg, threads, segments: list[tuple[int, int]]):
+    """(geometry, (perm, [col scales of each segment], indices, codebooks, residual indices, residual codebooks),
+    statistics) of weight [N, K] whose row ranges `segments` each have their own column scales; rows outside them are
+    padding: zero, weightless, their error not counted."""
     t0 = time.perf_counter()
     n, cols = weight.shape
     geom: CVQGeometry = cfg.layer_geometry(n, cols)
@@ -72,19 +108,30 @@ def _quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg, threads) -> tupl
     perm = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
     hp = hessian[perm][:, perm]
     w, u = inverse_cholesky(weight[:, perm], hp, cfg.damp)  # w: a copy, dead columns zeroed; one thread (see _fit)
-    scale = column_scales(w)
+    scales = [column_scales(w[r0:r1]) for r0, r1 in segments]
+    rscale = torch.ones(nv * v, cols)  # every row's column scales
+    rowmask = torch.zeros(nv * v)  # components outside the segments (past N, padding) do not exist: zero weight
+    # Each weight of a stack counts by its relative error: a 6x smaller v_proj would otherwise get the codebook of
+    # its q_proj (on stories260k: v_proj's error 1.9x its own codebook's, 1.4x with this weighting).
+    rweight = torch.zeros(nv * v, 1)
+    for (r0, r1), s in zip(segments, scales):
+        rscale[r0:r1] = s
+        rowmask[r0:r1] = 1.0
+        rweight[r0:r1] = 1.0 / float(s.pow(2).mean()) if len(segments) > 1 else 1.0
     hdiag = torch.diagonal(hp).clamp(min=0)
-    rowmask = torch.zeros(nv * v)
-    rowmask[:n] = 1.0  # components past N do not exist: zero weight everywhere
+    live, rscale = rowmask[:n], rscale[:n]
     rowmask = rowmask.reshape(nv, v)
 
-    # Codebooks of every group from the original (normalized) column vectors.
-    vecs = F.pad(w / scale, (0, 0, 0, nv * v - n)).reshape(nv, v, cols).permute(2, 0, 1)  # [K, NV, v]
+    # Codebooks of every group from the original (normalized) column vectors, each element weighted by its Hessian
+    # diagonal times its squared column scale (the error's weight in the original units).
+    vecs = F.pad(w / rscale, (0, 0, 0, nv * v - n)).reshape(nv, v, cols).permute(2, 0, 1)  # [K, NV, v]
+    wts = (F.pad(rscale ** 2 * rweight[:n], (0, 0, 0, nv * v - n)).reshape(nv, v, cols).permute(2, 0, 1)
+           * hdiag[:, None, None] * rowmask[None])
     cbs, rcbs, stats = [], [], {"kmeans_iters": [], "pass_loss": 0.0}
     te = time.perf_counter()
     for c0, c1 in geom.bounds():
         x = vecs[c0:c1].reshape(1, -1, v)
-        wt = ((hdiag[c0:c1] * scale[c0:c1] ** 2)[:, None, None] * rowmask[None]).reshape(1, -1, v)
+        wt = wts[c0:c1].reshape(1, -1, v)
         cb, assign, it = _fit(x, wt, geom.k, cfg, gen)
         cbs.append(cb)
         stats["kmeans_iters"].append(it)
@@ -110,7 +157,7 @@ def _quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg, threads) -> tupl
         for j in range(b1 - b0):
             c = b0 + j
             g = int(group[c])
-            col = F.pad(w1[:, j] / scale[c], (0, nv * v - n)).reshape(1, nv, v)
+            col = F.pad(w1[:, j] / rscale[:, c], (0, nv * v - n)).reshape(1, nv, v)
             a = cbk.nearest(col, mask, cb_all[g][None])[0]
             q = cb_all[g][a]
             idx[:, c] = a
@@ -118,8 +165,8 @@ def _quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg, threads) -> tupl
                 a2 = cbk.nearest(col - q[None], mask, rcb_all[g][None])[0]
                 q = q + rcb_all[g][a2]
                 ridx[:, c] = a2
-            qcol = q.reshape(-1)[:n] * scale[c]
-            e = (w1[:, j] - qcol) / u1[j, j]
+            qcol = q.reshape(-1)[:n] * rscale[:, c]
+            e = (w1[:, j] - qcol) * live / u1[j, j]
             if j + 1 < b1 - b0:
                 w1[:, j + 1:] -= e[:, None] * u1[j, j + 1:][None, :]
             err1[:, j] = e
@@ -127,6 +174,5 @@ def _quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg, threads) -> tupl
             with num_threads(threads(n * (b1 - b0) * (cols - b1))):
                 w[:, b1:] -= err1 @ u[b0:b1, b1:]
         stats["pass_loss"] += float((err1 ** 2).sum())
-    qw = CVQWeight.from_parts(geom, perm, scale, idx, cb_all, ridx, rcb_all)
     stats.update(time_kmeans=t_kmeans, time_total=time.perf_counter() - t0, geometry=geom)
-    return qw, stats
+    return geom, (perm, scales, idx, cb_all, ridx, rcb_all), stats
