@@ -431,7 +431,12 @@ def test_cli_quantize_vptq(tmp_path, capsys):
                  "3", "--out", str(tmp_path / "b")]) == 0
     assert "vptq checkpoint, 35 quantized linears" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "b" / "vqmobile.json").read_text())
-    assert manifest["config"]["k"] == 16 and manifest["config"]["outlier"] == 0.05
+    assert manifest["config"]["k"] == 16 and manifest["config"]["outlier"] == 0.05 and not manifest["aliases"]
+    assert main(["--quiet", "quantize", *common, "--vptq-v", "4", "--vptq-k", "16", "--vptq-shared", "input",
+                 "--kmeans-iters", "3", "--out", str(tmp_path / "c")]) == 0
+    shared = json.loads((tmp_path / "c" / "vqmobile.json").read_text())
+    assert shared["config"]["shared"] == "input" and shared["aliases"]
+    assert shared["bits_per_weight"] < manifest["bits_per_weight"]
 
 
 def test_quality_benchmark_rows_parse():
@@ -440,5 +445,6 @@ def test_quality_benchmark_rows_parse():
     cfg = make_config("vptq:preset=mobile-res,finetune=layer,finetune_lr=0.01")
     assert isinstance(cfg, VPTQConfig) and (cfg.v, cfg.k, cfg.res_k, cfg.outlier) == (8, 256, 256, 0.01)
     assert cfg.finetune == "layer" and cfg.finetune_lr == 0.01
+    assert make_config("vptq:v=6,k=4096,outlier=0,shared=input").shared == "input"
     assert make_config("gptq:bits=2,group=128,finetune=layer+model").finetune == "layer+model"
     assert make_config("gptvq:bpv=2.125,vq_dim=2,finetune=model").finetune == "model"
