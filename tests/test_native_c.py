@@ -7,6 +7,7 @@ double-precision dequantized product."""
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 from pathlib import Path
@@ -31,11 +32,17 @@ def _run(cmd: list[str], timeout: int = 300) -> str:
     return p.stdout
 
 
-def test_c_unit_tests_native(tmp_path):
+@pytest.fixture(scope="module")
+def host_build(tmp_path_factory):
+    build = str(tmp_path_factory.mktemp("host"))
+    _make("tests", "bench", "lib", "shared", build=build)
+    return build
+
+
+def test_c_unit_tests_native(host_build):
     """Every path this CPU runs natively (the first line of the output names them: AVX-512 only where the CPU has
     it; test_c_unit_tests_avx512_through_simde covers it elsewhere)."""
-    build = str(tmp_path / "host")
-    _make("tests", "bench", "lib", "shared", build=build)
+    build = host_build
     out = _run([f"{build}/vqm_test"])
     assert "SIMD kernel configurations exercised" in out and "SIMDe" not in out
     print(out.splitlines()[0])
@@ -83,3 +90,26 @@ def test_c_unit_tests_aarch64_qemu(aarch64_build, cpu, paths):
     for binary in ("vqm_test", "vqm_test_quip"):
         out = _run(["qemu-aarch64", "-L", QEMU_SYSROOT, "-cpu", cpu, f"{aarch64_build}/{binary}"])
         assert f"paths: {paths}" in out, out.splitlines()[0]
+
+
+def _steps_hash(cmd: list[str]) -> str:
+    out = _run(cmd, timeout=120)
+    return next(line.split()[-1] for line in out.splitlines() if line.startswith("decoder steps hash"))
+
+
+def test_decoder_steps_are_bit_identical_on_every_build(host_build, aarch64_build):
+    """RMSNorm, RoPE and silu_mul are portable C built once per x86 level (target_clones) and for arm64, with no FP
+    contraction: every build must give the same bits. The host build runs natively (its best clone), under
+    qemu-x86_64 as a Haswell (the AVX2 clone) and as a plain x86-64 (the baseline clone), and the arm64 build under
+    qemu-aarch64."""
+    if shutil.which("qemu-x86_64") is None:
+        pytest.skip("qemu-x86_64 is not installed (apt-get install qemu-user)")
+    print(f"clones run: native ({platform.machine()}), "
+          f"{'Haswell, qemu64, ' if platform.machine() in ('x86_64', 'AMD64') else ''}arm64")
+    binary = f"{host_build}/vqm_test"
+    hashes = {"native": _steps_hash([binary, "--steps"])}
+    for cpu in ("Haswell", "qemu64") if platform.machine() in ("x86_64", "AMD64") else ():
+        hashes[cpu] = _steps_hash(["qemu-x86_64", "-cpu", cpu, binary, "--steps"])
+    hashes["arm64"] = _steps_hash(["qemu-aarch64", "-L", QEMU_SYSROOT, "-cpu", "max", f"{aarch64_build}/vqm_test",
+                                   "--steps"])
+    assert len(set(hashes.values())) == 1, hashes

@@ -537,6 +537,97 @@ static void test_attention(int heads, int kv, int t, int d, int S, long pos, int
 }
 
 /* ---------------------------------------------------------------- column-vector VQ (VPTQ) */
+/* FNV-1a over the bit patterns of n floats: the decoder steps' outputs must be the same on every build (x86 clones,
+ * arm64), which tests/test_native_c.py checks by running `vqm_test --steps` on each */
+static uint64_t g_steps_hash = 0xcbf29ce484222325ull;
+static void hash_floats(const float *y, long n)
+{
+    const unsigned char *b = (const unsigned char *)y;
+    for (long i = 0; i < 4 * n; i++) g_steps_hash = (g_steps_hash ^ b[i]) * 0x100000001b3ull;
+}
+
+/* RMSNorm (plain and after a residual sum), RoPE (full and partial rotary dimensions) and silu(gate) * up against
+ * double precision, with row lengths that leave a vector tail, and their argument checks */
+static void test_decoder_steps(void)
+{
+    enum { ROWS = 3, D = 83, T = 2, H = 3, HD = 20 };
+    float x[ROWS * 2 * D], r[ROWS * D], w[D], y[ROWS * 2 * D], sum[ROWS * D], y2[ROWS * D];
+    double ref[ROWS * 2 * D], mag[ROWS * 2 * D];
+    for (int i = 0; i < ROWS * 2 * D; i++) x[i] = 3.0f * rndf();
+    x[5] = 40.0f; x[6] = -40.0f; x[7] = 0.0f; /* silu's saturated ends and zero */
+    for (int i = 0; i < ROWS * D; i++) r[i] = rndf();
+    for (int i = 0; i < D; i++) w[i] = 1.0f + 0.5f * rndf();
+    for (int offset = 0; offset <= 1; offset++) {
+        const float eps = 1e-5f;
+        char what[96];
+        snprintf(what, sizeof what, "rms_norm offset=%d", offset);
+        if (vqm_rms_norm(x, w, ROWS, D, eps, (float)offset, y) != VQM_OK) { g_fail++; printf("FAIL %s: rc\n", what); }
+        for (int k = 0; k < ROWS; k++) {
+            double ss = 0;
+            for (int c = 0; c < D; c++) ss += (double)x[k * D + c] * x[k * D + c];
+            const double inv = 1.0 / sqrt(ss / D + eps);
+            for (int c = 0; c < D; c++) {
+                ref[k * D + c] = x[k * D + c] * inv * (offset + (double)w[c]);
+                mag[k * D + c] = fabs(ref[k * D + c]) + 1e-3;
+            }
+        }
+        check_close(what, y, ref, mag, ROWS * D, 2e-6);
+        hash_floats(y, ROWS * D);
+        snprintf(what, sizeof what, "add_rms_norm offset=%d", offset);
+        if (vqm_add_rms_norm(x, r, w, ROWS, D, eps, (float)offset, sum, y2) != VQM_OK) { g_fail++; printf("FAIL %s\n", what); }
+        float expect_sum[ROWS * D];
+        for (int i = 0; i < ROWS * D; i++) expect_sum[i] = x[i] + r[i];
+        check_equal(what, sum, expect_sum, ROWS * D);
+        vqm_rms_norm(expect_sum, w, ROWS, D, eps, (float)offset, y);
+        check_equal(what, y2, y, ROWS * D); /* the fused pass is the plain norm of the sum, bit for bit */
+        hash_floats(y2, ROWS * D);
+    }
+    float c[T * HD], sn[T * HD], q[T * H * HD];
+    for (int i = 0; i < T * H * HD; i++) q[i] = 2.0f * rndf();
+    for (int rot = HD; rot >= 2; rot -= HD - 6) { /* full (20) and partial (6) rotary dimensions */
+        for (int i = 0; i < T; i++)
+            for (int j = 0; j < rot; j++) {
+                const double a = (i + 7) * pow(10000.0, -(double)(2 * (j % (rot / 2))) / rot);
+                c[i * rot + j] = (float)cos(a);
+                sn[i * rot + j] = (float)sin(a);
+            }
+        float out[T * H * HD];
+        if (vqm_rope(q, c, sn, T, H, HD, rot, out) != VQM_OK) { g_fail++; printf("FAIL rope rc\n"); }
+        const int half = rot / 2;
+        for (int i = 0; i < T; i++)
+            for (int h = 0; h < H; h++)
+                for (int j = 0; j < HD; j++) {
+                    const float *xr = q + (i * H + h) * HD;
+                    double v = xr[j];
+                    if (j < half) v = (double)xr[j] * c[i * rot + j] - (double)xr[j + half] * sn[i * rot + j];
+                    else if (j < rot) v = (double)xr[j] * c[i * rot + j] + (double)xr[j - half] * sn[i * rot + j];
+                    ref[(i * H + h) * HD + j] = v;
+                    mag[(i * H + h) * HD + j] = fabs((double)xr[j]) + fabs((double)xr[j < half ? j + half : j < rot ? j - half : j]);
+                }
+        char what[64];
+        snprintf(what, sizeof what, "rope rot=%d of %d", rot, (int)HD);
+        check_close(what, out, ref, mag, T * H * HD, 2e-7);
+        hash_floats(out, T * H * HD);
+    }
+    if (vqm_silu_mul(x, ROWS, D, y) != VQM_OK) { g_fail++; printf("FAIL silu_mul rc\n"); }
+    for (int k = 0; k < ROWS; k++)
+        for (int j = 0; j < D; j++) {
+            const double g = x[k * 2 * D + j], u = x[k * 2 * D + D + j];
+            ref[k * D + j] = g / (1.0 + exp(-g)) * u;
+            mag[k * D + j] = fabs(ref[k * D + j]);
+        }
+    check_close("silu_mul", y, ref, mag, ROWS * D, 4e-7);
+    hash_floats(y, ROWS * D);
+    g_checks++;
+    if (vqm_rms_norm(x, w, ROWS, 0, 1e-5f, 0.0f, y) != VQM_EINVAL || vqm_rope(q, c, sn, T, H, HD, 7, y) != VQM_EINVAL ||
+        vqm_rope(q, c, sn, T, H, HD, HD + 2, y) != VQM_EINVAL || vqm_silu_mul(NULL, ROWS, D, y) != VQM_EINVAL ||
+        vqm_add_rms_norm(x, r, w, ROWS, D, 1e-5f, 0.0f, y, y) != VQM_EINVAL) {
+        printf("FAIL decoder steps: bad arguments were not refused\n");
+        g_fail++;
+    }
+    printf("decoder steps hash %016llx\n", (unsigned long long)g_steps_hash);
+}
+
 static void put_code(uint8_t *row, long c, int b, unsigned code)
 {
     for (int i = 0; i < b; i++) {
@@ -777,6 +868,11 @@ int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
     int quick = argc > 1 && !strcmp(argv[1], "--quick");
+    if (argc > 1 && !strcmp(argv[1], "--steps")) { /* the decoder steps alone: quick enough to run under qemu */
+        test_decoder_steps();
+        printf("%s: %d checks, %d failures\n", g_fail ? "FAILED" : "OK", g_checks, g_fail);
+        return g_fail ? 1 : 0;
+    }
     printf("paths:");
     for (int p = 0; p < VQM_NPATHS; p++)
         if (vqm_path_available(p)) printf(" %s", vqm_path_name(p));
@@ -845,6 +941,7 @@ int main(int argc, char **argv)
     test_attention(12, 2, 2, 64, 130, 100, 0); /* 6 heads a group: 4 + 2 */
     test_attention(4, 1, 1, 256, 600, 580, 512); /* Gemma 3's geometry, a sliding window */
     test_quantize_act();
+    test_decoder_steps();
     /* batch > 8 (tiled) */
     test_vq(2, 16, 4, 256, 10, 300, 11, 1);
     test_int(4, 32, 1, 10, 300, 13, 1);
