@@ -199,7 +199,6 @@ class CVQWeight(QuantizedWeight):
                 "cols_per_group": g.cols_per_group}
         return spec if self.shared is None else {**spec, "shared": self.shared}
 
-
     # ---------------------------------------------------------------------------------------------- validation
     @classmethod
     def from_stored(cls, spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "CVQWeight":

@@ -14,8 +14,9 @@ Presets (bpv: the index bits per weight; the stored bpw adds the overheads above
   than on Llama-2-7B (every linear has its own). On SmolLM2 its 1 % outlier columns (6 of 576) hold fewer vectors than
   4096 centroids: use it there with `--vptq-outlier 0` (about 2.43 bpw stored).
 
-With `shared="input"` the linears that read one input store one set of codebooks, column scales and permutation
-(the formula above applies to their stacked weight).
+With `shared="input"` the linears that read one input store one set of codebooks and one permutation, each keeping
+its own indices and column scales (the formula above applies to their stacked weight, plus K * 16 bits of column
+scales per linear after the first).
 
 `bpw` caps every linear's stored bits per weight. A codebook's bytes do not shrink with its layer, so on a small
 model one k costs a small linear (SmolLM2's 576 x 192 k_proj: 1.78 bpw for a 4096 x 6 codebook) many times what it
@@ -37,8 +38,9 @@ from ...formats.cvqweight import MAX_CENTROIDS, MAX_COLS, MAX_V, CVQGeometry, CV
 from ..base import QuantConfig
 
 # "input": one codebook set per input. The linears reading one input (q/k/v, gate/up) are quantized as one stacked
-# weight, so the codebooks (and column scales, permutation) are stored once for all of them; the exporter runs them as
-# one call. A 4096-entry codebook then costs SmolLM2 0.22 bits per weight instead of 0.39.
+# weight, so the codebooks and the permutation are stored once for all of them (each keeps its own column scales, so
+# the exporter runs them as separate calls). A 4096-entry codebook then costs SmolLM2 0.22 bits per weight instead of
+# 0.39.
 SHARED = ("none", "input")
 
 PRESETS = {
@@ -65,7 +67,7 @@ class VPTQConfig(QuantConfig):
     block_size: int = 128  # lazy-batch width of the column pass
     seed: int = 0  # k-means++ seeding
     bpw: float = 0.0  # cap on each linear's stored bits per weight (smaller codebooks where k does not fit); 0 = none
-    shared: str = "none"  # "input": the linears that read one input share codebooks, column scales and permutation
+    shared: str = "none"  # "input": the linears that read one input share codebooks and column permutation
 
     @classmethod
     def from_preset(cls, preset: str | None = None, **overrides: Any) -> "VPTQConfig":
