@@ -378,6 +378,14 @@ def test_shared_codebooks_export_and_check(shared_checkpoint, tmp_path):
     assert res["pte"]["custom_ops"]["vqmobile.cvq_linear.out"] == 35
     ok, table, record = ve.check_bundle(str(tmp_path / "b"), windows=2)
     assert ok, table
+    import onnx
+
+    # The ONNX file stores each shared codebook once too (the loaded checkpoint hands every holder one tensor, which
+    # the exporter writes once): q/k/v's nodes, and gate/up's, read the same initializer.
+    model = onnx.load(str(tmp_path / "b" / "model.onnx"))
+    codebooks = [n.input[2] for n in model.graph.node if n.op_type == "CVQLinear"]
+    assert len(codebooks) == 35 and len(set(codebooks)) == 5 * 4
+    assert len({i.name for i in model.graph.initializer}) == len(model.graph.initializer)
 
 
 @pytest.fixture(scope="module")
