@@ -369,6 +369,8 @@ def test_tampered_aliases_are_rejected(shared_checkpoint, tmp_path):
 
 
 def test_shared_codebooks_export_and_check(shared_checkpoint, tmp_path):
+    import onnx
+
     import vqmobile.export as ve
     from vqmobile.export.runtime.build import host_target
 
@@ -378,8 +380,6 @@ def test_shared_codebooks_export_and_check(shared_checkpoint, tmp_path):
     assert res["pte"]["custom_ops"]["vqmobile.cvq_linear.out"] == 35
     ok, table, record = ve.check_bundle(str(tmp_path / "b"), windows=2)
     assert ok, table
-    import onnx
-
     # The ONNX file stores each shared codebook once too (the loaded checkpoint hands every holder one tensor, which
     # the exporter writes once): q/k/v's nodes, and gate/up's, read the same initializer.
     model = onnx.load(str(tmp_path / "b" / "model.onnx"))
