@@ -248,19 +248,19 @@ def test_embedding_and_head_work_in_row_blocks(monkeypatch):
     path dequantizes a block of output rows at a time (a 262k vocabulary never exists in float32 whole): the result
     does not depend on the block size."""
     from vqmobile import embedding
-    from vqmobile.ops import intlinear
+    from vqmobile.ops import intlinear, op_forward
 
     w = torch.randn(1000, 72, generator=torch.Generator().manual_seed(0))
     whole = embedding.quantize_embedding(w)
     err = embedding.max_abs_error(whole, w)
     x = torch.randn(40, 72)  # more rows than the kernels take: the GEMM path
-    y = whole.linear(x, None)
+    y = op_forward(whole, x, None)
     monkeypatch.setattr(embedding, "ROWS", 7)
     monkeypatch.setattr(intlinear, "GEMM_ROWS", 13)
     blocks = embedding.quantize_embedding(w)
     assert torch.equal(blocks.codes, whole.codes) and torch.equal(blocks.scales, whole.scales)
     assert embedding.max_abs_error(blocks, w) == err
-    assert torch.allclose(blocks.linear(x, None), y, rtol=0, atol=1e-5)
+    assert torch.allclose(op_forward(blocks, x, None), y, rtol=0, atol=1e-5)
     emb = embedding.QuantEmbedding(blocks, torch.tensor(3.0))
     ids = torch.tensor([[0, 999, 7]])
     assert torch.equal(emb.dequantized()(ids), emb(ids)) and torch.equal(emb(ids), 3.0 * (whole.dequantize()[ids]))

@@ -11,6 +11,7 @@ from torch import nn
 
 from .errors import UserError
 from .formats.base import QuantizedWeight
+from .ops import op_forward
 
 
 class QuantLinear(nn.Module):
@@ -25,7 +26,9 @@ class QuantLinear(nn.Module):
         self.act_int8 = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.qweight.linear(x, self.bias, self.act_int8)
+        # The format's vqmobile operator (vqmobile/ops/): the one definition that eager PyTorch, export and the
+        # runtimes share.
+        return op_forward(self.qweight, x, self.bias, self.act_int8)
 
     def extra_repr(self) -> str:
         return (

@@ -98,14 +98,6 @@ class QuantizedWeight(ABC):
         n, k = self.shape
         return 8 * self.stored_bytes() / (n * k)
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None, act_int8: bool = False) -> torch.Tensor:
-        """y = x W^T + b through this format's vqmobile operator (vqmobile/ops/), the one definition that eager PyTorch,
-        export and the runtimes share; formats without an operator run a dense matmul with the dequantized weight.
-        act_int8: int8 activations per block (ops.quantize_activations) where the operator supports them."""
-        from ..ops import op_forward
-
-        return op_forward(self, x, bias, act_int8)
-
 
 def distinct_bytes(weights: Iterable["QuantizedWeight"]) -> int:
     """Stored bytes of `weights` with a tensor several of them share (shared_tensors) counted once, as the
