@@ -4,7 +4,9 @@ For each Llama-2-7B layer shape (N x K = out x in features) and thread count, ev
 of distinct random (valid-format) matrices larger than --stack-mb (default 1050 MB), so the weights stream from
 DRAM as on a phone instead of sitting in this CPU's large L3. Passes over the stacks are interleaved between the
 kernels (round-robin) so that a change of machine load hits all of them alike; the best pass is reported (the
-median is kept in the JSON). Rows:
+median is kept in the JSON). Each pass is followed by a pause of SETTLE_S outside the timing: onnxruntime's and
+OpenMP's worker threads keep spinning after their own pass, and on a 2-vCPU machine that took a core from whichever
+kernel ran next (its two-thread times were up to 1.7x too long). Rows:
 
 - ``vq2.125`` / ``vq2.25`` / ``vq3.125``: our VQ kernels (int8 activations) for the GPTVQ configs
   d=2 k=16 R=8 C=256, d=2 k=16 R=4 C=256, d=2 k=64 R=32 C=256; ``--extra`` adds d=4 k=256, 1-D k=4 and
@@ -46,6 +48,7 @@ import numpy as np
 from vqmobile import atomic
 
 DEFAULT_SHAPES = "4096x4096,11008x4096,4096x11008"
+SETTLE_S = 0.25  # longer than onnxruntime's spin after a run and OpenMP's default block time (KMP_BLOCKTIME 200 ms)
 
 VQ_ROWS = {
     "vq2.125": dict(d=2, ncent=16, R=8, C=256),
@@ -505,6 +508,7 @@ def run(args: argparse.Namespace) -> int:
                     t0 = time.perf_counter()
                     im.run_pass(threads)
                     times[im.name].append((time.perf_counter() - t0) / im.matrices)
+                    time.sleep(SETTLE_S)
             ort_us = min(times["ort-int4-b32"]) * 1e6 if "ort-int4-b32" in times else None
             for im in impls:
                 us = min(times[im.name]) * 1e6
