@@ -112,12 +112,15 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune-epochs", type=int, default=None, help="passes over the training sequences (default 2)")
     g.add_argument("--finetune-samples", type=int, default=None,
                    help="calibration sequences to train on, 0 = all (default 32)")
+    for opt, kind in (("lr", float), ("epochs", int), ("samples", int)):
+        g.add_argument(f"--finetune-model-{opt}", type=kind, default=None,
+                       help=f"the model stage's own --finetune-{opt} (default: --finetune-{opt}'s)")
 
 
 def _shared(args: argparse.Namespace) -> dict[str, Any]:
     """The options every method takes; those not given keep the config's defaults (which validate them)."""
-    given = {field: getattr(args, field) for field in ("incoherence", "finetune", "finetune_lr", "finetune_epochs",
-                                                       "finetune_samples")}
+    tuning = [f"finetune{stage}_{opt}" for stage in ("", "_model") for opt in ("lr", "epochs", "samples")]
+    given = {field: getattr(args, field) for field in ("incoherence", "finetune", *tuning)}
     return {"embedding": args.embedding, **{k: v for k, v in given.items() if v is not None}}
 
 

@@ -205,8 +205,9 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration: torch.Tensor |
             nlinears += len(names)
         hessians.clear()
         if tune_layers:
-            rep, outs = finetune_layer(layer, inputs, targets, epochs=config.finetune_epochs, lr=config.finetune_lr,
-                                       samples=config.finetune_samples, index=i, progress=bar.set_postfix_str)
+            lr, epochs, samples = config.layer_stage()
+            rep, outs = finetune_layer(layer, inputs, targets, epochs=epochs, lr=lr, samples=samples, index=i,
+                                       progress=bar.set_postfix_str)
             tuned.append(rep.to_dict())
             inputs = [(out, kwargs) for out, (_, kwargs) in zip(outs, inputs)]
         elif inputs is not None:
@@ -220,8 +221,9 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration: torch.Tensor |
     if config.embedding != "float":
         emb_err = quantize_embeddings_(model, config.embedding, head_hessian)
     if tune_model:
-        tuned.append(finetune_model(model, teacher, calibration, epochs=config.finetune_epochs, lr=config.finetune_lr,
-                                    samples=config.finetune_samples, progress=progress).to_dict())
+        lr, epochs, samples = config.model_stage()
+        tuned.append(finetune_model(model, teacher, calibration, epochs=epochs, lr=lr, samples=samples,
+                                    progress=progress).to_dict())
         teacher = None
     return QuantizeReport(config.method, len(layers), nlinears, time.perf_counter() - start, peak_rss_mb(), per_layer,
                           emb_err, tuned)

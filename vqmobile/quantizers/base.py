@@ -39,6 +39,11 @@ class QuantConfig(ABC):
     finetune_lr: float = 1e-2  # Adam's step size relative to each parameter tensor's RMS
     finetune_epochs: int = 2  # passes over the finetune_samples sequences
     finetune_samples: int = 32  # calibration sequences the fine-tuning trains on (0 = all)
+    # The model stage's own settings (None: the ones above). Its KL on the logits wants more sequences seen fewer
+    # times than the layer stage's output error, and a smaller step where codebooks shared by many weights move.
+    finetune_model_lr: float | None = None
+    finetune_model_epochs: int | None = None
+    finetune_model_samples: int | None = None
 
     def __post_init__(self) -> None:
         if self.embedding not in EMBEDDINGS:
@@ -47,10 +52,21 @@ class QuantConfig(ABC):
             raise UserError(f"--incoherence {self.incoherence} is not supported: use {' or '.join(incoh.MODES)}")
         if self.finetune not in FINETUNE:
             raise UserError(f"--finetune {self.finetune} is not supported: use one of {', '.join(FINETUNE)}")
-        if not (self.finetune_lr > 0 and self.finetune_epochs >= 1 and self.finetune_samples >= 0):
-            raise UserError(f"fine-tuning needs --finetune-lr > 0, --finetune-epochs >= 1 and --finetune-samples >= 0"
-                            f" (got {self.finetune_lr}, {self.finetune_epochs}, {self.finetune_samples})")
+        for stage, (lr, epochs, samples) in (("", self.layer_stage()), ("-model", self.model_stage())):
+            if not (lr > 0 and epochs >= 1 and samples >= 0):
+                raise UserError(f"fine-tuning needs --finetune{stage}-lr > 0, --finetune{stage}-epochs >= 1 and "
+                                f"--finetune{stage}-samples >= 0 (got {lr}, {epochs}, {samples})")
         self.check()
+
+    def layer_stage(self) -> tuple[float, int, int]:
+        """The layer stage's (lr, epochs, samples)."""
+        return self.finetune_lr, self.finetune_epochs, self.finetune_samples
+
+    def model_stage(self) -> tuple[float, int, int]:
+        """The model stage's (lr, epochs, samples): its own where given, else the layer stage's."""
+        return tuple(own if own is not None else shared for own, shared in
+                     zip((self.finetune_model_lr, self.finetune_model_epochs, self.finetune_model_samples),
+                         self.layer_stage()))
 
     def check(self) -> None:
         """Validate the options on their own; raise UserError naming the bad option and the valid range."""
