@@ -172,3 +172,14 @@ def test_bad_finetune_options_are_refused():
         GPTQConfig(finetune="all")
     with pytest.raises(UserError, match="--finetune-lr"):
         VPTQConfig(finetune="layer", finetune_lr=0)
+    with pytest.raises(UserError, match="--finetune-model-epochs"):
+        VPTQConfig(finetune="layer+model", finetune_model_epochs=0)
+
+
+def test_model_stage_takes_its_own_settings(stories, calib):
+    """The model stage's epochs and sequences are its own when given, the layer stage's otherwise."""
+    own = METHODS["vptq"](finetune="layer+model", finetune_epochs=1, finetune_samples=8, finetune_model_epochs=3,
+                          finetune_model_samples=2, finetune_model_lr=1e-3)
+    rep = quantize_(copy.deepcopy(stories.model), own, calib, progress=False)
+    assert [r["steps"] for r in rep.finetune] == [1] * 5 + [6]
+    assert METHODS["vptq"](finetune_epochs=3, finetune_lr=0.02).model_stage() == (0.02, 3, 32)
