@@ -15,8 +15,10 @@ not change.
   step; a SmolLM2 layer's step of 8 x 512 tokens takes seconds, so training on every sequence would dominate the
   quantization time).
 - Model (`finetune_model`): after every layer is quantized, Adam minimizes the KL divergence from the float model's
-  next-token distribution to the quantized model's on `finetune_samples` calibration sequences, one sequence per
-  step (memory: one sequence's activations and gradients).
+  next-token distribution to the quantized model's on `finetune_model_samples` calibration sequences, one sequence
+  per step (memory: one sequence's activations and gradients). Its step size, epochs and sequences are its own
+  (QuantConfig.model_stage(); by default the layer stage's): on VPTQ's shared codebooks it wants more sequences,
+  seen once, at a smaller step than the layer stage.
 
 Adam's step size is `finetune_lr` times each parameter tensor's RMS, so one setting suits codebook entries, fp16
 scales and norm weights of very different magnitudes. Tuning is kept only if it generalizes: the loss is measured
